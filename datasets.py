@@ -1,0 +1,574 @@
+"""The sample schema, its validator, and the datasets that turn Parquet rows into packed batches.
+
+One Parquet row is one spoken segment. Segments of one document (a recording or conversation)
+share a doc_id and are numbered by segment_index. A batch holds `batch_size` sequences, each a
+run of consecutive segments packed up to `max_seq_len` positions; the model lays every segment
+out as [speaker][sentiment][text tokens][audio frames stacked by k].
+
+Two sources with one interface: `ArrowFlightDataset` streams from a Flight server (the data
+machine), `LocalParquetDataset` reads files on the training machine.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+SCHEMA_VERSION = 1
+N_MELS = 80
+N_SENTIMENTS = 3   # negative, neutral, positive
+METADATA_KEY = b"mmtrain"
+
+SAMPLE_SCHEMA = pa.schema([
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("doc_id", pa.string(), nullable=False),
+    pa.field("segment_index", pa.int32(), nullable=False),
+    pa.field("text", pa.string()),
+    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
+    pa.field("token_start_frame", pa.list_(pa.int32())),        # alignment, optional
+    pa.field("mel", pa.list_(pa.list_(pa.float16(), N_MELS)), nullable=False),  # log-mel (T, 80)
+    pa.field("f0_hz", pa.list_(pa.float32()), nullable=False),    # 0 where unvoiced
+    pa.field("voicing", pa.list_(pa.float32()), nullable=False),  # probability in [0, 1]
+    pa.field("energy", pa.list_(pa.float32()), nullable=False),   # log frame energy
+    pa.field("speaker_id", pa.int32(), nullable=False),
+    pa.field("speaker_embedding", pa.list_(pa.float32())),        # optional external vector
+    pa.field("sentiment", pa.int8(), nullable=False),             # 0 negative, 1 neutral, 2 positive
+    pa.field("valence", pa.float32()),
+    pa.field("arousal", pa.float32()),
+])
+PER_FRAME_COLUMNS = ("f0_hz", "voicing", "energy")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing, with the statistics the model normalises by
+
+def feature_sums(rows: list[dict]) -> dict:
+    """Sums from which corpus means and standard deviations combine exactly across shards."""
+    mel = np.concatenate([r["mel"] for r in rows]).astype(np.float64)
+    f0 = np.concatenate([r["f0_hz"] for r in rows]).astype(np.float64)
+    energy = np.concatenate([r["energy"] for r in rows]).astype(np.float64)
+    log_f0 = np.log(f0[f0 > 0])
+    return {"frames": int(len(mel)), "mel_sum": mel.sum(0).tolist(),
+            "mel_sumsq": np.square(mel).sum(0).tolist(),
+            "voiced_frames": int(log_f0.size), "log_f0_sum": float(log_f0.sum()),
+            "log_f0_sumsq": float(np.square(log_f0).sum()),
+            "energy_sum": float(energy.sum()), "energy_sumsq": float(np.square(energy).sum())}
+
+
+def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
+    offsets = np.zeros(len(values) + 1, np.int32)
+    np.cumsum([len(v) for v in values], out=offsets[1:])
+    flat = np.concatenate(values) if values else np.zeros(0)
+    if pa.types.is_fixed_size_list(value_type):
+        inner = pa.array(flat.reshape(-1), type=value_type.value_type)
+        flat_array = pa.FixedSizeListArray.from_arrays(inner, value_type.list_size)
+    else:
+        flat_array = pa.array(flat, type=value_type)
+    return pa.ListArray.from_arrays(pa.array(offsets), flat_array)
+
+
+def samples_table(rows: list[dict], metadata: dict) -> pa.Table:
+    """Rows (dicts of scalars and numpy arrays) -> a table of SAMPLE_SCHEMA with its metadata."""
+    arrays = []
+    for field in SAMPLE_SCHEMA:
+        column = [row.get(field.name) for row in rows]
+        if pa.types.is_list(field.type):
+            if field.nullable and any(v is None for v in column):
+                arrays.append(pa.array([None if v is None else list(v) for v in column], field.type))
+            else:
+                value_type = field.type.value_type
+                dtype = np.float16 if field.name == "mel" else value_type.to_pandas_dtype()
+                arrays.append(_list_array([np.asarray(v, dtype) for v in column], value_type))
+        else:
+            arrays.append(pa.array(column, field.type))
+    meta = {"schema_version": SCHEMA_VERSION, **metadata, "stats": feature_sums(rows)}
+    schema = SAMPLE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def write_samples(path: str | Path, rows: list[dict], metadata: dict, rows_per_group: int) -> None:
+    """Write one shard atomically: a reader never sees a half-written file."""
+    table = samples_table(rows, metadata)
+    problems = validate_table(table, str(path))
+    if problems:
+        raise ValueError("refusing to write invalid samples:\n" + "\n".join(problems))
+    tmp = Path(f"{path}.tmp")
+    pq.write_table(table, tmp, row_group_size=rows_per_group)
+    os.replace(tmp, path)
+
+
+def read_metadata(schema: pa.Schema, source: str) -> dict:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ValueError(f"{source}: no mmtrain metadata (was it written by features.py prepare?)")
+    meta = json.loads(raw)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{source}: schema version {meta.get('schema_version')}, "
+                         f"this build reads {SCHEMA_VERSION}")
+    return meta
+
+
+@dataclass
+class CorpusInfo:
+    """What the model needs to know of the data: vocabulary, speakers, normalisation."""
+    vocab_size: int
+    n_speakers: int
+    mel_mean: list[float]
+    mel_std: list[float]
+    log_f0_mean: float
+    log_f0_std: float
+    energy_mean: float
+    energy_std: float
+
+
+def corpus_info(metas: dict[str, dict]) -> CorpusInfo:
+    """Combine per-file metadata (source name -> metadata); files must agree on features."""
+    if not metas:
+        raise ValueError("no data files")
+    (first_name, first), *rest = metas.items()
+    for name, meta in rest:
+        for key in ("features", "tokenizer"):
+            if meta[key] != first[key]:
+                raise ValueError(f"{name}: {key} {meta[key]} differ from {first_name}: {first[key]}")
+    totals: dict = {}
+    for meta in metas.values():
+        for key, value in meta["stats"].items():
+            totals[key] = np.asarray(value, np.float64) + totals.get(key, 0.0)
+
+    def mean_std(prefix, count):
+        mean = totals[f"{prefix}_sum"] / max(count, 1)
+        var = totals[f"{prefix}_sumsq"] / max(count, 1) - mean ** 2
+        return mean, np.sqrt(np.maximum(var, 1e-6))
+
+    mel_mean, mel_std = mean_std("mel", totals["frames"])
+    f0_mean, f0_std = mean_std("log_f0", totals["voiced_frames"])
+    energy_mean, energy_std = mean_std("energy", totals["frames"])
+    n_speakers = max(max(m.get("speakers", {}).values(), default=-1) for m in metas.values()) + 1
+    return CorpusInfo(vocab_size=first["tokenizer"]["vocab_size"], n_speakers=n_speakers,
+                      mel_mean=mel_mean.tolist(), mel_std=mel_std.tolist(),
+                      log_f0_mean=float(f0_mean), log_f0_std=float(f0_std),
+                      energy_mean=float(energy_mean), energy_std=float(energy_std))
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation: every violation, with file, row and column
+
+MAX_ROWS_LISTED = 20
+
+
+class _Report:
+    def __init__(self, source: str, sample_ids: np.ndarray | None, row_offset: int):
+        self.source, self.sample_ids, self.row_offset = source, sample_ids, row_offset
+        self.lines: list[str] = []
+
+    def column(self, name: str, message: str):
+        self.lines.append(f"{self.source}: column {name}: {message}")
+
+    def rows(self, name: str, bad_rows: np.ndarray, message: str):
+        bad_rows = np.unique(bad_rows)
+        for row in bad_rows[:MAX_ROWS_LISTED]:
+            sid = f" (sample_id {self.sample_ids[row]})" if self.sample_ids is not None else ""
+            self.lines.append(f"{self.source}: row {row + self.row_offset}{sid}, column {name}: {message}")
+        if len(bad_rows) > MAX_ROWS_LISTED:
+            self.lines.append(f"{self.source}: column {name}: {message} in "
+                              f"{len(bad_rows) - MAX_ROWS_LISTED} more rows")
+
+
+def _value_rows(column: pa.ListArray) -> np.ndarray:
+    """For each flattened list value, the row it belongs to."""
+    lengths = pc.list_value_length(column).fill_null(0).to_numpy()
+    return np.repeat(np.arange(len(column)), lengths)
+
+
+def validate_table(table: pa.Table | pa.RecordBatch, source: str, vocab_size: int | None = None,
+                   row_offset: int = 0) -> list[str]:
+    """All violations of SAMPLE_SCHEMA in `table`, one line each: file, row, column, problem."""
+    names = set(table.schema.names)
+    sample_ids = (table.column("sample_id").to_numpy(zero_copy_only=False)
+                  if "sample_id" in names and table.schema.field("sample_id").type == pa.string() else None)
+    report = _Report(source, sample_ids, row_offset)
+    usable = set()
+    for field in SAMPLE_SCHEMA:
+        if field.name not in names:
+            if not field.nullable:
+                report.column(field.name, "missing")
+            continue
+        actual = table.schema.field(field.name).type
+        if actual != field.type:
+            report.column(field.name, f"type {actual}, expected {field.type}")
+            continue
+        usable.add(field.name)
+        column = table.column(field.name)
+        if not field.nullable and column.null_count:
+            report.rows(field.name, np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)),
+                        "null in a required column")
+    for name in sorted(names - set(SAMPLE_SCHEMA.names)):
+        report.column(name, "not part of the sample schema")
+
+    def col(name):  # one contiguous array per column
+        column = table.column(name)
+        return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+
+    if sample_ids is not None:
+        values, first, counts = np.unique(sample_ids.astype(str), return_index=True, return_counts=True)
+        dup_rows = np.flatnonzero(np.isin(sample_ids.astype(str), values[counts > 1]))
+        report.rows("sample_id", dup_rows, "duplicate sample_id")
+    n_frames = None
+    if "mel" in usable:
+        mel = col("mel")
+        n_frames = pc.list_value_length(mel).fill_null(0).to_numpy()
+        report.rows("mel", np.flatnonzero(n_frames == 0), "no audio frames")
+        values = mel.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, N_MELS)
+        report.rows("mel", _value_rows(mel)[~np.isfinite(values).all(1)], "NaN or inf")
+    for name in PER_FRAME_COLUMNS:
+        if name not in usable:
+            continue
+        column = col(name)
+        if n_frames is not None:
+            lengths = pc.list_value_length(column).fill_null(0).to_numpy()
+            bad = np.flatnonzero(lengths != n_frames)
+            for row in bad[:MAX_ROWS_LISTED]:
+                report.rows(name, np.array([row]), f"{lengths[row]} values for {n_frames[row]} frames")
+            if len(bad) > MAX_ROWS_LISTED:
+                report.column(name, f"length differs from the frame count in {len(bad) - MAX_ROWS_LISTED} more rows")
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        rows = _value_rows(column)
+        report.rows(name, rows[~np.isfinite(values)], "NaN or inf")
+        if name == "f0_hz":
+            report.rows(name, rows[values < 0], "negative F0 (use 0 for unvoiced)")
+        if name == "voicing":
+            report.rows(name, rows[(values < 0) | (values > 1)], "voicing probability outside [0, 1]")
+    if "token_ids" in usable:
+        column = col("token_ids")
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        limit = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
+        report.rows("token_ids", _value_rows(column)[(values < 0) | (values >= limit)],
+                    f"token id outside [0, {limit})")
+        if "token_start_frame" in usable and n_frames is not None:
+            starts = col("token_start_frame")
+            present = ~starts.is_null().to_numpy(zero_copy_only=False)
+            n_starts = pc.list_value_length(starts).fill_null(0).to_numpy()
+            n_tokens = pc.list_value_length(column).fill_null(0).to_numpy()
+            report.rows("token_start_frame", np.flatnonzero(present & (n_starts != n_tokens)),
+                        "length differs from the number of tokens")
+            start_values = starts.flatten().to_numpy(zero_copy_only=False)
+            start_rows = _value_rows(starts)
+            report.rows("token_start_frame",
+                        start_rows[(start_values < 0) | (start_values >= n_frames[start_rows])],
+                        "start frame outside the segment")
+    if "sentiment" in usable:
+        values = col("sentiment").to_numpy(zero_copy_only=False)
+        report.rows("sentiment", np.flatnonzero((values < 0) | (values >= N_SENTIMENTS)),
+                    "sentiment not 0 (negative), 1 (neutral) or 2 (positive)")
+    if "speaker_id" in usable:
+        values = col("speaker_id").to_numpy(zero_copy_only=False)
+        report.rows("speaker_id", np.flatnonzero(values < 0), "negative speaker id")
+    for name in ("valence", "arousal"):
+        if name in usable:
+            values = col(name).to_numpy(zero_copy_only=False).astype(np.float64)
+            report.rows(name, np.flatnonzero(np.isinf(values)), "inf")
+    if "speaker_embedding" in usable:
+        column = col("speaker_embedding")
+        values = column.flatten().to_numpy(zero_copy_only=False)
+        report.rows("speaker_embedding", _value_rows(column)[~np.isfinite(values)], "NaN or inf")
+    return report.lines
+
+
+def validate_file(path: str | Path) -> list[str]:
+    """Validate metadata and every row group of a Parquet file, holding one group at a time."""
+    source = str(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as err:
+        return [f"{source}: not a readable Parquet file: {err}"]
+    try:
+        meta = read_metadata(parquet.schema_arrow, source)
+    except ValueError as err:
+        return [str(err)]
+    vocab_size = meta.get("tokenizer", {}).get("vocab_size")
+    problems, offset = [], 0
+    for group in range(parquet.num_row_groups):
+        table = parquet.read_row_group(group)
+        problems += validate_table(table, source, vocab_size, row_offset=offset)
+        offset += table.num_rows
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Arrow -> segments -> packed sequences -> batches
+
+@dataclass
+class Segment:
+    sample_id: str
+    doc_id: str
+    token_ids: np.ndarray   # (n_tokens,) int
+    mel: np.ndarray         # (n_frames, 80) float16
+    f0_hz: np.ndarray       # (n_frames,)
+    voicing: np.ndarray
+    energy: np.ndarray
+    speaker_id: int
+    sentiment: int
+
+
+def _offsets(column: pa.Array) -> np.ndarray:
+    offsets = column.offsets.to_numpy()
+    return offsets - offsets[0]
+
+
+def segments_from_batch(batch: pa.RecordBatch) -> list[Segment]:
+    """Zero-copy views into the batch's buffers; one Python object per row, none per value."""
+    flat = {}
+    for name in ("token_ids", "f0_hz", "voicing", "energy"):
+        column = batch.column(name)
+        flat[name] = (column.flatten().to_numpy(), _offsets(column))
+    mel = batch.column("mel")
+    mel_values = mel.flatten().flatten().to_numpy().reshape(-1, N_MELS)
+    mel_offsets = _offsets(mel)
+    sample_ids = batch.column("sample_id").to_pylist()
+    doc_ids = batch.column("doc_id").to_pylist()
+    speakers = batch.column("speaker_id").to_numpy()
+    sentiments = batch.column("sentiment").to_numpy()
+    segments = []
+    for row in range(batch.num_rows):
+        def cut(name):
+            values, offsets = flat[name]
+            return values[offsets[row]:offsets[row + 1]]
+        segments.append(Segment(
+            sample_id=sample_ids[row], doc_id=doc_ids[row], token_ids=cut("token_ids"),
+            mel=mel_values[mel_offsets[row]:mel_offsets[row + 1]], f0_hz=cut("f0_hz"),
+            voicing=cut("voicing"), energy=cut("energy"), speaker_id=int(speakers[row]),
+            sentiment=int(sentiments[row])))
+    return segments
+
+
+@dataclass(frozen=True)
+class SequenceLayout:
+    """How many positions a segment takes: speaker + sentiment + tokens + stacked audio frames."""
+    max_seq_len: int
+    frames_per_position: int = 4
+
+    def positions(self, segment: Segment) -> int:
+        return 2 + len(segment.token_ids) + math.ceil(len(segment.mel) / self.frames_per_position)
+
+
+def pack_sequences(segments: Iterable[Segment], layout: SequenceLayout) -> Iterator[list[Segment]]:
+    """Greedy packing in arrival order, so consecutive segments of a document stay together
+    (several documents may share a sequence; the attention masks keep them apart)."""
+    sequence, used = [], 0
+    for segment in segments:
+        need = layout.positions(segment)
+        if need > layout.max_seq_len:
+            warnings.warn(f"sample {segment.sample_id}: {need} positions exceed max_seq_len "
+                          f"{layout.max_seq_len}; skipped")
+            continue
+        if used + need > layout.max_seq_len:
+            yield sequence
+            sequence, used = [], 0
+        sequence.append(segment)
+        used += need
+    if sequence:
+        yield sequence
+
+
+@dataclass
+class Batch:
+    """Flat per-modality tensors plus per-segment bookkeeping; the model lays them out.
+
+    Frames of each segment are zero-padded to a multiple of frames_per_position (frame_valid
+    marks real ones). Segments are ordered by row; segment_doc numbers each run of one
+    document within a row, so attention never crosses documents.
+    """
+    token_ids: torch.Tensor      # (n_tokens_total,) long
+    mel: torch.Tensor            # (n_frames_total, 80) float
+    f0_hz: torch.Tensor          # (n_frames_total,)
+    voicing: torch.Tensor
+    energy: torch.Tensor
+    frame_valid: torch.Tensor    # (n_frames_total,) bool
+    n_tokens: torch.Tensor       # (n_segments,) long
+    n_frames: torch.Tensor       # (n_segments,) long, padded counts
+    segment_row: torch.Tensor    # (n_segments,) long
+    segment_doc: torch.Tensor    # (n_segments,) long
+    speaker_id: torch.Tensor     # (n_segments,) long
+    sentiment: torch.Tensor      # (n_segments,) long
+    n_rows: int
+    sample_ids: list[str]
+
+    def to(self, device) -> "Batch":
+        return Batch(**{f.name: (getattr(self, f.name).to(device, non_blocking=True)
+                                 if isinstance(getattr(self, f.name), torch.Tensor) else getattr(self, f.name))
+                        for f in fields(self)})
+
+
+def collate(sequences: list[list[Segment]], layout: SequenceLayout) -> Batch:
+    k = layout.frames_per_position
+    segments = [s for seq in sequences for s in seq]
+    rows = np.repeat(np.arange(len(sequences)), [len(seq) for seq in sequences])
+    doc_starts = np.ones(len(segments), bool)
+    for i in range(1, len(segments)):
+        doc_starts[i] = rows[i] != rows[i - 1] or segments[i].doc_id != segments[i - 1].doc_id
+    n_frames = np.array([len(s.mel) for s in segments])
+    padded = -(-n_frames // k) * k
+
+    def frames(name, dtype):
+        out = np.zeros((padded.sum(),) + getattr(segments[0], name).shape[1:], dtype)
+        starts = np.concatenate([[0], np.cumsum(padded)[:-1]])
+        for s, start, n in zip(segments, starts, n_frames):
+            out[start:start + n] = getattr(s, name)
+        return torch.from_numpy(out)
+
+    valid = np.zeros(padded.sum(), bool)
+    for start, n in zip(np.concatenate([[0], np.cumsum(padded)[:-1]]), n_frames):
+        valid[start:start + n] = True
+    return Batch(
+        token_ids=torch.from_numpy(np.concatenate([s.token_ids for s in segments]).astype(np.int64)),
+        mel=frames("mel", np.float32), f0_hz=frames("f0_hz", np.float32),
+        voicing=frames("voicing", np.float32), energy=frames("energy", np.float32),
+        frame_valid=torch.from_numpy(valid),
+        n_tokens=torch.tensor([len(s.token_ids) for s in segments]),
+        n_frames=torch.from_numpy(padded.astype(np.int64)),
+        segment_row=torch.from_numpy(rows.astype(np.int64)),
+        segment_doc=torch.from_numpy(np.cumsum(doc_starts).astype(np.int64) - 1),
+        speaker_id=torch.tensor([s.speaker_id for s in segments]),
+        sentiment=torch.tensor([s.sentiment for s in segments]),
+        n_rows=len(sequences), sample_ids=[s.sample_id for s in segments])
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+
+@dataclass
+class DataConfig:
+    batch_size: int = 4          # sequences per batch
+    max_seq_len: int = 1024      # positions per sequence
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 0         # DataLoader workers, each with its own Flight client
+
+
+class _PackedStream(torch.utils.data.IterableDataset):
+    """Endpoints (a file's row-group range) -> segments -> packed sequences -> batches.
+
+    Endpoints are permuted by (seed, epoch) and dealt round-robin over (rank, worker).
+    """
+
+    def __init__(self, layout: SequenceLayout, batch_size: int, shuffle: bool = True, seed: int = 0):
+        super().__init__()
+        self.layout, self.batch_size, self.shuffle, self.seed = layout, batch_size, shuffle, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def endpoints(self) -> list:
+        raise NotImplementedError
+
+    def read_endpoint(self, endpoint) -> Iterator[pa.RecordBatch]:
+        raise NotImplementedError
+
+    def metadata(self) -> dict[str, dict]:
+        raise NotImplementedError
+
+    def _my_endpoints(self) -> list:
+        endpoints = self.endpoints()
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(endpoints))
+            endpoints = [endpoints[i] for i in order]
+        rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                       if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1))
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return endpoints[rank * workers + worker::world * workers]
+
+    def __iter__(self) -> Iterator[Batch]:
+        segments = (segment for endpoint in self._my_endpoints()
+                    for record_batch in self.read_endpoint(endpoint)
+                    for segment in segments_from_batch(record_batch))
+        sequences = []
+        for sequence in pack_sequences(segments, self.layout):
+            sequences.append(sequence)
+            if len(sequences) == self.batch_size:
+                yield collate(sequences, self.layout)
+                sequences = []
+        if sequences:
+            yield collate(sequences, self.layout)
+
+
+class LocalParquetDataset(_PackedStream):
+    """Parquet files on this machine; one endpoint per row group."""
+
+    def __init__(self, files: list[str | Path], layout: SequenceLayout, batch_size: int,
+                 shuffle: bool = True, seed: int = 0):
+        super().__init__(layout, batch_size, shuffle, seed)
+        self.files = [str(f) for f in files]
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        return [(f, group) for f in self.files for group in range(pq.ParquetFile(f).num_row_groups)]
+
+    def read_endpoint(self, endpoint):
+        path, group = endpoint
+        yield from pq.ParquetFile(path).iter_batches(row_groups=[group])
+
+    def metadata(self) -> dict[str, dict]:
+        return {f: read_metadata(pq.read_schema(f), f) for f in self.files}
+
+
+class ArrowFlightDataset(_PackedStream):
+    """Streams the given files from a Flight server (flight_server.py on the data machine)."""
+
+    def __init__(self, host: str, port: int, files: list[str], layout: SequenceLayout,
+                 batch_size: int, shuffle: bool = True, seed: int = 0):
+        super().__init__(layout, batch_size, shuffle, seed)
+        self.location = f"grpc://{host}:{port}"
+        self.files = list(files)
+        self._client = None
+        self._infos = None
+
+    def __getstate__(self):
+        # gRPC clients are not fork-safe: each DataLoader worker makes its own.
+        return {**self.__dict__, "_client": None}
+
+    @property
+    def client(self):
+        import pyarrow.flight as flight
+        if self._client is None:
+            self._client = flight.connect(self.location)
+        return self._client
+
+    def _flight_infos(self):
+        import pyarrow.flight as flight
+        if self._infos is None:
+            infos = {}
+            for name in self.files:
+                try:
+                    infos[name] = self.client.get_flight_info(flight.FlightDescriptor.for_path(name))
+                except flight.FlightError as err:
+                    raise RuntimeError(f"{self.location}: cannot get {name}: {err}") from err
+            self._infos = infos
+        return self._infos
+
+    def endpoints(self) -> list[tuple[str, bytes]]:
+        return [(name, endpoint.ticket.ticket) for name, info in self._flight_infos().items()
+                for endpoint in info.endpoints]
+
+    def read_endpoint(self, endpoint):
+        import pyarrow.flight as flight
+        name, ticket = endpoint
+        try:
+            for chunk in self.client.do_get(flight.Ticket(ticket)):
+                yield chunk.data
+        except flight.FlightError as err:
+            raise RuntimeError(f"{self.location}: reading {name} failed: {err}") from err
+
+    def metadata(self) -> dict[str, dict]:
+        return {f"{self.location}/{name}": read_metadata(info.schema, name)
+                for name, info in self._flight_infos().items()}

@@ -1,0 +1,306 @@
+"""Feature extraction: recordings and transcripts -> the Parquet sample schema.
+
+Audio: WAV (stdlib `wave`, no torchcodec) -> mono float -> resample -> 80-bin log-mel at
+100 frames/s, a YIN pitch track (F0 in Hz, 0 when unvoiced, plus a voicing probability) and
+log energy, all on the same frame grid. Text: UTF-8 bytes plus special tokens, unless the
+manifest gives token ids.
+
+    python features.py prepare --manifest recordings.jsonl --out data/mycorpus
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+import wave
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchaudio
+from tqdm import tqdm
+
+import datasets
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    sample_rate: int = 16000
+    n_fft: int = 400          # 25 ms analysis window
+    hop_length: int = 160     # 10 ms -> 100 frames/s
+    n_mels: int = 80
+    f0_min: float = 50.0
+    f0_max: float = 550.0
+    f0_method: str = "yin"
+    yin_threshold: float = 0.15   # CMNDF dip below this counts as a period (de Cheveigne & Kawahara)
+    voicing_threshold: float = 0.5
+
+    def n_frames(self, n_samples: int) -> int:
+        return 1 + n_samples // self.hop_length
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past a few special tokens: needs no vocabulary file, covers any text."""
+
+    PAD, BOS, EOS, MASK = 0, 1, 2, 3
+    N_SPECIAL = 4
+    vocab_size = 256 + N_SPECIAL
+    name = "bytes-v1"
+
+    def encode(self, text: str) -> list[int]:
+        return [self.BOS] + [b + self.N_SPECIAL for b in text.encode("utf-8")] + [self.EOS]
+
+    def decode(self, ids) -> str:
+        data = bytes(i - self.N_SPECIAL for i in ids if i >= self.N_SPECIAL)
+        return data.decode("utf-8", errors="replace")
+
+    def describe(self) -> dict:
+        return {"name": self.name, "vocab_size": self.vocab_size, "pad": self.PAD, "bos": self.BOS,
+                "eos": self.EOS, "mask": self.MASK}
+
+
+# ---------------------------------------------------------------------------------------------
+# Audio
+
+class AudioError(ValueError):
+    """A recording that cannot be used (unreadable, unsupported encoding, empty)."""
+
+
+def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
+    """PCM WAV -> (mono float32 in [-1, 1], sample rate)."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            n_channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
+            raw = wav.readframes(wav.getnframes())
+    except (wave.Error, EOFError, OSError) as err:
+        raise AudioError(f"{path}: cannot read WAV: {err}") from err
+    if width == 1:
+        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width == 2:
+        samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16))
+        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
+        samples = ints.astype(np.float32) / float(1 << 23)
+    elif width == 4:
+        samples = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
+    else:
+        raise AudioError(f"{path}: unsupported sample width {width} bytes")
+    samples = samples[: len(samples) // n_channels * n_channels].reshape(-1, n_channels).mean(axis=1)
+    if samples.size == 0:
+        raise AudioError(f"{path}: no audio samples")
+    return samples.astype(np.float32), rate
+
+
+def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
+    """Mono float in [-1, 1] -> 16-bit PCM WAV."""
+    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(sample_rate)
+        wav.writeframes(pcm.tobytes())
+
+
+def _frames(signal: torch.Tensor, frame_length: int, hop: int, lead: int) -> torch.Tensor:
+    """Frames starting `lead` samples before t*hop (zero padded), one per mel frame:
+    (1 + n//hop, frame_length)."""
+    padded = torch.nn.functional.pad(signal, (lead, frame_length))
+    return padded.unfold(0, frame_length, hop)[: 1 + signal.numel() // hop]
+
+
+def yin_pitch(signal: torch.Tensor, cfg: FeatureConfig, chunk_frames: int = 4096
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """YIN F0 on the mel frame grid -> (f0_hz with 0 where unvoiced, voicing probability).
+
+    Difference function via FFT correlation, cumulative-mean normalisation, absolute threshold
+    with descent to the local minimum, parabolic interpolation for sub-sample lags.
+    """
+    sr = cfg.sample_rate
+    min_lag = max(2, int(sr / cfg.f0_max))
+    max_lag = int(math.ceil(sr / cfg.f0_min))
+    window = cfg.n_fft
+    # The analysis window is centred on the frame time; the lags reach past it.
+    frames = _frames(signal.double(), window + max_lag + 1, cfg.hop_length, lead=window // 2)
+    f0_out, prob_out = [], []
+    for chunk in frames.split(chunk_frames):
+        head = chunk[:, :window]
+        n = 1 << (window + chunk.shape[1] - 1).bit_length()
+        corr = torch.fft.irfft(torch.fft.rfft(chunk, n) * torch.fft.rfft(head, n).conj(), n)
+        corr = corr[:, : max_lag + 2]
+        energy = torch.nn.functional.pad(chunk.square().cumsum(1), (1, 0))
+        lags = torch.arange(max_lag + 2)
+        shifted_energy = energy[:, lags + window] - energy[:, lags]
+        diff = (energy[:, window:window + 1] + shifted_energy - 2.0 * corr).clamp_min(0.0)
+        cumulative = diff[:, 1:].cumsum(1)
+        cmndf = torch.ones_like(diff)
+        cmndf[:, 1:] = diff[:, 1:] * lags[1:] / cumulative.clamp_min(1e-12)
+
+        search = cmndf[:, min_lag:max_lag + 1]
+        below = search < cfg.yin_threshold
+        first = torch.where(below.any(1), below.float().argmax(1), search.argmin(1))
+        # Descend from the first dip to the bottom of its valley.
+        idx = torch.arange(search.shape[1])
+        rising = torch.zeros_like(below)
+        rising[:, :-1] = search[:, 1:] >= search[:, :-1]
+        rising[:, -1] = True
+        bottom = (rising & (idx[None] >= first[:, None])).float().argmax(1)
+        lag = bottom + min_lag
+
+        rows = torch.arange(chunk.shape[0])
+        left, mid, right = cmndf[rows, lag - 1], cmndf[rows, lag], cmndf[rows, lag + 1]
+        curvature = left - 2.0 * mid + right
+        offset = torch.where(curvature > 1e-9, 0.5 * (left - right) / curvature, torch.zeros_like(mid))
+        refined = lag.double() + offset.clamp(-1.0, 1.0)
+        prob = (1.0 - mid).clamp(0.0, 1.0)
+        voiced = prob >= cfg.voicing_threshold
+        f0_out.append(torch.where(voiced, sr / refined, torch.zeros_like(refined)))
+        prob_out.append(prob)
+    return torch.cat(f0_out).float(), torch.cat(prob_out).float()
+
+
+class FeatureExtractor:
+    def __init__(self, cfg: FeatureConfig = FeatureConfig()):
+        self.cfg = cfg
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=cfg.sample_rate, n_fft=cfg.n_fft, hop_length=cfg.hop_length,
+            n_mels=cfg.n_mels, center=True, power=2.0)
+
+    @torch.no_grad()
+    def __call__(self, samples: np.ndarray, sample_rate: int) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        signal = torch.from_numpy(np.ascontiguousarray(samples, dtype=np.float32))
+        if sample_rate != cfg.sample_rate:
+            signal = torchaudio.functional.resample(signal, sample_rate, cfg.sample_rate)
+        n_frames = cfg.n_frames(signal.numel())
+        log_mel = torch.log(self.mel(signal) + 1e-6).T[:n_frames]
+        frames = _frames(signal, cfg.n_fft, cfg.hop_length, lead=cfg.n_fft // 2)
+        log_energy = torch.log(frames.square().mean(1) + 1e-8)
+        f0, voicing = yin_pitch(signal, cfg)
+        return {"mel": log_mel.numpy().astype(np.float16), "f0_hz": f0.numpy(),
+                "voicing": voicing.numpy(), "energy": log_energy.numpy().astype(np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifest -> Parquet
+
+MANIFEST_FIELDS = ("audio", "text", "speaker", "sentiment", "doc_id", "segment_index")
+SENTIMENT_NAMES = {"negative": 0, "neutral": 1, "positive": 2}
+
+
+def read_manifest(path: str | Path) -> list[dict]:
+    """CSV or JSONL; audio paths are relative to the manifest's folder."""
+    path = Path(path)
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    else:
+        rows = []
+        with open(path) as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}: line {line_no}: not JSON: {err}") from err
+    for i, row in enumerate(rows):
+        missing = [k for k in MANIFEST_FIELDS if k not in row or row[k] in ("", None)]
+        if missing:
+            raise ValueError(f"{path}: entry {i + 1}: missing field(s) {', '.join(missing)}")
+        if str(row["sentiment"]) not in SENTIMENT_NAMES and str(row["sentiment"]) not in ("0", "1", "2"):
+            raise ValueError(f"{path}: entry {i + 1}: sentiment {row['sentiment']!r} is not one of "
+                             f"{', '.join(SENTIMENT_NAMES)} or 0/1/2")
+        row["audio"] = str((path.parent / row["audio"]).resolve()) if not Path(row["audio"]).is_absolute() else row["audio"]
+    return rows
+
+
+def _sentiment_id(value) -> int:
+    return SENTIMENT_NAMES[str(value)] if str(value) in SENTIMENT_NAMES else int(value)
+
+
+def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 100,
+            rows_per_group: int = 64, cfg: FeatureConfig = FeatureConfig(),
+            speaker_ids: dict[str, int] | None = None, log=print) -> list[Path]:
+    """Extract features for every manifest entry and write Parquet shards.
+
+    Entries whose audio cannot be used are reported by path and skipped; the rest is written.
+    Returns the shard paths.
+    """
+    entries = read_manifest(manifest)
+    tokenizer = ByteTokenizer()
+    extractor = FeatureExtractor(cfg)
+    if speaker_ids is None:
+        speaker_ids = {name: i for i, name in enumerate(sorted({str(e["speaker"]) for e in entries}))}
+    entries.sort(key=lambda e: (str(e["doc_id"]), int(e["segment_index"])))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metadata = {"features": asdict(cfg), "tokenizer": tokenizer.describe(),
+                "speakers": speaker_ids}
+    rows, shards, skipped = [], [], []
+
+    def flush():
+        if rows:
+            shard = out_dir / f"shard-{len(shards):05d}.parquet"
+            datasets.write_samples(shard, rows, metadata, rows_per_group=rows_per_group)
+            shards.append(shard)
+            rows.clear()
+
+    for entry in tqdm(entries, desc="features", unit="seg", disable=None):
+        try:
+            samples, rate = read_wav(entry["audio"])
+        except AudioError as err:
+            log(f"skipped: {err}")
+            skipped.append(entry["audio"])
+            continue
+        feats = extractor(samples, rate)
+        token_ids = entry.get("token_ids")
+        if token_ids is None:
+            token_ids = tokenizer.encode(str(entry["text"]))
+        rows.append({
+            "sample_id": f"{entry['doc_id']}/{int(entry['segment_index']):05d}",
+            "doc_id": str(entry["doc_id"]),
+            "segment_index": int(entry["segment_index"]),
+            "text": str(entry["text"]),
+            "token_ids": np.asarray(token_ids, dtype=np.int32),
+            "speaker_id": speaker_ids[str(entry["speaker"])],
+            "sentiment": _sentiment_id(entry["sentiment"]),
+            "valence": entry.get("valence"),
+            "arousal": entry.get("arousal"),
+            **feats,
+        })
+        if len(rows) >= rows_per_shard:
+            flush()
+    flush()
+    if skipped:
+        log(f"{len(skipped)} of {len(entries)} recordings skipped (see above)")
+    return shards
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    prep = sub.add_parser("prepare", help="manifest (CSV/JSONL) of recordings -> Parquet shards")
+    prep.add_argument("--manifest", required=True)
+    prep.add_argument("--out", required=True)
+    prep.add_argument("--rows-per-shard", type=int, default=1000)
+    prep.add_argument("--rows-per-group", type=int, default=256)
+    args = parser.parse_args(argv)
+    try:
+        shards = prepare(args.manifest, args.out, args.rows_per_shard, args.rows_per_group,
+                         log=lambda m: print(m, file=sys.stderr))
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"wrote {len(shards)} shard(s) to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
