@@ -1,0 +1,300 @@
+"""CustomTransformer: five modalities fused into one sequence, trained as a masked multimodal
+autoencoder.
+
+Each segment becomes [speaker][sentiment][text tokens][audio frames stacked by k], with
+prosody (log-F0, voicing, energy) added to its audio frame. Consecutive segments packed into a
+row keep their document's running positions; attention never crosses documents. Per modality
+some inputs are hidden (spans of text and audio, whole speaker or sentiment slots) behind
+learned mask embeddings, and per-modality heads reconstruct them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from attention import PAD_DOC, MultiHeadLatentAttention, rope_tables
+from datasets import N_MELS, N_SENTIMENTS, Batch, CorpusInfo
+
+SPEAKER, SENTIMENT, TEXT, AUDIO = range(4)   # position kinds, each with a modality embedding
+PROSODY_FEATURES = 3                         # normalised log-F0, voicing, normalised energy
+
+
+@dataclass
+class ModelConfig:
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    q_lora_rank: int = 0               # 0: full-rank query projection (as DeepSeek-V2-Lite)
+    kv_lora_rank: int = 128
+    qk_nope_head_dim: int = 32
+    qk_rope_head_dim: int = 16
+    v_head_dim: int = 32
+    ffn_hidden: int = 704
+    layer_pattern: str = "LLG"         # L: sliding-window layer, G: global; repeated over n_layers
+    window: int = 128                  # sliding-window reach in positions
+    causal: bool = False               # the autoencoder attends both ways
+    rope_theta: float = 500000.0
+    norm_eps: float = 1e-5
+    frames_per_position: int = 4       # 100 mel frames/s -> 25 positions/s
+    vocab_size: int = 260
+    n_speakers: int = 64
+    activation_checkpointing: bool = False
+    # the objective: what fraction of each modality is hidden
+    text_mask_ratio: float = 0.3
+    text_span: int = 3
+    audio_mask_ratio: float = 0.3
+    audio_span: int = 4
+    speaker_drop: float = 0.3
+    sentiment_drop: float = 0.3
+
+    def __post_init__(self):
+        if not self.layer_pattern or set(self.layer_pattern) - {"L", "G"}:
+            raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L and G")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
+        for name in ("text_mask_ratio", "audio_mask_ratio", "speaker_drop", "sentiment_drop"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"model.{name} must lie in [0, 1]")
+
+    def is_global(self, layer: int) -> bool:
+        return self.layer_pattern[layer % len(self.layer_pattern)] == "G"
+
+
+class FeedForward(nn.Module):
+    """SwiGLU."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)
+        self.w3 = nn.Linear(d_model, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, is_global: bool):
+        super().__init__()
+        self.window = None if is_global else cfg.window
+        self.causal = cfg.causal
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank,
+                                             cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                                             cfg.norm_eps)
+        self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden)
+
+    def forward(self, x, cos, sin, doc):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc, self.window, self.causal)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+@dataclass
+class Layout:
+    """Where every input lands in the (rows, length) grid, as flat indices into rows * length."""
+    n_rows: int
+    length: int
+    speaker_index: torch.Tensor     # (segments,)
+    sentiment_index: torch.Tensor   # (segments,)
+    text_index: torch.Tensor        # (tokens,)
+    audio_index: torch.Tensor       # (frames / k,)
+    positions: torch.Tensor         # (rows, length) running through each document
+    doc: torch.Tensor               # (rows, length), PAD_DOC on padding
+
+
+def _ranges(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For items grouped in runs of `counts`: each item's run and its offset within the run."""
+    run = torch.repeat_interleave(torch.arange(len(counts), device=counts.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return run, torch.arange(len(run), device=counts.device) - starts[run]
+
+
+def layout(batch: Batch, frames_per_position: int) -> Layout:
+    audio_count = batch.n_frames // frames_per_position
+    seg_len = 2 + batch.n_tokens + audio_count
+    global_start = torch.cumsum(seg_len, 0) - seg_len
+    row_start = torch.full((batch.n_rows,), int(seg_len.sum()), device=seg_len.device)
+    row_start = row_start.scatter_reduce(0, batch.segment_row, global_start, "amin")
+    seg_start = global_start - row_start[batch.segment_row]
+    row_len = torch.zeros(batch.n_rows, dtype=torch.long, device=seg_len.device)
+    row_len.index_add_(0, batch.segment_row, seg_len)
+    length = int(row_len.max())
+    base = batch.segment_row * length + seg_start
+
+    token_seg, token_offset = _ranges(batch.n_tokens)
+    audio_seg, audio_offset = _ranges(audio_count)
+    position_seg, position_offset = _ranges(seg_len)
+    flat_position = base[position_seg] + position_offset
+    doc = torch.full((batch.n_rows * length,), PAD_DOC, dtype=torch.long, device=seg_len.device)
+    doc[flat_position] = batch.segment_doc[position_seg]
+    n_docs = int(batch.segment_doc.max()) + 1
+    doc_start = torch.full((n_docs,), length, dtype=torch.long, device=seg_len.device)
+    doc_start = doc_start.scatter_reduce(0, batch.segment_doc, seg_start, "amin")
+    positions = torch.zeros(batch.n_rows * length, dtype=torch.long, device=seg_len.device)
+    positions[flat_position] = flat_position % length - doc_start[batch.segment_doc[position_seg]]
+    return Layout(
+        n_rows=batch.n_rows, length=length, speaker_index=base, sentiment_index=base + 1,
+        text_index=base[token_seg] + 2 + token_offset,
+        audio_index=base[audio_seg] + 2 + batch.n_tokens[audio_seg] + audio_offset,
+        positions=positions.view(batch.n_rows, length), doc=doc.view(batch.n_rows, length))
+
+
+@dataclass
+class Masks:
+    """True where the input is hidden and must be reconstructed."""
+    text: torch.Tensor      # (tokens,)
+    audio: torch.Tensor     # (frames / k,)
+    speaker: torch.Tensor   # (segments,)
+    sentiment: torch.Tensor
+
+
+def _span_mask(n: int, ratio: float, span: int, generator: torch.Generator) -> torch.Tensor:
+    """Spans of `span` items starting with probability ratio / span: about `ratio` hidden."""
+    if n == 0 or ratio == 0:
+        return torch.zeros(n, dtype=torch.bool)
+    starts = torch.rand(n, generator=generator) < ratio / span
+    if not starts.any():
+        starts[torch.randint(n, (1,), generator=generator)] = True
+    hidden = starts.clone()
+    for shift in range(1, span):
+        hidden[shift:] |= starts[:-shift]
+    return hidden
+
+
+def sample_masks(batch: Batch, cfg: ModelConfig, generator: torch.Generator) -> Masks:
+    n_segments = len(batch.n_tokens)
+    return Masks(
+        text=_span_mask(len(batch.token_ids), cfg.text_mask_ratio, cfg.text_span, generator),
+        audio=_span_mask(len(batch.mel) // cfg.frames_per_position, cfg.audio_mask_ratio,
+                         cfg.audio_span, generator),
+        speaker=torch.rand(n_segments, generator=generator) < cfg.speaker_drop,
+        sentiment=torch.rand(n_segments, generator=generator) < cfg.sentiment_drop)
+
+
+class CustomTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, k = cfg.d_model, cfg.frames_per_position
+        self.text_embed = nn.Embedding(cfg.vocab_size, d)
+        self.speaker_embed = nn.Embedding(cfg.n_speakers, d)
+        self.sentiment_embed = nn.Embedding(N_SENTIMENTS, d)
+        self.audio_proj = nn.Linear(k * N_MELS, d)
+        self.prosody_proj = nn.Linear(k * PROSODY_FEATURES, d)
+        self.modality_embed = nn.Embedding(4, d)
+        self.mask_embed = nn.Embedding(4, d)          # one learned "hidden" input per modality
+        self.blocks = nn.ModuleList(Block(cfg, cfg.is_global(i)) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.text_head = nn.Linear(d, cfg.vocab_size)
+        self.mel_head = nn.Linear(d, k * N_MELS)
+        self.prosody_head = nn.Linear(d, k * PROSODY_FEATURES)
+        self.speaker_head = nn.Linear(d, cfg.n_speakers)
+        self.sentiment_head = nn.Linear(d, N_SENTIMENTS)
+        # Corpus statistics (saved with the weights) that put features on a unit scale.
+        self.register_buffer("mel_mean", torch.zeros(N_MELS))
+        self.register_buffer("mel_std", torch.ones(N_MELS))
+        self.register_buffer("prosody_stats", torch.tensor([0.0, 1.0, 0.0, 1.0]))  # log-F0, energy
+        self.apply(self._init_weights)
+        residual_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.wo.weight, std=residual_std)
+            nn.init.normal_(block.ffn.w2.weight, std=residual_std)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def set_corpus_stats(self, info: CorpusInfo) -> None:
+        if info.vocab_size > self.cfg.vocab_size:
+            raise ValueError(f"model.vocab_size {self.cfg.vocab_size} < the data's {info.vocab_size}")
+        if info.n_speakers > self.cfg.n_speakers:
+            raise ValueError(f"model.n_speakers {self.cfg.n_speakers} < the data's {info.n_speakers} speakers")
+        self.mel_mean.copy_(torch.tensor(info.mel_mean))
+        self.mel_std.copy_(torch.tensor(info.mel_std))
+        self.prosody_stats.copy_(torch.tensor([info.log_f0_mean, info.log_f0_std,
+                                               info.energy_mean, info.energy_std]))
+
+    def normalised_features(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> mel (frames, 80) and prosody (frames, 3) on a unit scale; zero on padding frames."""
+        f0_mean, f0_std, energy_mean, energy_std = self.prosody_stats
+        valid = batch.frame_valid[:, None]
+        mel = torch.where(valid, (batch.mel - self.mel_mean) / self.mel_std, 0.0)
+        voiced = batch.f0_hz > 0
+        log_f0 = torch.where(voiced, (batch.f0_hz.clamp_min(1.0).log() - f0_mean) / f0_std, 0.0)
+        prosody = torch.stack([log_f0, batch.voicing, (batch.energy - energy_mean) / energy_std], -1)
+        return mel, torch.where(valid, prosody, 0.0)
+
+    def embed(self, batch: Batch, grid: Layout, masks: Masks, mel, prosody) -> torch.Tensor:
+        k = self.cfg.frames_per_position
+        x = torch.zeros(grid.n_rows * grid.length, self.cfg.d_model, device=mel.device,
+                        dtype=self.text_embed.weight.dtype)
+
+        def place(index, values, hidden, kind):
+            values = torch.where(hidden[:, None], self.mask_embed.weight[kind], values)
+            x[index] = values + self.modality_embed.weight[kind]
+
+        place(grid.speaker_index, self.speaker_embed(batch.speaker_id), masks.speaker, SPEAKER)
+        place(grid.sentiment_index, self.sentiment_embed(batch.sentiment), masks.sentiment, SENTIMENT)
+        place(grid.text_index, self.text_embed(batch.token_ids), masks.text, TEXT)
+        audio = self.audio_proj(mel.reshape(-1, k * N_MELS)) + self.prosody_proj(prosody.reshape(-1, k * PROSODY_FEATURES))
+        place(grid.audio_index, audio, masks.audio, AUDIO)
+        return x.view(grid.n_rows, grid.length, -1)
+
+    def encode(self, x: torch.Tensor, grid: Layout) -> torch.Tensor:
+        cos, sin = rope_tables(grid.positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x = checkpoint(block, x, cos, sin, grid.doc, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, grid.doc)
+        return self.norm(x).flatten(0, 1)
+
+    def forward(self, batch: Batch, masks: Masks) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> total loss and per-modality losses and accuracies (detached)."""
+        cfg, k = self.cfg, self.cfg.frames_per_position
+        grid = layout(batch, k)
+        mel, prosody = self.normalised_features(batch)
+        hidden = self.encode(self.embed(batch, grid, masks, mel, prosody), grid)
+        zero = hidden.new_zeros(())
+        metrics: dict[str, torch.Tensor] = {}
+
+        def classify(name, head, index, hidden_mask, target):
+            if not hidden_mask.any():
+                return zero, None
+            logits = head(hidden[index[hidden_mask]]).float()
+            metrics[f"{name}_acc"] = (logits.argmax(-1) == target[hidden_mask]).float().mean().detach()
+            return F.cross_entropy(logits, target[hidden_mask]), logits
+
+        losses = {}
+        losses["text"], _ = classify("text", self.text_head, grid.text_index, masks.text, batch.token_ids)
+        losses["speaker"], _ = classify("speaker", self.speaker_head, grid.speaker_index, masks.speaker, batch.speaker_id)
+        losses["sentiment"], _ = classify("sentiment", self.sentiment_head, grid.sentiment_index, masks.sentiment, batch.sentiment)
+
+        frame_hidden = masks.audio.repeat_interleave(k) & batch.frame_valid
+        if frame_hidden.any():
+            audio_out = hidden[grid.audio_index[masks.audio]]
+            select = batch.frame_valid.view(-1, k)[masks.audio]
+            mel_pred = self.mel_head(audio_out).float().view(-1, k, N_MELS)[select]
+            prosody_pred = self.prosody_head(audio_out).float().view(-1, k, PROSODY_FEATURES)[select]
+            mel_target, prosody_target = mel[frame_hidden], prosody[frame_hidden]
+            voiced = batch.f0_hz[frame_hidden] > 0
+            losses["mel"] = F.l1_loss(mel_pred, mel_target)
+            losses["f0"] = (F.mse_loss(prosody_pred[voiced, 0], prosody_target[voiced, 0])
+                            if voiced.any() else zero)
+            losses["voicing"] = F.binary_cross_entropy_with_logits(prosody_pred[:, 1], prosody_target[:, 1])
+            losses["energy"] = F.mse_loss(prosody_pred[:, 2], prosody_target[:, 2])
+        else:
+            losses.update(mel=zero, f0=zero, voicing=zero, energy=zero)
+        total = sum(losses.values())
+        metrics.update({f"loss_{name}": value.detach() for name, value in losses.items()})
+        metrics["accuracy"] = metrics.get("text_acc", zero.detach())
+        return total, metrics

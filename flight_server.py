@@ -1,0 +1,243 @@
+"""Arrow Flight server for the data machine: serves every Parquet file under --root.
+
+    python flight_server.py --root DIR [--host 127.0.0.1] [--port 8815] [--batch-rows 256]
+
+list_flights gives one FlightInfo per valid file (path relative to root, schema, rows, bytes);
+get_flight_info gives one endpoint per row group; do_get streams a ticket's row groups with
+RecordBatchStream over a dataset scanner, which runs in C++ without holding the GIL. Files that
+fail the schema check are not served and are named by the `invalid` action and the log.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import signal
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+
+import datasets
+
+log = logging.getLogger("flight_server")
+TICKET_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Ticket:
+    file: str                  # relative to the server root
+    first_row_group: int
+    end_row_group: int         # exclusive
+    columns: tuple[str, ...] | None = None
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": TICKET_VERSION, "file": self.file,
+                           "row_groups": [self.first_row_group, self.end_row_group],
+                           "columns": list(self.columns) if self.columns else None},
+                          separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Ticket":
+        try:
+            data = json.loads(raw)
+            if data.get("v") != TICKET_VERSION:
+                raise ValueError(f"version {data.get('v')}, expected {TICKET_VERSION}")
+            first, end = (int(x) for x in data["row_groups"])
+            columns = data.get("columns")
+            if columns is not None and not all(isinstance(c, str) for c in columns):
+                raise ValueError("columns must be names")
+            return cls(str(data["file"]), first, end, tuple(columns) if columns else None)
+        except (ValueError, KeyError, TypeError) as err:
+            raise flight.FlightServerError(f"malformed ticket: {err}") from None
+
+
+def _handler(method):
+    """Clients get a typed Flight error with a short message, never a Python traceback."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except flight.FlightError:
+            raise
+        except Exception as err:  # noqa: BLE001 - the boundary where every failure is contained
+            log.error("%s failed: %s\n%s", method.__name__, err, traceback.format_exc())
+            raise flight.FlightInternalError(f"{method.__name__} failed: {type(err).__name__}") from None
+    return wrapper
+
+
+class SampleFlightServer(flight.FlightServerBase):
+    def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 8815,
+                 batch_rows: int = 256):
+        super().__init__(f"grpc://{host}:{port}")
+        self.root = Path(root).resolve()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"--root {root}: not a directory")
+        self.batch_rows = batch_rows
+        self._lock = threading.Lock()
+        self._catalog: dict[str, tuple[tuple, flight.FlightInfo | str]] = {}
+        self._stats = {"streams": 0}
+        self.refresh()
+
+    # -- catalog ---------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> Path:
+        """A client-supplied name -> a file strictly under root (no .., no absolute, no symlink out)."""
+        candidate = Path(name)
+        if candidate.is_absolute() or ".." in candidate.parts or not name:
+            raise flight.FlightServerError(f"{name!r}: paths must be relative to the server root")
+        path = (self.root / candidate).resolve()
+        if not path.is_relative_to(self.root):
+            raise flight.FlightServerError(f"{name!r}: resolves outside the server root")
+        return path
+
+    def _describe(self, name: str, path: Path) -> flight.FlightInfo | str:
+        """FlightInfo for a valid file, or the reason it is not served."""
+        try:
+            parquet = pq.ParquetFile(path)
+        except (OSError, pa.ArrowException) as err:
+            return f"not a readable Parquet file: {err}"
+        schema = parquet.schema_arrow
+        problems = [f"column {f.name}: missing" for f in datasets.SAMPLE_SCHEMA
+                    if not f.nullable and f.name not in schema.names]
+        problems += [f"column {f.name}: type {schema.field(f.name).type}, expected {f.type}"
+                     for f in datasets.SAMPLE_SCHEMA if f.name in schema.names
+                     and schema.field(f.name).type != f.type]
+        try:
+            datasets.read_metadata(schema, name)
+        except ValueError as err:
+            problems.append(str(err))
+        if problems:
+            return "; ".join(problems)
+        meta = parquet.metadata
+        endpoints = [flight.FlightEndpoint(Ticket(name, g, g + 1).encode(), [])
+                     for g in range(meta.num_row_groups)]
+        total_bytes = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+        return flight.FlightInfo(schema, flight.FlightDescriptor.for_path(name), endpoints,
+                                 meta.num_rows, total_bytes)
+
+    def refresh(self) -> None:
+        """Rescan root; files unchanged since the last scan keep their entry."""
+        catalog = {}
+        for path in sorted(self.root.rglob("*.parquet")):
+            name = path.relative_to(self.root).as_posix()
+            try:
+                resolved = self.resolve(name)
+            except flight.FlightServerError as err:
+                log.warning("not serving %s: %s", name, err)
+                continue
+            stat = resolved.stat()
+            key = (stat.st_mtime_ns, stat.st_size)
+            cached = self._catalog.get(name)
+            entry = cached if cached and cached[0] == key else (key, self._describe(name, resolved))
+            if isinstance(entry[1], str) and entry is not cached:
+                log.warning("not serving %s: %s", name, entry[1])
+            catalog[name] = entry
+        with self._lock:
+            self._catalog = catalog
+
+    def _info(self, name: str) -> flight.FlightInfo:
+        self.resolve(name)
+        self.refresh()
+        entry = self._catalog.get(name)
+        if entry is None:
+            raise flight.FlightServerError(f"{name}: no such file under the server root")
+        if isinstance(entry[1], str):
+            raise flight.FlightServerError(f"{name}: not served: {entry[1]}")
+        return entry[1]
+
+    # -- Flight RPCs ------------------------------------------------------------------------
+
+    @_handler
+    def list_flights(self, context, criteria):
+        self.refresh()
+        for _, info in self._catalog.values():
+            if not isinstance(info, str):
+                yield info
+
+    @_handler
+    def get_flight_info(self, context, descriptor):
+        if descriptor.descriptor_type != flight.DescriptorType.PATH or len(descriptor.path) != 1:
+            raise flight.FlightServerError("descriptor must be one file path")
+        return self._info(descriptor.path[0].decode())
+
+    @_handler
+    def do_get(self, context, ticket):
+        request = Ticket.decode(ticket.ticket)
+        info = self._info(request.file)
+        n_groups = len(info.endpoints)
+        if not 0 <= request.first_row_group < request.end_row_group <= n_groups:
+            raise flight.FlightServerError(
+                f"{request.file}: row groups [{request.first_row_group}, {request.end_row_group}) "
+                f"outside [0, {n_groups})")
+        if request.columns:
+            unknown = set(request.columns) - set(info.schema.names)
+            if unknown:
+                raise flight.FlightServerError(f"{request.file}: unknown columns {sorted(unknown)}")
+        fragment = next(pads.dataset(self.resolve(request.file), format="parquet").get_fragments())
+        fragment = fragment.subset(row_group_ids=list(range(request.first_row_group, request.end_row_group)))
+        scanner = pads.Scanner.from_fragment(fragment, schema=info.schema, batch_size=self.batch_rows,
+                                             columns=list(request.columns) if request.columns else None,
+                                             use_threads=False)
+        with self._lock:
+            self._stats["streams"] += 1
+        log.info("stream %s row groups [%d, %d) to %s", request.file, request.first_row_group,
+                 request.end_row_group, context.peer())
+        return flight.RecordBatchStream(scanner.to_reader())
+
+    @_handler
+    def list_actions(self, context):
+        return [("stats", "files served, invalid files, streams started"),
+                ("invalid", "files not served, with the reason")]
+
+    @_handler
+    def do_action(self, context, action):
+        self.refresh()
+        invalid = {name: entry[1] for name, entry in self._catalog.items() if isinstance(entry[1], str)}
+        if action.type == "stats":
+            with self._lock:
+                body = {"files": len(self._catalog) - len(invalid), "invalid_files": len(invalid),
+                        "rows": sum(e[1].total_records for e in self._catalog.values()
+                                    if not isinstance(e[1], str)), **self._stats}
+        elif action.type == "invalid":
+            body = invalid
+        else:
+            raise flight.FlightServerError(f"unknown action {action.type!r}")
+        yield flight.Result(json.dumps(body).encode())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", required=True, help="folder whose Parquet files are served")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
+    parser.add_argument("--port", type=int, default=8815)
+    parser.add_argument("--batch-rows", type=int, default=256, help="rows per streamed record batch")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        server = SampleFlightServer(args.root, args.host, args.port, args.batch_rows)
+    except (FileNotFoundError, OSError, pa.ArrowException) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    served = sum(1 for _ in server.list_flights(None, None))
+    log.info("serving %d files from %s on grpc://%s:%d", served, server.root, args.host, server.port)
+
+    def stop(signum, frame):
+        log.info("signal %d: shutting down", signum)
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    server.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
