@@ -26,17 +26,17 @@ PROSODY_FEATURES = 3                         # normalised log-F0, voicing, norma
 
 @dataclass
 class ModelConfig:
-    d_model: int = 256
+    d_model: int = 192
     n_layers: int = 6
     n_heads: int = 4
     q_lora_rank: int = 0               # 0: full-rank query projection (as DeepSeek-V2-Lite)
-    kv_lora_rank: int = 128
+    kv_lora_rank: int = 96
     qk_nope_head_dim: int = 32
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
-    ffn_hidden: int = 704
+    ffn_hidden: int = 512
     layer_pattern: str = "LLG"         # L: sliding-window layer, G: global; repeated over n_layers
-    window: int = 128                  # sliding-window reach in positions
+    window: int = 64                   # sliding-window reach in positions
     causal: bool = False               # the autoencoder attends both ways
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5

@@ -49,6 +49,10 @@ SAMPLE_SCHEMA = pa.schema([
 PER_FRAME_COLUMNS = ("f0_hz", "voicing", "energy")
 
 
+class DataError(RuntimeError):
+    """Data that cannot be read or served; the message names the server or file."""
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing, with the statistics the model normalises by
 
@@ -449,7 +453,7 @@ def collate(sequences: list[list[Segment]], layout: SequenceLayout) -> Batch:
 @dataclass
 class DataConfig:
     batch_size: int = 4          # sequences per batch
-    max_seq_len: int = 1024      # positions per sequence
+    max_seq_len: int = 768       # positions per sequence
     shuffle: bool = True
     seed: int = 0
     num_workers: int = 0         # DataLoader workers, each with its own Flight client
@@ -552,7 +556,7 @@ class ArrowFlightDataset(_PackedStream):
                 try:
                     infos[name] = self.client.get_flight_info(flight.FlightDescriptor.for_path(name))
                 except flight.FlightError as err:
-                    raise RuntimeError(f"{self.location}: cannot get {name}: {err}") from err
+                    raise DataError(f"{self.location}: cannot get {name}: {err}") from err
             self._infos = infos
         return self._infos
 
@@ -567,7 +571,7 @@ class ArrowFlightDataset(_PackedStream):
             for chunk in self.client.do_get(flight.Ticket(ticket)):
                 yield chunk.data
         except flight.FlightError as err:
-            raise RuntimeError(f"{self.location}: reading {name} failed: {err}") from err
+            raise DataError(f"{self.location}: reading {name} failed: {err}") from err
 
     def metadata(self) -> dict[str, dict]:
         return {f"{self.location}/{name}": read_metadata(info.schema, name)

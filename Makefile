@@ -1,0 +1,27 @@
+# make run   - set up, build the demo corpus if missing, train the demo model with live metrics
+# make test  - set up, run the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+# The venv is rebuilt only when requirements.txt changes.
+READY := $(VENV)/.requirements-installed
+
+.PHONY: run test demo clean
+
+$(READY): requirements.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	@cp requirements.txt $(READY)
+
+demo: $(READY)
+	$(PY) demo_corpus.py --out data/demo
+
+run: demo
+	$(PY) model_trainer.py --out runs/demo-$$(date +%Y%m%d-%H%M%S)
+
+test: $(READY)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf data runs

@@ -1,0 +1,418 @@
+"""Train the CustomTransformer on samples streamed from an Arrow Flight server.
+
+    python model_trainer.py --flight-host H --port 8815 --files a.parquet b.parquet
+    python model_trainer.py                      # embedded default: demo corpus, in-process server
+
+Without --flight-host the trainer builds the demo corpus if it is missing, starts the Flight
+server in this process on 127.0.0.1 and reads through it: the same client/server path as two
+machines. Metrics stream live on ws://127.0.0.1:8765 (watch with `python live_metrics.py URL`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm import tqdm
+
+import datasets
+from custom_transformer import CustomTransformer, ModelConfig, sample_masks
+from live_metrics import MetricsServer
+
+DEMO_DIR = Path("data/demo")
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: declared once here, mirrored by config.yaml, overridable with --set key=value
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1        # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    precision: str = "auto"          # auto | fp32 | fp16 | bf16
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: datasets.DataConfig = field(default_factory=datasets.DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value, kind, key: str):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str) and type(value) is not kind:
+        raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def build_config(raw: dict) -> Config:
+    """Nested dict (config.yaml's shape) -> Config; unknown sections or keys are errors."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        values = dict(raw.get(section.name) or {})
+        cls = section.default_factory().__class__
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(f'{section.name}.{k}' for k in unknown)}")
+        sections[section.name] = cls(**{k: _coerce(v, hints[k], f"{section.name}.{k}") for k, v in values.items()})
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s): {', '.join(unknown)}")
+    return Config(**sections)
+
+
+def load_config(path: str | None, overrides: list[str]) -> Config:
+    raw = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {item!r}: use section.key=value, e.g. train.steps=100")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"--set {item!r}: {section} is not a config section")
+        raw[section][name] = yaml.safe_load(value)
+    return build_config(raw)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hardware
+
+def choose_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+    """bf16 autocast on sm_80+, fp16 (with a GradScaler) on older GPUs such as the P40, fp32 on CPU."""
+    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={cfg.device}: CUDA is not available here")
+    precision = cfg.precision
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else (
+            "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"train.precision={precision!r}: use auto, fp32, fp16 or bf16")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return device, dtypes[precision]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
+    """AdamW; matrices and embeddings decay, norms and biases do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                                  fused=device.type == "cuda")
+
+    def schedule(step: int) -> float:  # linear warmup, cosine decay to a floor
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
+    """Temporary file, fsync, rename: a crash mid-write leaves the previous checkpoint intact."""
+    path = out_dir / f"ckpt-{state['step']:08d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in sorted(out_dir.glob("ckpt-*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def find_checkpoint(out_dir: Path) -> Path | None:
+    """The newest checkpoint in out_dir that loads."""
+    for path in sorted(out_dir.glob("ckpt-*.pt"), reverse=True):
+        try:
+            load_checkpoint(path)
+            return path
+        except Exception as err:  # noqa: BLE001 - a damaged file is skipped, not fatal
+            print(f"skipping unreadable checkpoint {path}: {err}", file=sys.stderr)
+    return None
+
+
+def rng_state() -> dict:
+    """Every global generator, in types that torch.load(weights_only=True) accepts."""
+    kind, keys, *rest = np.random.get_state()
+    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data source
+
+def open_data(args, cfg: Config):
+    """-> (dataset, in-process server or None)."""
+    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    server = None
+    host, port, files = args.flight_host, args.port, args.files
+    if host is None:
+        from flight_server import SampleFlightServer
+        root = args.data_dir
+        if root is None:
+            import demo_corpus
+            demo_corpus.build(DEMO_DIR)
+            root = DEMO_DIR / "parquet"
+        server = SampleFlightServer(root, "127.0.0.1", 0)
+        host, port = "127.0.0.1", server.port
+    if not files:
+        import pyarrow.flight as flight
+        try:
+            with flight.connect(f"grpc://{host}:{port}") as client:
+                files = [info.descriptor.path[0].decode() for info in client.list_flights()]
+        except flight.FlightError as err:
+            raise datasets.DataError(f"grpc://{host}:{port}: cannot list files: {err}") from err
+        if not files:
+            raise datasets.DataError(f"grpc://{host}:{port} serves no valid Parquet files")
+    dataset = datasets.ArrowFlightDataset(host, port, files, layout, cfg.data.batch_size,
+                                          cfg.data.shuffle, cfg.data.seed)
+    return dataset, server
+
+
+def batches(dataset, num_workers: int, start_epoch: int, skip: int):
+    """Endless (epoch, index, batch) stream; `skip` batches of the first epoch were already seen."""
+    epoch = start_epoch
+    while True:
+        dataset.set_epoch(epoch)   # workers receive a fresh copy of the dataset every epoch
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        produced = 0
+        for index, batch in enumerate(loader):
+            produced += 1
+            if epoch == start_epoch and index < skip:
+                continue
+            yield epoch, index, batch
+        if produced == 0:
+            raise datasets.DataError("the dataset produced no batches")
+        epoch += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+
+
+
+def train(args, cfg: Config) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    random.seed(cfg.train.seed)
+    np.random.seed(cfg.train.seed)
+    device, amp_dtype = choose_device(cfg.train)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    dataset, server = open_data(args, cfg)
+    info = datasets.corpus_info(dataset.metadata())
+    model = CustomTransformer(cfg.model)
+    model.set_corpus_stats(info)
+    model.to(device)
+    optimizer, scheduler = make_optimizer(model, cfg.train, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_step, epoch, seen_in_epoch = 0, 0, 0
+    resume_path = (find_checkpoint(out_dir) if args.resume == "auto" else
+                   Path(args.resume) if args.resume else None)
+    if resume_path is None and any(out_dir.glob("ckpt-*.pt")):
+        raise ValueError(f"{out_dir} holds checkpoints of an earlier run: pass --resume auto to "
+                         "continue it, or choose another --out")
+    if resume_path:
+        state = load_checkpoint(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        start_step, epoch, seen_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+        print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    metrics_log = open(out_dir / "metrics.jsonl", "a")
+    live = None
+    if args.ws_port >= 0:
+        live = MetricsServer(args.ws_host, args.ws_port).start()
+        print(f"live metrics: ws://{args.ws_host}:{live.port}", file=sys.stderr)
+
+    def publish(message: dict):
+        metrics_log.write(json.dumps(message) + "\n")
+        metrics_log.flush()
+        if live:
+            live.publish(message)
+
+    publish({"type": "run", "parameters": n_params, "device": str(device), "precision": str(amp_dtype),
+             "files": len(dataset.files), "config": asdict(cfg), "start_step": start_step,
+             "steps": cfg.train.steps})
+
+    stop_requested = []
+    previous_handlers = {sig: signal.signal(sig, lambda s, f: stop_requested.append(s))
+                         for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def checkpoint(step, epoch, batches_in_epoch):
+        path = save_checkpoint(out_dir, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+            "rng": rng_state(), "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+            "config": asdict(cfg)}, cfg.train.keep_checkpoints)
+        publish({"type": "checkpoint", "step": step, "path": str(path)})
+        return path
+
+    losses = []
+    stream = batches(dataset, cfg.data.num_workers, epoch, seen_in_epoch)
+    mask_rng = torch.Generator()
+    progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
+                    desc="train", unit="step", dynamic_ncols=True)
+    last_path = None
+    step = start_step
+    try:
+        model.train()
+        for step in progress:
+            t0 = time.perf_counter()
+            epoch, index, batch = next(stream)
+            t_data = time.perf_counter() - t0
+            mask_rng.manual_seed(cfg.train.seed * 1_000_003 + step)   # masks depend on the step alone
+            masks = sample_masks(batch, cfg.model, mask_rng)
+            batch, masks = batch.to(device), dataclasses.replace(
+                masks, **{f.name: getattr(masks, f.name).to(device) for f in dataclasses.fields(masks)})
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                loss, metrics = model(batch, masks)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            step_time = time.perf_counter() - t0
+            positions = int(batch.n_tokens.sum() + batch.frame_valid.numel() // cfg.model.frames_per_position
+                            + 2 * len(batch.n_tokens))
+            record = {"type": "step", "step": step + 1, "epoch": epoch, "loss": loss.item(),
+                      **{k: v.item() for k, v in metrics.items()}, "lr": lr,
+                      "grad_norm": grad_norm.item(), "tokens_per_s": positions / step_time,
+                      "step_time_s": step_time, "data_wait_frac": t_data / step_time}
+            losses.append(record["loss"])
+            publish(record)
+            progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                                 tok_s=f"{record['tokens_per_s']:.0f}")
+            done = step + 1
+            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_requested:
+                last_path = checkpoint(done, epoch, index + 1)
+            if stop_requested:
+                progress.write(f"signal {stop_requested[0]}: stopped after step {done}, checkpoint {last_path}")
+                break
+        publish({"type": "finished", "step": step + 1 if losses else start_step,
+                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                 "checkpoint": str(last_path) if last_path else None})
+    except Exception as err:
+        publish({"type": "failed", "step": step, "error": f"{type(err).__name__}: {err}"})
+        raise
+    finally:
+        progress.close()
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
+        metrics_log.close()
+        if live:
+            live.close()
+        if server:
+            server.shutdown()
+    return {"losses": losses, "checkpoint": last_path, "model": model}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--flight-host", help="Flight server address; omit for the embedded in-process server")
+    parser.add_argument("--port", type=int, default=8815, help="Flight server port")
+    parser.add_argument("--files", nargs="+", help="files to train on, as the server names them (default: all)")
+    parser.add_argument("--data-dir", help="without --flight-host: folder of Parquet files to serve "
+                                           f"in-process (default: the demo corpus in {DEMO_DIR}, built if missing)")
+    parser.add_argument("--config", default="config.yaml" if Path("config.yaml").exists() else None,
+                        help="YAML config (default: config.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    parser.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
+    parser.add_argument("--out", default="runs/demo", help="run folder: checkpoints and metrics.jsonl")
+    parser.add_argument("--resume", help="'auto' (newest loadable checkpoint in --out) or a checkpoint path")
+    parser.add_argument("--ws-host", default="127.0.0.1", help="live metrics bind address")
+    parser.add_argument("--ws-port", type=int, default=8765, help="live metrics port (0: any free, -1: off)")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set + ([f"train.steps={args.steps}"] if args.steps else []))
+    except (ValueError, OSError, yaml.YAMLError) as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = train(args, cfg)
+    except (ValueError, OSError, datasets.DataError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    losses = result["losses"]
+    if losses:
+        print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; "
+              f"checkpoint {result['checkpoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

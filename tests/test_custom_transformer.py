@@ -1,0 +1,151 @@
+"""The model: layout of packed segments, document isolation, masking, and that it learns."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import datasets
+from attention import PAD_DOC
+from custom_transformer import CustomTransformer, Masks, ModelConfig, layout, sample_masks
+
+TINY = ModelConfig(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
+                   qk_rope_head_dim=4, v_head_dim=8, ffn_hidden=64, layer_pattern="LG", window=6,
+                   vocab_size=40, n_speakers=5)
+
+
+def make_segment(rng, doc, index, n_tokens, n_frames):
+    f0 = rng.uniform(80, 300, n_frames).astype(np.float32)
+    f0[rng.uniform(size=n_frames) < 0.3] = 0
+    return datasets.Segment(
+        sample_id=f"{doc}/{index}", doc_id=doc, token_ids=rng.integers(4, 40, n_tokens).astype(np.int32),
+        mel=rng.normal(size=(n_frames, datasets.N_MELS)).astype(np.float16), f0_hz=f0,
+        voicing=(f0 > 0).astype(np.float32), energy=rng.normal(size=n_frames).astype(np.float32),
+        speaker_id=int(rng.integers(5)), sentiment=int(rng.integers(3)))
+
+
+def make_batch(seed=0, k=4):
+    rng = np.random.default_rng(seed)
+    rows = [[make_segment(rng, "a", 0, 5, 9), make_segment(rng, "a", 1, 3, 8), make_segment(rng, "b", 0, 4, 5)],
+            [make_segment(rng, "c", 0, 6, 13)]]
+    return rows, datasets.collate(rows, datasets.SequenceLayout(10_000, k))
+
+
+def no_masks(batch, k=4):
+    return Masks(text=torch.zeros(len(batch.token_ids), dtype=torch.bool),
+                 audio=torch.zeros(len(batch.mel) // k, dtype=torch.bool),
+                 speaker=torch.zeros(len(batch.n_tokens), dtype=torch.bool),
+                 sentiment=torch.zeros(len(batch.n_tokens), dtype=torch.bool))
+
+
+def test_layout_matches_a_hand_built_grid():
+    rows, batch = make_batch()
+    grid = layout(batch, 4)
+    # Build the expected grid directly from the segments.
+    kinds, docs, positions = [], [], []
+    for row in rows:
+        row_kinds, row_docs, row_pos, doc_start, current, doc_number = [], [], [], 0, None, None
+        for seg in row:
+            if seg.doc_id != current:
+                current, doc_start = seg.doc_id, len(row_kinds)
+                doc_number = (docs[-1][-1] + 1 if docs else 0) if not row_docs else row_docs[-1] + 1
+            n = 2 + len(seg.token_ids) + -(-len(seg.mel) // 4)
+            row_kinds += ["spk", "sent"] + ["tok"] * len(seg.token_ids) + ["aud"] * (n - 2 - len(seg.token_ids))
+            row_docs += [doc_number] * n
+            row_pos += list(range(len(row_pos) - doc_start, len(row_pos) - doc_start + n))
+        kinds.append(row_kinds), docs.append(row_docs), positions.append(row_pos)
+    length = max(map(len, kinds))
+    assert grid.length == length
+    for r in range(2):
+        n = len(kinds[r])
+        assert grid.doc[r, :n].tolist() == docs[r]
+        assert (grid.doc[r, n:] == PAD_DOC).all()
+        assert grid.positions[r, :n].tolist() == positions[r]
+    flat_kinds = {i: kind for r in range(2) for i, kind in ((r * length + j, kinds[r][j]) for j in range(len(kinds[r])))}
+    for index, kind in [(grid.speaker_index, "spk"), (grid.sentiment_index, "sent"), (grid.text_index, "tok"),
+                        (grid.audio_index, "aud")]:
+        assert all(flat_kinds[i] == kind for i in index.tolist())
+    every = torch.cat([grid.speaker_index, grid.sentiment_index, grid.text_index, grid.audio_index])
+    assert len(set(every.tolist())) == len(every) == len(flat_kinds)
+
+
+def test_documents_do_not_see_each_other():
+    """Changing document b leaves document a's outputs unchanged, in local and global layers."""
+    torch.manual_seed(0)
+    model = CustomTransformer(TINY).eval()
+    rows, batch = make_batch()
+    grid = layout(batch, 4)
+    x = model.embed(batch, grid, no_masks(batch), *model.normalised_features(batch))
+    h1 = model.encode(x, grid).view(2, grid.length, -1)
+    x2 = x.clone()
+    doc_b = grid.doc[0] == grid.doc[0].max()
+    x2[0, doc_b] += torch.randn_like(x2[0, doc_b])
+    h2 = model.encode(x2, grid).view(2, grid.length, -1)
+    doc_a = grid.doc[0] == 0
+    torch.testing.assert_close(h1[0, doc_a], h2[0, doc_a])
+    assert not torch.allclose(h1[0, doc_b], h2[0, doc_b])
+    torch.testing.assert_close(h1[1], h2[1])
+
+
+def test_hidden_inputs_do_not_leak():
+    """What is masked cannot influence the output: swapping hidden tokens changes nothing."""
+    torch.manual_seed(0)
+    model = CustomTransformer(TINY).eval()
+    _, batch = make_batch()
+    masks = sample_masks(batch, dataclasses.replace(TINY, text_mask_ratio=0.5, audio_mask_ratio=0.5),
+                         torch.Generator().manual_seed(3))
+    loss1, _ = model(batch, masks)
+    altered = dataclasses.replace(batch, token_ids=torch.where(masks.text, 4 + (batch.token_ids + 7) % 30, batch.token_ids))
+    hidden_frames = masks.audio.repeat_interleave(4)
+    altered.mel = torch.where(hidden_frames[:, None], batch.mel + 1.0, batch.mel)
+    altered.speaker_id = torch.where(masks.speaker, batch.speaker_id, batch.speaker_id)
+    grid = layout(batch, 4)
+    h1 = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid)
+    h2 = model.encode(model.embed(altered, grid, masks, *model.normalised_features(altered)), grid)
+    torch.testing.assert_close(h1, h2)
+    # ...while an unmasked change does reach the output.
+    visible = dataclasses.replace(batch, token_ids=torch.where(~masks.text, 4 + (batch.token_ids + 7) % 30, batch.token_ids))
+    h3 = model.encode(model.embed(visible, grid, masks, *model.normalised_features(visible)), grid)
+    assert not torch.allclose(h1, h3)
+
+
+def test_span_masks_hit_their_ratio():
+    cfg = dataclasses.replace(TINY, text_mask_ratio=0.3, text_span=3)
+    rng = np.random.default_rng(0)
+    rows = [[make_segment(rng, str(i), 0, 400, 4) for i in range(20)]]
+    batch = datasets.collate(rows, datasets.SequenceLayout(100_000, 4))
+    masks = sample_masks(batch, cfg, torch.Generator().manual_seed(0))
+    assert 0.25 < masks.text.float().mean() < 0.32
+    runs = np.diff(np.flatnonzero(np.diff(np.r_[0, masks.text.numpy().astype(int), 0])))[::2]
+    assert (runs[:-1] >= 3).all()   # spans, not scattered tokens (the last may be cut by the end)
+
+
+def test_every_parameter_gets_a_gradient_and_the_model_overfits_a_batch():
+    torch.manual_seed(0)
+    model = CustomTransformer(TINY)
+    _, batch = make_batch()
+    cfg = dataclasses.replace(TINY, speaker_drop=0.5, sentiment_drop=0.5)
+    masks = sample_masks(batch, cfg, torch.Generator().manual_seed(4))
+    for hidden in (masks.speaker, masks.sentiment):   # some hidden (a loss), some shown (an input)
+        assert hidden.any() and not hidden.all()
+    loss, metrics = model(batch, masks)
+    loss.backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, missing
+    assert set(metrics) >= {"loss_text", "loss_mel", "loss_f0", "loss_voicing", "loss_energy",
+                            "loss_speaker", "loss_sentiment", "accuracy"}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = loss.item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        loss, _ = model(batch, masks)
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5 * first
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="layer_pattern"):
+        ModelConfig(layer_pattern="LXG")
+    with pytest.raises(ValueError, match="text_mask_ratio"):
+        ModelConfig(text_mask_ratio=1.5)
