@@ -101,7 +101,7 @@ def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
 
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
     """Mono float in [-1, 1] -> 16-bit PCM WAV."""
-    pcm = (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
+    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
     with wave.open(str(path), "wb") as wav:
         wav.setnchannels(1)
         wav.setsampwidth(2)
@@ -159,7 +159,8 @@ def yin_pitch(signal: torch.Tensor, cfg: FeatureConfig, chunk_frames: int = 4096
         curvature = left - 2.0 * mid + right
         offset = torch.where(curvature > 1e-9, 0.5 * (left - right) / curvature, torch.zeros_like(mid))
         refined = lag.double() + offset.clamp(-1.0, 1.0)
-        prob = (1.0 - mid).clamp(0.0, 1.0)
+        silent = energy[:, window] < 1e-10 * window       # below -100 dBFS: nothing to track
+        prob = torch.where(silent, 0.0, (1.0 - mid).clamp(0.0, 1.0))
         voiced = prob >= cfg.voicing_threshold
         f0_out.append(torch.where(voiced, sr / refined, torch.zeros_like(refined)))
         prob_out.append(prob)

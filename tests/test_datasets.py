@@ -1,0 +1,171 @@
+"""Sample schema, validator, Arrow -> segments, packing, collation, and the local dataset."""
+import collections
+import warnings
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import datasets
+from datasets import SequenceLayout
+
+
+def make_rows(n, rng, vocab=260):
+    rows = []
+    for i in range(n):
+        frames = int(rng.integers(3, 12))
+        f0 = rng.uniform(80, 300, frames).astype(np.float32)
+        rows.append({"sample_id": f"doc{i // 3}/{i % 3}", "doc_id": f"doc{i // 3}", "segment_index": i % 3,
+                     "text": "t", "token_ids": rng.integers(0, vocab, int(rng.integers(1, 8))).astype(np.int32),
+                     "mel": rng.normal(size=(frames, 80)).astype(np.float16), "f0_hz": f0,
+                     "voicing": np.ones(frames, np.float32), "energy": rng.normal(size=frames).astype(np.float32),
+                     "speaker_id": int(rng.integers(4)), "sentiment": int(rng.integers(3)),
+                     "valence": None, "arousal": 0.5})
+    return rows
+
+
+META = {"features": {"sample_rate": 16000}, "tokenizer": {"vocab_size": 260}, "speakers": {"a": 0, "b": 3}}
+
+
+def test_written_samples_read_back_exactly(tmp_path):
+    rows = make_rows(7, np.random.default_rng(0))
+    datasets.write_samples(tmp_path / "s.parquet", rows, META, rows_per_group=3)
+    parquet = pq.ParquetFile(tmp_path / "s.parquet")
+    assert parquet.num_row_groups == 3
+    assert parquet.schema_arrow.field("mel").type == pa.list_(pa.list_(pa.float16(), 80))
+    table = parquet.read()
+    assert table.schema.remove_metadata().equals(datasets.SAMPLE_SCHEMA)
+    for row, back in zip(rows, table.to_pylist()):
+        np.testing.assert_array_equal(np.array(back["mel"], np.float16), row["mel"])
+        assert back["token_ids"] == row["token_ids"].tolist()
+        assert back["valence"] is None and back["arousal"] == 0.5
+    meta = datasets.read_metadata(parquet.schema_arrow, "s.parquet")
+    assert meta["schema_version"] == datasets.SCHEMA_VERSION and meta["stats"]["frames"] == sum(len(r["mel"]) for r in rows)
+
+
+def test_validator_names_file_row_and_column_of_every_violation():
+    rows = make_rows(6, np.random.default_rng(1))
+    rows[1]["mel"][2, 5] = np.nan
+    rows[2]["f0_hz"] = rows[2]["f0_hz"][:-1]
+    rows[3]["token_ids"][0] = 999
+    rows[4]["sentiment"] = 7
+    rows[5]["sample_id"] = rows[0]["sample_id"]
+    rows[0]["voicing"][0] = 1.5
+    table = datasets.samples_table(rows, META)
+    problems = datasets.validate_table(table, "bad.parquet", vocab_size=260)
+    expected = [("row 1 ", "column mel: NaN or inf"), ("row 2 ", "column f0_hz: "),
+                ("row 3 ", "column token_ids: token id outside [0, 260)"), ("row 4 ", "column sentiment"),
+                ("row 5 ", "column sample_id: duplicate"), ("row 0 ", "column sample_id: duplicate"),
+                ("row 0 ", "column voicing: voicing probability outside [0, 1]")]
+    for row, column in expected:
+        assert any(p.startswith("bad.parquet: " + row) and column in p for p in problems), (row, column, problems)
+    assert len(problems) == len(expected)
+
+
+def test_validator_reports_wrong_types_and_missing_columns():
+    table = datasets.samples_table(make_rows(2, np.random.default_rng(2)), META)
+    table = table.set_column(table.schema.get_field_index("token_ids"), "token_ids",
+                             pc.cast(table.column("token_ids"), pa.list_(pa.int64())))
+    table = table.drop_columns(["energy"])
+    problems = datasets.validate_table(table, "f.parquet")
+    assert "f.parquet: column token_ids: type list<item: int64>, expected list<item: int32>" in problems
+    assert "f.parquet: column energy: missing" in problems
+
+
+def test_validate_file_offsets_rows_by_row_group(tmp_path):
+    rows = make_rows(6, np.random.default_rng(3))
+    table = datasets.samples_table(rows, META)
+    energy = table.column("energy").to_pylist()
+    energy[4][0] = float("inf")
+    table = table.set_column(table.schema.get_field_index("energy"), "energy", pa.array(energy, pa.list_(pa.float32())))
+    pq.write_table(table, tmp_path / "x.parquet", row_group_size=2)
+    problems = datasets.validate_file(tmp_path / "x.parquet")
+    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'x.parquet'}: row 4 (sample_id doc1/1), column energy")
+
+
+def test_segments_are_zero_copy_views_equal_to_a_direct_read(tmp_path):
+    rows = make_rows(5, np.random.default_rng(4))
+    datasets.write_samples(tmp_path / "s.parquet", rows, META, rows_per_group=5)
+    table = pq.read_table(tmp_path / "s.parquet")
+    batch = table.slice(1, 3).to_batches()[0]     # a sliced batch: offsets do not start at 0
+    segments = datasets.segments_from_batch(batch)
+    direct = table.slice(1, 3).to_pylist()
+    for segment, row in zip(segments, direct):
+        assert segment.sample_id == row["sample_id"]
+        np.testing.assert_array_equal(segment.mel, np.array(row["mel"], np.float16))
+        np.testing.assert_array_equal(segment.f0_hz, np.array(row["f0_hz"], np.float32))
+        assert segment.token_ids.tolist() == row["token_ids"]
+
+
+def test_packing_fills_sequences_in_order_and_skips_oversized_segments():
+    rng = np.random.default_rng(5)
+    rows = make_rows(20, rng)
+    rows[7]["mel"] = np.zeros((400, 80), np.float16)     # 100 positions: more than fits
+    table = datasets.samples_table([{**r, "f0_hz": np.zeros(len(r["mel"]), np.float32),
+                                     "voicing": np.zeros(len(r["mel"]), np.float32),
+                                     "energy": np.zeros(len(r["mel"]), np.float32)} for r in rows], META)
+    segments = datasets.segments_from_batch(table.to_batches()[0])
+    layout = SequenceLayout(max_seq_len=24, frames_per_position=4)
+    need = 2 + len(rows[7]["token_ids"]) + 400 // 4
+    with pytest.warns(UserWarning, match=f"doc2/1: {need} positions exceed max_seq_len 24"):
+        sequences = list(datasets.pack_sequences(segments, layout))
+    flat = [s.sample_id for seq in sequences for s in seq]
+    assert flat == [r["sample_id"] for i, r in enumerate(rows) if i != 7]
+    for seq, following in zip(sequences, sequences[1:] + [None]):
+        used = sum(layout.positions(s) for s in seq)
+        assert used <= 24
+        if following:   # greedy: the next segment would not have fitted
+            assert used + layout.positions(following[0]) > 24
+
+
+def test_collate_pads_frames_per_segment_and_numbers_documents():
+    rng = np.random.default_rng(6)
+    table = datasets.samples_table(make_rows(6, rng), META)
+    segs = datasets.segments_from_batch(table.to_batches()[0])
+    batch = datasets.collate([segs[:4], segs[4:]], SequenceLayout(1000, 4))
+    frames = [len(s.mel) for s in segs]
+    assert batch.n_frames.tolist() == [-(-f // 4) * 4 for f in frames]
+    assert int(batch.frame_valid.sum()) == sum(frames)
+    assert batch.segment_row.tolist() == [0, 0, 0, 0, 1, 1]
+    # docs: doc0 x3, doc1 (row 0) | doc1 again in row 1 is a new run, then doc1
+    assert batch.segment_doc.tolist() == [0, 0, 0, 1, 2, 2]
+    start = sum(batch.n_frames[:2].tolist())
+    np.testing.assert_array_equal(batch.mel[start:start + frames[2]].numpy(), segs[2].mel.astype(np.float32))
+
+
+def test_local_dataset_delivers_every_sample_once(corpus):
+    root, shards = corpus
+    layout = SequenceLayout(max_seq_len=400, frames_per_position=4)
+    dataset = datasets.LocalParquetDataset(shards, layout, batch_size=3, seed=5)
+    expected = [sid for s in shards for sid in pq.read_table(s, columns=["sample_id"]).column(0).to_pylist()]
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        seen = [sid for batch in dataset for sid in batch.sample_ids]
+        assert collections.Counter(seen) == collections.Counter(expected)
+    dataset.set_epoch(0)
+    first = [sid for batch in dataset for sid in batch.sample_ids]
+    dataset.set_epoch(1)
+    assert first != [sid for batch in dataset for sid in batch.sample_ids]   # reshuffled per epoch
+
+
+def test_corpus_info_equals_statistics_computed_directly(corpus):
+    root, shards = corpus
+    dataset = datasets.LocalParquetDataset(shards, SequenceLayout(400), batch_size=2)
+    info = datasets.corpus_info(dataset.metadata())
+    tables = [pq.read_table(s) for s in shards]
+    mel = np.concatenate([t.column("mel").combine_chunks().flatten().flatten().to_numpy().reshape(-1, 80)
+                          for t in tables]).astype(np.float64)
+    f0 = np.concatenate([t.column("f0_hz").combine_chunks().flatten().to_numpy() for t in tables]).astype(np.float64)
+    np.testing.assert_allclose(info.mel_mean, mel.mean(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(info.mel_std, mel.std(0), rtol=1e-4)
+    np.testing.assert_allclose(info.log_f0_mean, np.log(f0[f0 > 0]).mean(), rtol=1e-9)
+    assert info.vocab_size == 260 and info.n_speakers == 6
+
+
+def test_corpus_info_refuses_files_with_different_features():
+    meta = {"features": {"sample_rate": 16000}, "tokenizer": {"vocab_size": 260}, "stats": {}}
+    with pytest.raises(ValueError, match="b.parquet: features"):
+        datasets.corpus_info({"a.parquet": meta, "b.parquet": {**meta, "features": {"sample_rate": 8000}}})

@@ -1,0 +1,117 @@
+"""The Flight server on 127.0.0.1 against direct pyarrow reads, and the dataset that reads it."""
+import collections
+import json
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+import pytest
+
+import datasets
+from flight_server import SampleFlightServer, Ticket
+
+
+@pytest.fixture
+def served(corpus, tmp_path):
+    """The corpus plus one file of the wrong schema and one that is not Parquet at all."""
+    root, shards = corpus
+    served_root = tmp_path / "root"
+    shutil.copytree(root, served_root / "good")
+    pq.write_table(pa.table({"sample_id": ["x"], "mel": [[1.0]]}), served_root / "wrong_schema.parquet")
+    (served_root / "broken.parquet").write_bytes(b"PAR1 not really")
+    server = SampleFlightServer(served_root, "127.0.0.1", 0)
+    client = flight.connect(f"grpc://127.0.0.1:{server.port}")
+    yield served_root, server, client
+    client.close()
+    server.shutdown()
+
+
+def test_lists_every_valid_file_with_rows_and_schema(served):
+    root, server, client = served
+    infos = {i.descriptor.path[0].decode(): i for i in client.list_flights()}
+    expected = sorted(p.relative_to(root).as_posix() for p in (root / "good").glob("*.parquet"))
+    assert sorted(infos) == expected
+    for name, info in infos.items():
+        meta = pq.ParquetFile(root / name).metadata
+        assert info.total_records == meta.num_rows
+        assert len(info.endpoints) == meta.num_row_groups
+        assert info.schema.remove_metadata().equals(datasets.SAMPLE_SCHEMA)
+
+
+def test_streamed_rows_equal_a_direct_read(served):
+    root, server, client = served
+    for info in client.list_flights():
+        name = info.descriptor.path[0].decode()
+        streamed = pa.Table.from_batches([chunk.data for endpoint in info.endpoints
+                                          for chunk in client.do_get(endpoint.ticket)])
+        assert streamed.equals(pq.read_table(root / name))
+
+
+def test_a_ticket_can_select_row_groups_and_columns(served):
+    root, server, client = served
+    name = next(iter(client.list_flights())).descriptor.path[0].decode()
+    ticket = Ticket(name, 1, 3, ("sample_id", "f0_hz")).encode()
+    got = client.do_get(flight.Ticket(ticket)).read_all()
+    parquet = pq.ParquetFile(root / name)
+    assert got.equals(parquet.read_row_groups([1, 2], columns=["sample_id", "f0_hz"]).replace_schema_metadata(got.schema.metadata))
+
+
+def test_invalid_files_are_not_served_and_say_why(served):
+    root, server, client = served
+    invalid = json.loads(next(iter(client.do_action(flight.Action("invalid", b"")))).body.to_pybytes())
+    assert set(invalid) == {"wrong_schema.parquet", "broken.parquet"}
+    assert "column token_ids: missing" in invalid["wrong_schema.parquet"]
+    with pytest.raises(flight.FlightServerError, match="wrong_schema.parquet: not served: .*token_ids"):
+        client.get_flight_info(flight.FlightDescriptor.for_path("wrong_schema.parquet"))
+    stats = json.loads(next(iter(client.do_action(flight.Action("stats", b"")))).body.to_pybytes())
+    assert stats["files"] == 3 and stats["invalid_files"] == 2
+
+
+@pytest.mark.parametrize("ticket, message", [
+    (b'{"v":1,"file":"../outside.parquet","row_groups":[0,1]}', "relative to the server root"),
+    (b'{"v":1,"file":"/etc/passwd","row_groups":[0,1]}', "relative to the server root"),
+    (b'{"v":1,"file":"good/nope.parquet","row_groups":[0,1]}', "no such file"),
+    (b'{"v":9,"file":"x","row_groups":[0,1]}', "malformed ticket: version 9"),
+    (b"garbage", "malformed ticket"),
+])
+def test_bad_tickets_get_a_short_typed_error(served, ticket, message):
+    root, server, client = served
+    with pytest.raises(flight.FlightServerError, match=message) as caught:
+        client.do_get(flight.Ticket(ticket)).read_all()
+    assert "Traceback" not in str(caught.value)
+
+
+def test_out_of_range_row_groups_and_symlinks_out_of_root_are_refused(served, tmp_path):
+    root, server, client = served
+    name = next(iter(client.list_flights())).descriptor.path[0].decode()
+    with pytest.raises(flight.FlightServerError, match="outside"):
+        client.do_get(flight.Ticket(Ticket(name, 0, 99).encode())).read_all()
+    outside = tmp_path / "secret.parquet"
+    shutil.copy(root / name, outside)
+    (root / "link.parquet").symlink_to(outside)
+    with pytest.raises(flight.FlightServerError, match="resolves outside the server root"):
+        client.do_get(flight.Ticket(Ticket("link.parquet", 0, 1).encode())).read_all()
+    assert "link.parquet" not in [i.descriptor.path[0].decode() for i in client.list_flights()]
+
+
+def test_flight_dataset_delivers_every_sample_exactly_once(served):
+    root, server, client = served
+    names = [i.descriptor.path[0].decode() for i in client.list_flights()]
+    dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, names,
+                                          datasets.SequenceLayout(400, 4), batch_size=2, seed=3)
+    seen = [sid for batch in dataset for sid in batch.sample_ids]
+    expected = [sid for n in names for sid in pq.read_table(root / n, columns=["sample_id"]).column(0).to_pylist()]
+    assert collections.Counter(seen) == collections.Counter(expected)
+    # The same order as reading the files locally: one code path after the transport.
+    local = datasets.LocalParquetDataset([root / n for n in names], datasets.SequenceLayout(400, 4), batch_size=2, seed=3)
+    assert seen == [sid for batch in local for sid in batch.sample_ids]
+
+
+def test_unknown_server_or_file_is_a_clear_data_error(served):
+    root, server, client = served
+    dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, ["good/missing.parquet"],
+                                          datasets.SequenceLayout(400, 4), batch_size=2)
+    with pytest.raises(datasets.DataError, match="cannot get good/missing.parquet: .*no such file"):
+        list(dataset)

@@ -1,0 +1,157 @@
+"""The trainer: configuration, and the whole pipeline end to end (synthesizer -> features ->
+Parquet -> Flight server on 127.0.0.1 -> trainer -> WebSocket client, checkpoint, resume)."""
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.flight as flight
+import pytest
+import torch
+import yaml
+from websockets.sync.client import connect
+
+import datasets
+import model_trainer
+from custom_transformer import CustomTransformer, ModelConfig, sample_masks
+from flight_server import SampleFlightServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=32",
+        "model.ffn_hidden=128", "model.layer_pattern=LG", "model.window=32",
+        "data.max_seq_len=256", "data.batch_size=2", "train.warmup_steps=5", "train.lr=0.003"]
+
+
+def set_flags(items):
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_config_yaml_mirrors_the_dataclasses_exactly():
+    raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    defaults = model_trainer.Config()
+    assert set(raw) == {f.name for f in dataclasses.fields(defaults)}
+    for section, values in raw.items():
+        assert values == dataclasses.asdict(getattr(defaults, section)), section
+
+
+def test_overrides_are_typed_and_unknown_keys_are_named():
+    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), ["train.steps=7", "model.causal=true", "train.lr=1"])
+    assert cfg.train.steps == 7 and cfg.model.causal is True and cfg.train.lr == 1.0
+    with pytest.raises(ValueError, match="model.d_modle"):
+        model_trainer.load_config(None, ["model.d_modle=3"])
+    with pytest.raises(ValueError, match="train.steps: expected int, got 'many'"):
+        model_trainer.load_config(None, ["train.steps=many"])
+    with pytest.raises(ValueError, match="unknown config section"):
+        model_trainer.build_config({"optimiser": {}})
+    with pytest.raises(ValueError, match="section.key=value"):
+        model_trainer.load_config(None, ["steps=3"])
+
+
+def test_cli_reports_config_errors_without_a_traceback():
+    proc = subprocess.run([sys.executable, "model_trainer.py", "--set", "model.nope=1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "config error: unknown config key(s): model.nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_end_to_end_over_flight_with_live_metrics_and_a_checkpoint_that_reloads(corpus, tmp_path):
+    root, shards = corpus
+    server = SampleFlightServer(root, "127.0.0.1", 0)
+    ws_port = free_port()
+    run_dir = tmp_path / "run"
+    files = [p.name for p in shards]
+    cmd = [sys.executable, "model_trainer.py", "--flight-host", "127.0.0.1", "--port", str(server.port),
+           "--files", *files, "--out", str(run_dir), "--ws-port", str(ws_port), "--steps", "40",
+           *set_flags(TINY + ["train.checkpoint_every=20"])]
+    received = []
+
+    def listen():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                with connect(f"ws://127.0.0.1:{ws_port}", open_timeout=2) as ws:
+                    for raw in ws:
+                        received.append(json.loads(raw))
+                        if received[-1]["type"] in ("finished", "failed"):
+                            return
+            except OSError:
+                time.sleep(0.2)
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+    listener.join(timeout=10)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    steps = [m for m in read_metrics(run_dir) if m["type"] == "step"]
+    assert [m["step"] for m in steps] == list(range(1, 41))
+    first, last = [sum(m["loss"] for m in part) / 5 for part in (steps[:5], steps[-5:])]
+    assert last < 0.8 * first, (first, last)
+
+    kinds = [m["type"] for m in received]
+    assert kinds[0] == "run" and kinds[-1] == "finished" and "checkpoint" in kinds
+    live_steps = [m for m in received if m["type"] == "step"]
+    assert live_steps and all({"loss", "accuracy", "lr", "tokens_per_s"} <= set(m) for m in live_steps)
+
+    checkpoints = sorted(run_dir.glob("ckpt-*.pt"))
+    assert [p.name for p in checkpoints] == ["ckpt-00000020.pt", "ckpt-00000040.pt"]
+    state = model_trainer.load_checkpoint(checkpoints[-1])
+    model = CustomTransformer(ModelConfig(**state["config"]["model"]))
+    model.load_state_dict(state["model"])
+    dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(256, 4), batch_size=2)
+    batch = next(iter(dataset))
+    loss, _ = model(batch, sample_masks(batch, model.cfg, torch.Generator().manual_seed(0)))
+    assert torch.isfinite(loss) and loss.item() < first
+
+
+def run_trainer(corpus_root, out, steps, *extra):
+    return subprocess.Popen(
+        [sys.executable, "model_trainer.py", "--data-dir", str(corpus_root), "--out", str(out), "--ws-port", "-1",
+         "--steps", str(steps), *set_flags(TINY + ["train.checkpoint_every=100"]), *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path):
+    root, _ = corpus
+    steps = 14
+    straight = run_trainer(root, tmp_path / "straight", steps)
+    assert straight.wait(timeout=300) == 0, straight.stderr.read()[-3000:]
+    expected = [m["loss"] for m in read_metrics(tmp_path / "straight") if m["type"] == "step"]
+
+    interrupted = run_trainer(root, tmp_path / "resumed", steps)
+    metrics_file = tmp_path / "resumed" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics_file.exists() and metrics_file.read_text().count('"type": "step"') >= 4):
+        time.sleep(0.05)
+    interrupted.send_signal(signal.SIGTERM)
+    assert interrupted.wait(timeout=120) == 0, interrupted.stderr.read()[-3000:]
+    stopped_at = max(m["step"] for m in read_metrics(tmp_path / "resumed") if m["type"] == "step")
+    assert stopped_at < steps, "the run finished before the signal arrived"
+    assert (tmp_path / "resumed" / f"ckpt-{stopped_at:08d}.pt").exists()
+
+    fresh = run_trainer(root, tmp_path / "resumed", steps)   # no --resume: refuses to overwrite
+    assert fresh.wait(timeout=120) == 1 and "--resume auto" in fresh.stderr.read()
+
+    resumed = run_trainer(root, tmp_path / "resumed", steps, "--resume", "auto")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    losses = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "resumed") if m["type"] == "step"}
+    assert [losses[s] for s in range(1, steps + 1)] == expected   # bitwise on CPU
