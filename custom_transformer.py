@@ -10,7 +10,7 @@ learned mask embeddings, and per-modality heads reconstruct them.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,9 @@ class Masks:
     audio: torch.Tensor     # (frames / k,)
     speaker: torch.Tensor   # (segments,)
     sentiment: torch.Tensor
+
+    def to(self, device) -> "Masks":
+        return Masks(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def _span_mask(n: int, ratio: float, span: int, generator: torch.Generator) -> torch.Tensor:

@@ -100,12 +100,18 @@ def samples_table(rows: list[dict], metadata: dict) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def write_samples(path: str | Path, rows: list[dict], metadata: dict, rows_per_group: int) -> None:
-    """Write one shard atomically: a reader never sees a half-written file."""
+ROW_GROUP_BYTES = 32 << 20   # tens of MB: large sequential reads, bounded memory per endpoint
+
+
+def write_samples(path: str | Path, rows: list[dict], metadata: dict, rows_per_group: int | None = None) -> None:
+    """Write one shard atomically: a reader never sees a half-written file. Row groups hold
+    `rows_per_group` rows, or by default about ROW_GROUP_BYTES of data."""
     table = samples_table(rows, metadata)
     problems = validate_table(table, str(path))
     if problems:
         raise ValueError("refusing to write invalid samples:\n" + "\n".join(problems))
+    if rows_per_group is None:
+        rows_per_group = max(1, int(ROW_GROUP_BYTES * table.num_rows / max(table.nbytes, 1)))
     tmp = Path(f"{path}.tmp")
     pq.write_table(table, tmp, row_group_size=rows_per_group)
     os.replace(tmp, path)
@@ -406,6 +412,10 @@ class Batch:
     sentiment: torch.Tensor      # (n_segments,) long
     n_rows: int
     sample_ids: list[str]
+
+    def n_positions(self, frames_per_position: int) -> int:
+        """Sequence positions the batch fills (speaker, sentiment, tokens, stacked frames)."""
+        return int(2 * len(self.n_tokens) + self.n_tokens.sum() + self.n_frames.sum() // frames_per_position)
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: (getattr(self, f.name).to(device, non_blocking=True)

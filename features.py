@@ -226,8 +226,8 @@ def _sentiment_id(value) -> int:
     return SENTIMENT_NAMES[str(value)] if str(value) in SENTIMENT_NAMES else int(value)
 
 
-def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 100,
-            rows_per_group: int = 64, cfg: FeatureConfig = FeatureConfig(),
+def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 4096,
+            rows_per_group: int | None = None, cfg: FeatureConfig = FeatureConfig(),
             speaker_ids: dict[str, int] | None = None, log=print) -> list[Path]:
     """Extract features for every manifest entry and write Parquet shards.
 
@@ -290,8 +290,9 @@ def main(argv=None) -> int:
     prep = sub.add_parser("prepare", help="manifest (CSV/JSONL) of recordings -> Parquet shards")
     prep.add_argument("--manifest", required=True)
     prep.add_argument("--out", required=True)
-    prep.add_argument("--rows-per-shard", type=int, default=1000)
-    prep.add_argument("--rows-per-group", type=int, default=256)
+    prep.add_argument("--rows-per-shard", type=int, default=4096, help="segments per Parquet file")
+    prep.add_argument("--rows-per-group", type=int,
+                      help=f"segments per row group (default: about {datasets.ROW_GROUP_BYTES >> 20} MB each)")
     args = parser.parse_args(argv)
     try:
         shards = prepare(args.manifest, args.out, args.rows_per_shard, args.rows_per_group,

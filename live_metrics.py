@@ -92,6 +92,12 @@ class MetricsServer:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._fan_out, dict(message))
 
+    def __enter__(self) -> "MetricsServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
@@ -100,6 +106,10 @@ class MetricsServer:
 
 def format_message(message: dict) -> str:
     kind = message.get("type", "?")
+    if kind == "run":
+        return (f"run: {message.get('parameters', 0):,} parameters on {message.get('device')} "
+                f"({message.get('precision')}), {message.get('files')} files, "
+                f"steps {message.get('start_step')}..{message.get('steps')}")
     if kind == "step":
         return (f"step {message['step']:>6}  loss {message['loss']:.4f}  acc {message['accuracy']:.3f}  "
                 f"lr {message['lr']:.2e}  {message['tokens_per_s']:.0f} tok/s")

@@ -10,6 +10,7 @@ machines. Metrics stream live on ws://127.0.0.1:8765 (watch with `python live_me
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -32,6 +33,7 @@ from custom_transformer import CustomTransformer, ModelConfig, sample_masks
 from live_metrics import MetricsServer
 
 DEMO_DIR = Path("data/demo")
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,10 +202,9 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Data source
 
-def open_data(args, cfg: Config):
-    """-> (dataset, in-process server or None)."""
+def open_data(args, cfg: Config, cleanup: contextlib.ExitStack) -> datasets.ArrowFlightDataset:
+    """The remote Flight server, or one started in this process (shut down by `cleanup`)."""
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
-    server = None
     host, port, files = args.flight_host, args.port, args.files
     if host is None:
         from flight_server import SampleFlightServer
@@ -212,7 +213,7 @@ def open_data(args, cfg: Config):
             import demo_corpus
             demo_corpus.build(DEMO_DIR)
             root = DEMO_DIR / "parquet"
-        server = SampleFlightServer(root, "127.0.0.1", 0)
+        server = cleanup.enter_context(SampleFlightServer(root, "127.0.0.1", 0))
         host, port = "127.0.0.1", server.port
     if not files:
         import pyarrow.flight as flight
@@ -223,9 +224,8 @@ def open_data(args, cfg: Config):
             raise datasets.DataError(f"grpc://{host}:{port}: cannot list files: {err}") from err
         if not files:
             raise datasets.DataError(f"grpc://{host}:{port} serves no valid Parquet files")
-    dataset = datasets.ArrowFlightDataset(host, port, files, layout, cfg.data.batch_size,
-                                          cfg.data.shuffle, cfg.data.seed)
-    return dataset, server
+    return datasets.ArrowFlightDataset(host, port, files, layout, cfg.data.batch_size,
+                                       cfg.data.shuffle, cfg.data.seed)
 
 
 def batches(dataset, num_workers: int, start_epoch: int, skip: int):
@@ -250,6 +250,21 @@ def batches(dataset, num_workers: int, start_epoch: int, skip: int):
 
 
 
+def train_step(model, batch, masks, optimizer, scheduler, scaler, device, amp_dtype, grad_clip):
+    """Forward, backward, clip, optimizer step -> (loss, metrics, grad norm, lr used)."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        loss, metrics = model(batch, masks)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return loss, metrics, grad_norm, lr
+
+
 def train(args, cfg: Config) -> dict:
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
@@ -257,122 +272,101 @@ def train(args, cfg: Config) -> dict:
     device, amp_dtype = choose_device(cfg.train)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    dataset, server = open_data(args, cfg)
-    info = datasets.corpus_info(dataset.metadata())
-    model = CustomTransformer(cfg.model)
-    model.set_corpus_stats(info)
-    model.to(device)
-    optimizer, scheduler = make_optimizer(model, cfg.train, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    start_step, epoch, seen_in_epoch = 0, 0, 0
     resume_path = (find_checkpoint(out_dir) if args.resume == "auto" else
                    Path(args.resume) if args.resume else None)
     if resume_path is None and any(out_dir.glob("ckpt-*.pt")):
         raise ValueError(f"{out_dir} holds checkpoints of an earlier run: pass --resume auto to "
                          "continue it, or choose another --out")
-    if resume_path:
-        state = load_checkpoint(resume_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_step, epoch, seen_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
-        print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    metrics_log = open(out_dir / "metrics.jsonl", "a")
-    live = None
-    if args.ws_port >= 0:
-        live = MetricsServer(args.ws_host, args.ws_port).start()
-        print(f"live metrics: ws://{args.ws_host}:{live.port}", file=sys.stderr)
+    with contextlib.ExitStack() as cleanup:
+        live = None
+        if args.ws_port >= 0:   # first, so that a busy port fails before any slow work
+            live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port))
+            print(f"live metrics: ws://{args.ws_host}:{live.port}", file=sys.stderr)
+        dataset = open_data(args, cfg, cleanup)
+        info = datasets.corpus_info(dataset.metadata())
 
-    def publish(message: dict):
-        metrics_log.write(json.dumps(message) + "\n")
-        metrics_log.flush()
-        if live:
-            live.publish(message)
+        model = CustomTransformer(cfg.model)
+        model.set_corpus_stats(info)
+        model.to(device)
+        optimizer, scheduler = make_optimizer(model, cfg.train, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        start_step, epoch, seen_in_epoch = 0, 0, 0
+        if resume_path:
+            state = load_checkpoint(resume_path)
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            set_rng_state(state["rng"])
+            start_step, epoch, seen_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+            print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
 
-    publish({"type": "run", "parameters": n_params, "device": str(device), "precision": str(amp_dtype),
-             "files": len(dataset.files), "config": asdict(cfg), "start_step": start_step,
-             "steps": cfg.train.steps})
+        metrics_log = cleanup.enter_context(open(out_dir / "metrics.jsonl", "a"))
 
-    stop_requested = []
-    previous_handlers = {sig: signal.signal(sig, lambda s, f: stop_requested.append(s))
-                         for sig in (signal.SIGINT, signal.SIGTERM)}
+        def publish(message: dict):
+            metrics_log.write(json.dumps(message) + "\n")
+            metrics_log.flush()
+            if live:
+                live.publish(message)
 
-    def checkpoint(step, epoch, batches_in_epoch):
-        path = save_checkpoint(out_dir, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-            "rng": rng_state(), "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
-            "config": asdict(cfg)}, cfg.train.keep_checkpoints)
-        publish({"type": "checkpoint", "step": step, "path": str(path)})
-        return path
+        def checkpoint(step, epoch, batches_in_epoch):
+            path = save_checkpoint(out_dir, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                "rng": rng_state(), "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                "config": asdict(cfg)}, cfg.train.keep_checkpoints)
+            publish({"type": "checkpoint", "step": step, "path": str(path)})
+            return path
 
-    losses = []
-    stream = batches(dataset, cfg.data.num_workers, epoch, seen_in_epoch)
-    mask_rng = torch.Generator()
-    progress = tqdm(range(start_step, cfg.train.steps), initial=start_step, total=cfg.train.steps,
-                    desc="train", unit="step", dynamic_ncols=True)
-    last_path = None
-    step = start_step
-    try:
+        publish({"type": "run", "parameters": sum(p.numel() for p in model.parameters()),
+                 "device": str(device), "precision": str(amp_dtype).removeprefix("torch."),
+                 "files": len(dataset.files), "config": asdict(cfg), "start_step": start_step,
+                 "steps": cfg.train.steps})
+        # SIGINT/SIGTERM: finish the step in flight, checkpoint, exit cleanly.
+        stop_requested = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            cleanup.callback(signal.signal, sig, signal.signal(sig, lambda s, f: stop_requested.append(s)))
+
+        stream = batches(dataset, cfg.data.num_workers, epoch, seen_in_epoch)
+        mask_rng = torch.Generator()
+        progress = cleanup.enter_context(tqdm(range(start_step, cfg.train.steps), initial=start_step,
+                                              total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True))
+        losses, last_path, step = [], None, start_step
         model.train()
-        for step in progress:
-            t0 = time.perf_counter()
-            epoch, index, batch = next(stream)
-            t_data = time.perf_counter() - t0
-            mask_rng.manual_seed(cfg.train.seed * 1_000_003 + step)   # masks depend on the step alone
-            masks = sample_masks(batch, cfg.model, mask_rng)
-            batch, masks = batch.to(device), dataclasses.replace(
-                masks, **{f.name: getattr(masks, f.name).to(device) for f in dataclasses.fields(masks)})
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                loss, metrics = model(batch, masks)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            step_time = time.perf_counter() - t0
-            positions = int(batch.n_tokens.sum() + batch.frame_valid.numel() // cfg.model.frames_per_position
-                            + 2 * len(batch.n_tokens))
-            record = {"type": "step", "step": step + 1, "epoch": epoch, "loss": loss.item(),
-                      **{k: v.item() for k, v in metrics.items()}, "lr": lr,
-                      "grad_norm": grad_norm.item(), "tokens_per_s": positions / step_time,
-                      "step_time_s": step_time, "data_wait_frac": t_data / step_time}
-            losses.append(record["loss"])
-            publish(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
-                                 tok_s=f"{record['tokens_per_s']:.0f}")
-            done = step + 1
-            if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_requested:
-                last_path = checkpoint(done, epoch, index + 1)
-            if stop_requested:
-                progress.write(f"signal {stop_requested[0]}: stopped after step {done}, checkpoint {last_path}")
-                break
-        publish({"type": "finished", "step": step + 1 if losses else start_step,
+        try:
+            for step in progress:
+                t0 = time.perf_counter()
+                epoch, index, batch = next(stream)
+                data_wait = time.perf_counter() - t0
+                mask_rng.manual_seed(cfg.train.seed * 1_000_003 + step)   # masks depend on the step alone
+                masks = sample_masks(batch, cfg.model, mask_rng).to(device)
+                batch = batch.to(device)
+                loss, metrics, grad_norm, lr = train_step(model, batch, masks, optimizer, scheduler, scaler,
+                                                          device, amp_dtype, cfg.train.grad_clip)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                step_time = time.perf_counter() - t0
+                record = {"type": "step", "step": step + 1, "epoch": epoch, "loss": loss.item(),
+                          **{k: v.item() for k, v in metrics.items()}, "lr": lr,
+                          "grad_norm": grad_norm.item(), "tokens_per_s": batch.n_positions(cfg.model.frames_per_position) / step_time,
+                          "step_time_s": step_time, "data_wait_frac": data_wait / step_time}
+                losses.append(record["loss"])
+                publish(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                done = step + 1
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_requested:
+                    last_path = checkpoint(done, epoch, index + 1)
+                if stop_requested:
+                    progress.write(f"signal {stop_requested[0]}: stopped after step {done}, checkpoint {last_path}")
+                    break
+        except Exception as err:
+            publish({"type": "failed", "step": step, "error": f"{type(err).__name__}: {err}"})
+            raise
+        publish({"type": "finished", "step": start_step + len(losses),
                  "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                  "checkpoint": str(last_path) if last_path else None})
-    except Exception as err:
-        publish({"type": "failed", "step": step, "error": f"{type(err).__name__}: {err}"})
-        raise
-    finally:
-        progress.close()
-        for sig, handler in previous_handlers.items():
-            signal.signal(sig, handler)
-        metrics_log.close()
-        if live:
-            live.close()
-        if server:
-            server.shutdown()
     return {"losses": losses, "checkpoint": last_path, "model": model}
 
 
@@ -383,8 +377,7 @@ def parse_args(argv=None):
     parser.add_argument("--files", nargs="+", help="files to train on, as the server names them (default: all)")
     parser.add_argument("--data-dir", help="without --flight-host: folder of Parquet files to serve "
                                            f"in-process (default: the demo corpus in {DEMO_DIR}, built if missing)")
-    parser.add_argument("--config", default="config.yaml" if Path("config.yaml").exists() else None,
-                        help="YAML config (default: config.yaml)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")

@@ -1,0 +1,65 @@
+"""The WebSocket metrics thread: late joiners get history, stalled clients are dropped."""
+import json
+import socket
+import time
+
+import pytest
+from websockets.sync.client import connect
+
+from live_metrics import MetricsServer, format_message
+
+
+def wait_for(condition, timeout=20.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_late_joiner_gets_run_info_then_history_then_live_updates():
+    with MetricsServer("127.0.0.1", 0) as server:
+        server.publish({"type": "run", "steps": 3})
+        for step in (1, 2):
+            server.publish({"type": "step", "step": step, "loss": 1.0 / step})
+        assert wait_for(lambda: len(server.history) == 2)
+        with connect(f"ws://127.0.0.1:{server.port}") as ws:
+            got = [json.loads(ws.recv(timeout=5)) for _ in range(3)]
+            server.publish({"type": "step", "step": 3, "loss": 0.3})
+            got.append(json.loads(ws.recv(timeout=5)))
+    assert [m["type"] for m in got] == ["run", "step", "step", "step"]
+    assert [m.get("step") for m in got[1:]] == [1, 2, 3]
+
+
+def test_a_stalled_client_is_dropped_while_others_keep_receiving():
+    with MetricsServer("127.0.0.1", 0) as server:
+        stalled = socket.create_connection(("127.0.0.1", server.port))
+        stalled.sendall(f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        assert wait_for(lambda: len(server._clients) == 1)
+        with connect(f"ws://127.0.0.1:{server.port}") as reader:
+            assert wait_for(lambda: len(server._clients) == 2)
+            payload = "x" * 20_000
+            received = 0
+            for step in range(3000):      # ~60 MB: far beyond what socket buffers absorb
+                server.publish({"type": "step", "step": step, "pad": payload})
+                if step % 50 == 0:        # the healthy client keeps up: read up to this step
+                    while json.loads(reader.recv(timeout=10)).get("step") != step:
+                        received += 1
+                    received += 1
+            assert wait_for(lambda: len(server._clients) == 1)   # only the reader is left
+        stalled.close()
+    assert received > 2000
+
+
+def test_a_busy_port_is_a_clear_error():
+    with MetricsServer("127.0.0.1", 0) as first:
+        with pytest.raises(OSError, match=f"cannot serve metrics on ws://127.0.0.1:{first.port}"):
+            MetricsServer("127.0.0.1", first.port).start()
+
+
+def test_watch_lines_are_readable():
+    line = format_message({"type": "step", "step": 12, "loss": 1.23456, "accuracy": 0.5, "lr": 1e-3,
+                           "tokens_per_s": 4321.0})
+    assert line == "step     12  loss 1.2346  acc 0.500  lr 1.00e-03  4321 tok/s"
