@@ -53,6 +53,13 @@ class ModelConfig:
     sentiment_drop: float = 0.3
 
     def __post_init__(self):
+        for name in ("d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                     "v_head_dim", "ffn_hidden", "window", "frames_per_position", "vocab_size", "n_speakers",
+                     "text_span", "audio_span"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name} must be at least 1")
+        if self.q_lora_rank < 0:
+            raise ValueError("model.q_lora_rank must be >= 0 (0: full-rank query)")
         if not self.layer_pattern or set(self.layer_pattern) - {"L", "G"}:
             raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L and G")
         if self.qk_rope_head_dim % 2:

@@ -107,7 +107,7 @@ def write_samples(path: str | Path, rows: list[dict], metadata: dict, rows_per_g
     """Write one shard atomically: a reader never sees a half-written file. Row groups hold
     `rows_per_group` rows, or by default about ROW_GROUP_BYTES of data."""
     table = samples_table(rows, metadata)
-    problems = validate_table(table, str(path))
+    problems = validate_table(table, str(path), metadata.get("tokenizer", {}).get("vocab_size"))
     if problems:
         raise ValueError("refusing to write invalid samples:\n" + "\n".join(problems))
     if rows_per_group is None:
@@ -467,6 +467,13 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     num_workers: int = 0         # DataLoader workers, each with its own Flight client
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be at least 1")
+        if self.num_workers < 0:
+            raise ValueError("data.num_workers must be >= 0")
 
 
 class _PackedStream(torch.utils.data.IterableDataset):

@@ -196,34 +196,62 @@ MANIFEST_FIELDS = ("audio", "text", "speaker", "sentiment", "doc_id", "segment_i
 SENTIMENT_NAMES = {"negative": 0, "neutral": 1, "positive": 2}
 
 
+def _optional_float(value) -> float | None:
+    return None if value in ("", None) else float(value)
+
+
+def _token_ids(value) -> list[int] | None:
+    if value in ("", None):
+        return None
+    return [int(t) for t in (value.split() if isinstance(value, str) else value)]
+
+
 def read_manifest(path: str | Path) -> list[dict]:
-    """CSV or JSONL; audio paths are relative to the manifest's folder."""
+    """CSV or JSONL -> entries with typed fields; audio paths relative to the manifest's folder.
+
+    Optional fields: token_ids (a list, or space-separated in CSV), valence, arousal.
+    """
     path = Path(path)
     if path.suffix == ".csv":
         with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
+            raw = list(csv.DictReader(f))
     else:
-        rows = []
+        raw = []
         with open(path) as f:
             for line_no, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append(json.loads(line))
+                        raw.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}: line {line_no}: not JSON: {err}") from err
-    for i, row in enumerate(rows):
-        missing = [k for k in MANIFEST_FIELDS if k not in row or row[k] in ("", None)]
+    entries, seen = [], {}
+    for number, row in enumerate(raw, 1):
+        where = f"{path}: entry {number}"
+        missing = [k for k in MANIFEST_FIELDS if row.get(k) in ("", None)]
         if missing:
-            raise ValueError(f"{path}: entry {i + 1}: missing field(s) {', '.join(missing)}")
-        if str(row["sentiment"]) not in SENTIMENT_NAMES and str(row["sentiment"]) not in ("0", "1", "2"):
-            raise ValueError(f"{path}: entry {i + 1}: sentiment {row['sentiment']!r} is not one of "
+            raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+        sentiment = str(row["sentiment"])
+        if sentiment not in SENTIMENT_NAMES and sentiment not in ("0", "1", "2"):
+            raise ValueError(f"{where}: sentiment {row['sentiment']!r} is not one of "
                              f"{', '.join(SENTIMENT_NAMES)} or 0/1/2")
-        row["audio"] = str((path.parent / row["audio"]).resolve()) if not Path(row["audio"]).is_absolute() else row["audio"]
-    return rows
-
-
-def _sentiment_id(value) -> int:
-    return SENTIMENT_NAMES[str(value)] if str(value) in SENTIMENT_NAMES else int(value)
+        try:
+            entry = {"audio": str(path.parent / row["audio"]), "text": str(row["text"]),
+                     "speaker": str(row["speaker"]), "doc_id": str(row["doc_id"]),
+                     "segment_index": int(row["segment_index"]),
+                     "sentiment": SENTIMENT_NAMES[sentiment] if sentiment in SENTIMENT_NAMES else int(sentiment),
+                     "token_ids": _token_ids(row.get("token_ids")),
+                     "valence": _optional_float(row.get("valence")), "arousal": _optional_float(row.get("arousal"))}
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: {err}") from err
+        key = (entry["doc_id"], entry["segment_index"])
+        if key in seen:
+            raise ValueError(f"{where}: doc_id {key[0]!r} segment_index {key[1]} repeats entry {seen[key]}")
+        seen[key] = number
+        entries.append(entry)
+    with_ids = sum(e["token_ids"] is not None for e in entries)
+    if 0 < with_ids < len(entries):
+        raise ValueError(f"{path}: {with_ids} of {len(entries)} entries give token_ids; give them for all or none")
+    return entries
 
 
 def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 4096,
@@ -235,15 +263,22 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
     Returns the shard paths.
     """
     entries = read_manifest(manifest)
-    tokenizer = ByteTokenizer()
-    extractor = FeatureExtractor(cfg)
     if speaker_ids is None:
-        speaker_ids = {name: i for i, name in enumerate(sorted({str(e["speaker"]) for e in entries}))}
-    entries.sort(key=lambda e: (str(e["doc_id"]), int(e["segment_index"])))
+        speaker_ids = {name: i for i, name in enumerate(sorted({e["speaker"] for e in entries}))}
+    unknown = sorted({e["speaker"] for e in entries} - set(speaker_ids))
+    if unknown:
+        raise ValueError(f"{manifest}: speakers {unknown} have no id")
+    tokenizer = ByteTokenizer()
+    if entries and entries[0]["token_ids"] is not None:
+        tokenizer_info = {"name": "manifest-token-ids",
+                          "vocab_size": 1 + max((max(e["token_ids"], default=0) for e in entries), default=0)}
+    else:
+        tokenizer_info = tokenizer.describe()
+    extractor = FeatureExtractor(cfg)
+    entries.sort(key=lambda e: (e["doc_id"], e["segment_index"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    metadata = {"features": asdict(cfg), "tokenizer": tokenizer.describe(),
-                "speakers": speaker_ids}
+    metadata = {"features": asdict(cfg), "tokenizer": tokenizer_info, "speakers": speaker_ids}
     rows, shards, skipped = [], [], []
 
     def flush():
@@ -260,21 +295,14 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
             log(f"skipped: {err}")
             skipped.append(entry["audio"])
             continue
-        feats = extractor(samples, rate)
-        token_ids = entry.get("token_ids")
-        if token_ids is None:
-            token_ids = tokenizer.encode(str(entry["text"]))
+        token_ids = entry["token_ids"] if entry["token_ids"] is not None else tokenizer.encode(entry["text"])
         rows.append({
-            "sample_id": f"{entry['doc_id']}/{int(entry['segment_index']):05d}",
-            "doc_id": str(entry["doc_id"]),
-            "segment_index": int(entry["segment_index"]),
-            "text": str(entry["text"]),
+            "sample_id": f"{entry['doc_id']}/{entry['segment_index']:05d}",
+            "doc_id": entry["doc_id"], "segment_index": entry["segment_index"], "text": entry["text"],
             "token_ids": np.asarray(token_ids, dtype=np.int32),
-            "speaker_id": speaker_ids[str(entry["speaker"])],
-            "sentiment": _sentiment_id(entry["sentiment"]),
-            "valence": entry.get("valence"),
-            "arousal": entry.get("arousal"),
-            **feats,
+            "speaker_id": speaker_ids[entry["speaker"]], "sentiment": entry["sentiment"],
+            "valence": entry["valence"], "arousal": entry["arousal"],
+            **extractor(samples, rate),
         })
         if len(rows) >= rows_per_shard:
             flush()

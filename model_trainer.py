@@ -24,12 +24,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow.flight as flight
 import torch
 import yaml
 from tqdm import tqdm
 
 import datasets
+import demo_corpus
 from custom_transformer import CustomTransformer, ModelConfig, sample_masks
+from flight_server import SampleFlightServer
 from live_metrics import MetricsServer
 
 DEMO_DIR = Path("data/demo")
@@ -54,6 +57,13 @@ class TrainConfig:
     precision: str = "auto"          # auto | fp32 | fp16 | bf16
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        for name in ("steps", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
 
 
 @dataclass
@@ -207,16 +217,13 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack) -> datasets.Arro
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     host, port, files = args.flight_host, args.port, args.files
     if host is None:
-        from flight_server import SampleFlightServer
         root = args.data_dir
         if root is None:
-            import demo_corpus
             demo_corpus.build(DEMO_DIR)
             root = DEMO_DIR / "parquet"
         server = cleanup.enter_context(SampleFlightServer(root, "127.0.0.1", 0))
         host, port = "127.0.0.1", server.port
     if not files:
-        import pyarrow.flight as flight
         try:
             with flight.connect(f"grpc://{host}:{port}") as client:
                 files = [info.descriptor.path[0].decode() for info in client.list_flights()]

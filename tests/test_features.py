@@ -137,3 +137,30 @@ def test_manifest_errors_name_the_entry(tmp_path):
     manifest.write_text(json.dumps({"audio": "a.wav", "text": "t"}) + "\n")
     with pytest.raises(ValueError, match="entry 1: missing field"):
         features.read_manifest(manifest)
+
+
+def test_csv_manifest_with_token_ids_and_optional_fields(tmp_path):
+    rng = np.random.default_rng(5)
+    for i in range(2):
+        write_wav(tmp_path / f"a{i}.wav", harmonic_tone(np.full(SR // 4, 140.0), rng), SR)
+    (tmp_path / "m.csv").write_text("audio,text,speaker,sentiment,doc_id,segment_index,token_ids,valence,arousal\n"
+                                    "a1.wav,second,bob,neutral,d,1,5 6 7,,0.25\n"
+                                    "a0.wav,first,ann,2,d,0,9 10,0.5,\n")
+    shards = features.prepare(tmp_path / "m.csv", tmp_path / "out")
+    rows = datasets.pq.read_table(shards[0]).to_pylist()
+    assert [(r["text"], r["token_ids"], r["speaker_id"], r["sentiment"], r["valence"], r["arousal"]) for r in rows] == [
+        ("first", [9, 10], 0, 2, 0.5, None), ("second", [5, 6, 7], 1, 1, None, 0.25)]
+    meta = datasets.read_metadata(datasets.pq.read_schema(shards[0]), "x")
+    assert meta["tokenizer"] == {"name": "manifest-token-ids", "vocab_size": 11}
+
+
+def test_manifest_repeats_and_partial_token_ids_are_refused(tmp_path):
+    base = {"audio": "a.wav", "text": "t", "speaker": "s", "sentiment": 1, "doc_id": "d"}
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text(json.dumps({**base, "segment_index": 0}) + "\n" + json.dumps({**base, "segment_index": 0}) + "\n")
+    with pytest.raises(ValueError, match="entry 2: doc_id 'd' segment_index 0 repeats entry 1"):
+        features.read_manifest(manifest)
+    manifest.write_text(json.dumps({**base, "segment_index": 0, "token_ids": [5]}) + "\n"
+                        + json.dumps({**base, "segment_index": 1}) + "\n")
+    with pytest.raises(ValueError, match="1 of 2 entries give token_ids"):
+        features.read_manifest(manifest)

@@ -61,6 +61,10 @@ def test_overrides_are_typed_and_unknown_keys_are_named():
         model_trainer.build_config({"optimiser": {}})
     with pytest.raises(ValueError, match="section.key=value"):
         model_trainer.load_config(None, ["steps=3"])
+    with pytest.raises(ValueError, match="train.steps must be at least 1"):
+        model_trainer.load_config(None, ["train.steps=0"])
+    with pytest.raises(ValueError, match="data.batch_size must be at least 1"):
+        model_trainer.load_config(None, ["data.batch_size=0"])
 
 
 def test_cli_reports_config_errors_without_a_traceback():
