@@ -11,6 +11,7 @@ O(n * w) on every backend (CPU, Pascal, Turing, Hopper).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # ---------------------------------------------------------------------------------------------
 # Masked attention kernels on (B, H, L, D) tensors
 
+def _sdpa(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    """SDPA with V zero-padded to the QK head dim: the flash kernels (CPU, sm_80+) need equal dims,
+    and with them memory stays O(n) instead of the math path's O(n^2)."""
+    v_dim = v.shape[-1]
+    if v_dim < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - v_dim))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    return out[..., :v_dim]
+
+
 def _band(query_offset: torch.Tensor, key_offset: torch.Tensor, window: int | None, causal: bool) -> torch.Tensor:
     distance = query_offset[:, None] - key_offset[None, :]
     if window is None:
@@ -51,11 +62,30 @@ def _band(query_offset: torch.Tensor, key_offset: torch.Tensor, window: int | No
 
 def dense_attention(q, k, v, doc: torch.Tensor, scale: float, window: int | None = None,
                     causal: bool = False) -> torch.Tensor:
-    """Attention over the whole sequence with an explicit (B, 1, L, L) mask: the reference for
-    the blocked kernel and the path of global layers."""
+    """Attention with an explicit (B, 1, L, L) mask: O(n^2) memory. The reference the fast
+    kernels are checked and benchmarked against."""
     positions = torch.arange(q.shape[2], device=q.device)
     mask = _band(positions, positions, window, causal) & (doc[:, :, None] == doc[:, None, :])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale)
+    return _sdpa(q, k, v, scale, mask[:, None])
+
+
+def document_attention(q, k, v, doc: torch.Tensor, scale: float, causal: bool = False) -> torch.Tensor:
+    """Global attention within each document: one unmasked SDPA call per document run, so the
+    fused kernels keep memory O(n) even for a 256k-position document. Padding outputs zeros."""
+    rows = []
+    for row in range(q.shape[0]):
+        ids, counts = torch.unique_consecutive(doc[row], return_counts=True)
+        pieces, start = [], 0
+        for doc_id, count in zip(ids.tolist(), counts.tolist()):
+            span = slice(start, start + count)
+            if doc_id == PAD_DOC:
+                pieces.append(v.new_zeros(1, v.shape[1], count, v.shape[3]))
+            else:
+                pieces.append(_sdpa(q[row:row + 1, :, span], k[row:row + 1, :, span],
+                                    v[row:row + 1, :, span], scale, causal=causal))
+            start += count
+        rows.append(torch.cat(pieces, dim=2))
+    return torch.cat(rows, dim=0)
 
 
 def local_attention(q, k, v, doc: torch.Tensor, scale: float, window: int, causal: bool = False,
@@ -84,14 +114,36 @@ def local_attention(q, k, v, doc: torch.Tensor, scale: float, window: int, causa
     band = _band(torch.arange(block, device=q.device) + left, torch.arange(span, device=q.device),
                  window, causal)
     mask = band & (query_doc[..., :, None] == key_doc[..., None, :])      # (B, n_blocks, block, span)
-    out = F.scaled_dot_product_attention(queries(q), keys(k), keys(v),
-                                         attn_mask=mask.flatten(0, 1)[:, None], scale=scale)
+    out = _sdpa(queries(q), keys(k), keys(v), scale, mask.flatten(0, 1)[:, None])
     out = out.unflatten(0, (batch, n_blocks)).transpose(1, 2).flatten(2, 3)
     return out[:, :, :length]
 
 
 # ---------------------------------------------------------------------------------------------
 # Multi-head Latent Attention
+
+def attend(q, k, v, doc: torch.Tensor, scale: float, window: int | None, causal: bool) -> torch.Tensor:
+    """The kernel for a layer: blocked sliding window for local layers, per-document for global."""
+    if window is None:
+        return document_attention(q, k, v, doc, scale, causal)
+    return local_attention(q, k, v, doc, scale, window, causal)
+
+
+def kv_cache_values_per_token(n_heads: int, kv_lora_rank: int, qk_nope_head_dim: int,
+                              qk_rope_head_dim: int, v_head_dim: int, gqa_groups: int) -> dict[str, int]:
+    """Values cached per token per layer: MLA's latent + rotary key against multi-head and
+    grouped-query attention with the same head dims."""
+    per_head = qk_nope_head_dim + qk_rope_head_dim + v_head_dim
+    return {"mla": kv_lora_rank + qk_rope_head_dim, "mha": n_heads * per_head, "gqa": gqa_groups * per_head}
+
+
+@dataclass
+class LatentCache:
+    """What absorbed decoding keeps per token: the normalised KV latent and the rotary key."""
+    latent: torch.Tensor      # (B, T, kv_lora_rank)
+    k_pe: torch.Tensor        # (B, T, qk_rope_head_dim), rotated
+    positions: torch.Tensor   # (B, T)
+
 
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V3's MLA: low-rank query (optional), compressed KV latent, and a decoupled rotary
@@ -116,22 +168,71 @@ class MultiHeadLatentAttention(nn.Module):
         self.wo = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
         self.softmax_scale = qk_head_dim ** -0.5
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc: torch.Tensor,
-                window: int | None, causal: bool) -> torch.Tensor:
+    def _query(self, x, cos, sin):
         batch, length, _ = x.shape
         query = self.wq_b(self.q_norm(self.wq_a(x))) if hasattr(self, "wq_a") else self.wq(x)
-        query = query.view(batch, length, self.n_heads, -1)
-        q_nope, q_pe = query.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)
+        q_nope, q_pe = query.view(batch, length, self.n_heads, -1).split(
+            [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
+        return q_nope, apply_rope(q_pe, cos, sin)
+
+    def _latent(self, x, cos, sin):
+        """-> normalised KV latent (B, L, r) and the rotary key shared by all heads (B, L, rope)."""
         latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        k_pe = apply_rope(k_pe[:, :, None], cos, sin)            # one rotary key for all heads
-        kv = self.wkv_b(self.kv_norm(latent)).view(batch, length, self.n_heads, -1)
+        return self.kv_norm(latent), apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc: torch.Tensor,
+                window: int | None, causal: bool) -> torch.Tensor:
+        """Training path: expand the latent into per-head keys and values."""
+        batch, length, _ = x.shape
+        q_nope, q_pe = self._query(x, cos, sin)
+        latent, k_pe = self._latent(x, cos, sin)
+        kv = self.wkv_b(latent).view(batch, length, self.n_heads, -1)
         k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe.expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        v = value.transpose(1, 2)
-        if window is None:
-            out = dense_attention(q, k, v, doc, self.softmax_scale, causal=causal)
-        else:
-            out = local_attention(q, k, v, doc, self.softmax_scale, window, causal)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
+        out = attend(q, k, value.transpose(1, 2), doc, self.softmax_scale, window, causal)
         return self.wo(out.transpose(1, 2).flatten(2))
+
+    def _absorbed_weights(self):
+        weight = self.wkv_b.weight.view(self.n_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+        return weight[:, :self.qk_nope_head_dim], weight[:, self.qk_nope_head_dim:]   # W_UK, W_UV
+
+    def _attend_latent(self, q_nope, q_pe, latent, k_pe, mask_fn):
+        """Attention in latent space: W_UK folded into the query, W_UV applied to the output, so
+        keys and values are the latent itself (one KV head for all query heads)."""
+        w_uk, w_uv = self._absorbed_weights()
+        q = torch.cat([torch.einsum("blhd,hdr->blhr", q_nope, w_uk), q_pe], dim=-1).transpose(1, 2)
+        k = torch.cat([latent, k_pe], dim=-1)[:, None].expand(-1, self.n_heads, -1, -1)
+        v = latent[:, None].expand(-1, self.n_heads, -1, -1)
+        out_latent = mask_fn(q, k, v)                                   # (B, H, L, r)
+        out = torch.einsum("bhlr,hdr->blhd", out_latent, w_uv)
+        return self.wo(out.flatten(2))
+
+    def forward_absorbed(self, x, cos, sin, doc, window: int | None, causal: bool) -> torch.Tensor:
+        """The absorbed path over a whole sequence: equal to forward(), computed from the cache's view."""
+        q_nope, q_pe = self._query(x, cos, sin)
+        latent, k_pe = self._latent(x, cos, sin)
+        return self._attend_latent(q_nope, q_pe, latent, k_pe,
+                                   lambda q, k, v: attend(q, k, v, doc, self.softmax_scale, window, causal))
+
+    def decode(self, x: torch.Tensor, positions: torch.Tensor, cache: LatentCache | None,
+               rope_theta: float, window: int | None) -> tuple[torch.Tensor, LatentCache]:
+        """Causal decoding of new positions (B, S) given the cache of earlier ones, in one document.
+        Local layers keep only the last `window` tokens in their cache."""
+        cos, sin = rope_tables(positions, self.qk_rope_head_dim, rope_theta)
+        q_nope, q_pe = self._query(x, cos, sin)
+        latent, k_pe = self._latent(x, cos, sin)
+        if cache is not None:
+            latent = torch.cat([cache.latent, latent], dim=1)
+            k_pe = torch.cat([cache.k_pe, k_pe], dim=1)
+            positions = torch.cat([cache.positions, positions], dim=1)
+        query_positions = positions[:, -x.shape[1]:]
+        distance = query_positions[:, :, None] - positions[:, None, :]
+        allowed = (distance >= 0) & (distance < window if window is not None else True)
+
+        def masked(q, k, v):
+            return _sdpa(q, k, v, self.softmax_scale, allowed[:, None])
+
+        out = self._attend_latent(q_nope, q_pe, latent, k_pe, masked)
+        keep = slice(-window, None) if window is not None else slice(None)
+        return out, LatentCache(latent[:, keep], k_pe[:, keep], positions[:, keep])
