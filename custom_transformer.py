@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attention import PAD_DOC, MultiHeadLatentAttention, rope_tables
-from datasets import N_MELS, N_SENTIMENTS, Batch, CorpusInfo
+from datasets import N_MELS, N_SENTIMENTS, UNKNOWN, Batch, CorpusInfo
 
 SPEAKER, SENTIMENT, TEXT, AUDIO = range(4)   # position kinds, each with a modality embedding
 PROSODY_FEATURES = 3                         # normalised log-F0, voicing, normalised energy
@@ -51,6 +51,16 @@ class ModelConfig:
     audio_span: int = 4
     speaker_drop: float = 0.3
     sentiment_drop: float = 0.3
+    speaker_embedding_dim: int = 0     # size of external speaker vectors in the data; 0: none
+    # the total loss is the weighted sum of the per-modality losses
+    weight_text: float = 1.0
+    weight_mel: float = 1.0
+    weight_f0: float = 1.0
+    weight_voicing: float = 1.0
+    weight_energy: float = 1.0
+    weight_speaker: float = 1.0
+    weight_speaker_embedding: float = 1.0
+    weight_sentiment: float = 1.0
 
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -58,8 +68,9 @@ class ModelConfig:
                      "text_span", "audio_span"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1")
-        if self.q_lora_rank < 0:
-            raise ValueError("model.q_lora_rank must be >= 0 (0: full-rank query)")
+        for name in ("q_lora_rank", "speaker_embedding_dim"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model.{name} must be >= 0")
         if not self.layer_pattern or set(self.layer_pattern) - {"L", "G"}:
             raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L and G")
         if self.qk_rope_head_dim % 2:
@@ -195,6 +206,7 @@ class CustomTransformer(nn.Module):
         self.text_embed = nn.Embedding(cfg.vocab_size, d)
         self.speaker_embed = nn.Embedding(cfg.n_speakers, d)
         self.sentiment_embed = nn.Embedding(N_SENTIMENTS, d)
+        self.affect_proj = nn.Linear(4, d)        # valence, arousal and whether each is known
         self.audio_proj = nn.Linear(k * N_MELS, d)
         self.prosody_proj = nn.Linear(k * PROSODY_FEATURES, d)
         self.modality_embed = nn.Embedding(4, d)
@@ -206,6 +218,9 @@ class CustomTransformer(nn.Module):
         self.prosody_head = nn.Linear(d, k * PROSODY_FEATURES)
         self.speaker_head = nn.Linear(d, cfg.n_speakers)
         self.sentiment_head = nn.Linear(d, N_SENTIMENTS)
+        if cfg.speaker_embedding_dim:
+            self.speaker_vector_proj = nn.Linear(cfg.speaker_embedding_dim, d)
+            self.speaker_vector_head = nn.Linear(d, cfg.speaker_embedding_dim)
         # Corpus statistics (saved with the weights) that put features on a unit scale.
         self.register_buffer("mel_mean", torch.zeros(N_MELS))
         self.register_buffer("mel_std", torch.ones(N_MELS))
@@ -243,7 +258,15 @@ class CustomTransformer(nn.Module):
         prosody = torch.stack([log_f0, batch.voicing, (batch.energy - energy_mean) / energy_std], -1)
         return mel, torch.where(valid, prosody, 0.0)
 
+    def _speaker_vectors(self, batch: Batch) -> torch.Tensor | None:
+        size = batch.speaker_embedding.shape[1]
+        if size and size != self.cfg.speaker_embedding_dim:
+            raise ValueError(f"the data has speaker embeddings of size {size}: set "
+                             f"model.speaker_embedding_dim={size} (now {self.cfg.speaker_embedding_dim})")
+        return batch.speaker_embedding if size else None
+
     def embed(self, batch: Batch, grid: Layout, masks: Masks, mel, prosody) -> torch.Tensor:
+        """Place every input in the grid; hidden or absent inputs become the mask embedding."""
         k = self.cfg.frames_per_position
         x = torch.zeros(grid.n_rows * grid.length, self.cfg.d_model, device=mel.device,
                         dtype=self.text_embed.weight.dtype)
@@ -252,8 +275,21 @@ class CustomTransformer(nn.Module):
             values = torch.where(hidden[:, None], self.mask_embed.weight[kind], values)
             x[index] = values + self.modality_embed.weight[kind]
 
-        place(grid.speaker_index, self.speaker_embed(batch.speaker_id), masks.speaker, SPEAKER)
-        place(grid.sentiment_index, self.sentiment_embed(batch.sentiment), masks.sentiment, SENTIMENT)
+        known_speaker = batch.speaker_id != UNKNOWN
+        speaker = torch.where(known_speaker[:, None], self.speaker_embed(batch.speaker_id.clamp_min(0)), 0.0)
+        vectors = self._speaker_vectors(batch)
+        if vectors is not None:
+            has_vector = batch.has_speaker_embedding[:, None]
+            speaker = speaker + torch.where(has_vector, self.speaker_vector_proj(vectors), 0.0)
+            known_speaker = known_speaker | batch.has_speaker_embedding
+        place(grid.speaker_index, speaker, masks.speaker | ~known_speaker, SPEAKER)
+
+        known_label = batch.sentiment != UNKNOWN
+        known_affect = ~batch.affect.isnan()
+        sentiment = (torch.where(known_label[:, None], self.sentiment_embed(batch.sentiment.clamp_min(0)), 0.0)
+                     + self.affect_proj(torch.cat([batch.affect.nan_to_num(0.0), known_affect.float()], -1)))
+        place(grid.sentiment_index, sentiment, masks.sentiment | ~(known_label | known_affect.any(-1)), SENTIMENT)
+
         place(grid.text_index, self.text_embed(batch.token_ids), masks.text, TEXT)
         audio = self.audio_proj(mel.reshape(-1, k * N_MELS)) + self.prosody_proj(prosody.reshape(-1, k * PROSODY_FEATURES))
         place(grid.audio_index, audio, masks.audio, AUDIO)
@@ -269,42 +305,52 @@ class CustomTransformer(nn.Module):
         return self.norm(x).flatten(0, 1)
 
     def forward(self, batch: Batch, masks: Masks) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> total loss and per-modality losses and accuracies (detached)."""
+        """-> total loss and, detached: per-modality losses, accuracies, F0 error in cents."""
         cfg, k = self.cfg, self.cfg.frames_per_position
         grid = layout(batch, k)
         mel, prosody = self.normalised_features(batch)
         hidden = self.encode(self.embed(batch, grid, masks, mel, prosody), grid)
         zero = hidden.new_zeros(())
+        losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
 
-        def classify(name, head, index, hidden_mask, target):
-            if not hidden_mask.any():
-                return zero, None
-            logits = head(hidden[index[hidden_mask]]).float()
-            metrics[f"{name}_acc"] = (logits.argmax(-1) == target[hidden_mask]).float().mean().detach()
-            return F.cross_entropy(logits, target[hidden_mask]), logits
+        def classify(name, head, index, targets, target):
+            if not targets.any():
+                return zero
+            logits = head(hidden[index[targets]]).float()
+            metrics[f"{name}_acc"] = (logits.argmax(-1) == target[targets]).float().mean().detach()
+            return F.cross_entropy(logits, target[targets])
 
-        losses = {}
-        losses["text"], _ = classify("text", self.text_head, grid.text_index, masks.text, batch.token_ids)
-        losses["speaker"], _ = classify("speaker", self.speaker_head, grid.speaker_index, masks.speaker, batch.speaker_id)
-        losses["sentiment"], _ = classify("sentiment", self.sentiment_head, grid.sentiment_index, masks.sentiment, batch.sentiment)
+        losses["text"] = classify("text", self.text_head, grid.text_index, masks.text, batch.token_ids)
+        losses["speaker"] = classify("speaker", self.speaker_head, grid.speaker_index,
+                                     masks.speaker & (batch.speaker_id != UNKNOWN), batch.speaker_id)
+        losses["sentiment"] = classify("sentiment", self.sentiment_head, grid.sentiment_index,
+                                       masks.sentiment & (batch.sentiment != UNKNOWN), batch.sentiment)
+        vectors = self._speaker_vectors(batch)
+        vector_targets = masks.speaker & batch.has_speaker_embedding
+        losses["speaker_embedding"] = zero
+        if vectors is not None and vector_targets.any():
+            predicted = self.speaker_vector_head(hidden[grid.speaker_index[vector_targets]]).float()
+            losses["speaker_embedding"] = (1 - F.cosine_similarity(predicted, vectors[vector_targets], dim=-1)).mean()
 
         frame_hidden = masks.audio.repeat_interleave(k) & batch.frame_valid
+        losses.update(mel=zero, f0=zero, voicing=zero, energy=zero)
         if frame_hidden.any():
             audio_out = hidden[grid.audio_index[masks.audio]]
             select = batch.frame_valid.view(-1, k)[masks.audio]
             mel_pred = self.mel_head(audio_out).float().view(-1, k, N_MELS)[select]
             prosody_pred = self.prosody_head(audio_out).float().view(-1, k, PROSODY_FEATURES)[select]
-            mel_target, prosody_target = mel[frame_hidden], prosody[frame_hidden]
-            voiced = batch.f0_hz[frame_hidden] > 0
-            losses["mel"] = F.l1_loss(mel_pred, mel_target)
-            losses["f0"] = (F.mse_loss(prosody_pred[voiced, 0], prosody_target[voiced, 0])
-                            if voiced.any() else zero)
+            prosody_target = prosody[frame_hidden]
+            losses["mel"] = F.l1_loss(mel_pred, mel[frame_hidden])
             losses["voicing"] = F.binary_cross_entropy_with_logits(prosody_pred[:, 1], prosody_target[:, 1])
             losses["energy"] = F.mse_loss(prosody_pred[:, 2], prosody_target[:, 2])
-        else:
-            losses.update(mel=zero, f0=zero, voicing=zero, energy=zero)
-        total = sum(losses.values())
+            metrics["voicing_acc"] = ((prosody_pred[:, 1] > 0) == (prosody_target[:, 1] > 0.5)).float().mean().detach()
+            voiced = batch.f0_hz[frame_hidden] > 0
+            if voiced.any():
+                error = prosody_pred[voiced, 0] - prosody_target[voiced, 0]     # in log-F0 std units
+                losses["f0"] = error.square().mean()
+                metrics["f0_cents"] = (error.abs() * self.prosody_stats[1] * 1200 / math.log(2)).mean().detach()
+        total = sum(getattr(cfg, f"weight_{name}") * value for name, value in losses.items())
         metrics.update({f"loss_{name}": value.detach() for name, value in losses.items()})
         metrics["accuracy"] = metrics.get("text_acc", zero.detach())
         return total, metrics

@@ -27,6 +27,7 @@ import torch
 SCHEMA_VERSION = 1
 N_MELS = 80
 N_SENTIMENTS = 3   # negative, neutral, positive
+UNKNOWN = -1       # speaker_id or sentiment not known: the modality is absent from the sample
 METADATA_KEY = b"mmtrain"
 
 SAMPLE_SCHEMA = pa.schema([
@@ -40,9 +41,9 @@ SAMPLE_SCHEMA = pa.schema([
     pa.field("f0_hz", pa.list_(pa.float32()), nullable=False),    # 0 where unvoiced
     pa.field("voicing", pa.list_(pa.float32()), nullable=False),  # probability in [0, 1]
     pa.field("energy", pa.list_(pa.float32()), nullable=False),   # log frame energy
-    pa.field("speaker_id", pa.int32(), nullable=False),
+    pa.field("speaker_id", pa.int32(), nullable=False),           # -1: unknown speaker
     pa.field("speaker_embedding", pa.list_(pa.float32())),        # optional external vector
-    pa.field("sentiment", pa.int8(), nullable=False),             # 0 negative, 1 neutral, 2 positive
+    pa.field("sentiment", pa.int8(), nullable=False),             # 0 negative, 1 neutral, 2 positive, -1 unknown
     pa.field("valence", pa.float32()),
     pa.field("arousal", pa.float32()),
 ])
@@ -234,10 +235,9 @@ def validate_table(table: pa.Table | pa.RecordBatch, source: str, vocab_size: in
         dup_rows = np.flatnonzero(np.isin(sample_ids.astype(str), values[counts > 1]))
         report.rows("sample_id", dup_rows, "duplicate sample_id")
     n_frames = None
-    if "mel" in usable:
+    if "mel" in usable:   # zero frames is allowed: a text-only sample
         mel = col("mel")
         n_frames = pc.list_value_length(mel).fill_null(0).to_numpy()
-        report.rows("mel", np.flatnonzero(n_frames == 0), "no audio frames")
         values = mel.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, N_MELS)
         report.rows("mel", _value_rows(mel)[~np.isfinite(values).all(1)], "NaN or inf")
     for name in PER_FRAME_COLUMNS:
@@ -278,11 +278,11 @@ def validate_table(table: pa.Table | pa.RecordBatch, source: str, vocab_size: in
                         "start frame outside the segment")
     if "sentiment" in usable:
         values = col("sentiment").to_numpy(zero_copy_only=False)
-        report.rows("sentiment", np.flatnonzero((values < 0) | (values >= N_SENTIMENTS)),
-                    "sentiment not 0 (negative), 1 (neutral) or 2 (positive)")
+        report.rows("sentiment", np.flatnonzero((values < UNKNOWN) | (values >= N_SENTIMENTS)),
+                    "sentiment not 0 (negative), 1 (neutral), 2 (positive) or -1 (unknown)")
     if "speaker_id" in usable:
         values = col("speaker_id").to_numpy(zero_copy_only=False)
-        report.rows("speaker_id", np.flatnonzero(values < 0), "negative speaker id")
+        report.rows("speaker_id", np.flatnonzero(values < UNKNOWN), "speaker id below -1 (unknown)")
     for name in ("valence", "arousal"):
         if name in usable:
             values = col(name).to_numpy(zero_copy_only=False).astype(np.float64)
@@ -326,8 +326,11 @@ class Segment:
     f0_hz: np.ndarray       # (n_frames,)
     voicing: np.ndarray
     energy: np.ndarray
-    speaker_id: int
-    sentiment: int
+    speaker_id: int                          # UNKNOWN when absent
+    sentiment: int                           # UNKNOWN when absent
+    speaker_embedding: np.ndarray | None = None
+    valence: float = math.nan                # NaN when absent
+    arousal: float = math.nan
 
 
 def _offsets(column: pa.Array) -> np.ndarray:
@@ -348,6 +351,11 @@ def segments_from_batch(batch: pa.RecordBatch) -> list[Segment]:
     doc_ids = batch.column("doc_id").to_pylist()
     speakers = batch.column("speaker_id").to_numpy()
     sentiments = batch.column("sentiment").to_numpy()
+    valence, arousal = (batch.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
+                        for name in ("valence", "arousal"))   # nulls become NaN
+    embeddings = batch.column("speaker_embedding")
+    has_embedding = ~embeddings.is_null().to_numpy(zero_copy_only=False)
+    embedding_values, embedding_offsets = embeddings.flatten().to_numpy(), _offsets(embeddings)
     segments = []
     for row in range(batch.num_rows):
         def cut(name):
@@ -357,7 +365,9 @@ def segments_from_batch(batch: pa.RecordBatch) -> list[Segment]:
             sample_id=sample_ids[row], doc_id=doc_ids[row], token_ids=cut("token_ids"),
             mel=mel_values[mel_offsets[row]:mel_offsets[row + 1]], f0_hz=cut("f0_hz"),
             voicing=cut("voicing"), energy=cut("energy"), speaker_id=int(speakers[row]),
-            sentiment=int(sentiments[row])))
+            sentiment=int(sentiments[row]), valence=float(valence[row]), arousal=float(arousal[row]),
+            speaker_embedding=(embedding_values[embedding_offsets[row]:embedding_offsets[row + 1]]
+                               if has_embedding[row] else None)))
     return segments
 
 
@@ -408,8 +418,11 @@ class Batch:
     n_frames: torch.Tensor       # (n_segments,) long, padded counts
     segment_row: torch.Tensor    # (n_segments,) long
     segment_doc: torch.Tensor    # (n_segments,) long
-    speaker_id: torch.Tensor     # (n_segments,) long
-    sentiment: torch.Tensor      # (n_segments,) long
+    speaker_id: torch.Tensor     # (n_segments,) long, UNKNOWN when absent
+    sentiment: torch.Tensor      # (n_segments,) long, UNKNOWN when absent
+    speaker_embedding: torch.Tensor  # (n_segments, E) float, zeros where absent; E = 0 if none has one
+    has_speaker_embedding: torch.Tensor  # (n_segments,) bool
+    affect: torch.Tensor         # (n_segments, 2) valence, arousal; NaN where absent
     n_rows: int
     sample_ids: list[str]
 
@@ -432,20 +445,31 @@ def collate(sequences: list[list[Segment]], layout: SequenceLayout) -> Batch:
         doc_starts[i] = rows[i] != rows[i - 1] or segments[i].doc_id != segments[i - 1].doc_id
     n_frames = np.array([len(s.mel) for s in segments])
     padded = -(-n_frames // k) * k
+    frame_starts = np.cumsum(padded) - padded
 
-    def frames(name, dtype):
-        out = np.zeros((padded.sum(),) + getattr(segments[0], name).shape[1:], dtype)
-        starts = np.concatenate([[0], np.cumsum(padded)[:-1]])
-        for s, start, n in zip(segments, starts, n_frames):
+    def frames(name, dtype, width=()):
+        out = np.zeros((padded.sum(), *width), dtype)
+        for s, start, n in zip(segments, frame_starts, n_frames):
             out[start:start + n] = getattr(s, name)
         return torch.from_numpy(out)
 
     valid = np.zeros(padded.sum(), bool)
-    for start, n in zip(np.concatenate([[0], np.cumsum(padded)[:-1]]), n_frames):
+    for start, n in zip(frame_starts, n_frames):
         valid[start:start + n] = True
+
+    embedding_dims = {len(s.speaker_embedding) for s in segments if s.speaker_embedding is not None}
+    if len(embedding_dims) > 1:
+        raise DataError(f"speaker embeddings of different sizes {sorted(embedding_dims)} in one batch: "
+                        + ", ".join(f"{s.sample_id} ({len(s.speaker_embedding)})"
+                                    for s in segments if s.speaker_embedding is not None))
+    speaker_embedding = np.zeros((len(segments), embedding_dims.pop() if embedding_dims else 0), np.float32)
+    for i, s in enumerate(segments):
+        if s.speaker_embedding is not None:
+            speaker_embedding[i] = s.speaker_embedding
+
     return Batch(
         token_ids=torch.from_numpy(np.concatenate([s.token_ids for s in segments]).astype(np.int64)),
-        mel=frames("mel", np.float32), f0_hz=frames("f0_hz", np.float32),
+        mel=frames("mel", np.float32, (N_MELS,)), f0_hz=frames("f0_hz", np.float32),
         voicing=frames("voicing", np.float32), energy=frames("energy", np.float32),
         frame_valid=torch.from_numpy(valid),
         n_tokens=torch.tensor([len(s.token_ids) for s in segments]),
@@ -454,6 +478,9 @@ def collate(sequences: list[list[Segment]], layout: SequenceLayout) -> Batch:
         segment_doc=torch.from_numpy(np.cumsum(doc_starts).astype(np.int64) - 1),
         speaker_id=torch.tensor([s.speaker_id for s in segments]),
         sentiment=torch.tensor([s.sentiment for s in segments]),
+        speaker_embedding=torch.from_numpy(speaker_embedding),
+        has_speaker_embedding=torch.tensor([s.speaker_embedding is not None for s in segments]),
+        affect=torch.tensor([[s.valence, s.arousal] for s in segments], dtype=torch.float32),
         n_rows=len(sequences), sample_ids=[s.sample_id for s in segments])
 
 

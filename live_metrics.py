@@ -56,16 +56,18 @@ class MetricsServer:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
+            for queue in self._clients:   # end every handler so the server closes at once
+                queue.put_nowait(None)
 
     async def _client(self, connection):
-        queue: asyncio.Queue = asyncio.Queue(CLIENT_QUEUE)
+        queue: asyncio.Queue = asyncio.Queue()   # bounded by _fan_out, so a None always fits
         for message in [json.dumps(self.run_info), *list(self.history)[-(CLIENT_QUEUE - 2):]]:
             queue.put_nowait(message)
         self._clients.add(queue)
         try:
             while True:
                 message = await queue.get()
-                if message is None:   # fell behind: drop it
+                if message is None:   # fell behind, or the server is closing
                     break
                 await connection.send(message)
         except ConnectionClosed:
@@ -81,7 +83,7 @@ class MetricsServer:
         else:
             self.history.append(text)
         for queue in list(self._clients):
-            if queue.qsize() >= CLIENT_QUEUE - 1:
+            if queue.qsize() >= CLIENT_QUEUE:
                 self._clients.discard(queue)
                 queue.put_nowait(None)
             else:

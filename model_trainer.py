@@ -103,11 +103,21 @@ def build_config(raw: dict) -> Config:
     return Config(**sections)
 
 
-def load_config(path: str | None, overrides: list[str]) -> Config:
+def load_config(path: str | None, overrides: list[str], preset: str | None = None) -> Config:
+    """config.yaml, then the named preset over it, then --set overrides."""
     raw = {}
     if path:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
+    presets = raw.pop("presets", None) or {}
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"--preset {preset!r}: {path or 'no config'} defines "
+                             f"{', '.join(presets) or 'no presets'}")
+        for section, values in presets[preset].items():
+            if not isinstance(raw.get(section, {}), dict) or not isinstance(values, dict):
+                raise ValueError(f"preset {preset}: {section} is not a config section")
+            raw[section] = {**(raw.get(section) or {}), **values}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
@@ -385,6 +395,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-dir", help="without --flight-host: folder of Parquet files to serve "
                                            f"in-process (default: the demo corpus in {DEMO_DIR}, built if missing)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
+    parser.add_argument("--preset", help="a named size from the config's presets: tiny, small, base, long")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override a config value, e.g. --set train.steps=100 (repeatable)")
     parser.add_argument("--steps", type=int, help="shorthand for --set train.steps=N")
@@ -398,7 +409,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.set + ([f"train.steps={args.steps}"] if args.steps else []))
+        cfg = load_config(args.config, args.set + ([f"train.steps={args.steps}"] if args.steps else []), args.preset)
     except (ValueError, OSError, yaml.YAMLError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from custom_transformer import CustomTransformer, Masks, ModelConfig, layout, sa
 
 TINY = ModelConfig(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
                    qk_rope_head_dim=4, v_head_dim=8, ffn_hidden=64, layer_pattern="LG", window=6,
-                   vocab_size=40, n_speakers=5)
+                   vocab_size=40, n_speakers=5, speaker_embedding_dim=3)
 
 
 def make_segment(rng, doc, index, n_tokens, n_frames):
@@ -21,7 +21,9 @@ def make_segment(rng, doc, index, n_tokens, n_frames):
         sample_id=f"{doc}/{index}", doc_id=doc, token_ids=rng.integers(4, 40, n_tokens).astype(np.int32),
         mel=rng.normal(size=(n_frames, datasets.N_MELS)).astype(np.float16), f0_hz=f0,
         voicing=(f0 > 0).astype(np.float32), energy=rng.normal(size=n_frames).astype(np.float32),
-        speaker_id=int(rng.integers(5)), sentiment=int(rng.integers(3)))
+        speaker_id=int(rng.integers(5)), sentiment=int(rng.integers(3)),
+        speaker_embedding=rng.normal(size=3).astype(np.float32) if index % 2 == 0 else None,
+        valence=float(rng.uniform(-1, 1)), arousal=float(rng.uniform(0, 1)) if index else float("nan"))
 
 
 def make_batch(seed=0, k=4):
@@ -92,13 +94,18 @@ def test_hidden_inputs_do_not_leak():
     torch.manual_seed(0)
     model = CustomTransformer(TINY).eval()
     _, batch = make_batch()
-    masks = sample_masks(batch, dataclasses.replace(TINY, text_mask_ratio=0.5, audio_mask_ratio=0.5),
-                         torch.Generator().manual_seed(3))
+    masks = sample_masks(batch, dataclasses.replace(TINY, text_mask_ratio=0.5, audio_mask_ratio=0.5,
+                                                    speaker_drop=0.5, sentiment_drop=0.5),
+                         torch.Generator().manual_seed(4))
     loss1, _ = model(batch, masks)
     altered = dataclasses.replace(batch, token_ids=torch.where(masks.text, 4 + (batch.token_ids + 7) % 30, batch.token_ids))
     hidden_frames = masks.audio.repeat_interleave(4)
     altered.mel = torch.where(hidden_frames[:, None], batch.mel + 1.0, batch.mel)
-    altered.speaker_id = torch.where(masks.speaker, batch.speaker_id, batch.speaker_id)
+    altered.speaker_id = torch.where(masks.speaker, (batch.speaker_id + 1) % 5, batch.speaker_id)
+    altered.speaker_embedding = torch.where(masks.speaker[:, None], -batch.speaker_embedding, batch.speaker_embedding)
+    altered.sentiment = torch.where(masks.sentiment, (batch.sentiment + 1) % 3, batch.sentiment)
+    altered.affect = torch.where(masks.sentiment[:, None], batch.affect + 0.5, batch.affect)
+    assert masks.speaker.any() and masks.sentiment.any()
     grid = layout(batch, 4)
     h1 = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid)
     h2 = model.encode(model.embed(altered, grid, masks, *model.normalised_features(altered)), grid)
@@ -149,3 +156,52 @@ def test_config_rejects_bad_values():
         ModelConfig(layer_pattern="LXG")
     with pytest.raises(ValueError, match="text_mask_ratio"):
         ModelConfig(text_mask_ratio=1.5)
+
+
+def test_absent_modalities_are_inputs_never_targets():
+    """A text-only segment, an audio-only one, unknown speaker and sentiment: all train."""
+    rng = np.random.default_rng(7)
+    text_only = make_segment(rng, "a", 0, 6, 0)
+    audio_only = make_segment(rng, "a", 1, 0, 9)
+    audio_only.speaker_id, audio_only.speaker_embedding = datasets.UNKNOWN, None
+    audio_only.sentiment, audio_only.valence, audio_only.arousal = datasets.UNKNOWN, float("nan"), float("nan")
+    batch = datasets.collate([[text_only, audio_only]], datasets.SequenceLayout(1000, 4))
+    assert batch.n_frames.tolist() == [0, 12] and batch.n_tokens.tolist() == [6, 0]
+    masks = Masks(text=torch.ones(6, dtype=torch.bool), audio=torch.ones(3, dtype=torch.bool),
+                  speaker=torch.tensor([False, True]), sentiment=torch.tensor([False, True]))
+    model = CustomTransformer(TINY)
+    loss, metrics = model(batch, masks)
+    assert torch.isfinite(loss)
+    # The unknown speaker and sentiment were hidden, but there is nothing to reconstruct.
+    assert metrics["loss_speaker"] == 0 and metrics["loss_sentiment"] == 0 and metrics["loss_speaker_embedding"] == 0
+    assert metrics["loss_text"] > 0 and metrics["loss_mel"] > 0
+
+
+def test_total_loss_is_the_configured_weighted_sum():
+    _, batch = make_batch()
+    weights = {"text": 0.5, "mel": 2.0, "f0": 0.0, "voicing": 1.5, "energy": 0.25, "speaker": 3.0,
+               "speaker_embedding": 0.7, "sentiment": 1.2}
+    cfg = dataclasses.replace(TINY, speaker_drop=0.5, sentiment_drop=0.5,
+                              **{f"weight_{name}": value for name, value in weights.items()})
+    torch.manual_seed(0)
+    model = CustomTransformer(cfg)
+    masks = sample_masks(batch, cfg, torch.Generator().manual_seed(4))
+    loss, metrics = model(batch, masks)
+    expected = sum(w * metrics[f"loss_{name}"] for name, w in weights.items())
+    torch.testing.assert_close(loss.detach(), expected)
+    assert all(metrics[f"loss_{name}"] > 0 for name in weights)   # every term was really computed
+    # 1 - cosine for the speaker vectors, recomputed from the head directly.
+    grid = layout(batch, 4)
+    hidden = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid)
+    targets = masks.speaker & batch.has_speaker_embedding
+    predicted = model.speaker_vector_head(hidden[grid.speaker_index[targets]])
+    manual = (1 - torch.nn.functional.cosine_similarity(predicted, batch.speaker_embedding[targets], dim=-1)).mean()
+    torch.testing.assert_close(metrics["loss_speaker_embedding"], manual.detach())
+    assert {"f0_cents", "voicing_acc", "speaker_acc", "sentiment_acc", "accuracy"} <= set(metrics)
+
+
+def test_speaker_embedding_size_mismatch_names_the_setting():
+    _, batch = make_batch()
+    model = CustomTransformer(dataclasses.replace(TINY, speaker_embedding_dim=5))
+    with pytest.raises(ValueError, match="set model.speaker_embedding_dim=3"):
+        model(batch, no_masks(batch))

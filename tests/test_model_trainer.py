@@ -23,13 +23,12 @@ from custom_transformer import CustomTransformer, ModelConfig, sample_masks
 from flight_server import SampleFlightServer
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "model.kv_lora_rank=32",
-        "model.ffn_hidden=128", "model.layer_pattern=LG", "model.window=32",
-        "data.max_seq_len=256", "data.batch_size=2", "train.warmup_steps=5", "train.lr=0.003"]
+TINY = ["train.warmup_steps=5", "train.lr=0.003"]
 
 
 def set_flags(items):
-    return [arg for item in items for arg in ("--set", item)]
+    """--preset tiny, then each item as --set."""
+    return ["--preset", "tiny"] + [arg for item in items for arg in ("--set", item)]
 
 
 def free_port():
@@ -44,10 +43,28 @@ def read_metrics(run_dir):
 
 def test_config_yaml_mirrors_the_dataclasses_exactly():
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
+    raw.pop("presets")
     defaults = model_trainer.Config()
     assert set(raw) == {f.name for f in dataclasses.fields(defaults)}
     for section, values in raw.items():
         assert values == dataclasses.asdict(getattr(defaults, section)), section
+
+
+def test_presets_build_and_have_their_intended_sizes():
+    def parameters(preset):
+        cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], preset)
+        with torch.device("meta"):
+            return cfg, sum(p.numel() for p in CustomTransformer(cfg.model).parameters())
+
+    assert parameters("small")[0] == model_trainer.Config()
+    tiny_cfg, tiny = parameters("tiny")
+    base_cfg, base = parameters("base")
+    long_cfg, _ = parameters("long")
+    assert tiny < 200_000 and 90e6 < base < 110e6
+    assert long_cfg.data.max_seq_len == 262_144 and long_cfg.model.activation_checkpointing
+    assert "G" in base_cfg.model.layer_pattern
+    with pytest.raises(ValueError, match="--preset 'huge'.*tiny, small, base, long"):
+        model_trainer.load_config(str(ROOT / "config.yaml"), [], "huge")
 
 
 def test_overrides_are_typed_and_unknown_keys_are_named():
