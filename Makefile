@@ -1,12 +1,13 @@
 # make run   - set up, build the demo corpus if missing, train the demo model with live metrics
 # make test  - set up, run the test suite
+# make bench - the benchmarks under bench/ (tens of minutes on a 2-core CPU)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
 # The venv is rebuilt only when requirements.txt changes.
 READY := $(VENV)/.requirements-installed
 
-.PHONY: run test demo clean
+.PHONY: run test demo bench clean
 
 $(READY): requirements.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +23,11 @@ run: demo
 
 test: $(READY)
 	$(PY) -m pytest -q tests
+
+bench: demo
+	$(PY) bench/attention.py
+	$(PY) bench/long_context.py
+	$(PY) bench/cross_modal.py
 
 clean:
 	rm -rf data runs
