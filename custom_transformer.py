@@ -209,6 +209,7 @@ class CustomTransformer(nn.Module):
         self.affect_proj = nn.Linear(4, d)        # valence, arousal and whether each is known
         self.audio_proj = nn.Linear(k * N_MELS, d)
         self.prosody_proj = nn.Linear(k * PROSODY_FEATURES, d)
+        self.aligned_audio_proj = nn.Linear(d, d)   # a token's aligned audio, added to the token
         self.modality_embed = nn.Embedding(4, d)
         self.mask_embed = nn.Embedding(4, d)          # one learned "hidden" input per modality
         self.blocks = nn.ModuleList(Block(cfg, cfg.is_global(i)) for i in range(cfg.n_layers))
@@ -290,8 +291,14 @@ class CustomTransformer(nn.Module):
                      + self.affect_proj(torch.cat([batch.affect.nan_to_num(0.0), known_affect.float()], -1)))
         place(grid.sentiment_index, sentiment, masks.sentiment | ~(known_label | known_affect.any(-1)), SENTIMENT)
 
-        place(grid.text_index, self.text_embed(batch.token_ids), masks.text, TEXT)
         audio = self.audio_proj(mel.reshape(-1, k * N_MELS)) + self.prosody_proj(prosody.reshape(-1, k * PROSODY_FEATURES))
+        text = self.text_embed(batch.token_ids)
+        aligned = batch.token_audio_position >= 0
+        if aligned.any():   # where an alignment is known, a token also hears its audio, unless hidden
+            position = batch.token_audio_position.clamp_min(0)
+            hears = aligned & ~masks.audio[position]
+            text = text + torch.where(hears[:, None], self.aligned_audio_proj(audio[position]), 0.0)
+        place(grid.text_index, text, masks.text, TEXT)
         place(grid.audio_index, audio, masks.audio, AUDIO)
         return x.view(grid.n_rows, grid.length, -1)
 

@@ -329,6 +329,7 @@ class Segment:
     speaker_id: int                          # UNKNOWN when absent
     sentiment: int                           # UNKNOWN when absent
     speaker_embedding: np.ndarray | None = None
+    token_start_frame: np.ndarray | None = None   # alignment: each token's first audio frame
     valence: float = math.nan                # NaN when absent
     arousal: float = math.nan
 
@@ -353,9 +354,16 @@ def segments_from_batch(batch: pa.RecordBatch) -> list[Segment]:
     sentiments = batch.column("sentiment").to_numpy()
     valence, arousal = (batch.column(name).to_numpy(zero_copy_only=False).astype(np.float32)
                         for name in ("valence", "arousal"))   # nulls become NaN
-    embeddings = batch.column("speaker_embedding")
-    has_embedding = ~embeddings.is_null().to_numpy(zero_copy_only=False)
-    embedding_values, embedding_offsets = embeddings.flatten().to_numpy(), _offsets(embeddings)
+    optional = {}
+    for name in ("speaker_embedding", "token_start_frame"):
+        column = batch.column(name)
+        optional[name] = (~column.is_null().to_numpy(zero_copy_only=False), column.flatten().to_numpy(),
+                          _offsets(column))
+
+    def cut_optional(name, row):
+        present, values, offsets = optional[name]
+        return values[offsets[row]:offsets[row + 1]] if present[row] else None
+
     segments = []
     for row in range(batch.num_rows):
         def cut(name):
@@ -366,8 +374,8 @@ def segments_from_batch(batch: pa.RecordBatch) -> list[Segment]:
             mel=mel_values[mel_offsets[row]:mel_offsets[row + 1]], f0_hz=cut("f0_hz"),
             voicing=cut("voicing"), energy=cut("energy"), speaker_id=int(speakers[row]),
             sentiment=int(sentiments[row]), valence=float(valence[row]), arousal=float(arousal[row]),
-            speaker_embedding=(embedding_values[embedding_offsets[row]:embedding_offsets[row + 1]]
-                               if has_embedding[row] else None)))
+            speaker_embedding=cut_optional("speaker_embedding", row),
+            token_start_frame=cut_optional("token_start_frame", row)))
     return segments
 
 
@@ -423,6 +431,8 @@ class Batch:
     speaker_embedding: torch.Tensor  # (n_segments, E) float, zeros where absent; E = 0 if none has one
     has_speaker_embedding: torch.Tensor  # (n_segments,) bool
     affect: torch.Tensor         # (n_segments, 2) valence, arousal; NaN where absent
+    token_audio_position: torch.Tensor  # (n_tokens_total,) the stacked audio position (flat over
+                                        # the batch) where each token starts; -1 without alignment
     n_rows: int
     sample_ids: list[str]
 
@@ -467,6 +477,12 @@ def collate(sequences: list[list[Segment]], layout: SequenceLayout) -> Batch:
         if s.speaker_embedding is not None:
             speaker_embedding[i] = s.speaker_embedding
 
+    # Alignment: a token's start frame -> the stacked audio position that holds it.
+    audio_starts = frame_starts // k
+    token_audio_position = np.concatenate([
+        audio_starts[i] + np.asarray(s.token_start_frame, np.int64) // k if s.token_start_frame is not None
+        else np.full(len(s.token_ids), -1, np.int64) for i, s in enumerate(segments)])
+
     return Batch(
         token_ids=torch.from_numpy(np.concatenate([s.token_ids for s in segments]).astype(np.int64)),
         mel=frames("mel", np.float32, (N_MELS,)), f0_hz=frames("f0_hz", np.float32),
@@ -481,6 +497,7 @@ def collate(sequences: list[list[Segment]], layout: SequenceLayout) -> Batch:
         speaker_embedding=torch.from_numpy(speaker_embedding),
         has_speaker_embedding=torch.tensor([s.speaker_embedding is not None for s in segments]),
         affect=torch.tensor([[s.valence, s.arousal] for s in segments], dtype=torch.float32),
+        token_audio_position=torch.from_numpy(token_audio_position),
         n_rows=len(sequences), sample_ids=[s.sample_id for s in segments])
 
 

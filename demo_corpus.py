@@ -26,7 +26,8 @@ import torchaudio
 import features
 
 SAMPLE_RATE = 16000
-COMPLETE_MARKER = "COMPLETE"
+COMPLETE_MARKER = "COMPLETE"   # written last; holds the recipe, so a changed recipe rebuilds
+CORPUS_VERSION = 2             # 2: character alignment (token_start_frame)
 
 SUBJECTS = ["the team", "my neighbour", "our project", "the weather", "this movie", "the new plan",
             "her garden", "the trip", "your idea", "the meeting"]
@@ -82,11 +83,14 @@ def _resonator_coeffs(freq: np.ndarray, bandwidth: np.ndarray) -> tuple[torch.Te
     return a_coeffs, b_coeffs
 
 
-def synthesize(text: str, speaker: Speaker, sentiment: int, rng: np.random.Generator) -> np.ndarray:
-    """Speak `text` letter by letter; returns mono float32 at SAMPLE_RATE."""
+def synthesize(text: str, speaker: Speaker, sentiment: int, rng: np.random.Generator
+               ) -> tuple[np.ndarray, list[float]]:
+    """Speak `text` letter by letter -> (mono float32 at SAMPLE_RATE, each character's start in s)."""
     pitch_factor, slope, excursion, duration_factor, loudness = PROSODY[sentiment]
     phones = []  # (kind, formants or noise centre, duration s)
+    first_phone = []  # per character
     for ch in text.lower():
+        first_phone.append(len(phones))
         if ch in VOWELS:
             phones.append(("vowel", VOWELS[ch], 0.085))
         elif ch in VOICED:
@@ -147,7 +151,7 @@ def synthesize(text: str, speaker: Speaker, sentiment: int, rng: np.random.Gener
         peak = np.abs(chunk).max() or 1.0
         out[start:start + n] = chunk / peak * gains[i] * envelope
     out = out * 0.6 * loudness + 0.002 * rng.standard_normal(total)
-    return np.clip(out, -1, 1).astype(np.float32)
+    return np.clip(out, -1, 1).astype(np.float32), (starts[first_phone] / SAMPLE_RATE).tolist()
 
 
 def write_recordings(out_dir: Path, n_conversations: int, seed: int) -> Path:
@@ -164,13 +168,13 @@ def write_recordings(out_dir: Path, n_conversations: int, seed: int) -> Path:
             speaker = SPEAKERS[pair[segment % 2]]
             sentiment = mood if rng.uniform() < 0.7 else int(rng.integers(3))
             text = compose_sentence(rng, sentiment)
-            audio = synthesize(text, speaker, sentiment, rng)
+            audio, char_start_s = synthesize(text, speaker, sentiment, rng)
             path = wav_dir / f"{doc_id}_{segment:02d}.wav"
             features.write_wav(path, audio, SAMPLE_RATE)
             entries.append({"audio": str(path.relative_to(out_dir)), "text": text,
                             "speaker": speaker.name, "sentiment": sentiment, "doc_id": doc_id,
                             "segment_index": segment, "valence": [-0.7, 0.0, 0.7][sentiment],
-                            "arousal": [0.3, 0.2, 0.7][sentiment]})
+                            "arousal": [0.3, 0.2, 0.7][sentiment], "char_start_s": char_start_s})
     manifest = out_dir / "manifest.jsonl"
     with open(manifest, "w") as f:
         f.writelines(json.dumps(e) + "\n" for e in entries)
@@ -179,18 +183,22 @@ def write_recordings(out_dir: Path, n_conversations: int, seed: int) -> Path:
 
 def build(out_dir: str | Path, n_conversations: int = 50, seed: int = 0,
           rows_per_shard: int = 80, rows_per_group: int = 20) -> list[Path]:
-    """WAVs + manifest, then Parquet shards under out_dir/parquet. Skipped when already complete."""
+    """WAVs + manifest, then Parquet shards under out_dir/parquet; skipped when a corpus of the
+    same recipe is already complete."""
     out_dir = Path(out_dir)
     parquet_dir = out_dir / "parquet"
-    if (out_dir / COMPLETE_MARKER).exists():
+    marker = out_dir / COMPLETE_MARKER
+    recipe = f"version={CORPUS_VERSION} conversations={n_conversations} seed={seed}\n"
+    if marker.exists() and marker.read_text() == recipe:
         return sorted(parquet_dir.glob("*.parquet"))
-    shutil.rmtree(parquet_dir, ignore_errors=True)
+    for stale in (parquet_dir, out_dir / "wav"):
+        shutil.rmtree(stale, ignore_errors=True)
     torch.manual_seed(seed)
     manifest = write_recordings(out_dir, n_conversations, seed)
     speaker_ids = {s.name: i for i, s in enumerate(SPEAKERS)}
     shards = features.prepare(manifest, parquet_dir, rows_per_shard, rows_per_group,
                               speaker_ids=speaker_ids)
-    (out_dir / COMPLETE_MARKER).write_text(f"conversations={n_conversations} seed={seed}\n")
+    marker.write_text(recipe)
     return shards
 
 

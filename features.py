@@ -56,6 +56,14 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return [self.BOS] + [b + self.N_SPECIAL for b in text.encode("utf-8")] + [self.EOS]
 
+    def token_starts(self, text: str, char_starts: list[int], last_frame: int) -> list[int]:
+        """Per-token start frames from per-character ones: a character's bytes share its start;
+        BOS starts the segment, EOS its last frame."""
+        starts = [0]
+        for ch, start in zip(text, char_starts):
+            starts += [start] * len(ch.encode("utf-8"))
+        return starts + [last_frame]
+
     def decode(self, ids) -> str:
         data = bytes(i - self.N_SPECIAL for i in ids if i >= self.N_SPECIAL)
         return data.decode("utf-8", errors="replace")
@@ -200,16 +208,19 @@ def _optional_float(value) -> float | None:
     return None if value in ("", None) else float(value)
 
 
-def _token_ids(value) -> list[int] | None:
+def _numbers(value, kind) -> list | None:
+    """A list, or space-separated in CSV."""
     if value in ("", None):
         return None
-    return [int(t) for t in (value.split() if isinstance(value, str) else value)]
+    return [kind(t) for t in (value.split() if isinstance(value, str) else value)]
 
 
 def read_manifest(path: str | Path) -> list[dict]:
     """CSV or JSONL -> entries with typed fields; audio paths relative to the manifest's folder.
 
-    Optional fields: token_ids (a list, or space-separated in CSV), valence, arousal.
+    Optional fields: token_ids (a list, or space-separated in CSV), valence, arousal, and an
+    alignment: char_start_s (one start time per character of text) or, with token_ids,
+    token_start_s (one per token).
     """
     path = Path(path)
     if path.suffix == ".csv":
@@ -239,10 +250,18 @@ def read_manifest(path: str | Path) -> list[dict]:
                      "speaker": str(row["speaker"]), "doc_id": str(row["doc_id"]),
                      "segment_index": int(row["segment_index"]),
                      "sentiment": SENTIMENT_NAMES[sentiment] if sentiment in SENTIMENT_NAMES else int(sentiment),
-                     "token_ids": _token_ids(row.get("token_ids")),
+                     "token_ids": _numbers(row.get("token_ids"), int),
+                     "char_start_s": _numbers(row.get("char_start_s"), float),
+                     "token_start_s": _numbers(row.get("token_start_s"), float),
                      "valence": _optional_float(row.get("valence")), "arousal": _optional_float(row.get("arousal"))}
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from err
+        for name, against, what in (("char_start_s", len(entry["text"]), "characters of text"),
+                                    ("token_start_s", len(entry["token_ids"] or []), "token_ids")):
+            if entry[name] is not None and len(entry[name]) != against:
+                raise ValueError(f"{where}: {name} has {len(entry[name])} values for {against} {what}")
+        if entry["char_start_s"] is not None and entry["token_ids"] is not None:
+            raise ValueError(f"{where}: with token_ids, give the alignment as token_start_s")
         key = (entry["doc_id"], entry["segment_index"])
         if key in seen:
             raise ValueError(f"{where}: doc_id {key[0]!r} segment_index {key[1]} repeats entry {seen[key]}")
@@ -296,13 +315,23 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
             skipped.append(entry["audio"])
             continue
         token_ids = entry["token_ids"] if entry["token_ids"] is not None else tokenizer.encode(entry["text"])
+        feats = extractor(samples, rate)
+        last_frame = len(feats["mel"]) - 1
+        frames_per_s = cfg.sample_rate / cfg.hop_length
+        if entry["token_start_s"] is not None:
+            token_starts = [min(last_frame, max(0, round(t * frames_per_s))) for t in entry["token_start_s"]]
+        elif entry["char_start_s"] is not None:
+            token_starts = tokenizer.token_starts(
+                entry["text"], [min(last_frame, max(0, round(t * frames_per_s))) for t in entry["char_start_s"]], last_frame)
+        else:
+            token_starts = None
         rows.append({
             "sample_id": f"{entry['doc_id']}/{entry['segment_index']:05d}",
             "doc_id": entry["doc_id"], "segment_index": entry["segment_index"], "text": entry["text"],
             "token_ids": np.asarray(token_ids, dtype=np.int32),
             "speaker_id": speaker_ids[entry["speaker"]], "sentiment": entry["sentiment"],
-            "valence": entry["valence"], "arousal": entry["arousal"],
-            **extractor(samples, rate),
+            "valence": entry["valence"], "arousal": entry["arousal"], "token_start_frame": token_starts,
+            **feats,
         })
         if len(rows) >= rows_per_shard:
             flush()

@@ -37,7 +37,7 @@ def text_only(batch: datasets.Batch) -> datasets.Batch:
         frame_valid=batch.frame_valid[:0], n_frames=torch.zeros_like(batch.n_frames),
         speaker_id=torch.full((n,), datasets.UNKNOWN), sentiment=torch.full((n,), datasets.UNKNOWN),
         speaker_embedding=batch.speaker_embedding[:, :0], has_speaker_embedding=torch.zeros(n, dtype=torch.bool),
-        affect=torch.full((n, 2), math.nan))
+        affect=torch.full((n, 2), math.nan), token_audio_position=torch.full_like(batch.token_audio_position, -1))
 
 
 def without_audio(masks: Masks) -> Masks:

@@ -23,6 +23,8 @@ def make_segment(rng, doc, index, n_tokens, n_frames):
         voicing=(f0 > 0).astype(np.float32), energy=rng.normal(size=n_frames).astype(np.float32),
         speaker_id=int(rng.integers(5)), sentiment=int(rng.integers(3)),
         speaker_embedding=rng.normal(size=3).astype(np.float32) if index % 2 == 0 else None,
+        token_start_frame=(np.sort(rng.integers(0, n_frames, n_tokens)).astype(np.int32)
+                           if n_frames and index % 2 == 0 else None),
         valence=float(rng.uniform(-1, 1)), arousal=float(rng.uniform(0, 1)) if index else float("nan"))
 
 
@@ -71,6 +73,21 @@ def test_layout_matches_a_hand_built_grid():
     assert len(set(every.tolist())) == len(every) == len(flat_kinds)
 
 
+def test_alignment_maps_tokens_to_the_audio_position_of_their_start_frame():
+    rows, batch = make_batch()
+    segments = [s for row in rows for s in row]
+    audio_start = 0
+    expected = []
+    for s in segments:
+        if s.token_start_frame is None:
+            expected += [-1] * len(s.token_ids)
+        else:
+            expected += [audio_start + int(f) // 4 for f in s.token_start_frame]
+        audio_start += -(-len(s.mel) // 4)
+    assert batch.token_audio_position.tolist() == expected
+    assert (batch.token_audio_position >= 0).any() and (batch.token_audio_position < 0).any()
+
+
 def test_documents_do_not_see_each_other():
     """Changing document b leaves document a's outputs unchanged, in local and global layers."""
     torch.manual_seed(0)
@@ -96,8 +113,10 @@ def test_hidden_inputs_do_not_leak():
     _, batch = make_batch()
     masks = sample_masks(batch, dataclasses.replace(TINY, text_mask_ratio=0.5, audio_mask_ratio=0.5,
                                                     speaker_drop=0.5, sentiment_drop=0.5),
-                         torch.Generator().manual_seed(4))
-    loss1, _ = model(batch, masks)
+                         torch.Generator().manual_seed(0))
+    position = batch.token_audio_position
+    # A visible token aligned to hidden audio: the hidden audio must not reach it either.
+    assert (~masks.text & (position >= 0) & masks.audio[position.clamp_min(0)]).any()
     altered = dataclasses.replace(batch, token_ids=torch.where(masks.text, 4 + (batch.token_ids + 7) % 30, batch.token_ids))
     hidden_frames = masks.audio.repeat_interleave(4)
     altered.mel = torch.where(hidden_frames[:, None], batch.mel + 1.0, batch.mel)

@@ -42,7 +42,7 @@ def test_speaker_and_sentiment_shape_the_measured_pitch(tmp_path):
     extractor = features.FeatureExtractor()
 
     def median_f0(speaker, sentiment):
-        audio = demo_corpus.synthesize("a really long vowel sound", speaker, sentiment, rng)
+        audio, _ = demo_corpus.synthesize("a really long vowel sound", speaker, sentiment, rng)
         f0 = extractor(audio, demo_corpus.SAMPLE_RATE)["f0_hz"]
         return np.median(f0[f0 > 0])
 
