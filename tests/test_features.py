@@ -164,3 +164,20 @@ def test_manifest_repeats_and_partial_token_ids_are_refused(tmp_path):
                         + json.dumps({**base, "segment_index": 1}) + "\n")
     with pytest.raises(ValueError, match="1 of 2 entries give token_ids"):
         features.read_manifest(manifest)
+
+
+def test_character_times_become_token_start_frames(tmp_path):
+    rng = np.random.default_rng(6)
+    write_wav(tmp_path / "a.wav", harmonic_tone(np.full(SR, 150.0), rng), SR)   # 1 s: 101 frames
+    entry = {"audio": "a.wav", "text": "hé!", "speaker": "s", "sentiment": 1, "doc_id": "d",
+             "segment_index": 0, "char_start_s": [0.1, 0.254, 2.0]}
+    (tmp_path / "m.jsonl").write_text(json.dumps(entry) + "\n")
+    shard, = features.prepare(tmp_path / "m.jsonl", tmp_path / "out")
+    row = datasets.pq.read_table(shard).to_pylist()[0]
+    # BOS at 0; 'h' at frame 10; 'é' is two bytes, both at frame 25; '!' past the end -> last frame; EOS last.
+    assert row["token_ids"] == ByteTokenizer().encode("hé!")
+    assert row["token_start_frame"] == [0, 10, 25, 25, 100, 100]
+    entry["char_start_s"] = [0.1]
+    (tmp_path / "m.jsonl").write_text(json.dumps(entry) + "\n")
+    with pytest.raises(ValueError, match="char_start_s has 1 values for 3 characters"):
+        features.read_manifest(tmp_path / "m.jsonl")
