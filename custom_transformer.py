@@ -272,9 +272,9 @@ class CustomTransformer(nn.Module):
         x = torch.zeros(grid.n_rows * grid.length, self.cfg.d_model, device=mel.device,
                         dtype=self.text_embed.weight.dtype)
 
-        def place(index, values, hidden, kind):
+        def place(index, values, hidden, kind, context=0.0):
             values = torch.where(hidden[:, None], self.mask_embed.weight[kind], values)
-            x[index] = values + self.modality_embed.weight[kind]
+            x[index] = values + self.modality_embed.weight[kind] + context
 
         known_speaker = batch.speaker_id != UNKNOWN
         speaker = torch.where(known_speaker[:, None], self.speaker_embed(batch.speaker_id.clamp_min(0)), 0.0)
@@ -292,13 +292,13 @@ class CustomTransformer(nn.Module):
         place(grid.sentiment_index, sentiment, masks.sentiment | ~(known_label | known_affect.any(-1)), SENTIMENT)
 
         audio = self.audio_proj(mel.reshape(-1, k * N_MELS)) + self.prosody_proj(prosody.reshape(-1, k * PROSODY_FEATURES))
-        text = self.text_embed(batch.token_ids)
+        heard = 0.0
         aligned = batch.token_audio_position >= 0
-        if aligned.any():   # where an alignment is known, a token also hears its audio, unless hidden
+        if aligned.any():   # a token, hidden or not, hears the audio where it starts unless that is hidden
             position = batch.token_audio_position.clamp_min(0)
             hears = aligned & ~masks.audio[position]
-            text = text + torch.where(hears[:, None], self.aligned_audio_proj(audio[position]), 0.0)
-        place(grid.text_index, text, masks.text, TEXT)
+            heard = torch.where(hears[:, None], self.aligned_audio_proj(audio[position]), 0.0)
+        place(grid.text_index, self.text_embed(batch.token_ids), masks.text, TEXT, heard)
         place(grid.audio_index, audio, masks.audio, AUDIO)
         return x.view(grid.n_rows, grid.length, -1)
 
