@@ -384,7 +384,7 @@ def train(args, cfg: Config) -> dict:
         publish({"type": "finished", "step": start_step + len(losses),
                  "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                  "checkpoint": str(last_path) if last_path else None})
-    return {"losses": losses, "checkpoint": last_path, "model": model}
+    return {"losses": losses, "checkpoint": last_path}
 
 
 def parse_args(argv=None):
