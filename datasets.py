@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import torch
 
@@ -588,15 +589,18 @@ class LocalParquetDataset(_PackedStream):
 
 
 class ArrowFlightDataset(_PackedStream):
-    """Streams the given files from a Flight server (flight_server.py on the data machine)."""
+    """Streams the given files (default: every file the server lists) from a Flight server
+    (flight_server.py on the data machine), with an optional bearer token and TLS."""
 
-    def __init__(self, host: str, port: int, files: list[str], layout: SequenceLayout,
-                 batch_size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, host: str, port: int, files: list[str] | None, layout: SequenceLayout,
+                 batch_size: int, shuffle: bool = True, seed: int = 0, token: str | None = None,
+                 tls_root_cert: bytes | None = None):
         super().__init__(layout, batch_size, shuffle, seed)
-        self.location = f"grpc://{host}:{port}"
-        self.files = list(files)
+        self.location = f"{'grpc+tls' if tls_root_cert else 'grpc'}://{host}:{port}"
+        self.token, self.tls_root_cert = token, tls_root_cert
         self._client = None
         self._infos = None
+        self.files = list(files) if files else self._served_files()
 
     def __getstate__(self):
         # gRPC clients are not fork-safe: each DataLoader worker makes its own.
@@ -604,18 +608,30 @@ class ArrowFlightDataset(_PackedStream):
 
     @property
     def client(self):
-        import pyarrow.flight as flight
         if self._client is None:
-            self._client = flight.connect(self.location)
+            self._client = flight.FlightClient(self.location, tls_root_certs=self.tls_root_cert)
         return self._client
 
+    @property
+    def _options(self):
+        headers = [(b"authorization", f"Bearer {self.token}".encode())] if self.token else []
+        return flight.FlightCallOptions(headers=headers)
+
+    def _served_files(self) -> list[str]:
+        try:
+            files = [info.descriptor.path[0].decode() for info in self.client.list_flights(options=self._options)]
+        except flight.FlightError as err:
+            raise DataError(f"{self.location}: cannot list files: {err}") from err
+        if not files:
+            raise DataError(f"{self.location} serves no valid Parquet files")
+        return files
+
     def _flight_infos(self):
-        import pyarrow.flight as flight
         if self._infos is None:
             infos = {}
             for name in self.files:
                 try:
-                    infos[name] = self.client.get_flight_info(flight.FlightDescriptor.for_path(name))
+                    infos[name] = self.client.get_flight_info(flight.FlightDescriptor.for_path(name), self._options)
                 except flight.FlightError as err:
                     raise DataError(f"{self.location}: cannot get {name}: {err}") from err
             self._infos = infos
@@ -626,10 +642,9 @@ class ArrowFlightDataset(_PackedStream):
                 for endpoint in info.endpoints]
 
     def read_endpoint(self, endpoint):
-        import pyarrow.flight as flight
         name, ticket = endpoint
         try:
-            for chunk in self.client.do_get(flight.Ticket(ticket)):
+            for chunk in self.client.do_get(flight.Ticket(ticket), self._options):
                 yield chunk.data
         except flight.FlightError as err:
             raise DataError(f"{self.location}: reading {name} failed: {err}") from err

@@ -1,6 +1,10 @@
 """Arrow Flight server for the data machine: serves every Parquet file under --root.
 
     python flight_server.py --root DIR [--host 127.0.0.1] [--port 8815] [--batch-rows 256]
+                            [--token-file F] [--tls-cert C --tls-key K]
+
+Binding anything but loopback requires a bearer token (clients send `authorization: Bearer
+TOKEN`); TLS is optional.
 
 list_flights gives one FlightInfo per valid file (path relative to root, schema, rows, bytes);
 get_flight_info gives one endpoint per row group; do_get streams a ticket's row groups with
@@ -11,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hmac
+import ipaddress
 import json
 import logging
 import signal
@@ -59,6 +65,37 @@ class Ticket:
             raise flight.FlightServerError(f"malformed ticket: {err}") from None
 
 
+class BearerTokenAuth(flight.ServerMiddlewareFactory):
+    """Every call must carry `authorization: Bearer TOKEN`; compared in constant time."""
+
+    def __init__(self, token: str):
+        super().__init__()
+        self._expected = f"Bearer {token}".encode()
+
+    def start_call(self, info, headers):
+        presented = headers.get("authorization", [])   # gRPC lower-cases header names
+        if not any(hmac.compare_digest(value.encode() if isinstance(value, str) else value, self._expected)
+                   for value in presented):
+            raise flight.FlightUnauthenticatedError("missing or wrong bearer token")
+        return None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_token(path: str | Path) -> str:
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ValueError(f"{path}: empty token file")
+    return token
+
+
 def _handler(method):
     """Clients get a typed Flight error with a short message, never a Python traceback."""
     @functools.wraps(method)
@@ -75,15 +112,24 @@ def _handler(method):
 
 class SampleFlightServer(flight.FlightServerBase):
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 8815,
-                 batch_rows: int = 256):
-        super().__init__(f"grpc://{host}:{port}")
+                 batch_rows: int = 256, token: str | None = None,
+                 tls_cert: bytes | None = None, tls_key: bytes | None = None):
+        if token is None and not is_loopback(host):
+            raise ValueError(f"binding {host} exposes the data: give a bearer token (--token-file)")
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("TLS needs both a certificate and its key")
         self.root = Path(root).resolve()
         if not self.root.is_dir():
             raise FileNotFoundError(f"--root {root}: not a directory")
+        scheme = "grpc+tls" if tls_cert else "grpc"
+        super().__init__(f"{scheme}://{host}:{port}",
+                         middleware={"auth": BearerTokenAuth(token)} if token else None,
+                         tls_certificates=[flight.CertKeyPair(tls_cert, tls_key)] if tls_cert else None)
         self.batch_rows = batch_rows
         self._lock = threading.Lock()
         self._catalog: dict[str, tuple[tuple, flight.FlightInfo | str]] = {}
-        self._stats = {"streams": 0}
+        self._stats = {"streams": 0, "rows_streamed": 0, "bytes_streamed": 0}
+        self._peers: set[str] = set()
         self.refresh()
 
     # -- catalog ---------------------------------------------------------------------------
@@ -186,15 +232,18 @@ class SampleFlightServer(flight.FlightServerBase):
         scanner = pads.Scanner.from_fragment(fragment, schema=info.schema, batch_size=self.batch_rows,
                                              columns=list(request.columns) if request.columns else None,
                                              use_threads=False)
-        with self._lock:
+        with self._lock:   # counted when a stream starts, from the row groups' metadata
             self._stats["streams"] += 1
+            self._stats["rows_streamed"] += sum(g.num_rows for g in fragment.row_groups)
+            self._stats["bytes_streamed"] += sum(g.total_byte_size for g in fragment.row_groups)
+            self._peers.add(context.peer())
         log.info("stream %s row groups [%d, %d) to %s", request.file, request.first_row_group,
                  request.end_row_group, context.peer())
         return flight.RecordBatchStream(scanner.to_reader())
 
     @_handler
     def list_actions(self, context):
-        return [("stats", "files served, invalid files, streams started"),
+        return [("stats", "files and rows served, invalid files, clients, streams, rows and bytes streamed"),
                 ("invalid", "files not served, with the reason")]
 
     @_handler
@@ -205,7 +254,8 @@ class SampleFlightServer(flight.FlightServerBase):
             with self._lock:
                 body = {"files": len(self._catalog) - len(invalid), "invalid_files": len(invalid),
                         "rows": sum(e[1].total_records for e in self._catalog.values()
-                                    if not isinstance(e[1], str)), **self._stats}
+                                    if not isinstance(e[1], str)),
+                        "clients": len(self._peers), **self._stats}
         elif action.type == "invalid":
             body = invalid
         else:
@@ -219,11 +269,17 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0: all)")
     parser.add_argument("--port", type=int, default=8815)
     parser.add_argument("--batch-rows", type=int, default=256, help="rows per streamed record batch")
+    parser.add_argument("--token-file", help="file holding the bearer token clients must send "
+                                             "(required unless --host is loopback)")
+    parser.add_argument("--tls-cert", help="PEM certificate: serve over TLS (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        server = SampleFlightServer(args.root, args.host, args.port, args.batch_rows)
-    except (FileNotFoundError, OSError, pa.ArrowException) as err:
+        token = read_token(args.token_file) if args.token_file else None
+        tls = [Path(p).read_bytes() if p else None for p in (args.tls_cert, args.tls_key)]
+        server = SampleFlightServer(args.root, args.host, args.port, args.batch_rows, token, *tls)
+    except (ValueError, OSError, pa.ArrowException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     served = sum(1 for _ in server.list_flights(None, None))

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow.flight as flight
 import torch
 import yaml
 from tqdm import tqdm
@@ -32,7 +31,7 @@ from tqdm import tqdm
 import datasets
 import demo_corpus
 from custom_transformer import CustomTransformer, ModelConfig, sample_masks
-from flight_server import SampleFlightServer
+from flight_server import SampleFlightServer, read_token
 from live_metrics import MetricsServer
 
 DEMO_DIR = Path("data/demo")
@@ -225,24 +224,18 @@ def set_rng_state(state: dict) -> None:
 def open_data(args, cfg: Config, cleanup: contextlib.ExitStack) -> datasets.ArrowFlightDataset:
     """The remote Flight server, or one started in this process (shut down by `cleanup`)."""
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
-    host, port, files = args.flight_host, args.port, args.files
+    host, port = args.flight_host, args.port
+    token = read_token(args.flight_token_file) if args.flight_token_file else None
+    tls_root_cert = Path(args.flight_tls_root_cert).read_bytes() if args.flight_tls_root_cert else None
     if host is None:
         root = args.data_dir
         if root is None:
             demo_corpus.build(DEMO_DIR)
             root = DEMO_DIR / "parquet"
         server = cleanup.enter_context(SampleFlightServer(root, "127.0.0.1", 0))
-        host, port = "127.0.0.1", server.port
-    if not files:
-        try:
-            with flight.connect(f"grpc://{host}:{port}") as client:
-                files = [info.descriptor.path[0].decode() for info in client.list_flights()]
-        except flight.FlightError as err:
-            raise datasets.DataError(f"grpc://{host}:{port}: cannot list files: {err}") from err
-        if not files:
-            raise datasets.DataError(f"grpc://{host}:{port} serves no valid Parquet files")
-    return datasets.ArrowFlightDataset(host, port, files, layout, cfg.data.batch_size,
-                                       cfg.data.shuffle, cfg.data.seed)
+        host, port, token, tls_root_cert = "127.0.0.1", server.port, None, None
+    return datasets.ArrowFlightDataset(host, port, args.files, layout, cfg.data.batch_size,
+                                       cfg.data.shuffle, cfg.data.seed, token, tls_root_cert)
 
 
 def batches(dataset, num_workers: int, start_epoch: int, skip: int):
@@ -250,7 +243,9 @@ def batches(dataset, num_workers: int, start_epoch: int, skip: int):
     epoch = start_epoch
     while True:
         dataset.set_epoch(epoch)   # workers receive a fresh copy of the dataset every epoch
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers)
+        # spawn, not fork: a forked worker would inherit the parent's gRPC client, which is not fork-safe
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                             multiprocessing_context="spawn" if num_workers else None)
         produced = 0
         for index, batch in enumerate(loader):
             produced += 1
@@ -392,6 +387,8 @@ def parse_args(argv=None):
     parser.add_argument("--flight-host", help="Flight server address; omit for the embedded in-process server")
     parser.add_argument("--port", type=int, default=8815, help="Flight server port")
     parser.add_argument("--files", nargs="+", help="files to train on, as the server names them (default: all)")
+    parser.add_argument("--flight-token-file", help="file holding the server's bearer token")
+    parser.add_argument("--flight-tls-root-cert", help="PEM certificate to trust: connect over TLS")
     parser.add_argument("--data-dir", help="without --flight-host: folder of Parquet files to serve "
                                            f"in-process (default: the demo corpus in {DEMO_DIR}, built if missing)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")

@@ -1,7 +1,9 @@
 """The Flight server on 127.0.0.1 against direct pyarrow reads, and the dataset that reads it."""
 import collections
+import concurrent.futures
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +23,7 @@ def served(corpus, tmp_path):
     shutil.copytree(root, served_root / "good")
     pq.write_table(pa.table({"sample_id": ["x"], "mel": [[1.0]]}), served_root / "wrong_schema.parquet")
     (served_root / "broken.parquet").write_bytes(b"PAR1 not really")
+    (served_root / "empty.parquet").write_bytes(b"")
     server = SampleFlightServer(served_root, "127.0.0.1", 0)
     client = flight.connect(f"grpc://127.0.0.1:{server.port}")
     yield served_root, server, client
@@ -61,12 +64,19 @@ def test_a_ticket_can_select_row_groups_and_columns(served):
 def test_invalid_files_are_not_served_and_say_why(served):
     root, server, client = served
     invalid = json.loads(next(iter(client.do_action(flight.Action("invalid", b"")))).body.to_pybytes())
-    assert set(invalid) == {"wrong_schema.parquet", "broken.parquet"}
+    assert set(invalid) == {"wrong_schema.parquet", "broken.parquet", "empty.parquet"}
     assert "column token_ids: missing" in invalid["wrong_schema.parquet"]
     with pytest.raises(flight.FlightServerError, match="wrong_schema.parquet: not served: .*token_ids"):
         client.get_flight_info(flight.FlightDescriptor.for_path("wrong_schema.parquet"))
     stats = json.loads(next(iter(client.do_action(flight.Action("stats", b"")))).body.to_pybytes())
-    assert stats["files"] == 3 and stats["invalid_files"] == 2
+    assert stats["files"] == 3 and stats["invalid_files"] == 3
+    name = next(iter(client.list_flights())).descriptor.path[0].decode()
+    client.do_get(flight.Ticket(Ticket(name, 0, 2).encode())).read_all()
+    after = json.loads(next(iter(client.do_action(flight.Action("stats", b"")))).body.to_pybytes())
+    groups = [pq.ParquetFile(root / name).metadata.row_group(g) for g in (0, 1)]
+    assert after["streams"] == stats["streams"] + 1 and after["clients"] >= 1
+    assert after["rows_streamed"] - stats["rows_streamed"] == sum(g.num_rows for g in groups)
+    assert after["bytes_streamed"] - stats["bytes_streamed"] == sum(g.total_byte_size for g in groups)
 
 
 @pytest.mark.parametrize("ticket, message", [
@@ -115,3 +125,94 @@ def test_unknown_server_or_file_is_a_clear_data_error(served):
                                           datasets.SequenceLayout(400, 4), batch_size=2)
     with pytest.raises(datasets.DataError, match="cannot get good/missing.parquet: .*no such file"):
         list(dataset)
+
+
+def _names(client, options=None):
+    return [i.descriptor.path[0].decode() for i in client.list_flights(options=options)]
+
+
+def test_a_token_is_required_and_checked(corpus):
+    root, _ = corpus
+    server = SampleFlightServer(root, "127.0.0.1", 0, token="s3cret")
+    try:
+        client = flight.connect(f"grpc://127.0.0.1:{server.port}")
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            _names(client)
+        wrong = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer guess")])
+        with pytest.raises(flight.FlightUnauthenticatedError):
+            _names(client, wrong)
+        right = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer s3cret")])
+        assert len(_names(client, right)) == len(list(root.glob("*.parquet")))
+        dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, None, datasets.SequenceLayout(400, 4),
+                                              batch_size=4, token="s3cret")
+        assert sum(len(b.sample_ids) for b in dataset) == pq.read_table(root, columns=["sample_id"]).num_rows
+        with pytest.raises(datasets.DataError, match="cannot list files"):
+            datasets.ArrowFlightDataset("127.0.0.1", server.port, None, datasets.SequenceLayout(400, 4), 4)
+    finally:
+        server.shutdown()
+
+
+def test_binding_beyond_loopback_needs_a_token(corpus):
+    root, _ = corpus
+    with pytest.raises(ValueError, match="give a bearer token"):
+        SampleFlightServer(root, "0.0.0.0", 0)
+
+
+def test_tls_round_trip_with_a_self_signed_certificate(corpus, tmp_path):
+    root, _ = corpus
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    server = SampleFlightServer(root, "127.0.0.1", 0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes())
+    try:
+        dataset = datasets.ArrowFlightDataset("localhost", server.port, None, datasets.SequenceLayout(400, 4),
+                                              batch_size=4, tls_root_cert=cert.read_bytes())
+        assert sum(len(b.sample_ids) for b in dataset) == pq.read_table(root, columns=["sample_id"]).num_rows
+        plain = flight.connect(f"grpc://127.0.0.1:{server.port}")   # no TLS: refused
+        with pytest.raises(flight.FlightUnavailableError):
+            plain.wait_for_available(timeout=2)
+            _names(plain)
+    finally:
+        server.shutdown()
+
+
+def test_batches_above_grpc_4mib_limit_stream(corpus, tmp_path):
+    rng = np.random.default_rng(0)
+    rows = [{"sample_id": f"big/{i}", "doc_id": "big", "segment_index": i, "text": "x",
+             "token_ids": np.arange(4, 10, dtype=np.int32), "mel": rng.normal(size=(6000, 80)).astype(np.float16),
+             "f0_hz": np.zeros(6000, np.float32), "voicing": np.zeros(6000, np.float32),
+             "energy": np.zeros(6000, np.float32), "speaker_id": 0, "sentiment": 1} for i in range(8)]
+    meta = {"features": {}, "tokenizer": {"vocab_size": 260}, "speakers": {"a": 0}}
+    datasets.write_samples(tmp_path / "big.parquet", rows, meta, rows_per_group=8)
+    server = SampleFlightServer(tmp_path, "127.0.0.1", 0, batch_rows=8)
+    try:
+        client = flight.connect(f"grpc://127.0.0.1:{server.port}")
+        info = client.get_flight_info(flight.FlightDescriptor.for_path("big.parquet"))
+        batches = [chunk.data for chunk in client.do_get(info.endpoints[0].ticket)]
+        assert max(b.nbytes for b in batches) > 4 * 2**20
+        assert pa.Table.from_batches(batches).equals(pq.read_table(tmp_path / "big.parquet"))
+    finally:
+        server.shutdown()
+
+
+def test_eight_concurrent_clients_and_a_client_that_cancels(served):
+    root, server, _ = served
+    names = _names(flight.connect(f"grpc://127.0.0.1:{server.port}"))
+    expected = {n: pq.read_table(root / n) for n in names}
+
+    def read(name):
+        client = flight.connect(f"grpc://127.0.0.1:{server.port}")
+        info = client.get_flight_info(flight.FlightDescriptor.for_path(name))
+        return pa.Table.from_batches([c.data for e in info.endpoints for c in client.do_get(e.ticket)])
+
+    # A client that walks away mid-stream must not disturb the others.
+    quitter = flight.connect(f"grpc://127.0.0.1:{server.port}")
+    reader = quitter.do_get(next(iter(quitter.list_flights())).endpoints[0].ticket)
+    reader.read_chunk()
+    reader.cancel()
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        work = [names[i % len(names)] for i in range(8)]
+        for name, table in zip(work, pool.map(read, work, timeout=60)):
+            assert table.equals(expected[name])
+    assert len(_names(flight.connect(f"grpc://127.0.0.1:{server.port}"))) == len(names)   # still serving
