@@ -13,8 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -390,23 +391,29 @@ class SequenceLayout:
         return 2 + len(segment.token_ids) + math.ceil(len(segment.mel) / self.frames_per_position)
 
 
-def pack_sequences(segments: Iterable[Segment], layout: SequenceLayout) -> Iterator[list[Segment]]:
+def pack_sequences(items: Iterable[tuple[object, Segment]], layout: SequenceLayout
+                   ) -> Iterator[tuple[object, list[Segment]]]:
     """Greedy packing in arrival order, so consecutive segments of a document stay together
-    (several documents may share a sequence; the attention masks keep them apart)."""
-    sequence, used = [], 0
-    for segment in segments:
+    (several documents may share a sequence; the attention masks keep them apart).
+
+    Items are (stream position, segment); each sequence comes with its first segment's position.
+    """
+    sequence, used, start = [], 0, None
+    for position, segment in items:
         need = layout.positions(segment)
         if need > layout.max_seq_len:
             warnings.warn(f"sample {segment.sample_id}: {need} positions exceed max_seq_len "
                           f"{layout.max_seq_len}; skipped")
             continue
         if used + need > layout.max_seq_len:
-            yield sequence
+            yield start, sequence
             sequence, used = [], 0
+        if not sequence:
+            start = position
         sequence.append(segment)
         used += need
     if sequence:
-        yield sequence
+        yield start, sequence
 
 
 @dataclass
@@ -436,6 +443,7 @@ class Batch:
                                         # the batch) where each token starts; -1 without alignment
     n_rows: int
     sample_ids: list[str]
+    resume_from: tuple = ()      # (epoch, shard, endpoint index, row) where this shard's next batch starts
 
     def n_positions(self, frames_per_position: int) -> int:
         """Sequence positions the batch fills (speaker, sentiment, tokens, stacked frames)."""
@@ -447,7 +455,7 @@ class Batch:
                         for f in fields(self)})
 
 
-def collate(sequences: list[list[Segment]], layout: SequenceLayout) -> Batch:
+def collate(sequences: list[list[Segment]], layout: SequenceLayout, resume_from: tuple = ()) -> Batch:
     k = layout.frames_per_position
     segments = [s for seq in sequences for s in seq]
     rows = np.repeat(np.arange(len(sequences)), [len(seq) for seq in sequences])
@@ -499,7 +507,46 @@ def collate(sequences: list[list[Segment]], layout: SequenceLayout) -> Batch:
         has_speaker_embedding=torch.tensor([s.speaker_embedding is not None for s in segments]),
         affect=torch.tensor([[s.valence, s.arousal] for s in segments], dtype=torch.float32),
         token_audio_position=torch.from_numpy(token_audio_position),
-        n_rows=len(sequences), sample_ids=[s.sample_id for s in segments])
+        n_rows=len(sequences), sample_ids=[s.sample_id for s in segments], resume_from=resume_from)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flight tickets: the protocol between flight_server.py and ArrowFlightDataset
+
+TICKET_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Ticket:
+    file: str                  # relative to the server root
+    first_row_group: int
+    end_row_group: int         # exclusive
+    columns: tuple[str, ...] | None = None
+    skip_rows: int = 0         # rows of the range already delivered: a resumed read starts after them
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": TICKET_VERSION, "file": self.file,
+                           "row_groups": [self.first_row_group, self.end_row_group],
+                           "columns": list(self.columns) if self.columns else None,
+                           "skip_rows": self.skip_rows}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, raw: bytes) -> "Ticket":
+        """Raises ValueError saying what is wrong."""
+        try:
+            data = json.loads(raw)
+            if data.get("v") != TICKET_VERSION:
+                raise ValueError(f"version {data.get('v')}, expected {TICKET_VERSION}")
+            first, end = (int(x) for x in data["row_groups"])
+            columns = data.get("columns")
+            if columns is not None and not all(isinstance(c, str) for c in columns):
+                raise ValueError("columns must be names")
+            skip = int(data.get("skip_rows", 0))
+            if skip < 0:
+                raise ValueError("skip_rows must be >= 0")
+            return cls(str(data["file"]), first, end, tuple(columns) if columns else None, skip)
+        except (KeyError, TypeError, json.JSONDecodeError) as err:
+            raise ValueError(str(err)) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -524,49 +571,80 @@ class DataConfig:
 class _PackedStream(torch.utils.data.IterableDataset):
     """Endpoints (a file's row-group range) -> segments -> packed sequences -> batches.
 
-    Endpoints are permuted by (seed, epoch) and dealt round-robin over (rank, worker).
+    Endpoints are permuted by (seed, epoch) and dealt round-robin over shards, one shard per
+    (rank, worker). Every batch says where its shard's next batch starts (endpoint, row), so
+    `record(batch)` / `state_dict()` / `load_state_dict()` resume mid-epoch exactly: the resumed
+    shard reads from that row on and packs the same sequences as the uninterrupted run.
     """
 
     def __init__(self, layout: SequenceLayout, batch_size: int, shuffle: bool = True, seed: int = 0):
         super().__init__()
         self.layout, self.batch_size, self.shuffle, self.seed = layout, batch_size, shuffle, seed
         self.epoch = 0
+        self._positions: dict[int, tuple[int, int]] = {}   # shard -> (endpoint index, row), for self.epoch
 
     def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._positions = {}
         self.epoch = epoch
+
+    def record(self, batch: Batch) -> None:
+        """Note a batch the trainer consumed (batches may come from DataLoader workers)."""
+        epoch, shard, endpoint, row = batch.resume_from
+        self.set_epoch(epoch)
+        self._positions[shard] = (endpoint, row)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "positions": {str(k): list(v) for k, v in self._positions.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
 
     def endpoints(self) -> list:
         raise NotImplementedError
 
-    def read_endpoint(self, endpoint) -> Iterator[pa.RecordBatch]:
+    def read_endpoint(self, endpoint, skip_rows: int) -> Iterator[pa.RecordBatch]:
         raise NotImplementedError
 
     def metadata(self) -> dict[str, dict]:
         raise NotImplementedError
 
-    def _my_endpoints(self) -> list:
-        endpoints = self.endpoints()
-        if self.shuffle:
-            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(endpoints))
-            endpoints = [endpoints[i] for i in order]
+    def _shard(self) -> tuple[int, int]:
         rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                        if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1))
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return endpoints[rank * workers + worker::world * workers]
+        return rank * workers + worker, world * workers
+
+    def _shard_endpoints(self, shard: int, n_shards: int) -> list:
+        endpoints = self.endpoints()
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(endpoints))
+            endpoints = [endpoints[i] for i in order]
+        return endpoints[shard::n_shards]
 
     def __iter__(self) -> Iterator[Batch]:
-        segments = (segment for endpoint in self._my_endpoints()
-                    for record_batch in self.read_endpoint(endpoint)
-                    for segment in segments_from_batch(record_batch))
+        shard, n_shards = self._shard()
+        endpoints = self._shard_endpoints(shard, n_shards)
+        first_endpoint, first_row = self._positions.get(shard, (0, 0))
+
+        def positioned():
+            for index in range(first_endpoint, len(endpoints)):
+                row = first_row if index == first_endpoint else 0
+                for record_batch in self.read_endpoint(endpoints[index], row):
+                    for segment in segments_from_batch(record_batch):
+                        yield (index, row), segment
+                        row += 1
+
         sequences = []
-        for sequence in pack_sequences(segments, self.layout):
-            sequences.append(sequence)
-            if len(sequences) == self.batch_size:
-                yield collate(sequences, self.layout)
+        for start, sequence in pack_sequences(positioned(), self.layout):
+            if len(sequences) == self.batch_size:   # `start` is where the next batch begins
+                yield collate(sequences, self.layout, (self.epoch, shard, *start))
                 sequences = []
+            sequences.append(sequence)
         if sequences:
-            yield collate(sequences, self.layout)
+            yield collate(sequences, self.layout, (self.epoch, shard, len(endpoints), 0))
 
 
 class LocalParquetDataset(_PackedStream):
@@ -580,12 +658,26 @@ class LocalParquetDataset(_PackedStream):
     def endpoints(self) -> list[tuple[str, int]]:
         return [(f, group) for f in self.files for group in range(pq.ParquetFile(f).num_row_groups)]
 
-    def read_endpoint(self, endpoint):
+    def read_endpoint(self, endpoint, skip_rows: int = 0):
         path, group = endpoint
-        yield from pq.ParquetFile(path).iter_batches(row_groups=[group])
+        batches = pq.ParquetFile(path).iter_batches(row_groups=[group])
+        yield from skip_rows_of(batches, skip_rows)
 
     def metadata(self) -> dict[str, dict]:
         return {f: read_metadata(pq.read_schema(f), f) for f in self.files}
+
+
+def skip_rows_of(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
+    """The batches without their first `rows` rows."""
+    for batch in batches:
+        if rows >= batch.num_rows:
+            rows -= batch.num_rows
+            continue
+        yield batch.slice(rows) if rows else batch
+        rows = 0
+
+
+RETRYABLE = (flight.FlightUnavailableError, flight.FlightTimedOutError, flight.FlightCancelledError)
 
 
 class ArrowFlightDataset(_PackedStream):
@@ -594,8 +686,10 @@ class ArrowFlightDataset(_PackedStream):
 
     def __init__(self, host: str, port: int, files: list[str] | None, layout: SequenceLayout,
                  batch_size: int, shuffle: bool = True, seed: int = 0, token: str | None = None,
-                 tls_root_cert: bytes | None = None):
+                 tls_root_cert: bytes | None = None, max_retries: int = 5, retry_backoff_s: float = 0.5,
+                 read_timeout_s: float = 120.0):
         super().__init__(layout, batch_size, shuffle, seed)
+        self.max_retries, self.retry_backoff_s, self.read_timeout_s = max_retries, retry_backoff_s, read_timeout_s
         self.location = f"{'grpc+tls' if tls_root_cert else 'grpc'}://{host}:{port}"
         self.token, self.tls_root_cert = token, tls_root_cert
         self._client = None
@@ -612,16 +706,34 @@ class ArrowFlightDataset(_PackedStream):
             self._client = flight.FlightClient(self.location, tls_root_certs=self.tls_root_cert)
         return self._client
 
+    def _headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"authorization", f"Bearer {self.token}".encode())] if self.token else []
+
     @property
     def _options(self):
-        headers = [(b"authorization", f"Bearer {self.token}".encode())] if self.token else []
-        return flight.FlightCallOptions(headers=headers)
+        return flight.FlightCallOptions(headers=self._headers())
+
+    def _failed(self, failures: int, what: str, err: Exception) -> None:
+        """After a retryable failure: raise once there were too many in a row, else back off."""
+        if failures > self.max_retries:
+            raise DataError(f"{self.location}: {what} failed {failures} times in a row: {err}") from err
+        time.sleep(min(self.retry_backoff_s * 2 ** (failures - 1), 30.0))
+        self._client = None   # reconnect
+
+    def _call(self, what: str, call):
+        failures = 0
+        while True:
+            try:
+                return call()
+            except RETRYABLE as err:
+                failures += 1
+                self._failed(failures, what, err)
+            except flight.FlightError as err:
+                raise DataError(f"{self.location}: {what}: {err}") from err
 
     def _served_files(self) -> list[str]:
-        try:
-            files = [info.descriptor.path[0].decode() for info in self.client.list_flights(options=self._options)]
-        except flight.FlightError as err:
-            raise DataError(f"{self.location}: cannot list files: {err}") from err
+        files = self._call("listing files", lambda: [info.descriptor.path[0].decode()
+                                                     for info in self.client.list_flights(options=self._options)])
         if not files:
             raise DataError(f"{self.location} serves no valid Parquet files")
         return files
@@ -630,10 +742,8 @@ class ArrowFlightDataset(_PackedStream):
         if self._infos is None:
             infos = {}
             for name in self.files:
-                try:
-                    infos[name] = self.client.get_flight_info(flight.FlightDescriptor.for_path(name), self._options)
-                except flight.FlightError as err:
-                    raise DataError(f"{self.location}: cannot get {name}: {err}") from err
+                infos[name] = self._call(f"getting {name}", lambda name=name: self.client.get_flight_info(
+                    flight.FlightDescriptor.for_path(name), self._options))
             self._infos = infos
         return self._infos
 
@@ -641,13 +751,27 @@ class ArrowFlightDataset(_PackedStream):
         return [(name, endpoint.ticket.ticket) for name, info in self._flight_infos().items()
                 for endpoint in info.endpoints]
 
-    def read_endpoint(self, endpoint):
-        name, ticket = endpoint
-        try:
-            for chunk in self.client.do_get(flight.Ticket(ticket), self._options):
-                yield chunk.data
-        except flight.FlightError as err:
-            raise DataError(f"{self.location}: reading {name} failed: {err}") from err
+    def read_endpoint(self, endpoint, skip_rows: int = 0):
+        """Stream one endpoint. A lost connection or a read past `read_timeout_s` is retried with
+        backoff from the first row not yet delivered; `max_retries` failures in a row are an error."""
+        name, raw = endpoint
+        ticket, delivered, failures = Ticket.decode(raw), skip_rows, 0
+        options = flight.FlightCallOptions(headers=self._headers(),
+                                           timeout=self.read_timeout_s)
+        while True:
+            try:
+                reader = self.client.do_get(flight.Ticket(replace(ticket, skip_rows=delivered).encode()),
+                                            options)
+                for chunk in reader:
+                    delivered += chunk.data.num_rows
+                    failures = 0
+                    yield chunk.data
+                return
+            except RETRYABLE as err:
+                failures += 1
+                self._failed(failures, f"reading {name} from row {delivered}", err)
+            except flight.FlightError as err:
+                raise DataError(f"{self.location}: reading {name} failed: {err}") from err
 
     def metadata(self) -> dict[str, dict]:
         return {f"{self.location}/{name}": read_metadata(info.schema, name)

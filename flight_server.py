@@ -32,38 +32,9 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
 import datasets
+from datasets import Ticket
 
 log = logging.getLogger("flight_server")
-TICKET_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Ticket:
-    file: str                  # relative to the server root
-    first_row_group: int
-    end_row_group: int         # exclusive
-    columns: tuple[str, ...] | None = None
-
-    def encode(self) -> bytes:
-        return json.dumps({"v": TICKET_VERSION, "file": self.file,
-                           "row_groups": [self.first_row_group, self.end_row_group],
-                           "columns": list(self.columns) if self.columns else None},
-                          separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> "Ticket":
-        try:
-            data = json.loads(raw)
-            if data.get("v") != TICKET_VERSION:
-                raise ValueError(f"version {data.get('v')}, expected {TICKET_VERSION}")
-            first, end = (int(x) for x in data["row_groups"])
-            columns = data.get("columns")
-            if columns is not None and not all(isinstance(c, str) for c in columns):
-                raise ValueError("columns must be names")
-            return cls(str(data["file"]), first, end, tuple(columns) if columns else None)
-        except (ValueError, KeyError, TypeError) as err:
-            raise flight.FlightServerError(f"malformed ticket: {err}") from None
-
 
 class BearerTokenAuth(flight.ServerMiddlewareFactory):
     """Every call must carry `authorization: Bearer TOKEN`; compared in constant time."""
@@ -216,7 +187,10 @@ class SampleFlightServer(flight.FlightServerBase):
 
     @_handler
     def do_get(self, context, ticket):
-        request = Ticket.decode(ticket.ticket)
+        try:
+            request = Ticket.decode(ticket.ticket)
+        except ValueError as err:
+            raise flight.FlightServerError(f"malformed ticket: {err}") from None
         info = self._info(request.file)
         n_groups = len(info.endpoints)
         if not 0 <= request.first_row_group < request.end_row_group <= n_groups:
@@ -237,9 +211,12 @@ class SampleFlightServer(flight.FlightServerBase):
             self._stats["rows_streamed"] += sum(g.num_rows for g in fragment.row_groups)
             self._stats["bytes_streamed"] += sum(g.total_byte_size for g in fragment.row_groups)
             self._peers.add(context.peer())
-        log.info("stream %s row groups [%d, %d) to %s", request.file, request.first_row_group,
-                 request.end_row_group, context.peer())
-        return flight.RecordBatchStream(scanner.to_reader())
+        log.info("stream %s row groups [%d, %d) from row %d to %s", request.file, request.first_row_group,
+                 request.end_row_group, request.skip_rows, context.peer())
+        reader = scanner.to_reader()
+        if request.skip_rows:   # a resumed read: Python drops the rows already delivered
+            reader = pa.RecordBatchReader.from_batches(reader.schema, datasets.skip_rows_of(reader, request.skip_rows))
+        return flight.RecordBatchStream(reader)
 
     @_handler
     def list_actions(self, context):

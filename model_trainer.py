@@ -238,21 +238,20 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack) -> datasets.Arro
                                        cfg.data.shuffle, cfg.data.seed, token, tls_root_cert)
 
 
-def batches(dataset, num_workers: int, start_epoch: int, skip: int):
-    """Endless (epoch, index, batch) stream; `skip` batches of the first epoch were already seen."""
-    epoch = start_epoch
+def batches(dataset, num_workers: int):
+    """Endless stream of batches from the dataset's epoch and recorded position on."""
+    epoch = dataset.epoch
     while True:
-        dataset.set_epoch(epoch)   # workers receive a fresh copy of the dataset every epoch
+        dataset.set_epoch(epoch)   # keeps the recorded positions if they belong to this epoch
+        resumed = bool(dataset.state_dict()["positions"])
         # spawn, not fork: a forked worker would inherit the parent's gRPC client, which is not fork-safe
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                              multiprocessing_context="spawn" if num_workers else None)
         produced = 0
-        for index, batch in enumerate(loader):
+        for batch in loader:
             produced += 1
-            if epoch == start_epoch and index < skip:
-                continue
-            yield epoch, index, batch
-        if produced == 0:
+            yield batch
+        if produced == 0 and not resumed:
             raise datasets.DataError("the dataset produced no batches")
         epoch += 1
 
@@ -303,7 +302,7 @@ def train(args, cfg: Config) -> dict:
         model.to(device)
         optimizer, scheduler = make_optimizer(model, cfg.train, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        start_step, epoch, seen_in_epoch = 0, 0, 0
+        start_step = 0
         if resume_path:
             state = load_checkpoint(resume_path)
             model.load_state_dict(state["model"])
@@ -311,7 +310,8 @@ def train(args, cfg: Config) -> dict:
             scheduler.load_state_dict(state["scheduler"])
             scaler.load_state_dict(state["scaler"])
             set_rng_state(state["rng"])
-            start_step, epoch, seen_in_epoch = state["step"], state["epoch"], state["batches_in_epoch"]
+            dataset.load_state_dict(state["data"])
+            start_step = state["step"]
             print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
 
         metrics_log = cleanup.enter_context(open(out_dir / "metrics.jsonl", "a"))
@@ -322,11 +322,11 @@ def train(args, cfg: Config) -> dict:
             if live:
                 live.publish(message)
 
-        def checkpoint(step, epoch, batches_in_epoch):
+        def checkpoint(step):
             path = save_checkpoint(out_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng_state(), "step": step, "epoch": epoch, "batches_in_epoch": batches_in_epoch,
+                "rng": rng_state(), "data": dataset.state_dict(), "step": step,
                 "config": asdict(cfg)}, cfg.train.keep_checkpoints)
             publish({"type": "checkpoint", "step": step, "path": str(path)})
             return path
@@ -340,7 +340,7 @@ def train(args, cfg: Config) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
             cleanup.callback(signal.signal, sig, signal.signal(sig, lambda s, f: stop_requested.append(s)))
 
-        stream = batches(dataset, cfg.data.num_workers, epoch, seen_in_epoch)
+        stream = batches(dataset, cfg.data.num_workers)
         mask_rng = torch.Generator()
         progress = cleanup.enter_context(tqdm(range(start_step, cfg.train.steps), initial=start_step,
                                               total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True))
@@ -349,7 +349,8 @@ def train(args, cfg: Config) -> dict:
         try:
             for step in progress:
                 t0 = time.perf_counter()
-                epoch, index, batch = next(stream)
+                batch = next(stream)
+                dataset.record(batch)
                 data_wait = time.perf_counter() - t0
                 mask_rng.manual_seed(cfg.train.seed * 1_000_003 + step)   # masks depend on the step alone
                 masks = sample_masks(batch, cfg.model, mask_rng).to(device)
@@ -359,7 +360,7 @@ def train(args, cfg: Config) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step_time = time.perf_counter() - t0
-                record = {"type": "step", "step": step + 1, "epoch": epoch, "loss": loss.item(),
+                record = {"type": "step", "step": step + 1, "epoch": dataset.epoch, "loss": loss.item(),
                           **{k: v.item() for k, v in metrics.items()}, "lr": lr,
                           "grad_norm": grad_norm.item(), "tokens_per_s": batch.n_positions(cfg.model.frames_per_position) / step_time,
                           "step_time_s": step_time, "data_wait_frac": data_wait / step_time}
@@ -369,7 +370,7 @@ def train(args, cfg: Config) -> dict:
                                      tok_s=f"{record['tokens_per_s']:.0f}")
                 done = step + 1
                 if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_requested:
-                    last_path = checkpoint(done, epoch, index + 1)
+                    last_path = checkpoint(done)
                 if stop_requested:
                     progress.write(f"signal {stop_requested[0]}: stopped after step {done}, checkpoint {last_path}")
                     break

@@ -111,8 +111,11 @@ def test_packing_fills_sequences_in_order_and_skips_oversized_segments():
     layout = SequenceLayout(max_seq_len=24, frames_per_position=4)
     need = 2 + len(rows[7]["token_ids"]) + 400 // 4
     with pytest.warns(UserWarning, match=f"doc2/1: {need} positions exceed max_seq_len 24"):
-        sequences = list(datasets.pack_sequences(segments, layout))
+        packed = list(datasets.pack_sequences(enumerate(segments), layout))
+    sequences = [seq for _, seq in packed]
+    starts = [start for start, _ in packed]
     flat = [s.sample_id for seq in sequences for s in seq]
+    assert [segments[i].sample_id for i in starts] == [seq[0].sample_id for seq in sequences]
     assert flat == [r["sample_id"] for i, r in enumerate(rows) if i != 7]
     for seq, following in zip(sequences, sequences[1:] + [None]):
         used = sum(layout.positions(s) for s in seq)
@@ -169,3 +172,41 @@ def test_corpus_info_refuses_files_with_different_features():
     meta = {"features": {"sample_rate": 16000}, "tokenizer": {"vocab_size": 260}, "stats": {}}
     with pytest.raises(ValueError, match="b.parquet: features"):
         datasets.corpus_info({"a.parquet": meta, "b.parquet": {**meta, "features": {"sample_rate": 8000}}})
+
+
+def _ids(batches):
+    return [b.sample_ids for b in batches]
+
+
+@pytest.mark.parametrize("stop_after", [1, 3, 5])
+def test_resuming_from_a_state_dict_reproduces_the_remaining_order(corpus, stop_after):
+    _, shards = corpus
+    layout = SequenceLayout(max_seq_len=300, frames_per_position=4)
+
+    def fresh():
+        dataset = datasets.LocalParquetDataset(shards, layout, batch_size=2, seed=9)
+        dataset.set_epoch(2)
+        return dataset
+
+    full = _ids(fresh())
+    assert len(full) > stop_after + 1
+    first = fresh()
+    for batch, _ in zip(first, range(stop_after)):
+        first.record(batch)
+    state = first.state_dict()
+    resumed = fresh()
+    resumed.load_state_dict(state)
+    assert _ids(resumed) == full[stop_after:]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_shards_cover_the_dataset_exactly_once(corpus, monkeypatch, world, workers):
+    _, shards = corpus
+    dataset = datasets.LocalParquetDataset(shards, SequenceLayout(300, 4), batch_size=2, seed=4)
+    seen = []
+    for shard in range(world * workers):   # shard = rank * workers + worker
+        monkeypatch.setattr(dataset, "_shard", lambda shard=shard: (shard, world * workers))
+        seen += [sid for batch in dataset for sid in batch.sample_ids]
+    expected = [sid for s in shards for sid in pq.read_table(s, columns=["sample_id"]).column(0).to_pylist()]
+    assert collections.Counter(seen) == collections.Counter(expected)
