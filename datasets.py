@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
+import threading
 import time
 import warnings
 from dataclasses import dataclass, fields, replace
@@ -510,6 +512,46 @@ def collate(sequences: list[list[Segment]], layout: SequenceLayout, resume_from:
         n_rows=len(sequences), sample_ids=[s.sample_id for s in segments], resume_from=resume_from)
 
 
+def prefetch(iterable: Iterable, depth: int) -> Iterator:
+    """Run `iterable` in a background thread, `depth` items ahead, so that reading and packing
+    overlap the training step (Arrow and torch release the GIL for their heavy work). Errors
+    reach the consumer; abandoning the generator stops the thread."""
+    if depth <= 0:
+        yield from iterable
+        return
+    items: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce():
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        items.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            items.put((done, None))
+        except BaseException as err:  # noqa: BLE001 - handed to the consumer
+            items.put((done, err))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = items.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        stop.set()
+
+
 # ---------------------------------------------------------------------------------------------
 # Flight tickets: the protocol between flight_server.py and ArrowFlightDataset
 
@@ -559,13 +601,14 @@ class DataConfig:
     shuffle: bool = True
     seed: int = 0
     num_workers: int = 0         # DataLoader workers, each with its own Flight client
+    prefetch: int = 4            # batches read ahead in a background thread (0: none)
 
     def __post_init__(self):
         for name in ("batch_size", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1")
-        if self.num_workers < 0:
-            raise ValueError("data.num_workers must be >= 0")
+        if self.num_workers < 0 or self.prefetch < 0:
+            raise ValueError("data.num_workers and data.prefetch must be >= 0")
 
 
 class _PackedStream(torch.utils.data.IterableDataset):

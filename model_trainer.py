@@ -340,7 +340,8 @@ def train(args, cfg: Config) -> dict:
         for sig in (signal.SIGINT, signal.SIGTERM):
             cleanup.callback(signal.signal, sig, signal.signal(sig, lambda s, f: stop_requested.append(s)))
 
-        stream = batches(dataset, cfg.data.num_workers)
+        stream = datasets.prefetch(batches(dataset, cfg.data.num_workers), cfg.data.prefetch)
+        cleanup.callback(stream.close)   # stop reading before the in-process server goes away
         mask_rng = torch.Generator()
         progress = cleanup.enter_context(tqdm(range(start_step, cfg.train.steps), initial=start_step,
                                               total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True))

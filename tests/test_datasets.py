@@ -210,3 +210,32 @@ def test_shards_cover_the_dataset_exactly_once(corpus, monkeypatch, world, worke
         seen += [sid for batch in dataset for sid in batch.sample_ids]
     expected = [sid for s in shards for sid in pq.read_table(s, columns=["sample_id"]).column(0).to_pylist()]
     assert collections.Counter(seen) == collections.Counter(expected)
+
+
+def test_prefetch_keeps_order_and_passes_errors_on():
+    assert list(datasets.prefetch(iter(range(50)), depth=3)) == list(range(50))
+
+    def failing():
+        yield 1
+        raise datasets.DataError("server gone")
+
+    got = []
+    with pytest.raises(datasets.DataError, match="server gone"):
+        for item in datasets.prefetch(failing(), depth=2):
+            got.append(item)
+    assert got == [1]
+    stream = datasets.prefetch(iter(range(10**6)), depth=2)
+    assert next(stream) == 0
+    stream.close()   # abandoning the stream stops the producer thread
+    import threading
+    assert wait_until(lambda: not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate()))
+
+
+def wait_until(condition, timeout=5.0):
+    import time
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
