@@ -28,6 +28,7 @@ bench: demo
 	$(PY) bench/attention.py
 	$(PY) bench/long_context.py
 	$(PY) bench/cross_modal.py
+	$(PY) bench/data_throughput.py
 
 clean:
 	rm -rf data runs
