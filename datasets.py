@@ -61,6 +61,19 @@ class DataError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Writing, with the statistics the model normalises by
 
+def speaker_sums(rows: list[dict]) -> dict[str, dict]:
+    """Per speaker id: log-F0 (voiced frames) and energy sums, for per-speaker normalisation."""
+    out = {}
+    for speaker in sorted({r["speaker_id"] for r in rows}):
+        f0 = np.concatenate([r["f0_hz"] for r in rows if r["speaker_id"] == speaker]).astype(np.float64)
+        energy = np.concatenate([r["energy"] for r in rows if r["speaker_id"] == speaker]).astype(np.float64)
+        log_f0 = np.log(f0[f0 > 0])
+        out[str(speaker)] = {"frames": int(energy.size), "voiced_frames": int(log_f0.size),
+                             "log_f0_sum": float(log_f0.sum()), "log_f0_sumsq": float(np.square(log_f0).sum()),
+                             "energy_sum": float(energy.sum()), "energy_sumsq": float(np.square(energy).sum())}
+    return out
+
+
 def feature_sums(rows: list[dict]) -> dict:
     """Sums from which corpus means and standard deviations combine exactly across shards."""
     mel = np.concatenate([r["mel"] for r in rows]).astype(np.float64)
@@ -100,7 +113,8 @@ def samples_table(rows: list[dict], metadata: dict) -> pa.Table:
                 arrays.append(_list_array([np.asarray(v, dtype) for v in column], value_type))
         else:
             arrays.append(pa.array(column, field.type))
-    meta = {"schema_version": SCHEMA_VERSION, **metadata, "stats": feature_sums(rows)}
+    meta = {"schema_version": SCHEMA_VERSION, **metadata, "stats": feature_sums(rows),
+            "speaker_stats": speaker_sums(rows)}
     schema = SAMPLE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
     return pa.Table.from_arrays(arrays, schema=schema)
 
@@ -144,6 +158,7 @@ class CorpusInfo:
     log_f0_std: float
     energy_mean: float
     energy_std: float
+    speaker_prosody: dict[int, tuple[float, float, float, float]] = None  # id -> log-F0 mean, std, energy mean, std
 
 
 def corpus_info(metas: dict[str, dict]) -> CorpusInfo:
@@ -160,10 +175,20 @@ def corpus_info(metas: dict[str, dict]) -> CorpusInfo:
         for key, value in meta["stats"].items():
             totals[key] = np.asarray(value, np.float64) + totals.get(key, 0.0)
 
-    def mean_std(prefix, count):
-        mean = totals[f"{prefix}_sum"] / max(count, 1)
-        var = totals[f"{prefix}_sumsq"] / max(count, 1) - mean ** 2
+    def mean_std(prefix, count, sums=totals):
+        mean = sums[f"{prefix}_sum"] / max(count, 1)
+        var = sums[f"{prefix}_sumsq"] / max(count, 1) - mean ** 2
         return mean, np.sqrt(np.maximum(var, 1e-6))
+
+    per_speaker: dict[int, dict] = {}
+    for meta in metas.values():
+        for speaker, sums in meta.get("speaker_stats", {}).items():
+            combined = per_speaker.setdefault(int(speaker), {})
+            for key, value in sums.items():
+                combined[key] = combined.get(key, 0.0) + value
+    speaker_prosody = {speaker: (*map(float, mean_std("log_f0", s["voiced_frames"], s)),
+                                 *map(float, mean_std("energy", s["frames"], s)))
+                       for speaker, s in per_speaker.items()}
 
     mel_mean, mel_std = mean_std("mel", totals["frames"])
     f0_mean, f0_std = mean_std("log_f0", totals["voiced_frames"])
@@ -172,7 +197,8 @@ def corpus_info(metas: dict[str, dict]) -> CorpusInfo:
     return CorpusInfo(vocab_size=first["tokenizer"]["vocab_size"], n_speakers=n_speakers,
                       mel_mean=mel_mean.tolist(), mel_std=mel_std.tolist(),
                       log_f0_mean=float(f0_mean), log_f0_std=float(f0_std),
-                      energy_mean=float(energy_mean), energy_std=float(energy_std))
+                      energy_mean=float(energy_mean), energy_std=float(energy_std),
+                      speaker_prosody=speaker_prosody)
 
 
 # ---------------------------------------------------------------------------------------------

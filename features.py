@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import hashlib
 import json
 import math
+import multiprocessing
+import os
 import sys
 import wave
 from dataclasses import asdict, dataclass
@@ -273,13 +277,46 @@ def read_manifest(path: str | Path) -> list[dict]:
     return entries
 
 
+_EXTRACTORS: dict[FeatureConfig, FeatureExtractor] = {}   # one per process and configuration
+
+
+def sample_row(entry: dict, cfg: FeatureConfig, speaker_ids: dict[str, int]) -> dict | str:
+    """One manifest entry -> a row of the sample schema, or why its audio cannot be used."""
+    try:
+        samples, rate = read_wav(entry["audio"])
+    except AudioError as err:
+        return str(err)
+    extractor = _EXTRACTORS.setdefault(cfg, FeatureExtractor(cfg))
+    tokenizer = ByteTokenizer()
+    feats = extractor(samples, rate)
+    last_frame = len(feats["mel"]) - 1
+
+    def frame(seconds):
+        return min(last_frame, max(0, round(seconds * cfg.sample_rate / cfg.hop_length)))
+
+    if entry["token_start_s"] is not None:
+        token_starts = [frame(t) for t in entry["token_start_s"]]
+    elif entry["char_start_s"] is not None:
+        token_starts = tokenizer.token_starts(entry["text"], [frame(t) for t in entry["char_start_s"]], last_frame)
+    else:
+        token_starts = None
+    token_ids = entry["token_ids"] if entry["token_ids"] is not None else tokenizer.encode(entry["text"])
+    return {"sample_id": f"{entry['doc_id']}/{entry['segment_index']:05d}",
+            "doc_id": entry["doc_id"], "segment_index": entry["segment_index"], "text": entry["text"],
+            "token_ids": np.asarray(token_ids, dtype=np.int32),
+            "speaker_id": speaker_ids[entry["speaker"]], "sentiment": entry["sentiment"],
+            "valence": entry["valence"], "arousal": entry["arousal"], "token_start_frame": token_starts,
+            **feats}
+
+
 def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 4096,
             rows_per_group: int | None = None, cfg: FeatureConfig = FeatureConfig(),
-            speaker_ids: dict[str, int] | None = None, log=print) -> list[Path]:
-    """Extract features for every manifest entry and write Parquet shards.
+            speaker_ids: dict[str, int] | None = None, workers: int = 1, log=print) -> list[Path]:
+    """Extract features for every manifest entry and write Parquet shards; returns their paths.
 
     Entries whose audio cannot be used are reported by path and skipped; the rest is written.
-    Returns the shard paths.
+    Shards hold fixed runs of the sorted manifest and record a fingerprint of their inputs, so a
+    rerun skips the shards that are already finished. `workers` > 1 extracts in parallel.
     """
     entries = read_manifest(manifest)
     if speaker_ids is None:
@@ -287,58 +324,53 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
     unknown = sorted({e["speaker"] for e in entries} - set(speaker_ids))
     if unknown:
         raise ValueError(f"{manifest}: speakers {unknown} have no id")
-    tokenizer = ByteTokenizer()
     if entries and entries[0]["token_ids"] is not None:
         tokenizer_info = {"name": "manifest-token-ids",
                           "vocab_size": 1 + max((max(e["token_ids"], default=0) for e in entries), default=0)}
     else:
-        tokenizer_info = tokenizer.describe()
-    extractor = FeatureExtractor(cfg)
+        tokenizer_info = ByteTokenizer().describe()
     entries.sort(key=lambda e: (e["doc_id"], e["segment_index"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"features": asdict(cfg), "tokenizer": tokenizer_info, "speakers": speaker_ids}
-    rows, shards, skipped = [], [], []
-
-    def flush():
-        if rows:
-            shard = out_dir / f"shard-{len(shards):05d}.parquet"
-            datasets.write_samples(shard, rows, metadata, rows_per_group=rows_per_group)
-            shards.append(shard)
-            rows.clear()
-
-    for entry in tqdm(entries, desc="features", unit="seg", disable=None):
-        try:
-            samples, rate = read_wav(entry["audio"])
-        except AudioError as err:
-            log(f"skipped: {err}")
-            skipped.append(entry["audio"])
-            continue
-        token_ids = entry["token_ids"] if entry["token_ids"] is not None else tokenizer.encode(entry["text"])
-        feats = extractor(samples, rate)
-        last_frame = len(feats["mel"]) - 1
-        frames_per_s = cfg.sample_rate / cfg.hop_length
-        if entry["token_start_s"] is not None:
-            token_starts = [min(last_frame, max(0, round(t * frames_per_s))) for t in entry["token_start_s"]]
-        elif entry["char_start_s"] is not None:
-            token_starts = tokenizer.token_starts(
-                entry["text"], [min(last_frame, max(0, round(t * frames_per_s))) for t in entry["char_start_s"]], last_frame)
-        else:
-            token_starts = None
-        rows.append({
-            "sample_id": f"{entry['doc_id']}/{entry['segment_index']:05d}",
-            "doc_id": entry["doc_id"], "segment_index": entry["segment_index"], "text": entry["text"],
-            "token_ids": np.asarray(token_ids, dtype=np.int32),
-            "speaker_id": speaker_ids[entry["speaker"]], "sentiment": entry["sentiment"],
-            "valence": entry["valence"], "arousal": entry["arousal"], "token_start_frame": token_starts,
-            **feats,
-        })
-        if len(rows) >= rows_per_shard:
-            flush()
-    flush()
+    extract = functools.partial(sample_row, cfg=cfg, speaker_ids=speaker_ids)
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
+    shards, skipped = [], 0
+    try:
+        with tqdm(total=len(entries), desc="features", unit="seg", disable=None) as progress:
+            for index in range(0, len(entries), rows_per_shard):
+                chunk = entries[index:index + rows_per_shard]
+                path = out_dir / f"shard-{index // rows_per_shard:05d}.parquet"
+                recipe = hashlib.sha256(json.dumps([chunk, metadata], sort_keys=True).encode()).hexdigest()
+                if _finished(path, recipe):
+                    shards.append(path)
+                    progress.update(len(chunk))
+                    continue
+                rows = []
+                for result in (pool.imap(extract, chunk) if pool else map(extract, chunk)):
+                    progress.update(1)
+                    if isinstance(result, str):
+                        log(f"skipped: {result}")
+                        skipped += 1
+                    else:
+                        rows.append(result)
+                if rows:
+                    datasets.write_samples(path, rows, {**metadata, "recipe": recipe}, rows_per_group=rows_per_group)
+                    shards.append(path)
+    finally:
+        if pool:
+            pool.terminate()
     if skipped:
-        log(f"{len(skipped)} of {len(entries)} recordings skipped (see above)")
+        log(f"{skipped} of {len(entries)} recordings skipped (see above)")
     return shards
+
+
+def _finished(path: Path, recipe: str) -> bool:
+    """A shard written from exactly these inputs by an earlier run."""
+    try:
+        return datasets.read_metadata(datasets.pq.read_schema(path), str(path)).get("recipe") == recipe
+    except (OSError, ValueError, datasets.pa.ArrowException):
+        return False
 
 
 def main(argv=None) -> int:
@@ -348,12 +380,14 @@ def main(argv=None) -> int:
     prep.add_argument("--manifest", required=True)
     prep.add_argument("--out", required=True)
     prep.add_argument("--rows-per-shard", type=int, default=4096, help="segments per Parquet file")
+    prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
+                      help="parallel feature-extraction processes")
     prep.add_argument("--rows-per-group", type=int,
                       help=f"segments per row group (default: about {datasets.ROW_GROUP_BYTES >> 20} MB each)")
     args = parser.parse_args(argv)
     try:
         shards = prepare(args.manifest, args.out, args.rows_per_shard, args.rows_per_group,
-                         log=lambda m: print(m, file=sys.stderr))
+                         workers=args.workers, log=lambda m: print(m, file=sys.stderr))
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
