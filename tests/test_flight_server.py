@@ -4,6 +4,8 @@ import concurrent.futures
 import json
 import shutil
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -261,3 +263,43 @@ def test_a_server_that_stays_down_is_a_clear_error_naming_it(corpus):
         list(dataset)
     with pytest.raises(datasets.DataError, match=f"grpc://127.0.0.1:{server.port}: reading .* from row 0 failed 3 times"):
         list(streaming)
+
+
+class StallingServer(SampleFlightServer):
+    """Stalls its first stream after one batch, as a hung disk or network would."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stalled = threading.Event()
+
+    def do_get(self, context, ticket):
+        stream = super().do_get(context, ticket)
+        if self.stalled.is_set():
+            return stream
+        self.stalled.set()
+        request = Ticket.decode(ticket.ticket)
+        table = pq.ParquetFile(self.root / request.file).read_row_groups(
+            list(range(request.first_row_group, request.end_row_group)))
+        batches = table.to_batches(max_chunksize=2)
+
+        def slow():
+            yield batches[0]
+            time.sleep(3)
+            yield from batches[1:]
+
+        return flight.GeneratorStream(table.schema, slow())
+
+
+def test_a_stalled_read_is_cancelled_and_resumed(corpus):
+    root, _ = corpus
+    server = StallingServer(root, "127.0.0.1", 0, batch_rows=2)
+    try:
+        dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, None, datasets.SequenceLayout(300, 4),
+                                              batch_size=2, retry_backoff_s=0.05, read_timeout_s=0.5)
+        started = time.time()
+        seen = [sid for batch in dataset for sid in batch.sample_ids]
+        assert server.stalled.is_set() and time.time() - started < 3   # did not wait out the stall
+    finally:
+        server.shutdown()
+    expected = pq.read_table(root, columns=["sample_id"]).column(0).to_pylist()
+    assert collections.Counter(seen) == collections.Counter(expected)
