@@ -472,6 +472,7 @@ class Batch:
     n_rows: int
     sample_ids: list[str]
     resume_from: tuple = ()      # (epoch, shard, endpoint index, row) where this shard's next batch starts
+    padding: bool = False        # no samples: only keeps this rank's batch count equal to the others'
 
     def n_positions(self, frames_per_position: int) -> int:
         """Sequence positions the batch fills (speaker, sentiment, tokens, stacked frames)."""
@@ -673,18 +674,20 @@ class _PackedStream(torch.utils.data.IterableDataset):
     def endpoints(self) -> list:
         raise NotImplementedError
 
-    def read_endpoint(self, endpoint, skip_rows: int) -> Iterator[pa.RecordBatch]:
+    def read_endpoint(self, endpoint, skip_rows: int, columns: tuple[str, ...] | None = None
+                      ) -> Iterator[pa.RecordBatch]:
         raise NotImplementedError
 
     def metadata(self) -> dict[str, dict]:
         raise NotImplementedError
 
-    def _shard(self) -> tuple[int, int]:
+    def _ranks(self) -> tuple[int, int, int, int]:
+        """-> rank, world size, worker, workers per rank."""
         rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                        if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1))
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return rank * workers + worker, world * workers
+        return rank, world, worker, workers
 
     def _shard_endpoints(self, shard: int, n_shards: int) -> list:
         endpoints = self.endpoints()
@@ -693,8 +696,40 @@ class _PackedStream(torch.utils.data.IterableDataset):
             endpoints = [endpoints[i] for i in order]
         return endpoints[shard::n_shards]
 
+    def _positions_needed(self, endpoint) -> np.ndarray:
+        """Positions each row of an endpoint takes, from its two small list columns (cached)."""
+        cache = self.__dict__.setdefault("_needed_cache", {})
+        if endpoint not in cache:
+            k = self.layout.frames_per_position
+            parts = [2 + pc.list_value_length(b.column(0)).to_numpy() + -(-pc.list_value_length(b.column(1)).to_numpy() // k)
+                     for b in self.read_endpoint(endpoint, 0, ("token_ids", "f0_hz"))]
+            cache[endpoint] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return cache[endpoint]
+
+    def _batch_count(self, endpoints: list) -> int:
+        """The batches that packing `endpoints` yields, computed from row lengths alone."""
+        sequences, used, limit = 0, 0, self.layout.max_seq_len
+        for endpoint in endpoints:
+            for need in self._positions_needed(endpoint).tolist():
+                if need > limit:
+                    continue
+                if used + need > limit:
+                    sequences, used = sequences + 1, 0
+                used += need
+        return -(-(sequences + (used > 0)) // self.batch_size)
+
+    def _padding_batches(self, rank: int, world: int, workers: int) -> int:
+        """How many fully masked batches this rank adds so that every rank yields as many batches
+        as the longest one (DDP hangs when ranks disagree). Worker 0 yields them."""
+        if world == 1:
+            return 0
+        totals = [sum(self._batch_count(self._shard_endpoints(r * workers + w, world * workers))
+                      for w in range(workers)) for r in range(world)]
+        return max(totals) - totals[rank]
+
     def __iter__(self) -> Iterator[Batch]:
-        shard, n_shards = self._shard()
+        rank, world, worker, workers = self._ranks()
+        shard, n_shards = rank * workers + worker, world * workers
         endpoints = self._shard_endpoints(shard, n_shards)
         first_endpoint, first_row = self._positions.get(shard, (0, 0))
 
@@ -712,8 +747,21 @@ class _PackedStream(torch.utils.data.IterableDataset):
                 yield collate(sequences, self.layout, (self.epoch, shard, *start))
                 sequences = []
             sequences.append(sequence)
+        end = (self.epoch, shard, len(endpoints), 0)
         if sequences:
-            yield collate(sequences, self.layout, (self.epoch, shard, len(endpoints), 0))
+            yield collate(sequences, self.layout, end)
+        if worker == 0 and first_endpoint == 0 and first_row == 0:
+            for _ in range(self._padding_batches(rank, world, workers)):
+                yield padding_batch(self.layout, end)
+
+
+def padding_batch(layout: SequenceLayout, resume_from: tuple) -> Batch:
+    """A batch that carries no sample: it keeps a rank in step with the others."""
+    k = layout.frames_per_position
+    filler = Segment(sample_id="", doc_id="", token_ids=np.zeros(1, np.int32), mel=np.zeros((k, N_MELS), np.float16),
+                     f0_hz=np.zeros(k, np.float32), voicing=np.zeros(k, np.float32), energy=np.zeros(k, np.float32),
+                     speaker_id=UNKNOWN, sentiment=UNKNOWN)
+    return replace(collate([[filler]], layout, resume_from), sample_ids=[], padding=True)
 
 
 class LocalParquetDataset(_PackedStream):
@@ -727,9 +775,9 @@ class LocalParquetDataset(_PackedStream):
     def endpoints(self) -> list[tuple[str, int]]:
         return [(f, group) for f in self.files for group in range(pq.ParquetFile(f).num_row_groups)]
 
-    def read_endpoint(self, endpoint, skip_rows: int = 0):
+    def read_endpoint(self, endpoint, skip_rows: int = 0, columns: tuple[str, ...] | None = None):
         path, group = endpoint
-        batches = pq.ParquetFile(path).iter_batches(row_groups=[group])
+        batches = pq.ParquetFile(path).iter_batches(row_groups=[group], columns=list(columns) if columns else None)
         yield from skip_rows_of(batches, skip_rows)
 
     def metadata(self) -> dict[str, dict]:
@@ -820,7 +868,7 @@ class ArrowFlightDataset(_PackedStream):
         return [(name, endpoint.ticket.ticket) for name, info in self._flight_infos().items()
                 for endpoint in info.endpoints]
 
-    def read_endpoint(self, endpoint, skip_rows: int = 0):
+    def read_endpoint(self, endpoint, skip_rows: int = 0, columns: tuple[str, ...] | None = None):
         """Stream one endpoint. A lost connection or a read past `read_timeout_s` is retried with
         backoff from the first row not yet delivered; `max_retries` failures in a row are an error."""
         name, raw = endpoint
@@ -829,8 +877,8 @@ class ArrowFlightDataset(_PackedStream):
                                            timeout=self.read_timeout_s)
         while True:
             try:
-                reader = self.client.do_get(flight.Ticket(replace(ticket, skip_rows=delivered).encode()),
-                                            options)
+                request = replace(ticket, skip_rows=delivered, columns=columns or ticket.columns)
+                reader = self.client.do_get(flight.Ticket(request.encode()), options)
                 for chunk in reader:
                     delivered += chunk.data.num_rows
                     failures = 0

@@ -265,6 +265,8 @@ def train_step(model, batch, masks, optimizer, scheduler, scaler, device, amp_dt
     """Forward, backward, clip, optimizer step -> (loss, metrics, grad norm, lr used)."""
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
         loss, metrics = model(batch, masks)
+    if batch.padding:   # a rank that ran out of data steps along with the others, learning nothing
+        loss = loss * 0.0
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)

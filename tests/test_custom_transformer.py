@@ -224,3 +224,11 @@ def test_speaker_embedding_size_mismatch_names_the_setting():
     model = CustomTransformer(dataclasses.replace(TINY, speaker_embedding_dim=5))
     with pytest.raises(ValueError, match="set model.speaker_embedding_dim=3"):
         model(batch, no_masks(batch))
+
+
+def test_a_padding_batch_runs_and_carries_no_sample():
+    batch = datasets.padding_batch(datasets.SequenceLayout(100, 4), (0, 0, 0, 0))
+    assert batch.padding and batch.sample_ids == []
+    loss, _ = CustomTransformer(TINY)(batch, sample_masks(batch, TINY, torch.Generator().manual_seed(0)))
+    assert torch.isfinite(loss)
+    (loss * 0.0).backward()

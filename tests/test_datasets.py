@@ -201,15 +201,25 @@ def test_resuming_from_a_state_dict_reproduces_the_remaining_order(corpus, stop_
 
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("workers", [1, 2, 3])
-def test_shards_cover_the_dataset_exactly_once(corpus, monkeypatch, world, workers):
+def test_shards_cover_the_dataset_exactly_once_with_equal_batch_counts_per_rank(corpus, monkeypatch, world, workers):
     _, shards = corpus
     dataset = datasets.LocalParquetDataset(shards, SequenceLayout(300, 4), batch_size=2, seed=4)
-    seen = []
-    for shard in range(world * workers):   # shard = rank * workers + worker
-        monkeypatch.setattr(dataset, "_shard", lambda shard=shard: (shard, world * workers))
-        seen += [sid for batch in dataset for sid in batch.sample_ids]
+    seen, per_rank, real_per_rank = [], [], []
+    for rank in range(world):
+        batches = []
+        for worker in range(workers):
+            monkeypatch.setattr(dataset, "_ranks", lambda rank=rank, worker=worker: (rank, world, worker, workers))
+            batches += list(dataset)
+        seen += [sid for batch in batches for sid in batch.sample_ids]
+        per_rank.append(len(batches))
+        real_per_rank.append(sum(not b.padding for b in batches))
+        assert all(not b.sample_ids for b in batches if b.padding)
     expected = [sid for s in shards for sid in pq.read_table(s, columns=["sample_id"]).column(0).to_pylist()]
     assert collections.Counter(seen) == collections.Counter(expected)
+    assert len(set(per_rank)) == 1                                  # DDP never waits on a missing batch
+    assert per_rank[0] == max(real_per_rank)                        # padding only up to the longest rank
+    if world > 1 and len(set(real_per_rank)) > 1:
+        assert any(b < per_rank[0] for b in real_per_rank)
 
 
 def test_prefetch_keeps_order_and_passes_errors_on():
