@@ -471,7 +471,7 @@ class Batch:
                                         # the batch) where each token starts; -1 without alignment
     n_rows: int
     sample_ids: list[str]
-    resume_from: tuple = ()      # (epoch, shard, endpoint index, row) where this shard's next batch starts
+    resume_from: tuple = ()      # (epoch, shard, endpoint, row, batches done): where the shard's next batch starts
     padding: bool = False        # no samples: only keeps this rank's batch count equal to the others'
 
     def n_positions(self, frames_per_position: int) -> int:
@@ -625,13 +625,14 @@ class Ticket:
 class DataConfig:
     batch_size: int = 4          # sequences per batch
     max_seq_len: int = 768       # positions per sequence
-    shuffle: bool = True
+    shuffle: bool = True         # endpoints per epoch, then sequences within a window
+    shuffle_window: int = 16     # batches whose sequences are shuffled together
     seed: int = 0
     num_workers: int = 0         # DataLoader workers, each with its own Flight client
     prefetch: int = 4            # batches read ahead in a background thread (0: none)
 
     def __post_init__(self):
-        for name in ("batch_size", "max_seq_len"):
+        for name in ("batch_size", "max_seq_len", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1")
         if self.num_workers < 0 or self.prefetch < 0:
@@ -642,16 +643,21 @@ class _PackedStream(torch.utils.data.IterableDataset):
     """Endpoints (a file's row-group range) -> segments -> packed sequences -> batches.
 
     Endpoints are permuted by (seed, epoch) and dealt round-robin over shards, one shard per
-    (rank, worker). Every batch says where its shard's next batch starts (endpoint, row), so
-    `record(batch)` / `state_dict()` / `load_state_dict()` resume mid-epoch exactly: the resumed
-    shard reads from that row on and packs the same sequences as the uninterrupted run.
+    (rank, worker); packed sequences are then shuffled within windows of `shuffle_window`
+    batches. Every batch says where its shard's next batch starts (the window's first row and
+    the batches done in it), so `record(batch)` / `state_dict()` / `load_state_dict()` resume
+    mid-epoch exactly: the resumed shard re-reads at most one window and yields the same batches
+    in the same order as the uninterrupted run.
     """
 
-    def __init__(self, layout: SequenceLayout, batch_size: int, shuffle: bool = True, seed: int = 0):
+    def __init__(self, layout: SequenceLayout, batch_size: int, shuffle: bool = True, seed: int = 0,
+                 shuffle_window: int = 16):
         super().__init__()
         self.layout, self.batch_size, self.shuffle, self.seed = layout, batch_size, shuffle, seed
+        self.shuffle_window = shuffle_window   # batches whose sequences are shuffled together
         self.epoch = 0
-        self._positions: dict[int, tuple[int, int]] = {}   # shard -> (endpoint index, row), for self.epoch
+        # shard -> (endpoint index, row, batches done) where its next batch starts, for self.epoch
+        self._positions: dict[int, tuple[int, int, int]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -660,16 +666,16 @@ class _PackedStream(torch.utils.data.IterableDataset):
 
     def record(self, batch: Batch) -> None:
         """Note a batch the trainer consumed (batches may come from DataLoader workers)."""
-        epoch, shard, endpoint, row = batch.resume_from
+        epoch, shard, *position = batch.resume_from
         self.set_epoch(epoch)
-        self._positions[shard] = (endpoint, row)
+        self._positions[shard] = tuple(position)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "positions": {str(k): list(v) for k, v in self._positions.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
-        self._positions = {int(k): (int(v[0]), int(v[1])) for k, v in state["positions"].items()}
+        self._positions = {int(k): tuple(int(x) for x in v) for k, v in state["positions"].items()}
 
     def endpoints(self) -> list:
         raise NotImplementedError
@@ -731,7 +737,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
         rank, world, worker, workers = self._ranks()
         shard, n_shards = rank * workers + worker, world * workers
         endpoints = self._shard_endpoints(shard, n_shards)
-        first_endpoint, first_row = self._positions.get(shard, (0, 0))
+        first_endpoint, first_row, skip_batches = self._positions.get(shard, (0, 0, 0))
 
         def positioned():
             for index in range(first_endpoint, len(endpoints)):
@@ -741,18 +747,33 @@ class _PackedStream(torch.utils.data.IterableDataset):
                         yield (index, row), segment
                         row += 1
 
-        sequences = []
+        def emit(window, window_start, next_start, skip):
+            """A window of sequences, shuffled by its start position, as batches. Each batch says
+            where the next one begins: (window start, batches done) or the next window's start."""
+            order = (np.random.default_rng([self.seed, self.epoch, shard, *window_start]).permutation(len(window))
+                     if self.shuffle else range(len(window)))
+            sequences = [window[i] for i in order]
+            groups = [sequences[i:i + self.batch_size] for i in range(0, len(sequences), self.batch_size)]
+            for done, group in enumerate(groups, 1):
+                if done > skip:
+                    after = (*window_start, done) if done < len(groups) else (*next_start, 0)
+                    yield collate(group, self.layout, (self.epoch, shard, *after))
+
+        window_size = self.batch_size * self.shuffle_window
+        window, window_start, skip = [], None, skip_batches
         for start, sequence in pack_sequences(positioned(), self.layout):
-            if len(sequences) == self.batch_size:   # `start` is where the next batch begins
-                yield collate(sequences, self.layout, (self.epoch, shard, *start))
-                sequences = []
-            sequences.append(sequence)
-        end = (self.epoch, shard, len(endpoints), 0)
-        if sequences:
-            yield collate(sequences, self.layout, end)
-        if worker == 0 and first_endpoint == 0 and first_row == 0:
+            if len(window) == window_size:
+                yield from emit(window, window_start, start, skip)
+                window, skip = [], 0
+            if not window:
+                window_start = start
+            window.append(sequence)
+        end = (len(endpoints), 0)
+        if window:
+            yield from emit(window, window_start, end, skip)
+        if worker == 0 and (first_endpoint, first_row, skip_batches) == (0, 0, 0):
             for _ in range(self._padding_batches(rank, world, workers)):
-                yield padding_batch(self.layout, end)
+                yield padding_batch(self.layout, (self.epoch, shard, *end, 0))
 
 
 def padding_batch(layout: SequenceLayout, resume_from: tuple) -> Batch:
@@ -768,8 +789,8 @@ class LocalParquetDataset(_PackedStream):
     """Parquet files on this machine; one endpoint per row group."""
 
     def __init__(self, files: list[str | Path], layout: SequenceLayout, batch_size: int,
-                 shuffle: bool = True, seed: int = 0):
-        super().__init__(layout, batch_size, shuffle, seed)
+                 shuffle: bool = True, seed: int = 0, shuffle_window: int = 16):
+        super().__init__(layout, batch_size, shuffle, seed, shuffle_window)
         self.files = [str(f) for f in files]
 
     def endpoints(self) -> list[tuple[str, int]]:
@@ -804,8 +825,8 @@ class ArrowFlightDataset(_PackedStream):
     def __init__(self, host: str, port: int, files: list[str] | None, layout: SequenceLayout,
                  batch_size: int, shuffle: bool = True, seed: int = 0, token: str | None = None,
                  tls_root_cert: bytes | None = None, max_retries: int = 5, retry_backoff_s: float = 0.5,
-                 read_timeout_s: float = 120.0):
-        super().__init__(layout, batch_size, shuffle, seed)
+                 read_timeout_s: float = 120.0, shuffle_window: int = 16):
+        super().__init__(layout, batch_size, shuffle, seed, shuffle_window)
         self.max_retries, self.retry_backoff_s, self.read_timeout_s = max_retries, retry_backoff_s, read_timeout_s
         self.location = f"{'grpc+tls' if tls_root_cert else 'grpc'}://{host}:{port}"
         self.token, self.tls_root_cert = token, tls_root_cert

@@ -179,12 +179,13 @@ def _ids(batches):
 
 
 @pytest.mark.parametrize("stop_after", [1, 3, 5])
-def test_resuming_from_a_state_dict_reproduces_the_remaining_order(corpus, stop_after):
+@pytest.mark.parametrize("window", [1, 2, 16])
+def test_resuming_from_a_state_dict_reproduces_the_remaining_order(corpus, stop_after, window):
     _, shards = corpus
     layout = SequenceLayout(max_seq_len=300, frames_per_position=4)
 
     def fresh():
-        dataset = datasets.LocalParquetDataset(shards, layout, batch_size=2, seed=9)
+        dataset = datasets.LocalParquetDataset(shards, layout, batch_size=2, seed=9, shuffle_window=window)
         dataset.set_epoch(2)
         return dataset
 
@@ -249,3 +250,20 @@ def wait_until(condition, timeout=5.0):
             return True
         time.sleep(0.02)
     return False
+
+
+def test_sequences_are_shuffled_within_windows_but_documents_stay_packed(corpus):
+    _, shards = corpus
+    layout = SequenceLayout(max_seq_len=300, frames_per_position=4)
+    ordered = datasets.LocalParquetDataset(shards, layout, batch_size=2, shuffle=False)
+    endpoint_order_only = datasets.LocalParquetDataset(shards, layout, batch_size=2, seed=3, shuffle_window=1)
+    windowed = datasets.LocalParquetDataset(shards, layout, batch_size=2, seed=3, shuffle_window=8)
+    flat = [[sid for b in d for sid in b.sample_ids] for d in (ordered, endpoint_order_only, windowed)]
+    assert sorted(flat[0]) == sorted(flat[1]) == sorted(flat[2])
+    assert flat[1] != flat[2]          # the window reorders sequences
+    for batch in windowed:             # ...but within a sequence a document's segments stay in order
+        rows = batch.segment_row.tolist()
+        for i in range(1, len(rows)):
+            (doc_a, seg_a), (doc_b, seg_b) = (batch.sample_ids[j].split("/") for j in (i - 1, i))
+            if rows[i] == rows[i - 1] and doc_a == doc_b:
+                assert int(seg_b) == int(seg_a) + 1
