@@ -658,6 +658,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
         self.epoch = 0
         # shard -> (endpoint index, row, batches done) where its next batch starts, for self.epoch
         self._positions: dict[int, tuple[int, int, int]] = {}
+        self._last_shard = -1   # the shard of the last recorded batch
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -669,13 +670,16 @@ class _PackedStream(torch.utils.data.IterableDataset):
         epoch, shard, *position = batch.resume_from
         self.set_epoch(epoch)
         self._positions[shard] = tuple(position)
+        self._last_shard = shard
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "positions": {str(k): list(v) for k, v in self._positions.items()}}
+        return {"epoch": self.epoch, "positions": {str(k): list(v) for k, v in self._positions.items()},
+                "last_shard": self._last_shard}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self._positions = {int(k): tuple(int(x) for x in v) for k, v in state["positions"].items()}
+        self._last_shard = int(state["last_shard"])
 
     def endpoints(self) -> list:
         raise NotImplementedError
@@ -735,6 +739,10 @@ class _PackedStream(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[Batch]:
         rank, world, worker, workers = self._ranks()
+        if self._positions:
+            # A resumed epoch: the DataLoader asks its workers in turn from worker 0, so rotate
+            # shards onto workers to make the first request go to the shard the run asked next.
+            worker = (worker + self._last_shard + 1) % workers
         shard, n_shards = rank * workers + worker, world * workers
         endpoints = self._shard_endpoints(shard, n_shards)
         first_endpoint, first_row, skip_batches = self._positions.get(shard, (0, 0, 0))
@@ -771,9 +779,10 @@ class _PackedStream(torch.utils.data.IterableDataset):
         end = (len(endpoints), 0)
         if window:
             yield from emit(window, window_start, end, skip)
-        if worker == 0 and (first_endpoint, first_row, skip_batches) == (0, 0, 0):
-            for _ in range(self._padding_batches(rank, world, workers)):
-                yield padding_batch(self.layout, (self.epoch, shard, *end, 0))
+        if worker == 0:   # padding batches count on from the end position's "batches done"
+            done_before = skip_batches if (first_endpoint, first_row) == end else 0
+            for done in range(done_before + 1, self._padding_batches(rank, world, workers) + 1):
+                yield padding_batch(self.layout, (self.epoch, shard, *end, done))
 
 
 def padding_batch(layout: SequenceLayout, resume_from: tuple) -> Batch:

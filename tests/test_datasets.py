@@ -267,3 +267,41 @@ def test_sequences_are_shuffled_within_windows_but_documents_stay_packed(corpus)
             (doc_a, seg_a), (doc_b, seg_b) = (batch.sample_ids[j].split("/") for j in (i - 1, i))
             if rows[i] == rows[i - 1] and doc_a == doc_b:
                 assert int(seg_b) == int(seg_a) + 1
+
+
+@pytest.mark.parametrize("stop_after", [3, 4])
+def test_resume_with_dataloader_workers_reproduces_the_interleaved_order(corpus, stop_after):
+    _, shards = corpus
+    layout = SequenceLayout(max_seq_len=200, frames_per_position=4)
+
+    def loader(dataset):
+        return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=2, multiprocessing_context="spawn")
+
+    full = _ids(loader(datasets.LocalParquetDataset(shards, layout, batch_size=1, seed=5, shuffle_window=2)))
+    first = datasets.LocalParquetDataset(shards, layout, batch_size=1, seed=5, shuffle_window=2)
+    for batch, _ in zip(loader(first), range(stop_after)):
+        first.record(batch)
+    resumed = datasets.LocalParquetDataset(shards, layout, batch_size=1, seed=5, shuffle_window=2)
+    resumed.load_state_dict(first.state_dict())
+    assert _ids(loader(resumed)) == full[stop_after:]
+
+
+def test_resume_in_the_padding_phase_keeps_batch_counts_equal(corpus, monkeypatch):
+    _, shards = corpus
+    layout = SequenceLayout(300, 4)
+    counts = []
+    for rank in range(3):
+        dataset = datasets.LocalParquetDataset(shards, layout, batch_size=2, seed=4)
+        monkeypatch.setattr(dataset, "_ranks", lambda rank=rank: (rank, 3, 0, 1))
+        batches = list(dataset)
+        cut = len(batches) - 1   # stop just before the last batch, then resume
+        for batch in batches[:cut]:
+            dataset.record(batch)
+        resumed = datasets.LocalParquetDataset(shards, layout, batch_size=2, seed=4)
+        monkeypatch.setattr(resumed, "_ranks", lambda rank=rank: (rank, 3, 0, 1))
+        resumed.load_state_dict(dataset.state_dict())
+        rest = list(resumed)
+        assert [b.sample_ids for b in rest] == [b.sample_ids for b in batches[cut:]]
+        assert [b.padding for b in rest] == [b.padding for b in batches[cut:]]
+        counts.append(cut + len(rest))
+    assert len(set(counts)) == 1
