@@ -629,14 +629,19 @@ class DataConfig:
     shuffle_window: int = 16     # batches whose sequences are shuffled together
     seed: int = 0
     num_workers: int = 0         # DataLoader workers, each with its own Flight client
+    max_retries: int = 5         # Flight failures in a row before the run stops with an error
+    retry_backoff_s: float = 0.5  # first wait after a failure; doubles each time, at most 30 s
+    read_timeout_s: float = 120.0  # a Flight call still running after this is cancelled and retried
     prefetch: int = 4            # batches read ahead in a background thread (0: none)
 
     def __post_init__(self):
         for name in ("batch_size", "max_seq_len", "shuffle_window"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name} must be at least 1")
-        if self.num_workers < 0 or self.prefetch < 0:
-            raise ValueError("data.num_workers and data.prefetch must be >= 0")
+        if min(self.num_workers, self.prefetch, self.max_retries) < 0:
+            raise ValueError("data.num_workers, data.prefetch and data.max_retries must be >= 0")
+        if self.retry_backoff_s < 0 or self.read_timeout_s <= 0:
+            raise ValueError("data.retry_backoff_s must be >= 0 and data.read_timeout_s > 0")
 
 
 class _PackedStream(torch.utils.data.IterableDataset):

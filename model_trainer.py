@@ -234,9 +234,10 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack) -> datasets.Arro
             root = DEMO_DIR / "parquet"
         server = cleanup.enter_context(SampleFlightServer(root, "127.0.0.1", 0))
         host, port, token, tls_root_cert = "127.0.0.1", server.port, None, None
-    return datasets.ArrowFlightDataset(host, port, args.files, layout, cfg.data.batch_size,
-                                       cfg.data.shuffle, cfg.data.seed, token, tls_root_cert,
-                                       shuffle_window=cfg.data.shuffle_window)
+    data = cfg.data
+    return datasets.ArrowFlightDataset(host, port, args.files, layout, data.batch_size, data.shuffle, data.seed,
+                                       token, tls_root_cert, data.max_retries, data.retry_backoff_s,
+                                       data.read_timeout_s, data.shuffle_window)
 
 
 def batches(dataset, num_workers: int):
