@@ -56,9 +56,10 @@ class TrainConfig:
     precision: str = "auto"          # auto | fp32 | fp16 | bf16
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 5     # this many skipped (NaN/inf) steps in a row stop the run
 
     def __post_init__(self):
-        for name in ("steps", "checkpoint_every", "keep_checkpoints"):
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
@@ -263,8 +264,15 @@ def batches(dataset, num_workers: int):
 
 
 
+class TrainingHalted(RuntimeError):
+    """Training cannot go on; a checkpoint of the last good weights was written."""
+
+
 def train_step(model, batch, masks, optimizer, scheduler, scaler, device, amp_dtype, grad_clip):
-    """Forward, backward, clip, optimizer step -> (loss, metrics, grad norm, lr used)."""
+    """Forward, backward, clip, optimizer step -> (loss, metrics, grad norm, lr used, applied).
+
+    A non-finite loss or gradient skips the optimizer step (applied is False); with fp16 the
+    GradScaler also skips steps whose scaled gradients overflowed, as it should."""
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
         loss, metrics = model(batch, masks)
     if batch.padding:   # a rank that ran out of data steps along with the others, learning nothing
@@ -273,11 +281,13 @@ def train_step(model, batch, masks, optimizer, scheduler, scaler, device, amp_dt
     scaler.scale(loss).backward()
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
+    applied = bool(torch.isfinite(loss)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+    if applied:
+        scaler.step(optimizer)
     scaler.update()
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    return loss, metrics, grad_norm, lr
+    return loss, metrics, grad_norm, lr, applied
 
 
 def train(args, cfg: Config) -> dict:
@@ -330,7 +340,7 @@ def train(args, cfg: Config) -> dict:
             path = save_checkpoint(out_dir, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng_state(), "data": dataset.state_dict(), "step": step,
+                "rng": rng_state(), "data": dataset.state_dict(), "step": step, "nonfinite_steps": nonfinite_total,
                 "config": asdict(cfg)}, cfg.train.keep_checkpoints)
             publish({"type": "checkpoint", "step": step, "path": str(path)})
             return path
@@ -350,6 +360,7 @@ def train(args, cfg: Config) -> dict:
         progress = cleanup.enter_context(tqdm(range(start_step, cfg.train.steps), initial=start_step,
                                               total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True))
         losses, last_path, step = [], None, start_step
+        nonfinite_total, nonfinite_in_a_row = (state.get("nonfinite_steps", 0) if resume_path else 0), 0
         model.train()
         try:
             for step in progress:
@@ -360,20 +371,29 @@ def train(args, cfg: Config) -> dict:
                 mask_rng.manual_seed(cfg.train.seed * 1_000_003 + step)   # masks depend on the step alone
                 masks = sample_masks(batch, cfg.model, mask_rng).to(device)
                 batch = batch.to(device)
-                loss, metrics, grad_norm, lr = train_step(model, batch, masks, optimizer, scheduler, scaler,
-                                                          device, amp_dtype, cfg.train.grad_clip)
+                loss, metrics, grad_norm, lr, applied = train_step(model, batch, masks, optimizer, scheduler,
+                                                                   scaler, device, amp_dtype, cfg.train.grad_clip)
+                nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
+                nonfinite_total += not applied
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step_time = time.perf_counter() - t0
                 record = {"type": "step", "step": step + 1, "epoch": dataset.epoch, "loss": loss.item(),
                           **{k: v.item() for k, v in metrics.items()}, "lr": lr,
                           "grad_norm": grad_norm.item(), "tokens_per_s": batch.n_positions(cfg.model.frames_per_position) / step_time,
-                          "step_time_s": step_time, "data_wait_frac": data_wait / step_time}
-                losses.append(record["loss"])
+                          "step_time_s": step_time, "data_wait_frac": data_wait / step_time,
+                          "skipped": not applied, "nonfinite_steps": nonfinite_total}
+                record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+                losses.append(loss.item())
                 publish(record)
-                progress.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}",
+                progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{metrics['accuracy'].item():.3f}",
                                      tok_s=f"{record['tokens_per_s']:.0f}")
                 done = step + 1
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    last_path = checkpoint(done)   # the skipped steps left the weights untouched
+                    raise TrainingHalted(
+                        f"{nonfinite_in_a_row} steps in a row (up to step {done}) had a non-finite loss or "
+                        f"gradient; stopped with checkpoint {last_path}. Lower train.lr or check the data.")
                 if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_requested:
                     last_path = checkpoint(done)
                 if stop_requested:
@@ -418,7 +438,7 @@ def main(argv=None) -> int:
         return 2
     try:
         result = train(args, cfg)
-    except (ValueError, OSError, datasets.DataError) as err:
+    except (ValueError, OSError, datasets.DataError, TrainingHalted) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     losses = result["losses"]

@@ -176,3 +176,41 @@ def test_sigterm_checkpoints_and_resume_reproduces_the_uninterrupted_losses(corp
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     losses = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "resumed") if m["type"] == "step"}
     assert [losses[s] for s in range(1, steps + 1)] == expected   # bitwise on CPU
+
+
+def poison_losses(monkeypatch, bad_calls):
+    """Make the model return a NaN loss on the given (1-based) forward calls."""
+    original = CustomTransformer.forward
+    calls = []
+
+    def forward(self, batch, masks):
+        loss, metrics = original(self, batch, masks)
+        calls.append(1)
+        return (loss * float("nan"), metrics) if len(calls) in bad_calls else (loss, metrics)
+
+    monkeypatch.setattr(CustomTransformer, "forward", forward)
+
+
+def test_nan_steps_are_skipped_and_counted(corpus, tmp_path, monkeypatch):
+    root, _ = corpus
+    poison_losses(monkeypatch, {3, 4})
+    out = tmp_path / "nan"
+    assert model_trainer.main(["--data-dir", str(root), "--out", str(out), "--ws-port", "-1", "--steps", "8",
+                               *set_flags(TINY)]) == 0
+    steps = [m for m in read_metrics(out) if m["type"] == "step"]
+    assert [m["skipped"] for m in steps] == [False, False, True, True, False, False, False, False]
+    assert steps[2]["loss"] is None and steps[-1]["nonfinite_steps"] == 2
+    state = model_trainer.load_checkpoint(sorted(out.glob("ckpt-*.pt"))[-1])
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert state["nonfinite_steps"] == 2
+
+
+def test_too_many_nan_steps_in_a_row_stop_with_a_checkpoint(corpus, tmp_path, monkeypatch, capsys):
+    root, _ = corpus
+    poison_losses(monkeypatch, set(range(3, 100)))
+    out = tmp_path / "halt"
+    assert model_trainer.main(["--data-dir", str(root), "--out", str(out), "--ws-port", "-1", "--steps", "20",
+                               *set_flags(TINY + ["train.max_nonfinite_steps=3"])]) == 1
+    assert "3 steps in a row (up to step 5) had a non-finite loss" in capsys.readouterr().err
+    state = model_trainer.load_checkpoint(out / "ckpt-00000005.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
