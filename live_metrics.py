@@ -1,5 +1,10 @@
 """Live training metrics over WebSocket, and a terminal client that watches them.
 
+The same port serves the dashboard page (dashboard.html: live charts) to a browser at
+http://HOST:PORT/. Binding anything but loopback requires a token, given by clients as
+`?token=...` in the URL (browsers cannot set WebSocket headers) or an `Authorization: Bearer`
+header.
+
 The trainer publishes JSON messages ({"type": "step" | "eval" | "checkpoint" | "finished" |
 "failed" | "run", ...}); a background thread running its own asyncio loop fans them out. The
 trainer never waits on a client: every client has a bounded queue, and one that falls behind
@@ -11,20 +16,29 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import hmac
+import http
 import json
 import sys
 import threading
+from pathlib import Path
+from urllib.parse import parse_qs
 
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 CLIENT_QUEUE = 256
 HISTORY = 2000
+DASHBOARD = Path(__file__).resolve().parent / "dashboard.html"
 
 
 class MetricsServer:
-    def __init__(self, host: str = "127.0.0.1", port: int = 8765):
-        self.host, self.requested_port = host, port
+    def __init__(self, host: str = "127.0.0.1", port: int = 8765, token: str | None = None):
+        from flight_server import is_loopback
+        if token is None and not is_loopback(host):
+            raise ValueError(f"serving metrics on {host} needs a token (--ws-token-file)")
+        self.host, self.requested_port, self.token = host, port, token
+        self._dashboard = DASHBOARD.read_bytes()
         self.port: int | None = None
         self.run_info: dict = {"type": "run"}
         self.history: collections.deque[str] = collections.deque(maxlen=HISTORY)
@@ -52,12 +66,35 @@ class MetricsServer:
     async def _serve(self):
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        async with serve(self._client, self.host, self.requested_port) as server:
+        async with serve(self._client, self.host, self.requested_port, process_request=self._route) as server:
             self.port = server.sockets[0].getsockname()[1]
             self._ready.set()
             await self._stop.wait()
             for queue in self._clients:   # end every handler so the server closes at once
                 queue.put_nowait(None)
+
+    def _authorised(self, request) -> bool:
+        if self.token is None:
+            return True
+        query = parse_qs(request.path.partition("?")[2])
+        presented = query.get("token", [""])[0] or request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return hmac.compare_digest(presented.encode(), self.token.encode())
+
+    def _route(self, connection, request):
+        """Plain HTTP GET / gets the dashboard; WebSocket upgrades go on to the handshake."""
+        if not self._authorised(request):
+            return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return None
+        if request.path.partition("?")[0] in ("/", "/dashboard"):
+            response = connection.respond(http.HTTPStatus.OK, "")
+            for name, value in (("Content-Type", "text/html; charset=utf-8"),
+                                ("Content-Length", str(len(self._dashboard)))):
+                del response.headers[name]   # websockets' Headers add to, not replace, a value
+                response.headers[name] = value
+            response.body = self._dashboard
+            return response
+        return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
 
     async def _client(self, connection):
         queue: asyncio.Queue = asyncio.Queue()   # bounded by _fan_out, so a None always fits

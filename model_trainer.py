@@ -306,8 +306,10 @@ def train(args, cfg: Config) -> dict:
     with contextlib.ExitStack() as cleanup:
         live = None
         if args.ws_port >= 0:   # first, so that a busy port fails before any slow work
-            live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port))
-            print(f"live metrics: ws://{args.ws_host}:{live.port}", file=sys.stderr)
+            ws_token = read_token(args.ws_token_file) if args.ws_token_file else None
+            live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port, ws_token))
+            print(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/",
+                  file=sys.stderr)
         dataset = open_data(args, cfg, cleanup)
         info = datasets.corpus_info(dataset.metadata())
 
@@ -426,6 +428,7 @@ def parse_args(argv=None):
     parser.add_argument("--resume", help="'auto' (newest loadable checkpoint in --out) or a checkpoint path")
     parser.add_argument("--ws-host", default="127.0.0.1", help="live metrics bind address")
     parser.add_argument("--ws-port", type=int, default=8765, help="live metrics port (0: any free, -1: off)")
+    parser.add_argument("--ws-token-file", help="token that metrics clients must give (required off loopback)")
     return parser.parse_args(argv)
 
 

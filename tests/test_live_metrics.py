@@ -63,3 +63,30 @@ def test_watch_lines_are_readable():
     line = format_message({"type": "step", "step": 12, "loss": 1.23456, "accuracy": 0.5, "lr": 1e-3,
                            "tokens_per_s": 4321.0})
     assert line == "step     12  loss 1.2346  acc 0.500  lr 1.00e-03  4321 tok/s"
+
+
+def test_the_same_port_serves_the_dashboard_page():
+    import urllib.request
+    with MetricsServer("127.0.0.1", 0) as server:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=5) as response:
+            page = response.read().decode()
+            assert response.headers["Content-Type"].startswith("text/html")
+    assert "<canvas>" in page and "new WebSocket" in page and "https://" not in page   # nothing from a CDN
+
+
+def test_a_token_guards_both_websocket_and_page():
+    import urllib.error
+    import urllib.request
+    from websockets.exceptions import InvalidStatus
+    with pytest.raises(ValueError, match="needs a token"):
+        MetricsServer("0.0.0.0", 0)
+    with MetricsServer("127.0.0.1", 0, token="t0k") as server:
+        server.publish({"type": "run", "steps": 1})
+        with pytest.raises(InvalidStatus):
+            connect(f"ws://127.0.0.1:{server.port}/ws?token=wrong", open_timeout=5)
+        with pytest.raises(urllib.error.HTTPError, match="401"):
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=5)
+        with connect(f"ws://127.0.0.1:{server.port}/ws?token=t0k", open_timeout=5) as ws:
+            assert json.loads(ws.recv(timeout=5))["type"] == "run"
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/?token=t0k", timeout=5) as response:
+            assert response.status == 200
