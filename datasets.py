@@ -661,9 +661,17 @@ class _PackedStream(torch.utils.data.IterableDataset):
         self.layout, self.batch_size, self.shuffle, self.seed = layout, batch_size, shuffle, seed
         self.shuffle_window = shuffle_window   # batches whose sequences are shuffled together
         self.epoch = 0
-        # shard -> (endpoint index, row, batches done) where its next batch starts, for self.epoch
+        # Where iteration starts: shard -> (endpoint index, row, batches done), for self.epoch;
+        # empty for a fresh epoch. `_last_shard` is the shard whose batch came last before it.
         self._positions: dict[int, tuple[int, int, int]] = {}
-        self._last_shard = -1   # the shard of the last recorded batch
+        self._last_shard = -1
+        # What the trainer has consumed, kept apart: a prefetching producer runs ahead of it.
+        self._consumed = {"epoch": 0, "positions": {}, "last_shard": -1}
+
+    @property
+    def resuming(self) -> bool:
+        """Iteration starts mid-epoch, from a loaded state."""
+        return bool(self._positions)
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -671,20 +679,26 @@ class _PackedStream(torch.utils.data.IterableDataset):
         self.epoch = epoch
 
     def record(self, batch: Batch) -> None:
-        """Note a batch the trainer consumed (batches may come from DataLoader workers)."""
+        """Note a batch the trainer consumed (it may come from a DataLoader worker, or from a
+        producer that has already moved on to the next epoch)."""
         epoch, shard, *position = batch.resume_from
-        self.set_epoch(epoch)
-        self._positions[shard] = tuple(position)
-        self._last_shard = shard
+        if epoch != self._consumed["epoch"]:
+            self._consumed = {"epoch": epoch, "positions": {}, "last_shard": -1}
+        self._consumed["positions"][str(shard)] = list(position)
+        self._consumed["last_shard"] = shard
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "positions": {str(k): list(v) for k, v in self._positions.items()},
-                "last_shard": self._last_shard}
+        """Where the consumed batches end: load it to continue right after them."""
+        consumed = self._consumed
+        return {"epoch": consumed["epoch"], "positions": dict(consumed["positions"]),
+                "last_shard": consumed["last_shard"]}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])
         self._positions = {int(k): tuple(int(x) for x in v) for k, v in state["positions"].items()}
         self._last_shard = int(state["last_shard"])
+        self._consumed = {"epoch": self.epoch, "positions": {str(k): list(v) for k, v in self._positions.items()},
+                          "last_shard": self._last_shard}
 
     def endpoints(self) -> list:
         raise NotImplementedError

@@ -245,8 +245,8 @@ def batches(dataset, num_workers: int):
     """Endless stream of batches from the dataset's epoch and recorded position on."""
     epoch = dataset.epoch
     while True:
-        dataset.set_epoch(epoch)   # keeps the recorded positions if they belong to this epoch
-        resumed = bool(dataset.state_dict()["positions"])
+        dataset.set_epoch(epoch)   # keeps loaded positions if they belong to this epoch
+        resumed = dataset.resuming
         # spawn, not fork: a forked worker would inherit the parent's gRPC client, which is not fork-safe
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                              multiprocessing_context="spawn" if num_workers else None)
@@ -380,7 +380,7 @@ def train(args, cfg: Config) -> dict:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step_time = time.perf_counter() - t0
-                record = {"type": "step", "step": step + 1, "epoch": dataset.epoch, "loss": loss.item(),
+                record = {"type": "step", "step": step + 1, "epoch": batch.resume_from[0], "loss": loss.item(),
                           **{k: v.item() for k, v in metrics.items()}, "lr": lr,
                           "grad_norm": grad_norm.item(), "tokens_per_s": batch.n_positions(cfg.model.frames_per_position) / step_time,
                           "step_time_s": step_time, "data_wait_frac": data_wait / step_time,

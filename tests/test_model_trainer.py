@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pyarrow.flight as flight
+import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
@@ -214,3 +215,23 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_checkpoint(corpus, tmp_path, mo
     assert "3 steps in a row (up to step 5) had a non-finite loss" in capsys.readouterr().err
     state = model_trainer.load_checkpoint(out / "ckpt-00000005.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_prefetching_producer_can_run_epochs_ahead_of_the_consumer(corpus):
+    """Recording consumed batches must not disturb the producer that already moved on."""
+    _, shards = corpus
+    dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(300, 4), batch_size=2, seed=1)
+    per_epoch = len(list(dataset))
+    stream = datasets.prefetch(model_trainer.batches(dataset, 0), depth=3 * per_epoch)
+    seen = {}
+    time.sleep(1.0)   # let the producer get a whole epoch ahead
+    while True:
+        batch = next(stream)
+        dataset.record(batch)
+        if batch.resume_from[0] == 3:
+            break
+        seen.setdefault(batch.resume_from[0], []).extend(batch.sample_ids)
+    stream.close()
+    expected = sorted(pq.read_table(shards, columns=["sample_id"]).column(0).to_pylist())
+    assert sorted(seen) == [0, 1, 2] and all(sorted(ids) == expected for ids in seen.values())
+    assert dataset.state_dict()["epoch"] == 3
