@@ -665,6 +665,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
         # empty for a fresh epoch. `_last_shard` is the shard whose batch came last before it.
         self._positions: dict[int, tuple[int, int, int]] = {}
         self._last_shard = -1
+        self._needed_cache: dict = {}   # endpoint -> positions each row needs
         # What the trainer has consumed, kept apart: a prefetching producer runs ahead of it.
         self._consumed = {"epoch": 0, "positions": {}, "last_shard": -1}
 
@@ -727,7 +728,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
 
     def _positions_needed(self, endpoint) -> np.ndarray:
         """Positions each row of an endpoint takes, from its two small list columns (cached)."""
-        cache = self.__dict__.setdefault("_needed_cache", {})
+        cache = self._needed_cache
         if endpoint not in cache:
             k = self.layout.frames_per_position
             parts = [2 + pc.list_value_length(b.column(0)).to_numpy() + -(-pc.list_value_length(b.column(1)).to_numpy() // k)

@@ -11,6 +11,7 @@ import torch
 
 import datasets
 from datasets import SequenceLayout
+from util import wait_for
 
 
 def make_rows(n, rng, vocab=260):
@@ -239,17 +240,7 @@ def test_prefetch_keeps_order_and_passes_errors_on():
     assert next(stream) == 0
     stream.close()   # abandoning the stream stops the producer thread
     import threading
-    assert wait_until(lambda: not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate()))
-
-
-def wait_until(condition, timeout=5.0):
-    import time
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
+    assert wait_for(lambda: not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate()))
 
 
 def test_sequences_are_shuffled_within_windows_but_documents_stay_packed(corpus):

@@ -7,15 +7,7 @@ import pytest
 from websockets.sync.client import connect
 
 from live_metrics import MetricsServer, format_message
-
-
-def wait_for(condition, timeout=20.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return False
+from util import wait_for
 
 
 def test_late_joiner_gets_run_info_then_history_then_live_updates():
