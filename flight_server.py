@@ -23,7 +23,6 @@ import signal
 import sys
 import threading
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa

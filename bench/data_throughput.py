@@ -17,7 +17,6 @@ import threading
 import time
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import torch

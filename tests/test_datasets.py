@@ -1,6 +1,5 @@
 """Sample schema, validator, Arrow -> segments, packing, collation, and the local dataset."""
 import collections
-import warnings
 
 import numpy as np
 import pyarrow as pa

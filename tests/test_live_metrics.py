@@ -1,7 +1,6 @@
 """The WebSocket metrics thread: late joiners get history, stalled clients are dropped."""
 import json
 import socket
-import time
 
 import pytest
 from websockets.sync.client import connect
@@ -27,8 +26,8 @@ def test_late_joiner_gets_run_info_then_history_then_live_updates():
 def test_a_stalled_client_is_dropped_while_others_keep_receiving():
     with MetricsServer("127.0.0.1", 0) as server:
         stalled = socket.create_connection(("127.0.0.1", server.port))
-        stalled.sendall(f"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
+        stalled.sendall("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n".encode())
         assert wait_for(lambda: len(server._clients) == 1)
         with connect(f"ws://127.0.0.1:{server.port}") as reader:
             assert wait_for(lambda: len(server._clients) == 2)

@@ -2,7 +2,6 @@
 Parquet -> Flight server on 127.0.0.1 -> trainer -> WebSocket client, checkpoint, resume)."""
 import dataclasses
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -11,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
 import torch
