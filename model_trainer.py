@@ -382,7 +382,8 @@ def train(args, cfg: Config) -> dict:
                 step_time = time.perf_counter() - t0
                 record = {"type": "step", "step": step + 1, "epoch": batch.resume_from[0], "loss": loss.item(),
                           **{k: v.item() for k, v in metrics.items()}, "lr": lr,
-                          "grad_norm": grad_norm.item(), "tokens_per_s": batch.n_positions(cfg.model.frames_per_position) / step_time,
+                          "grad_norm": grad_norm.item(),
+                          "tokens_per_s": batch.n_positions(cfg.model.frames_per_position) / step_time,
                           "step_time_s": step_time, "data_wait_frac": data_wait / step_time,
                           "skipped": not applied, "nonfinite_steps": nonfinite_total}
                 record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}

@@ -65,7 +65,8 @@ def case(kernel: str, n: int, window: int, heads: int) -> dict:
 def kv_cache_table() -> list[str]:
     """Decoding cache per token, fp16, for each preset: MLA against MHA and GQA (heads / 4 groups)
     with the same head dims."""
-    lines = [f"{'KV cache, fp16 bytes/token':<28} {'MLA':>7} {'GQA':>7} {'MHA':>7} {'MHA/MLA':>8}  (per layer; x layers for the model)"]
+    lines = [f"{'KV cache, fp16 bytes/token':<28} {'MLA':>7} {'GQA':>7} {'MHA':>7} {'MHA/MLA':>8}"
+             "  (per layer; x layers for the model)"]
     for preset in ("small", "base", "long"):
         m = model_trainer.load_config(str(model_trainer.DEFAULT_CONFIG), [], preset).model
         values = kv_cache_values_per_token(m.n_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim,

@@ -141,7 +141,8 @@ def main() -> int:
     small = consumption("small", 5, [])
     base = consumption("base", 2, ["data.max_seq_len=2048", "data.batch_size=1"])
     lines = [f"# bench/data_throughput.py --files {args.files} --rows-per-file {args.rows_per_file}",
-             f"# {machine()}", f"# {time.strftime('%Y-%m-%d %H:%M')}; {sum(p.stat().st_size for p in paths) / 1e6:.0f} MB on disk",
+             f"# {machine()}",
+             f"# {time.strftime('%Y-%m-%d %H:%M')}; {sum(p.stat().st_size for p in paths) / 1e6:.0f} MB on disk",
              f"{'path':<34} {'MB/s':>8} {'rows/s':>9}",
              f"{'local ParquetFile.iter_batches':<34} {local[0]:>8.0f} {local[1]:>9.0f}",
              f"{'Flight loopback, 1 stream':<34} {one[0]:>8.0f} {one[1]:>9.0f}",

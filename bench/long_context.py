@@ -76,7 +76,8 @@ def main() -> int:
              f"window {cfg.model.window}, activation checkpointing {cfg.model.activation_checkpointing}, "
              f"{str(amp_dtype).removeprefix('torch.')}",
              f"positions {args.positions:,}: forward+backward {seconds:.1f} s, loss {loss.item():.3f}",
-             f"peak memory {peak / 2**30:.2f} GiB ({'GPU allocated' if device.type == 'cuda' else f'process RSS; {(peak - base) / 2**30:.2f} GiB above the inputs'})",
+             f"peak memory {peak / 2**30:.2f} GiB ("
+             + ("GPU allocated)" if device.type == "cuda" else f"process RSS; {(peak - base) / 2**30:.2f} GiB above the inputs)"),
              f"throughput {args.positions / seconds:,.0f} positions/s"]
     print("\n".join(lines))
     save(f"long_context_{args.preset}_{device.type}", "\n".join(lines) + "\n")
