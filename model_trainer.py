@@ -55,11 +55,12 @@ class TrainConfig:
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     precision: str = "auto"          # auto | fp32 | fp16 | bf16
     checkpoint_every: int = 100
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3          # newest ckpt-*.pt kept; best.pt (lowest eval loss) is apart
+    eval_every: int = 100              # steps between evaluations on --eval-files (and at the end)
     max_nonfinite_steps: int = 5     # this many skipped (NaN/inf) steps in a row stop the run
 
     def __post_init__(self):
-        for name in ("steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "eval_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
@@ -171,15 +172,20 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
-def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
-    """Temporary file, fsync, rename: a crash mid-write leaves the previous checkpoint intact."""
-    path = out_dir / f"ckpt-{state['step']:08d}.pt"
+def write_atomically(path: Path, state: dict) -> Path:
+    """Temporary file, fsync, rename: a crash mid-write leaves the previous file intact."""
     tmp = path.with_suffix(".pt.tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    return path
+
+
+def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
+    """ckpt-STEP.pt, keeping the newest `keep` of them (best.pt is kept apart)."""
+    path = write_atomically(out_dir / f"ckpt-{state['step']:08d}.pt", state)
     for old in sorted(out_dir.glob("ckpt-*.pt"))[:-keep]:
         old.unlink()
     return path
@@ -222,8 +228,9 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Data source
 
-def open_data(args, cfg: Config, cleanup: contextlib.ExitStack) -> datasets.ArrowFlightDataset:
-    """The remote Flight server, or one started in this process (shut down by `cleanup`)."""
+def open_data(args, cfg: Config, cleanup: contextlib.ExitStack):
+    """-> (training dataset, evaluation dataset or None), from the remote Flight server or one
+    started in this process (shut down by `cleanup`). Evaluation files never train."""
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     host, port = args.flight_host, args.port
     token = read_token(args.flight_token_file) if args.flight_token_file else None
@@ -236,9 +243,43 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack) -> datasets.Arro
         server = cleanup.enter_context(SampleFlightServer(root, "127.0.0.1", 0))
         host, port, token, tls_root_cert = "127.0.0.1", server.port, None, None
     data = cfg.data
-    return datasets.ArrowFlightDataset(host, port, args.files, layout, data.batch_size, data.shuffle, data.seed,
-                                       token, tls_root_cert, data.max_retries, data.retry_backoff_s,
-                                       data.read_timeout_s, data.shuffle_window)
+
+    def dataset(files, shuffle):
+        return datasets.ArrowFlightDataset(host, port, files, layout, data.batch_size, shuffle, data.seed,
+                                           token, tls_root_cert, data.max_retries, data.retry_backoff_s,
+                                           data.read_timeout_s, data.shuffle_window)
+
+    train_set = dataset(args.files, data.shuffle)
+    if not args.eval_files:
+        return train_set, None
+    overlap = sorted(set(train_set.files) & set(args.eval_files))
+    if args.files and overlap:
+        raise ValueError(f"files both in --files and --eval-files: {', '.join(overlap)}")
+    if overlap:   # every served file was listed: hold the evaluation files out
+        train_set = dataset([f for f in train_set.files if f not in overlap], data.shuffle)
+    return train_set, dataset(args.eval_files, False)
+
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]:
+    """Mean metrics over the evaluation files, weighted by positions; the same masks every time."""
+    model.eval()
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for index, batch in enumerate(dataset):
+        masks = sample_masks(batch, cfg.model, torch.Generator().manual_seed(cfg.train.seed + index)).to(device)
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss, metrics = model(batch, masks)
+        weight = batch.n_positions(cfg.model.frames_per_position)
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * weight
+            weights[name] = weights.get(name, 0.0) + weight
+    model.train()
+    result = {name: totals[name] / weights[name] for name in totals}
+    if "loss_text" in result:
+        result["text_perplexity"] = math.exp(min(result["loss_text"], 50.0))
+    return result
 
 
 def batches(dataset, num_workers: int):
@@ -310,7 +351,7 @@ def train(args, cfg: Config) -> dict:
             live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port, ws_token))
             print(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/",
                   file=sys.stderr)
-        dataset = open_data(args, cfg, cleanup)
+        dataset, eval_set = open_data(args, cfg, cleanup)
         info = datasets.corpus_info(dataset.metadata())
 
         model = CustomTransformer(cfg.model)
@@ -338,14 +379,28 @@ def train(args, cfg: Config) -> dict:
             if live:
                 live.publish(message)
 
+        def training_state(step):
+            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                    "rng": rng_state(), "data": dataset.state_dict(), "step": step,
+                    "nonfinite_steps": nonfinite_total, "best_eval_loss": best_eval_loss, "config": asdict(cfg)}
+
         def checkpoint(step):
-            path = save_checkpoint(out_dir, {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                "rng": rng_state(), "data": dataset.state_dict(), "step": step, "nonfinite_steps": nonfinite_total,
-                "config": asdict(cfg)}, cfg.train.keep_checkpoints)
+            path = save_checkpoint(out_dir, training_state(step), cfg.train.keep_checkpoints)
             publish({"type": "checkpoint", "step": step, "path": str(path)})
             return path
+
+        def run_evaluation(step):
+            nonlocal best_eval_loss
+            results = evaluate(model, eval_set, cfg, device, amp_dtype)
+            best = results["loss"] < best_eval_loss
+            if best:
+                best_eval_loss = results["loss"]
+                write_atomically(out_dir / "best.pt", training_state(step))
+            publish({"type": "eval", "step": step, "best": best, **results})
+            progress.write(f"eval at step {step}: loss {results['loss']:.4f}, "
+                           f"masked-token accuracy {results.get('text_acc', float('nan')):.3f}"
+                           + ("  (best so far: best.pt)" if best else ""))
 
         publish({"type": "run", "parameters": sum(p.numel() for p in model.parameters()),
                  "device": str(device), "precision": str(amp_dtype).removeprefix("torch."),
@@ -363,6 +418,7 @@ def train(args, cfg: Config) -> dict:
                                               total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True))
         losses, last_path, step = [], None, start_step
         nonfinite_total, nonfinite_in_a_row = (state.get("nonfinite_steps", 0) if resume_path else 0), 0
+        best_eval_loss = state.get("best_eval_loss", math.inf) if resume_path else math.inf
         model.train()
         try:
             for step in progress:
@@ -397,6 +453,8 @@ def train(args, cfg: Config) -> dict:
                     raise TrainingHalted(
                         f"{nonfinite_in_a_row} steps in a row (up to step {done}) had a non-finite loss or "
                         f"gradient; stopped with checkpoint {last_path}. Lower train.lr or check the data.")
+                if eval_set is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                    run_evaluation(done)
                 if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_requested:
                     last_path = checkpoint(done)
                 if stop_requested:
@@ -416,6 +474,7 @@ def parse_args(argv=None):
     parser.add_argument("--flight-host", help="Flight server address; omit for the embedded in-process server")
     parser.add_argument("--port", type=int, default=8815, help="Flight server port")
     parser.add_argument("--files", nargs="+", help="files to train on, as the server names them (default: all)")
+    parser.add_argument("--eval-files", nargs="+", help="files to evaluate on (held out of training)")
     parser.add_argument("--flight-token-file", help="file holding the server's bearer token")
     parser.add_argument("--flight-tls-root-cert", help="PEM certificate to trust: connect over TLS")
     parser.add_argument("--data-dir", help="without --flight-host: folder of Parquet files to serve "

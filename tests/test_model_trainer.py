@@ -2,6 +2,7 @@
 Parquet -> Flight server on 127.0.0.1 -> trainer -> WebSocket client, checkpoint, resume)."""
 import dataclasses
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -233,3 +234,28 @@ def test_a_prefetching_producer_can_run_epochs_ahead_of_the_consumer(corpus):
     expected = sorted(pq.read_table(shards, columns=["sample_id"]).column(0).to_pylist())
     assert sorted(seen) == [0, 1, 2] and all(sorted(ids) == expected for ids in seen.values())
     assert dataset.state_dict()["epoch"] == 3
+
+
+def test_evaluation_on_held_out_files_keeps_the_best_checkpoint(corpus, tmp_path):
+    root, shards = corpus
+    out = tmp_path / "eval"
+    held_out = shards[-1].name
+    assert model_trainer.main(["--data-dir", str(root), "--eval-files", held_out, "--out", str(out),
+                               "--ws-port", "-1", "--steps", "12", *set_flags(TINY + ["train.eval_every=5"])]) == 0
+    records = read_metrics(out)
+    evals = [m for m in records if m["type"] == "eval"]
+    assert [m["step"] for m in evals] == [5, 10, 12]
+    assert {"loss", "text_acc", "text_perplexity", "loss_mel", "f0_cents", "voicing_acc"} <= set(evals[0])
+    assert evals[0]["best"] and abs(evals[0]["text_perplexity"] - math.exp(evals[0]["loss_text"])) < 1e-6
+    best = min(evals, key=lambda m: m["loss"])
+    assert model_trainer.load_checkpoint(out / "best.pt")["step"] == best["step"]
+    # The held-out file never trained: no step saw its samples.
+    run = next(m for m in records if m["type"] == "run")
+    assert run["files"] == len(shards) - 1
+
+
+def test_evaluation_files_may_not_also_train(corpus, tmp_path):
+    root, shards = corpus
+    name = shards[0].name
+    assert model_trainer.main(["--data-dir", str(root), "--files", name, "--eval-files", name, "--out",
+                               str(tmp_path / "x"), "--ws-port", "-1", "--steps", "2", *set_flags(TINY)]) == 1
