@@ -2,10 +2,11 @@
 
     python model_trainer.py --flight-host H --port 8815 --files a.parquet b.parquet
     python model_trainer.py                      # embedded default: demo corpus, in-process server
+    python model_trainer.py watch ws://127.0.0.1:8765   # one line per live update
 
 Without --flight-host the trainer builds the demo corpus if it is missing, starts the Flight
 server in this process on 127.0.0.1 and reads through it: the same client/server path as two
-machines. Metrics stream live on ws://127.0.0.1:8765 (watch with `python live_metrics.py URL`).
+machines. Metrics stream live on ws://127.0.0.1:8765, with a dashboard at http://127.0.0.1:8765/.
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import datasets
 import demo_corpus
 from custom_transformer import CustomTransformer, ModelConfig, sample_masks
 from flight_server import SampleFlightServer, read_token
+import live_metrics
 from live_metrics import MetricsServer
 
 DEMO_DIR = Path("data/demo")
@@ -493,6 +495,12 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["watch"]:   # python model_trainer.py watch ws://HOST:PORT
+        if len(argv) != 2:
+            print("usage: model_trainer.py watch ws://HOST:PORT[/?token=...]", file=sys.stderr)
+            return 2
+        return live_metrics.watch(argv[1])
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.set + ([f"train.steps={args.steps}"] if args.steps else []), args.preset)

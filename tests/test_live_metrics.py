@@ -81,3 +81,23 @@ def test_a_token_guards_both_websocket_and_page():
             assert json.loads(ws.recv(timeout=5))["type"] == "run"
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/?token=t0k", timeout=5) as response:
             assert response.status == 200
+
+
+def test_the_watch_command_prints_one_line_per_update():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    with MetricsServer("127.0.0.1", 0) as server:
+        server.publish({"type": "run", "parameters": 10, "device": "cpu", "precision": "float32", "files": 1,
+                        "start_step": 0, "steps": 2})
+        for step in (1, 2):
+            server.publish({"type": "step", "step": step, "loss": 1.0 / step, "accuracy": 0.5, "lr": 1e-3,
+                            "tokens_per_s": 100.0})
+        assert wait_for(lambda: len(server.history) == 2)
+        watcher = subprocess.Popen([sys.executable, "model_trainer.py", "watch", f"ws://127.0.0.1:{server.port}"],
+                                   cwd=root, stdout=subprocess.PIPE, text=True)
+        lines = [watcher.stdout.readline().strip() for _ in range(3)]
+    assert watcher.wait(timeout=30) == 0   # the server closing ends the watch
+    assert lines[0].startswith("run: 10 parameters on cpu")
+    assert lines[1].startswith("step      1  loss 1.0000") and lines[2].startswith("step      2  loss 0.5000")
