@@ -61,30 +61,27 @@ class DataError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Writing, with the statistics the model normalises by
 
-def speaker_sums(rows: list[dict]) -> dict[str, dict]:
-    """Per speaker id: log-F0 (voiced frames) and energy sums, for per-speaker normalisation."""
-    out = {}
-    for speaker in sorted({r["speaker_id"] for r in rows}):
-        f0 = np.concatenate([r["f0_hz"] for r in rows if r["speaker_id"] == speaker]).astype(np.float64)
-        energy = np.concatenate([r["energy"] for r in rows if r["speaker_id"] == speaker]).astype(np.float64)
-        log_f0 = np.log(f0[f0 > 0])
-        out[str(speaker)] = {"frames": int(energy.size), "voiced_frames": int(log_f0.size),
-                             "log_f0_sum": float(log_f0.sum()), "log_f0_sumsq": float(np.square(log_f0).sum()),
-                             "energy_sum": float(energy.sum()), "energy_sumsq": float(np.square(energy).sum())}
-    return out
-
-
-def feature_sums(rows: list[dict]) -> dict:
-    """Sums from which corpus means and standard deviations combine exactly across shards."""
-    mel = np.concatenate([r["mel"] for r in rows]).astype(np.float64)
+def prosody_sums(rows: list[dict]) -> dict:
+    """Frame counts and sums of log-F0 (voiced frames) and energy, which combine across shards."""
     f0 = np.concatenate([r["f0_hz"] for r in rows]).astype(np.float64)
     energy = np.concatenate([r["energy"] for r in rows]).astype(np.float64)
     log_f0 = np.log(f0[f0 > 0])
-    return {"frames": int(len(mel)), "mel_sum": mel.sum(0).tolist(),
-            "mel_sumsq": np.square(mel).sum(0).tolist(),
-            "voiced_frames": int(log_f0.size), "log_f0_sum": float(log_f0.sum()),
-            "log_f0_sumsq": float(np.square(log_f0).sum()),
+    return {"frames": int(energy.size), "voiced_frames": int(log_f0.size),
+            "log_f0_sum": float(log_f0.sum()), "log_f0_sumsq": float(np.square(log_f0).sum()),
             "energy_sum": float(energy.sum()), "energy_sumsq": float(np.square(energy).sum())}
+
+
+def speaker_sums(rows: list[dict]) -> dict[str, dict]:
+    """prosody_sums per speaker id, for per-speaker normalisation."""
+    return {str(speaker): prosody_sums([r for r in rows if r["speaker_id"] == speaker])
+            for speaker in sorted({r["speaker_id"] for r in rows})}
+
+
+def feature_sums(rows: list[dict]) -> dict:
+    """Corpus sums (log-mel per bin, plus prosody) from which means and standard deviations
+    combine exactly across shards."""
+    mel = np.concatenate([r["mel"] for r in rows]).astype(np.float64)
+    return {"mel_sum": mel.sum(0).tolist(), "mel_sumsq": np.square(mel).sum(0).tolist(), **prosody_sums(rows)}
 
 
 def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
@@ -231,6 +228,18 @@ def _value_rows(column: pa.ListArray) -> np.ndarray:
     return np.repeat(np.arange(len(column)), lengths)
 
 
+def schema_problems(schema: pa.Schema) -> dict[str, str]:
+    """Column -> what is wrong with it: a required column missing, or a column of the wrong type."""
+    problems = {}
+    for field in SAMPLE_SCHEMA:
+        if field.name not in schema.names:
+            if not field.nullable:
+                problems[field.name] = "missing"
+        elif schema.field(field.name).type != field.type:
+            problems[field.name] = f"type {schema.field(field.name).type}, expected {field.type}"
+    return problems
+
+
 def validate_table(table: pa.Table | pa.RecordBatch, source: str, vocab_size: int | None = None,
                    row_offset: int = 0) -> list[str]:
     """All violations of SAMPLE_SCHEMA in `table`, one line each: file, row, column, problem."""
@@ -238,17 +247,13 @@ def validate_table(table: pa.Table | pa.RecordBatch, source: str, vocab_size: in
     sample_ids = (table.column("sample_id").to_numpy(zero_copy_only=False)
                   if "sample_id" in names and table.schema.field("sample_id").type == pa.string() else None)
     report = _Report(source, sample_ids, row_offset)
-    usable = set()
+    problems = schema_problems(table.schema)
+    for name, message in problems.items():
+        report.column(name, message)
+    usable = {f.name for f in SAMPLE_SCHEMA if f.name in names and f.name not in problems}
     for field in SAMPLE_SCHEMA:
-        if field.name not in names:
-            if not field.nullable:
-                report.column(field.name, "missing")
+        if field.name not in usable:
             continue
-        actual = table.schema.field(field.name).type
-        if actual != field.type:
-            report.column(field.name, f"type {actual}, expected {field.type}")
-            continue
-        usable.add(field.name)
         column = table.column(field.name)
         if not field.nullable and column.null_count:
             report.rows(field.name, np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)),
@@ -873,12 +878,11 @@ class ArrowFlightDataset(_PackedStream):
             self._client = flight.FlightClient(self.location, tls_root_certs=self.tls_root_cert)
         return self._client
 
-    def _headers(self) -> list[tuple[bytes, bytes]]:
-        return [(b"authorization", f"Bearer {self.token}".encode())] if self.token else []
-
     @property
     def _options(self):
-        return flight.FlightCallOptions(headers=self._headers())
+        """Every call carries the token and is cancelled after read_timeout_s (then retried)."""
+        headers = [(b"authorization", f"Bearer {self.token}".encode())] if self.token else []
+        return flight.FlightCallOptions(headers=headers, timeout=self.read_timeout_s)
 
     def _failed(self, failures: int, what: str, err: Exception) -> None:
         """After a retryable failure: raise once there were too many in a row, else back off."""
@@ -923,8 +927,7 @@ class ArrowFlightDataset(_PackedStream):
         backoff from the first row not yet delivered; `max_retries` failures in a row are an error."""
         name, raw = endpoint
         ticket, delivered, failures = Ticket.decode(raw), skip_rows, 0
-        options = flight.FlightCallOptions(headers=self._headers(),
-                                           timeout=self.read_timeout_s)
+        options = self._options
         while True:
             try:
                 request = replace(ticket, skip_rows=delivered, columns=columns or ticket.columns)

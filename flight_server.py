@@ -121,11 +121,7 @@ class SampleFlightServer(flight.FlightServerBase):
         except (OSError, pa.ArrowException) as err:
             return f"not a readable Parquet file: {err}"
         schema = parquet.schema_arrow
-        problems = [f"column {f.name}: missing" for f in datasets.SAMPLE_SCHEMA
-                    if not f.nullable and f.name not in schema.names]
-        problems += [f"column {f.name}: type {schema.field(f.name).type}, expected {f.type}"
-                     for f in datasets.SAMPLE_SCHEMA if f.name in schema.names
-                     and schema.field(f.name).type != f.type]
+        problems = [f"column {name}: {message}" for name, message in datasets.schema_problems(schema).items()]
         try:
             datasets.read_metadata(schema, name)
         except ValueError as err:
