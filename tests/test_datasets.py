@@ -269,8 +269,9 @@ def test_resume_with_dataloader_workers_reproduces_the_interleaved_order(corpus,
 
     full = _ids(loader(datasets.LocalParquetDataset(shards, layout, batch_size=1, seed=5, shuffle_window=2)))
     first = datasets.LocalParquetDataset(shards, layout, batch_size=1, seed=5, shuffle_window=2)
-    for batch, _ in zip(loader(first), range(stop_after)):
-        first.record(batch)
+    for index, batch in enumerate(loader(first)):   # run to the end so the workers exit cleanly
+        if index < stop_after:
+            first.record(batch)
     resumed = datasets.LocalParquetDataset(shards, layout, batch_size=1, seed=5, shuffle_window=2)
     resumed.load_state_dict(first.state_dict())
     assert _ids(loader(resumed)) == full[stop_after:]
