@@ -22,7 +22,7 @@ run: demo
 	$(PY) model_trainer.py --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 test: $(READY)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -rs tests
 
 bench: demo
 	$(PY) bench/attention.py

@@ -239,6 +239,22 @@ class CustomTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def flops_per_position(self, seq_len: int) -> float:
+        """Training FLOPs (forward and backward) per sequence position, as nanochat counts them:
+        6 per weight of the blocks' matrix products, plus 6 * heads * (qk + v head dims) per key a
+        query sees: the whole sequence on a global layer, the window on a local one. Embeddings
+        and output heads (which run on the hidden positions only) are left out, so MFU computed
+        from this errs low by a few percent."""
+        cfg = self.cfg
+        matmul = sum(module.weight.numel() for module in self.blocks.modules() if isinstance(module, nn.Linear))
+        keys = 0
+        for block in self.blocks:
+            if block.window is None:
+                keys += seq_len
+            else:
+                keys += min(seq_len, block.window if cfg.causal else 2 * block.window + 1)
+        return 6 * matmul + 6 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * keys
+
     def set_corpus_stats(self, info: CorpusInfo) -> None:
         if info.vocab_size > self.cfg.vocab_size:
             raise ValueError(f"model.vocab_size {self.cfg.vocab_size} < the data's {info.vocab_size}")
@@ -260,11 +276,14 @@ class CustomTransformer(nn.Module):
         return mel, torch.where(valid, prosody, 0.0)
 
     def _speaker_vectors(self, batch: Batch) -> torch.Tensor | None:
-        size = batch.speaker_embedding.shape[1]
-        if size and size != self.cfg.speaker_embedding_dim:
+        size, expected = batch.speaker_embedding.shape[1], self.cfg.speaker_embedding_dim
+        if size and size != expected:
             raise ValueError(f"the data has speaker embeddings of size {size}: set "
-                             f"model.speaker_embedding_dim={size} (now {self.cfg.speaker_embedding_dim})")
-        return batch.speaker_embedding if size else None
+                             f"model.speaker_embedding_dim={size} (now {expected})")
+        if not expected:
+            return None
+        # a batch in which no segment has a vector: zeros, flagged absent by has_speaker_embedding
+        return batch.speaker_embedding if size else batch.speaker_embedding.new_zeros(len(batch.speaker_embedding), expected)
 
     def embed(self, batch: Batch, grid: Layout, masks: Masks, mel, prosody) -> torch.Tensor:
         """Place every input in the grid; hidden or absent inputs become the mask embedding."""
@@ -292,12 +311,12 @@ class CustomTransformer(nn.Module):
         place(grid.sentiment_index, sentiment, masks.sentiment | ~(known_label | known_affect.any(-1)), SENTIMENT)
 
         audio = self.audio_proj(mel.reshape(-1, k * N_MELS)) + self.prosody_proj(prosody.reshape(-1, k * PROSODY_FEATURES))
-        heard = 0.0
-        aligned = batch.token_audio_position >= 0
-        if aligned.any():   # a token, hidden or not, hears the audio where it starts unless that is hidden
-            position = batch.token_audio_position.clamp_min(0)
-            hears = aligned & ~masks.audio[position]
-            heard = torch.where(hears[:, None], self.aligned_audio_proj(audio[position]), 0.0)
+        # A token, hidden or not, hears the audio where it starts unless that is hidden. Tokens
+        # without an alignment (position -1) index an appended silent, never heard row.
+        position = batch.token_audio_position
+        audible = torch.cat([audio, audio.new_zeros(1, audio.shape[1])])
+        hears = (position >= 0) & ~torch.cat([masks.audio, masks.audio.new_zeros(1)])[position]
+        heard = torch.where(hears[:, None], self.aligned_audio_proj(audible[position]), 0.0)
         place(grid.text_index, self.text_embed(batch.token_ids), masks.text, TEXT, heard)
         place(grid.audio_index, audio, masks.audio, AUDIO)
         return x.view(grid.n_rows, grid.length, -1)
@@ -321,10 +340,12 @@ class CustomTransformer(nn.Module):
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
 
+        # Every head runs every step, on no rows when nothing of its kind is hidden: its loss is
+        # then an exact zero that still reaches its weights, as DDP expects of every parameter.
         def classify(name, head, index, targets, target):
-            if not targets.any():
-                return zero
             logits = head(hidden[index[targets]]).float()
+            if not targets.any():
+                return logits.sum()
             metrics[f"{name}_acc"] = (logits.argmax(-1) == target[targets]).float().mean().detach()
             return F.cross_entropy(logits, target[targets])
 
@@ -334,19 +355,21 @@ class CustomTransformer(nn.Module):
         losses["sentiment"] = classify("sentiment", self.sentiment_head, grid.sentiment_index,
                                        masks.sentiment & (batch.sentiment != UNKNOWN), batch.sentiment)
         vectors = self._speaker_vectors(batch)
-        vector_targets = masks.speaker & batch.has_speaker_embedding
         losses["speaker_embedding"] = zero
-        if vectors is not None and vector_targets.any():
+        if vectors is not None:
+            vector_targets = masks.speaker & batch.has_speaker_embedding
             predicted = self.speaker_vector_head(hidden[grid.speaker_index[vector_targets]]).float()
-            losses["speaker_embedding"] = (1 - F.cosine_similarity(predicted, vectors[vector_targets], dim=-1)).mean()
+            losses["speaker_embedding"] = ((1 - F.cosine_similarity(predicted, vectors[vector_targets], dim=-1)).mean()
+                                           if vector_targets.any() else predicted.sum())
 
         frame_hidden = masks.audio.repeat_interleave(k) & batch.frame_valid
-        losses.update(mel=zero, f0=zero, voicing=zero, energy=zero)
+        audio_out = hidden[grid.audio_index[masks.audio]]
+        select = batch.frame_valid.view(-1, k)[masks.audio]
+        mel_pred = self.mel_head(audio_out).float().view(-1, k, N_MELS)[select]
+        prosody_pred = self.prosody_head(audio_out).float().view(-1, k, PROSODY_FEATURES)[select]
+        untouched = mel_pred.sum() + prosody_pred.sum()   # zero when no frame is hidden
+        losses.update(mel=untouched, f0=zero, voicing=zero, energy=zero)
         if frame_hidden.any():
-            audio_out = hidden[grid.audio_index[masks.audio]]
-            select = batch.frame_valid.view(-1, k)[masks.audio]
-            mel_pred = self.mel_head(audio_out).float().view(-1, k, N_MELS)[select]
-            prosody_pred = self.prosody_head(audio_out).float().view(-1, k, PROSODY_FEATURES)[select]
             prosody_target = prosody[frame_hidden]
             losses["mel"] = F.l1_loss(mel_pred, mel[frame_hidden])
             losses["voicing"] = F.binary_cross_entropy_with_logits(prosody_pred[:, 1], prosody_target[:, 1])

@@ -17,9 +17,11 @@ import json
 import math
 import os
 import random
+import resource
 import signal
 import sys
 import time
+import traceback
 import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +29,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import datasets
@@ -60,6 +67,10 @@ class TrainConfig:
     keep_checkpoints: int = 3          # newest ckpt-*.pt kept; best.pt (lowest eval loss) is apart
     eval_every: int = 100              # steps between evaluations on --eval-files (and at the end)
     max_nonfinite_steps: int = 5     # this many skipped (NaN/inf) steps in a row stop the run
+    # Positions (text tokens and stacked audio frames) per optimizer step over all ranks; batches
+    # are accumulated to reach it. 0: one batch per rank and step.
+    tokens_per_step: int = 0
+    parallel: str = "ddp"            # under torchrun: ddp (replicas) | fsdp (FSDP2: weights sharded)
 
     def __post_init__(self):
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "eval_every"):
@@ -67,6 +78,10 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
+        if self.tokens_per_step < 0:
+            raise ValueError("train.tokens_per_step must be >= 0 (0: one batch per step)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel={self.parallel!r}: use ddp or fsdp")
 
 
 @dataclass
@@ -134,11 +149,51 @@ def load_config(path: str | None, overrides: list[str], preset: str | None = Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Hardware
+# Hardware and scale-out
 
-def choose_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job (one process: rank 0 of 1)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(cfg: TrainConfig) -> Ranks:
+    """Join the process group that torchrun describes in the environment: NCCL between GPUs,
+    gloo between CPU processes."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
+    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(ranks.local_rank)
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+    return ranks
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+# Under torchrun, objects that hold the gloo/NCCL process group live until the process exits
+# and the process leaves by os._exit (see cli()): destroying a gloo group from Python can deadlock
+# (its destructor joins worker threads while holding the GIL, and a worker freeing the last
+# collective's Python-owned tensors waits for that GIL; seen at the end of 2-rank runs).
+_HELD_UNTIL_EXIT: list = []
+
+
+def choose_device(cfg: TrainConfig, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
     """bf16 autocast on sm_80+, fp16 (with a GradScaler) on older GPUs such as the P40, fp32 on CPU."""
     name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={cfg.device}: CUDA is not available here")
@@ -152,6 +207,71 @@ def choose_device(cfg: TrainConfig) -> tuple[torch.device, torch.dtype]:
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
     return device, dtypes[precision]
+
+
+# Dense peak FLOP/s by GPU name and autocast dtype, from the vendors' data sheets (tensor cores,
+# no sparsity). fp16 on Pascal runs its matrix products at the fp32 rate (fp32 accumulation).
+# A GPU not listed gets no MFU: "unknown" beats a guess.
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12},
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12},
+    "RTX 3090": {"bf16": 71e12, "fp16": 71e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+    "P40": {"fp16": 11.8e12, "fp32": 11.8e12},
+}
+
+
+def peak_flops(device: torch.device, amp_dtype: torch.dtype) -> float | None:
+    """The device's peak for this precision, or None when it is not known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[amp_dtype]
+    for fragment, peaks in PEAK_FLOPS.items():   # the more specific names come first
+        if fragment in name:
+            return peaks.get(precision)
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The most memory this process has held: CUDA allocations on a GPU, resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+
+
+def distribute(model: torch.nn.Module, cfg: TrainConfig, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """-> the module to train: the model itself on one process, a DDP replica or, with
+    train.parallel=fsdp, the model sharded in place by FSDP2 (each block, then the rest)."""
+    if ranks.world == 1:
+        return model
+    if cfg.parallel == "fsdp":
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    # Buffers are corpus statistics, equal everywhere: nothing to broadcast each step.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def gradient_sync(trained: torch.nn.Module, enabled: bool):
+    """A context in which backward does (or, for all but the last accumulated batch, does not)
+    reduce gradients across ranks."""
+    if isinstance(trained, DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else trained.no_sync()
+    if isinstance(trained, FSDPModule):
+        trained.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+def accumulation_steps(cfg: Config, world: int) -> int:
+    """Batches each rank accumulates per optimizer step to come near train.tokens_per_step."""
+    per_batch = cfg.data.batch_size * cfg.data.max_seq_len * world
+    return max(1, round(cfg.train.tokens_per_step / per_batch)) if cfg.train.tokens_per_step else 1
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
@@ -230,9 +350,10 @@ def set_rng_state(state: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 # Data source
 
-def open_data(args, cfg: Config, cleanup: contextlib.ExitStack):
+def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = Ranks()):
     """-> (training dataset, evaluation dataset or None), from the remote Flight server or one
-    started in this process (shut down by `cleanup`). Evaluation files never train."""
+    started in this process (shut down by `cleanup`; under torchrun, one per rank). Evaluation
+    files never train."""
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     host, port = args.flight_host, args.port
     token = read_token(args.flight_token_file) if args.flight_token_file else None
@@ -240,7 +361,9 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack):
     if host is None:
         root = args.data_dir
         if root is None:
-            demo_corpus.build(DEMO_DIR)
+            if ranks.main:
+                demo_corpus.build(DEMO_DIR)
+            barrier()
             root = DEMO_DIR / "parquet"
         server = cleanup.enter_context(SampleFlightServer(root, "127.0.0.1", 0))
         host, port, token, tls_root_cert = "127.0.0.1", server.port, None, None
@@ -264,7 +387,8 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack):
 
 @torch.no_grad()
 def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]:
-    """Mean metrics over the evaluation files, weighted by positions; the same masks every time."""
+    """Mean metrics over the evaluation files (every rank's share), weighted by positions; the
+    same masks every time."""
     model.eval()
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
@@ -272,13 +396,21 @@ def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]
         masks = sample_masks(batch, cfg.model, torch.Generator().manual_seed(cfg.train.seed + index)).to(device)
         batch = batch.to(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            loss, metrics = model(batch, masks)
-        weight = batch.n_positions(cfg.model.frames_per_position)
+            loss, metrics = model(batch, masks)   # padding batches too: FSDP ranks gather weights together
+        weight = 0 if batch.padding else batch.n_positions(cfg.model.frames_per_position)
         for name, value in {"loss": loss, **metrics}.items():
             totals[name] = totals.get(name, 0.0) + float(value) * weight
             weights[name] = weights.get(name, 0.0) + weight
     model.train()
-    result = {name: totals[name] / weights[name] for name in totals}
+    if torch.distributed.is_initialized():
+        shares = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shares, (totals, weights))
+        totals, weights = {}, {}
+        for share_totals, share_weights in shares:
+            for name in share_totals:
+                totals[name] = totals.get(name, 0.0) + share_totals[name]
+                weights[name] = weights.get(name, 0.0) + share_weights[name]
+    result = {name: totals[name] / weights[name] for name in totals if weights[name] > 0}
     if "loss_text" in result:
         result["text_perplexity"] = math.exp(min(result["loss_text"], 50.0))
     return result
@@ -305,110 +437,214 @@ def batches(dataset, num_workers: int):
 # ---------------------------------------------------------------------------------------------
 # Training
 
-
-
 class TrainingHalted(RuntimeError):
     """Training cannot go on; a checkpoint of the last good weights was written."""
 
 
-def train_step(model, batch, masks, optimizer, scheduler, scaler, device, amp_dtype, grad_clip):
-    """Forward, backward, clip, optimizer step -> (loss, metrics, grad norm, lr used, applied).
+@dataclass
+class StepResult:
+    loss: float           # mean over every rank's batches that hold samples
+    metrics: dict         # this rank's, averaged over its accumulated batches
+    grad_norm: float
+    lr: float             # the rate this step used
+    applied: bool         # False: a non-finite loss or gradient, the weights were left alone
+    positions: int        # sequence positions trained on, all ranks together
+    stop: bool            # some rank was asked to stop (SIGINT/SIGTERM): all stop after this step
 
-    A non-finite loss or gradient skips the optimizer step (applied is False); with fp16 the
+
+def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_dtype, grad_clip,
+               stop_requested: bool = False) -> StepResult:
+    """Forward and backward over the accumulated (batch, masks) pairs, one exchange of gradients
+    (and of the loss and stop flag) between ranks, clip, optimizer step.
+
+    A non-finite loss or gradient on any rank skips the optimizer step everywhere; with fp16 the
     GradScaler also skips steps whose scaled gradients overflowed, as it should."""
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-        loss, metrics = model(batch, masks)
-    if batch.padding:   # a rank that ran out of data steps along with the others, learning nothing
-        loss = loss * 0.0
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    loss_sum, samples_batches, positions = torch.zeros((), device=device), 0, 0
+    metric_sums: dict[str, torch.Tensor] = {}
+    for index, (batch, masks) in enumerate(micro_batches):
+        batch, masks = batch.to(device), masks.to(device)
+        with gradient_sync(model, enabled=index == len(micro_batches) - 1):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+                loss, metrics = model(batch, masks)
+            # a padding batch (a rank out of data) steps along with the others, learning nothing
+            weight = 0.0 if batch.padding else 1.0 / len(micro_batches)
+            scaler.scale(loss * weight).backward()
+        if not batch.padding:
+            loss_sum = loss_sum + loss.detach().float()
+            samples_batches += 1
+            positions += batch.n_positions(model_config(model).frames_per_position)
+            for name, value in metrics.items():
+                metric_sums[name] = metric_sums.get(name, 0.0) + value
+    shared = torch.stack([loss_sum, torch.tensor(float(samples_batches), device=device),
+                          torch.tensor(float(positions), device=device), torch.tensor(float(stop_requested), device=device)])
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(shared)
+    loss_total, batch_total, position_total, stops = shared.tolist()
+    mean_loss = loss_total / max(batch_total, 1.0)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    applied = bool(torch.isfinite(loss)) and (scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
+    if isinstance(grad_norm, DTensor):   # FSDP: each rank holds a part of the norm
+        grad_norm = grad_norm.full_tensor()
+    grad_norm = grad_norm.item()
+    applied = math.isfinite(mean_loss) and (scaler.is_enabled() or math.isfinite(grad_norm))
     if applied:
         scaler.step(optimizer)
     scaler.update()
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    return loss, metrics, grad_norm, lr, applied
+    count = max(samples_batches, 1)
+    return StepResult(mean_loss, {name: float(value) / count for name, value in metric_sums.items()},
+                      grad_norm, lr, applied, int(position_total), stops > 0)
+
+
+def model_config(model: torch.nn.Module) -> ModelConfig:
+    return (model.module if isinstance(model, DistributedDataParallel) else model).cfg
+
+
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def training_state(model, optimizer, scheduler, scaler, dataset, step: int, extra: dict) -> dict | None:
+    """Everything a checkpoint holds, assembled on rank 0 (None elsewhere). Every rank must call
+    it: FSDP gathers the weights and each rank adds its RNG and data-stream state."""
+    model_state, optimizer_state = get_state_dict(model, optimizer, options=FULL_STATE)
+    per_rank = {"rng": rng_state(), "data": dataset.state_dict()}
+    ranks = [per_rank]
+    if torch.distributed.is_initialized():
+        ranks = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
+        torch.distributed.gather_object(per_rank, ranks, dst=0)
+        if torch.distributed.get_rank() != 0:
+            return None
+    return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "ranks": ranks, "step": step, **extra}
+
+
+def restore(state: dict | None, model, optimizer, scheduler, scaler, dataset, ranks: Ranks) -> dict:
+    """Load a checkpoint that rank 0 read (`state` is None on the other ranks, whose machines may
+    not hold the run folder): weights and optimizer are broadcast, every rank takes its own RNG
+    and data position. -> the checkpoint without its tensors (step, counters, config)."""
+    small = {k: v for k, v in state.items() if k not in ("model", "optimizer")} if state else None
+    if ranks.world > 1:
+        box = [small]
+        torch.distributed.broadcast_object_list(box, src=0)
+        small = box[0]
+    if len(small["ranks"]) != ranks.world:
+        raise ValueError(f"the checkpoint was written by {len(small['ranks'])} process(es); resume it with "
+                         f"as many (torchrun --nproc_per_node), not {ranks.world}")
+    # Two calls, not set_state_dict: given an empty model dict (the other ranks) it would skip the model.
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=ranks.world > 1)
+    set_model_state_dict(model, state["model"] if state else {}, options=options)
+    set_optimizer_state_dict(model, optimizer, state["optimizer"] if state else {}, options=options)
+    scheduler.load_state_dict(small["scheduler"])
+    scaler.load_state_dict(small["scaler"])
+    set_rng_state(small["ranks"][ranks.rank]["rng"])
+    dataset.load_state_dict(small["ranks"][ranks.rank]["data"])
+    return small
 
 
 def train(args, cfg: Config) -> dict:
+    ranks = init_distributed(cfg.train)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
-    device, amp_dtype = choose_device(cfg.train)
+    device, amp_dtype = choose_device(cfg.train, ranks.local_rank)
     out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = (find_checkpoint(out_dir) if args.resume == "auto" else
-                   Path(args.resume) if args.resume else None)
-    if resume_path is None and any(out_dir.glob("ckpt-*.pt")):
-        raise ValueError(f"{out_dir} holds checkpoints of an earlier run: pass --resume auto to "
-                         "continue it, or choose another --out")
+    resume_path = None
+    if ranks.main:   # rank 0 alone reads and writes the run folder
+        out_dir.mkdir(parents=True, exist_ok=True)
+        resume_path = (find_checkpoint(out_dir) if args.resume == "auto" else
+                       Path(args.resume) if args.resume else None)
+        if resume_path is None and any(out_dir.glob("ckpt-*.pt")):
+            raise ValueError(f"{out_dir} holds checkpoints of an earlier run: pass --resume auto to "
+                             "continue it, or choose another --out")
+
+    def say(text):
+        if ranks.main:
+            print(text, file=sys.stderr)
 
     with contextlib.ExitStack() as cleanup:
         live = None
-        if args.ws_port >= 0:   # first, so that a busy port fails before any slow work
+        if args.ws_port >= 0 and ranks.main:   # first, so that a busy port fails before any slow work
             ws_token = read_token(args.ws_token_file) if args.ws_token_file else None
             live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port, ws_token))
-            print(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/",
-                  file=sys.stderr)
-        dataset, eval_set = open_data(args, cfg, cleanup)
+            say(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/")
+        dataset, eval_set = open_data(args, cfg, cleanup, ranks)
         info = datasets.corpus_info(dataset.metadata())
 
         model = CustomTransformer(cfg.model)
         model.set_corpus_stats(info)
         model.to(device)
-        optimizer, scheduler = make_optimizer(model, cfg.train, device)
+        flops_per_position = model.flops_per_position(cfg.data.max_seq_len)
+        parameters = sum(p.numel() for p in model.parameters())
+        trained = distribute(model, cfg.train, ranks, device)
+        if ranks.world > 1:
+            _HELD_UNTIL_EXIT.append(trained)
+        optimizer, scheduler = make_optimizer(trained, cfg.train, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        start_step = 0
-        if resume_path:
-            state = load_checkpoint(resume_path)
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
-            set_rng_state(state["rng"])
-            dataset.load_state_dict(state["data"])
-            start_step = state["step"]
-            print(f"resumed from {resume_path} at step {start_step}", file=sys.stderr)
+        accumulate = accumulation_steps(cfg, ranks.world)
+        peak = peak_flops(device, amp_dtype)
+        say(f"{ranks.world} process(es) x {accumulate} batch(es) x {cfg.data.batch_size} x "
+            f"{cfg.data.max_seq_len} positions per step on {device} ({str(amp_dtype).removeprefix('torch.')})"
+            + ("" if peak or device.type == "cpu" else f"; MFU unknown: no peak FLOP/s listed for "
+                                                       f"{torch.cuda.get_device_name(device)}"))
+        start_step, resumed = 0, {}
+        if ranks.world > 1:
+            box = [str(resume_path) if resume_path else None]
+            torch.distributed.broadcast_object_list(box, src=0)
+            resuming = box[0] is not None
+        else:
+            resuming = resume_path is not None
+        if resuming:
+            resumed = restore(load_checkpoint(resume_path) if ranks.main else None,
+                              model, optimizer, scheduler, scaler, dataset, ranks)
+            start_step = resumed["step"]
+            say(f"resumed from {resume_path} at step {start_step}")
 
-        metrics_log = cleanup.enter_context(open(out_dir / "metrics.jsonl", "a"))
+        metrics_log = cleanup.enter_context(open(out_dir / "metrics.jsonl", "a")) if ranks.main else None
 
         def publish(message: dict):
+            if not ranks.main:
+                return
             metrics_log.write(json.dumps(message) + "\n")
             metrics_log.flush()
             if live:
                 live.publish(message)
 
-        def training_state(step):
-            return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-                    "rng": rng_state(), "data": dataset.state_dict(), "step": step,
-                    "nonfinite_steps": nonfinite_total, "best_eval_loss": best_eval_loss, "config": asdict(cfg)}
+        def checkpoint_state(step):
+            return training_state(model, optimizer, scheduler, scaler, dataset, step,
+                                  {"nonfinite_steps": nonfinite_total, "best_eval_loss": best_eval_loss,
+                                   "config": asdict(cfg)})
 
         def checkpoint(step):
-            path = save_checkpoint(out_dir, training_state(step), cfg.train.keep_checkpoints)
+            state = checkpoint_state(step)
+            if not ranks.main:
+                return None
+            path = save_checkpoint(out_dir, state, cfg.train.keep_checkpoints)
             publish({"type": "checkpoint", "step": step, "path": str(path)})
             return path
 
         def run_evaluation(step):
             nonlocal best_eval_loss
-            results = evaluate(model, eval_set, cfg, device, amp_dtype)
+            results = evaluate(model if ranks.world == 1 or cfg.train.parallel == "fsdp" else trained.module,
+                               eval_set, cfg, device, amp_dtype)
             best = results["loss"] < best_eval_loss
             if best:
                 best_eval_loss = results["loss"]
-                write_atomically(out_dir / "best.pt", training_state(step))
+                state = checkpoint_state(step)
+                if ranks.main:
+                    write_atomically(out_dir / "best.pt", state)
             publish({"type": "eval", "step": step, "best": best, **results})
-            progress.write(f"eval at step {step}: loss {results['loss']:.4f}, "
-                           f"masked-token accuracy {results.get('text_acc', float('nan')):.3f}"
-                           + ("  (best so far: best.pt)" if best else ""))
+            if ranks.main:
+                progress.write(f"eval at step {step}: loss {results['loss']:.4f}, "
+                               f"masked-token accuracy {results.get('text_acc', float('nan')):.3f}"
+                               + ("  (best so far: best.pt)" if best else ""))
 
-        publish({"type": "run", "parameters": sum(p.numel() for p in model.parameters()),
-                 "device": str(device), "precision": str(amp_dtype).removeprefix("torch."),
-                 "files": len(dataset.files), "config": asdict(cfg), "start_step": start_step,
-                 "steps": cfg.train.steps})
-        # SIGINT/SIGTERM: finish the step in flight, checkpoint, exit cleanly.
+        publish({"type": "run", "parameters": parameters, "device": str(device),
+                 "precision": str(amp_dtype).removeprefix("torch."), "processes": ranks.world,
+                 "batches_per_step": accumulate, "files": len(dataset.files), "config": asdict(cfg),
+                 "start_step": start_step, "steps": cfg.train.steps})
+        # SIGINT/SIGTERM: finish the step in flight, checkpoint, exit cleanly (all ranks together).
         stop_requested = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             cleanup.callback(signal.signal, sig, signal.signal(sig, lambda s, f: stop_requested.append(s)))
@@ -417,38 +653,44 @@ def train(args, cfg: Config) -> dict:
         cleanup.callback(stream.close)   # stop reading before the in-process server goes away
         mask_rng = torch.Generator()
         progress = cleanup.enter_context(tqdm(range(start_step, cfg.train.steps), initial=start_step,
-                                              total=cfg.train.steps, desc="train", unit="step", dynamic_ncols=True))
+                                              total=cfg.train.steps, desc="train", unit="step",
+                                              dynamic_ncols=True, disable=not ranks.main))
         losses, last_path, step = [], None, start_step
-        nonfinite_total, nonfinite_in_a_row = (state.get("nonfinite_steps", 0) if resume_path else 0), 0
-        best_eval_loss = state.get("best_eval_loss", math.inf) if resume_path else math.inf
-        model.train()
+        nonfinite_total, nonfinite_in_a_row = resumed.get("nonfinite_steps", 0), 0
+        best_eval_loss = resumed.get("best_eval_loss", math.inf)
+        trained.train()
         try:
             for step in progress:
                 t0 = time.perf_counter()
-                batch = next(stream)
-                dataset.record(batch)
-                data_wait = time.perf_counter() - t0
-                mask_rng.manual_seed(cfg.train.seed * 1_000_003 + step)   # masks depend on the step alone
-                masks = sample_masks(batch, cfg.model, mask_rng).to(device)
-                batch = batch.to(device)
-                loss, metrics, grad_norm, lr, applied = train_step(model, batch, masks, optimizer, scheduler,
-                                                                   scaler, device, amp_dtype, cfg.train.grad_clip)
-                nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
-                nonfinite_total += not applied
+                micro_batches, data_wait = [], 0.0
+                for micro in range(accumulate):
+                    waited = time.perf_counter()
+                    batch = next(stream)
+                    data_wait += time.perf_counter() - waited
+                    dataset.record(batch)
+                    # masks depend on the step, batch and rank alone: a resumed run draws the same ones
+                    mask_rng.manual_seed(cfg.train.seed * 1_000_003 + (step * accumulate + micro) * ranks.world
+                                         + ranks.rank)
+                    micro_batches.append((batch, sample_masks(batch, cfg.model, mask_rng)))
+                result = train_step(trained, micro_batches, optimizer, scheduler, scaler, device, amp_dtype,
+                                    cfg.train.grad_clip, bool(stop_requested))
+                nonfinite_in_a_row = 0 if result.applied else nonfinite_in_a_row + 1
+                nonfinite_total += not result.applied
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step_time = time.perf_counter() - t0
-                record = {"type": "step", "step": step + 1, "epoch": batch.resume_from[0], "loss": loss.item(),
-                          **{k: v.item() for k, v in metrics.items()}, "lr": lr,
-                          "grad_norm": grad_norm.item(),
-                          "tokens_per_s": batch.n_positions(cfg.model.frames_per_position) / step_time,
-                          "step_time_s": step_time, "data_wait_frac": data_wait / step_time,
-                          "skipped": not applied, "nonfinite_steps": nonfinite_total}
+                tokens_per_s = result.positions / step_time
+                record = {"type": "step", "step": step + 1, "epoch": batch.resume_from[0], "loss": result.loss,
+                          **result.metrics, "lr": result.lr, "grad_norm": result.grad_norm,
+                          "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+                          "data_wait_frac": data_wait / step_time, "peak_mem_gb": peak_memory_gb(device),
+                          "mfu": flops_per_position * tokens_per_s / (peak * ranks.world) if peak else None,
+                          "skipped": not result.applied, "nonfinite_steps": nonfinite_total}
                 record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
-                losses.append(loss.item())
+                losses.append(result.loss)
                 publish(record)
-                progress.set_postfix(loss=f"{loss.item():.3f}", acc=f"{metrics['accuracy'].item():.3f}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}")
+                progress.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.metrics.get('accuracy', 0.0):.3f}",
+                                     tok_s=f"{tokens_per_s:.0f}")
                 done = step + 1
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                     last_path = checkpoint(done)   # the skipped steps left the weights untouched
@@ -457,10 +699,11 @@ def train(args, cfg: Config) -> dict:
                         f"gradient; stopped with checkpoint {last_path}. Lower train.lr or check the data.")
                 if eval_set is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                     run_evaluation(done)
-                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or stop_requested:
+                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or result.stop:
                     last_path = checkpoint(done)
-                if stop_requested:
-                    progress.write(f"signal {stop_requested[0]}: stopped after step {done}, checkpoint {last_path}")
+                if result.stop:
+                    if ranks.main:
+                        progress.write(f"asked to stop: stopped after step {done}, checkpoint {last_path}")
                     break
         except Exception as err:
             publish({"type": "failed", "step": step, "error": f"{type(err).__name__}: {err}"})
@@ -468,7 +711,7 @@ def train(args, cfg: Config) -> dict:
         publish({"type": "finished", "step": start_step + len(losses),
                  "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                  "checkpoint": str(last_path) if last_path else None})
-    return {"losses": losses, "checkpoint": last_path}
+    return {"losses": losses, "checkpoint": last_path, "main": ranks.main}
 
 
 def parse_args(argv=None):
@@ -513,11 +756,28 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 1
     losses = result["losses"]
-    if losses:
+    if losses and result["main"]:
         print(f"loss {losses[0]:.4f} -> {losses[-1]:.4f} over {len(losses)} steps; "
               f"checkpoint {result['checkpoint']}")
     return 0
 
 
+def cli() -> None:
+    """Run main() as a program. A torchrun process exits at once, its process group intact
+    (all collectives are complete by then; see _HELD_UNTIL_EXIT)."""
+    try:
+        code = main()
+    except BaseException:
+        if not torch.distributed.is_initialized():
+            raise
+        traceback.print_exc()   # here, or os._exit below would swallow it
+        code = 1
+    if torch.distributed.is_initialized():
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

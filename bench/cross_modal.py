@@ -52,16 +52,16 @@ def train(cfg, files, info, steps: int, transform) -> CustomTransformer:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     dataset = datasets.LocalParquetDataset(files, layout, cfg.data.batch_size, seed=cfg.data.seed)
-    stream = model_trainer.batches(dataset, 0, 0, 0)
+    stream = model_trainer.batches(dataset, 0)
     generator = torch.Generator()
     model.train()
     for step in range(steps):
-        _, _, batch = next(stream)
+        batch = next(stream)
         generator.manual_seed(step)
         masks = sample_masks(batch, cfg.model, generator)
         if transform is not None:
             batch, masks = transform(batch), without_audio(masks)
-        model_trainer.train_step(model, batch, masks, optimizer, scheduler, scaler, torch.device("cpu"),
+        model_trainer.train_step(model, [(batch, masks)], optimizer, scheduler, scaler, torch.device("cpu"),
                                  torch.float32, cfg.train.grad_clip)
     return model.eval()
 

@@ -105,7 +105,7 @@ def consumption(preset: str, steps: int, overrides: list[str]) -> float:
         batch = next(stream)
         masks = sample_masks(batch, cfg.model, torch.Generator().manual_seed(step))
         start = time.perf_counter()
-        model_trainer.train_step(model, batch, masks, optimizer, scheduler, scaler, torch.device("cpu"),
+        model_trainer.train_step(model, [(batch, masks)], optimizer, scheduler, scaler, torch.device("cpu"),
                                  torch.float32, cfg.train.grad_clip)
         if step:   # the first step warms up
             seconds += time.perf_counter() - start

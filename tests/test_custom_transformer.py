@@ -232,3 +232,22 @@ def test_a_padding_batch_runs_and_carries_no_sample():
     loss, _ = CustomTransformer(TINY)(batch, sample_masks(batch, TINY, torch.Generator().manual_seed(0)))
     assert torch.isfinite(loss)
     (loss * 0.0).backward()
+
+
+def test_every_parameter_takes_part_even_when_a_batch_hides_nothing_of_its_kind():
+    """DDP (without its costly unused-parameter search) needs a gradient for every parameter on
+    every step: heads with nothing to reconstruct get an exact zero one."""
+    _, batch = make_batch()
+    for has_vectors in (True, False):
+        if not has_vectors:   # a batch in which no segment has a speaker vector
+            batch = dataclasses.replace(batch, speaker_embedding=batch.speaker_embedding[:, :0],
+                                        has_speaker_embedding=torch.zeros_like(batch.has_speaker_embedding))
+        masks = dataclasses.replace(no_masks(batch), text=torch.arange(len(batch.token_ids)) % 3 == 0)
+        model = CustomTransformer(TINY)
+        loss, metrics = model(batch, masks)
+        loss.backward()
+        assert [name for name, p in model.named_parameters() if p.grad is None] == []
+        for head in (model.speaker_head, model.sentiment_head, model.mel_head, model.prosody_head,
+                     model.speaker_vector_head):
+            assert head.weight.grad.abs().sum() == 0
+        assert metrics["loss_mel"] == 0 and "speaker_acc" not in metrics and model.text_head.weight.grad.abs().sum() > 0

@@ -1,12 +1,23 @@
 """The WebSocket metrics thread: late joiners get history, stalled clients are dropped."""
+import base64
+import contextlib
 import json
+import re
+import shutil
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
 
 from live_metrics import MetricsServer, format_message
 from util import wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_late_joiner_gets_run_info_then_history_then_live_updates():
@@ -57,7 +68,6 @@ def test_watch_lines_are_readable():
 
 
 def test_the_same_port_serves_the_dashboard_page():
-    import urllib.request
     with MetricsServer("127.0.0.1", 0) as server:
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=5) as response:
             page = response.read().decode()
@@ -67,7 +77,6 @@ def test_the_same_port_serves_the_dashboard_page():
 
 def test_a_token_guards_both_websocket_and_page():
     import urllib.error
-    import urllib.request
     from websockets.exceptions import InvalidStatus
     with pytest.raises(ValueError, match="needs a token"):
         MetricsServer("0.0.0.0", 0)
@@ -84,10 +93,6 @@ def test_a_token_guards_both_websocket_and_page():
 
 
 def test_the_watch_command_prints_one_line_per_update():
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[1]
     with MetricsServer("127.0.0.1", 0) as server:
         server.publish({"type": "run", "parameters": 10, "device": "cpu", "precision": "float32", "files": 1,
                         "start_step": 0, "steps": 2})
@@ -96,8 +101,94 @@ def test_the_watch_command_prints_one_line_per_update():
                             "tokens_per_s": 100.0})
         assert wait_for(lambda: len(server.history) == 2)
         watcher = subprocess.Popen([sys.executable, "model_trainer.py", "watch", f"ws://127.0.0.1:{server.port}"],
-                                   cwd=root, stdout=subprocess.PIPE, text=True)
+                                   cwd=ROOT, stdout=subprocess.PIPE, text=True)
         lines = [watcher.stdout.readline().strip() for _ in range(3)]
     assert watcher.wait(timeout=30) == 0   # the server closing ends the watch
     assert lines[0].startswith("run: 10 parameters on cpu")
     assert lines[1].startswith("step      1  loss 1.0000") and lines[2].startswith("step      2  loss 0.5000")
+
+
+@contextlib.contextmanager
+def browser_tab(browser: str, profile):
+    """A tab of headless Chromium, driven over the DevTools protocol (a WebSocket, so the
+    `websockets` client we ship is all it takes)."""
+    process = subprocess.Popen(
+        [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+         "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,1600", "about:blank"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in process.stderr:
+            if match := re.search(r"DevTools listening on ws://([^/]+)/", line):
+                break
+        else:
+            raise RuntimeError("Chromium exited before it opened its DevTools port")
+        with urllib.request.urlopen(f"http://{match.group(1)}/json/list", timeout=10) as response:
+            page = next(t for t in json.load(response) if t["type"] == "page")
+        with connect(page["webSocketDebuggerUrl"], max_size=None, open_timeout=10) as socket_:
+            yield Tab(socket_)
+    finally:
+        process.kill()
+        process.wait()
+
+
+class Tab:
+    def __init__(self, socket_):
+        self.socket, self.calls = socket_, 0
+
+    def call(self, method: str, **params):
+        self.calls += 1
+        self.socket.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while True:
+            reply = json.loads(self.socket.recv(timeout=30))
+            if reply.get("id") == self.calls:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    def evaluate(self, expression: str):
+        return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+
+def test_the_dashboard_in_a_real_browser_draws_a_live_training_run(corpus, tmp_path):
+    """Headless Chromium opens the dashboard while the trainer runs, waits until the loss chart
+    holds points, and saves a screenshot (in the test's tmp folder)."""
+    browser = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
+    if browser is None:
+        pytest.skip("no headless Chromium (Debian package 'chromium'): the dashboard browser test did not run")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        ws_port = s.getsockname()[1]
+    trainer = subprocess.Popen(
+        [sys.executable, "model_trainer.py", "--data-dir", str(corpus[0]), "--out", str(tmp_path / "run"),
+         "--ws-port", str(ws_port), "--preset", "tiny", "--steps", "400", "--set", "train.checkpoint_every=400"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    screenshot = tmp_path / "dashboard.png"
+    try:
+        with browser_tab(browser, tmp_path / "profile") as tab:
+            assert wait_for(lambda: _serves(ws_port), timeout=120), "the trainer never served its dashboard"
+            tab.call("Page.navigate", url=f"http://127.0.0.1:{ws_port}/")
+            points = 'Number(document.querySelector("[data-chart=loss] canvas").dataset.points || 0)'
+            assert wait_for(lambda: (tab.evaluate(points) or 0) >= 5, timeout=120), "the loss chart stayed empty"
+            time.sleep(0.5)   # let the next animation frame paint
+            status = tab.evaluate('document.getElementById("status").textContent')
+            header = tab.evaluate('document.getElementById("run").textContent')
+            inked = tab.evaluate('(() => { const c = document.querySelector("[data-chart=loss] canvas");'
+                                 ' const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;'
+                                 ' let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; })()')
+            screenshot.write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
+    finally:
+        trainer.terminate()
+        trainer.wait(timeout=60)
+    assert status.startswith("step ") and "loss" in status
+    assert "parameters on cpu" in header
+    assert inked > 500   # the loss line, axes and labels were drawn on the canvas
+    assert screenshot.read_bytes().startswith(b"\x89PNG")
+    print(f"dashboard screenshot: {screenshot}")
+
+
+def _serves(port) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False

@@ -3,6 +3,7 @@ Parquet -> Flight server on 127.0.0.1 -> trainer -> WebSocket client, checkpoint
 import dataclasses
 import json
 import math
+import os
 import signal
 import socket
 import subprocess
@@ -291,3 +292,126 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     # A damaged newest checkpoint (a disk error, a copy cut short) is passed over too.
     (out / "ckpt-00000003.pt").write_bytes(b"garbage")
     assert model_trainer.find_checkpoint(out) == out / "ckpt-00000001.pt"
+
+
+def torchrun(server_port, out, probe_dir, steps, *extra):
+    """The trainer on 2 CPU processes under torchrun, both streaming from one Flight server."""
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "tests/trainer_probe.py", "--flight-host", "127.0.0.1", "--port", str(server_port),
+           "--out", str(out), "--ws-port", "-1", "--steps", str(steps),
+           *set_flags(TINY + ["train.checkpoint_every=4", "data.batch_size=2"]), *extra]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PROBE_DIR": str(probe_dir), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def probed(probe_dir, rank):
+    return [json.loads(line) for line in (probe_dir / f"rank-{rank}.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_torchrun_two_ranks_train_on_disjoint_data_and_resume_exactly(corpus, tmp_path, parallel):
+    root, shards = corpus
+    all_ids = set(pq.read_table(shards, columns=["sample_id"]).column("sample_id").to_pylist())
+    steps = 8
+    with SampleFlightServer(root, "127.0.0.1", 0) as server:
+        straight = tmp_path / "straight"
+        torchrun(server.port, straight, tmp_path / "probe-straight", steps, "--set", f"train.parallel={parallel}")
+        # a second run picks up the first one's step-4 checkpoint
+        resumed = tmp_path / "resumed"
+        resumed.mkdir()
+        (resumed / "ckpt-00000004.pt").write_bytes((straight / "ckpt-00000004.pt").read_bytes())
+        torchrun(server.port, resumed, tmp_path / "probe-resumed", steps, "--set", f"train.parallel={parallel}",
+                 "--resume", "auto")
+
+    expected = {m["step"]: m["loss"] for m in read_metrics(straight) if m["type"] == "step"}
+    got = {m["step"]: m["loss"] for m in read_metrics(resumed) if m["type"] == "step"}
+    assert sorted(expected) == list(range(1, steps + 1)) and sorted(got) == list(range(5, steps + 1))
+    assert [got[s] for s in range(5, steps + 1)] == [expected[s] for s in range(5, steps + 1)]
+    assert expected[steps] < expected[1]
+    assert not (tmp_path / "straight" / "rank-1").exists()   # rank 0 alone writes the run folder
+    state = model_trainer.load_checkpoint(straight / f"ckpt-{steps:08d}.pt")
+    assert len(state["ranks"]) == 2 and state["config"]["train"]["parallel"] == parallel
+
+    rank0, rank1 = probed(tmp_path / "probe-straight", 0), probed(tmp_path / "probe-straight", 1)
+    assert len(rank0) == len(rank1) == steps      # one batch per rank and step
+    for epoch in {b["epoch"] for b in rank0 + rank1}:
+        ids0 = [i for b in rank0 if b["epoch"] == epoch for i in b["ids"]]
+        ids1 = [i for b in rank1 if b["epoch"] == epoch for i in b["ids"]]
+        assert ids0 and ids1 and not set(ids0) & set(ids1)
+        assert len(set(ids0)) == len(ids0) and len(set(ids1)) == len(ids1)
+        assert set(ids0) | set(ids1) <= all_ids
+    # the resumed ranks continue exactly where the checkpoint left each of them
+    assert probed(tmp_path / "probe-resumed", 0) == rank0[4:] and probed(tmp_path / "probe-resumed", 1) == rank1[4:]
+
+
+def test_accumulated_batches_make_one_step_on_their_mean_gradient(corpus):
+    _, shards = corpus
+    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), ["data.batch_size=2"], "tiny")
+    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    dataset = datasets.LocalParquetDataset(shards, layout, cfg.data.batch_size, shuffle=False)
+    pairs = [(batch, sample_masks(batch, cfg.model, torch.Generator().manual_seed(i)))
+             for i, batch in zip(range(2), dataset)]
+    torch.manual_seed(0)
+    model = CustomTransformer(cfg.model)
+    model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    gradients, losses = [], []
+    for batch, masks in pairs:   # the reference: each batch's gradient on its own
+        model.zero_grad()
+        loss, _ = model(batch, masks)
+        loss.backward()
+        losses.append(loss.item())
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    result = model_trainer.train_step(model, pairs, optimizer, scheduler, scaler, torch.device("cpu"),
+                                      torch.float32, grad_clip=1e9)
+    assert result.applied and result.loss == pytest.approx(sum(losses) / 2, rel=1e-6)
+    assert result.positions == sum(batch.n_positions(cfg.model.frames_per_position) for batch, _ in pairs)
+    for name, p in model.named_parameters():
+        mean_gradient = (gradients[0][name] + gradients[1][name]) / 2
+        torch.testing.assert_close(p.detach(), before[name] - 0.5 * mean_gradient, rtol=1e-5, atol=1e-6)
+
+
+def test_tokens_per_step_sets_the_batches_accumulated_per_rank():
+    cfg = model_trainer.load_config(None, ["data.batch_size=4", "data.max_seq_len=1000", "train.tokens_per_step=16000"])
+    assert model_trainer.accumulation_steps(cfg, world=1) == 4
+    assert model_trainer.accumulation_steps(cfg, world=2) == 2
+    assert model_trainer.accumulation_steps(cfg, world=8) == 1   # never fewer than one batch
+    assert model_trainer.accumulation_steps(model_trainer.load_config(None, []), world=1) == 1
+    with pytest.raises(ValueError, match="train.parallel='zero'"):
+        model_trainer.load_config(None, ["train.parallel=zero"])
+
+
+def test_mfu_needs_a_known_peak():
+    assert model_trainer.peak_flops(torch.device("cpu"), torch.float32) is None
+    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], "base")
+    with torch.device("meta"):
+        model = CustomTransformer(cfg.model)
+    block_weights = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
+    assert model.flops_per_position(1) > 6 * block_weights   # and the attention term grows with length,
+    local_only = CustomTransformer(dataclasses.replace(cfg.model, layer_pattern="L", n_layers=2))
+    assert local_only.flops_per_position(10 * cfg.model.window) == local_only.flops_per_position(100 * cfg.model.window)
+
+
+def test_a_run_with_accumulation_consumes_that_many_batches_per_step(corpus, tmp_path, monkeypatch):
+    root, _ = corpus
+    consumed = []
+    record = datasets._PackedStream.record
+    monkeypatch.setattr(datasets._PackedStream, "record", lambda self, batch: (consumed.append(batch), record(self, batch)))
+    out = tmp_path / "accumulate"
+    # tiny: batches of 2 x 256 positions; 1,500 positions per step -> 3 batches
+    assert model_trainer.main(["--data-dir", str(root), "--out", str(out), "--ws-port", "-1", "--steps", "4",
+                               *set_flags(TINY + ["data.batch_size=2", "train.tokens_per_step=1500"])]) == 0
+    messages = read_metrics(out)
+    assert messages[0]["batches_per_step"] == 3 and len(consumed) == 12
+    steps = [m for m in messages if m["type"] == "step"]
+    positions = [b.n_positions(4) for b in consumed]
+    for i, step in enumerate(steps):
+        assert step["tokens_per_s"] * step["step_time_s"] == pytest.approx(sum(positions[3 * i:3 * i + 3]))
+        assert step["peak_mem_gb"] > 0 and step["mfu"] is None   # no MFU on a CPU
