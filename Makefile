@@ -1,6 +1,6 @@
 # make run   - set up, build the demo corpus if missing, train the demo model with live metrics
 # make test  - set up, run the test suite
-# make bench - the benchmarks under bench/ (tens of minutes on a 2-core CPU)
+# make bench - the benchmarks under bench/ (about 30 minutes on a 2-core CPU)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,11 +24,20 @@ run: demo
 test: $(READY)
 	$(PY) -m pytest -q -rs tests
 
-bench: demo
+$(VENV)/.bench-installed: bench/requirements.txt $(READY)
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	@cp bench/requirements.txt $@
+
+bench: demo $(VENV)/.bench-installed
 	$(PY) bench/attention.py
 	$(PY) bench/long_context.py
 	$(PY) bench/cross_modal.py
 	$(PY) bench/data_throughput.py
+	$(PY) bench/peer_step.py
+	$(PY) bench/flops.py
+	$(PY) bench/profile_step.py
+	$(PY) bench/compile_blocks.py
+	$(PY) bench/data_stall.py
 
 clean:
 	rm -rf data runs

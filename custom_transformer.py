@@ -239,6 +239,12 @@ class CustomTransformer(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    def compile_blocks(self) -> None:
+        """torch.compile every block, with dynamic shapes since packed lengths vary per batch.
+        Needs Triton on the GPU (sm_70 or newer: never a P40) or a C++ compiler on a CPU."""
+        for block in self.blocks:
+            block.compile(dynamic=True)
+
     def flops_per_position(self, seq_len: int) -> float:
         """Training FLOPs (forward and backward) per sequence position, as nanochat counts them:
         6 per weight of the blocks' matrix products, plus 6 * heads * (qk + v head dims) per key a

@@ -71,6 +71,9 @@ class TrainConfig:
     # are accumulated to reach it. 0: one batch per rank and step.
     tokens_per_step: int = 0
     parallel: str = "ddp"            # under torchrun: ddp (replicas) | fsdp (FSDP2: weights sharded)
+    # torch.compile each block: off by default, since it was slower where measured (CPU: 0.28x
+    # with recompilation as packed lengths vary; see BENCHMARKS.md); needs Triton (sm_70+) on GPUs.
+    compile: bool = False
 
     def __post_init__(self):
         for name in ("steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "eval_every"):
@@ -576,6 +579,12 @@ def train(args, cfg: Config) -> dict:
         model.set_corpus_stats(info)
         model.to(device)
         flops_per_position = model.flops_per_position(cfg.data.max_seq_len)
+        if cfg.train.compile:
+            if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+                raise ValueError(f"train.compile needs Triton, which needs compute capability 7.0 or newer; "
+                                 f"{torch.cuda.get_device_name(device)} is sm_"
+                                 f"{''.join(map(str, torch.cuda.get_device_capability(device)))}: leave it off")
+            model.compile_blocks()
         parameters = sum(p.numel() for p in model.parameters())
         trained = distribute(model, cfg.train, ranks, device)
         if ranks.world > 1:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import machine, peak_rss_bytes, run_case, save
+from common import header, peak_rss_bytes, run_case, save
 
 import model_trainer  # noqa: E402 (path set by common)
 from attention import dense_attention, kv_cache_values_per_token, local_attention  # noqa: E402
@@ -90,8 +90,7 @@ def main() -> int:
         print(json.dumps(case(kernel, int(n), int(window), int(heads))))
         return 0
 
-    lines = [f"# bench/attention.py  window={args.window} heads={args.heads} qk/v head dims {QK_DIM}/{V_DIM}",
-             f"# {machine()}", f"# {time.strftime('%Y-%m-%d %H:%M')}", *kv_cache_table(),
+    lines = [*header(), *kv_cache_table(),
              f"{'n':>8} {'swa s':>8} {'swa MiB':>9} {'dense s':>8} {'dense MiB':>10} {'time x':>7} {'mem x':>7}"]
     print("\n".join(lines), flush=True)
     swa_memory = {}
@@ -122,7 +121,7 @@ def main() -> int:
         headline = "SWA memory ratio 256k/32k: not measured"
     lines.append(headline)
     print(headline)
-    save("attention", "\n".join(lines) + "\n")
+    save("attention", lines)
     return 0
 
 

@@ -6,6 +6,7 @@ import json
 import platform
 import resource
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -34,7 +35,31 @@ def machine() -> str:
     return f"{platform.node()} | {device} | torch {torch.__version__}"
 
 
-def save(name: str, text: str) -> Path:
+def save(name: str, lines: list[str]) -> Path:
     path = ROOT / "bench" / "results" / f"{name}.txt"
-    path.write_text(text)
+    path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def flop_counter() -> "torch.utils.flop_counter.FlopCounterMode":
+    """torch's FLOP counter, taught the CPU flash-attention kernels it does not list (counted as
+    its other SDPA kernels are: every query against every key it is given, masks ignored)."""
+    from torch.utils import flop_counter as fc
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return fc.sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    return fc.FlopCounterMode(display=False, custom_mapping={
+        aten._scaled_dot_product_flash_attention_for_cpu: forward,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: backward})
+
+
+def header() -> list[str]:
+    """The first lines of every result: the command as run, the machine, the time."""
+    return [f"# {' '.join(['bench/' + Path(sys.argv[0]).name, *sys.argv[1:]])}", f"# {machine()}",
+            f"# {time.strftime('%Y-%m-%d %H:%M')}"]
+

@@ -119,7 +119,7 @@ def main() -> int:
              f"{'chance':<12} {'-':>16} {chance['sentiment']:>14.3f} {chance['speaker_id']:>12.3f}",
              f"masked text accuracy, multimodal / text-only: {mm['text_acc'] / text['text_acc']:.2f}x"]
     print("\n".join(lines))
-    save("cross_modal", "\n".join(lines) + "\n")
+    save("cross_modal", lines)
     return 0
 
 

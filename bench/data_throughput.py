@@ -154,7 +154,7 @@ def main() -> int:
              f"Flight (1 stream) / local: {one[0] / local[0]:.2f} (goal >= 0.5); "
              f"dataset / small consumption: {dataset_rate / small:.0f}x (goal >= 10x)"]
     print("\n".join(lines))
-    save("data_throughput", "\n".join(lines) + "\n")
+    save("data_throughput", lines)
     return 0
 
 

@@ -15,19 +15,20 @@ import time
 import numpy as np
 import torch
 
-from common import ROOT, machine, peak_rss_bytes, save
+from common import ROOT, header, peak_rss_bytes, save
 
 import datasets  # noqa: E402 (path set by common)
 import model_trainer  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 
 
-def synthetic_document(positions: int, k: int, seed: int = 0) -> datasets.Batch:
-    """Segments of 20-60 tokens and 2-6 s of audio, the last one sized to fill `positions`."""
+def synthetic_document(positions: int, k: int, seed: int = 0, audio: bool = True) -> datasets.Batch:
+    """Segments of 20-60 tokens and 2-6 s of audio (or, without audio, 100-300 tokens), the last
+    one sized to fill `positions`."""
     rng = np.random.default_rng(seed)
     segments, used, index = [], 0, 0
     while used < positions:
-        tokens, frames = int(rng.integers(20, 60)), int(rng.integers(200, 600))
+        tokens, frames = (int(rng.integers(20, 60)), int(rng.integers(200, 600))) if audio else (int(rng.integers(100, 300)), 0)
         need = 2 + tokens + -(-frames // k)
         if used + need > positions:
             tokens, frames = positions - used - 2, 0
@@ -70,8 +71,7 @@ def main() -> int:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
-    lines = [f"# bench/long_context.py --preset {args.preset} --positions {args.positions} {' '.join(args.set)}",
-             f"# {machine()}", f"# {time.strftime('%Y-%m-%d %H:%M')}",
+    lines = [*header(),
              f"preset {args.preset}: {n_params / 1e6:.1f}M parameters, layers {cfg.model.layer_pattern} x{cfg.model.n_layers}, "
              f"window {cfg.model.window}, activation checkpointing {cfg.model.activation_checkpointing}, "
              f"{str(amp_dtype).removeprefix('torch.')}",
@@ -80,7 +80,7 @@ def main() -> int:
              + ("GPU allocated)" if device.type == "cuda" else f"process RSS; {(peak - base) / 2**30:.2f} GiB above the inputs)"),
              f"throughput {args.positions / seconds:,.0f} positions/s"]
     print("\n".join(lines))
-    save(f"long_context_{args.preset}_{device.type}", "\n".join(lines) + "\n")
+    save(f"long_context_{args.preset}_{device.type}", lines)
     return 0
 
 
