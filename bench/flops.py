@@ -8,7 +8,7 @@ CustomTransformer.flops_per_position counts 6 per weight of the blocks' matrix p
 kernels compute instead, so the attention term differs by three known factors: V is
 zero-padded to the QK head dim (for the fused SDPA kernels), the flash backward recomputes the
 scores (2 * qk per query and key), and a local layer's query block attends to block + 2 * window
-keys (whole blocks), masking the ones outside each query's window. The check: the blocks' matrix products agree
+keys, masking the ones outside each query's window. The check: the blocks' matrix products agree
 exactly, and counted attention / formula attention equals the product of those factors.
 Embeddings and output heads, left out of the formula, are shown apart. Headline: counted /
 formula for the blocks' matrix products and counted / expected for attention (1.000 = exact).
@@ -67,8 +67,7 @@ def expected_attention_overhead(m, n: int) -> float:
             keys_counted += n
         else:
             keys_formula += min(n, 2 * m.window + 1)
-            span = block + 2 * -(-m.window // block) * block   # whole key blocks within reach, both sides
-            keys_counted += span * (-(-n // block) * block) / n
+            keys_counted += (block + 2 * m.window) * (-(-n // block) * block) / n
     return padding * keys_counted / keys_formula
 
 
