@@ -415,3 +415,25 @@ def test_a_run_with_accumulation_consumes_that_many_batches_per_step(corpus, tmp
     for i, step in enumerate(steps):
         assert step["tokens_per_s"] * step["step_time_s"] == pytest.approx(sum(positions[3 * i:3 * i + 3]))
         assert step["peak_mem_gb"] > 0 and step["mfu"] is None   # no MFU on a CPU
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step_with_a_checkpoint(corpus, tmp_path):
+    root, _ = corpus
+    probe, out = tmp_path / "probe", tmp_path / "run"
+    probe.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "tests/trainer_probe.py",
+         "--data-dir", str(root), "--out", str(out), "--ws-port", "-1", "--steps", "400", *set_flags(TINY)],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PROBE_DIR": str(probe), "OMP_NUM_THREADS": "1"})
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"type": "step"') >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)   # torchrun passes it on to both ranks
+    proc.wait(timeout=120)             # torchrun itself reports the signal with a non-zero exit
+    messages = read_metrics(out)
+    last = max(m["step"] for m in messages if m["type"] == "step")
+    assert last < 400 and messages[-1]["type"] == "finished"
+    assert (out / f"ckpt-{last:08d}.pt").exists()
+    assert len(probed(probe, 0)) == len(probed(probe, 1)) == last   # both ranks stopped after the same step
