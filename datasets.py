@@ -569,6 +569,8 @@ def prefetch(iterable: Iterable, depth: int) -> Iterator:
             items.put((done, None))
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             items.put((done, err))
+        finally:   # an abandoned generator shuts its DataLoader workers down now, not at exit
+            getattr(iterable, "close", lambda: None)()
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     thread.start()
@@ -582,6 +584,7 @@ def prefetch(iterable: Iterable, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
+        thread.join(timeout=10)   # a read in flight finishes first
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,6 +676,10 @@ class _PackedStream(torch.utils.data.IterableDataset):
         self._needed_cache: dict = {}   # endpoint -> positions each row needs
         # What the trainer has consumed, kept apart: a prefetching producer runs ahead of it.
         self._consumed = {"epoch": 0, "positions": {}, "last_shard": -1}
+        # This process's rank, taken now: a spawned DataLoader worker has no process group.
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.rank, self.world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
+                                 if distributed else (0, 1))
 
     @property
     def resuming(self) -> bool:
@@ -718,11 +725,9 @@ class _PackedStream(torch.utils.data.IterableDataset):
 
     def _ranks(self) -> tuple[int, int, int, int]:
         """-> rank, world size, worker, workers per rank."""
-        rank, world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
-                       if torch.distributed.is_available() and torch.distributed.is_initialized() else (0, 1))
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return rank, world, worker, workers
+        return self.rank, self.world, worker, workers
 
     def _shard_endpoints(self, shard: int, n_shards: int) -> list:
         endpoints = self.endpoints()
@@ -870,7 +875,7 @@ class ArrowFlightDataset(_PackedStream):
 
     def __getstate__(self):
         # gRPC clients are not fork-safe: each DataLoader worker makes its own.
-        return {**self.__dict__, "_client": None}
+        return {**self.__dict__, "_client": None, "_infos": None}   # neither pickles; a worker fetches its own
 
     @property
     def client(self):

@@ -311,20 +311,21 @@ def probed(probe_dir, rank):
     return [json.loads(line) for line in (probe_dir / f"rank-{rank}.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_torchrun_two_ranks_train_on_disjoint_data_and_resume_exactly(corpus, tmp_path, parallel):
+@pytest.mark.parametrize("parallel, workers", [("ddp", 0), ("fsdp", 1)])
+def test_torchrun_two_ranks_train_on_disjoint_data_and_resume_exactly(corpus, tmp_path, parallel, workers):
+    """With a DataLoader worker too: spawned workers have no process group of their own."""
     root, shards = corpus
     all_ids = set(pq.read_table(shards, columns=["sample_id"]).column("sample_id").to_pylist())
     steps = 8
     with SampleFlightServer(root, "127.0.0.1", 0) as server:
         straight = tmp_path / "straight"
-        torchrun(server.port, straight, tmp_path / "probe-straight", steps, "--set", f"train.parallel={parallel}")
+        settings = ["--set", f"train.parallel={parallel}", "--set", f"data.num_workers={workers}"]
+        torchrun(server.port, straight, tmp_path / "probe-straight", steps, *settings)
         # a second run picks up the first one's step-4 checkpoint
         resumed = tmp_path / "resumed"
         resumed.mkdir()
         (resumed / "ckpt-00000004.pt").write_bytes((straight / "ckpt-00000004.pt").read_bytes())
-        torchrun(server.port, resumed, tmp_path / "probe-resumed", steps, "--set", f"train.parallel={parallel}",
-                 "--resume", "auto")
+        torchrun(server.port, resumed, tmp_path / "probe-resumed", steps, *settings, "--resume", "auto")
 
     expected = {m["step"]: m["loss"] for m in read_metrics(straight) if m["type"] == "step"}
     got = {m["step"]: m["loss"] for m in read_metrics(resumed) if m["type"] == "step"}

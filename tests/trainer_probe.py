@@ -20,4 +20,5 @@ def logged_record(self, batch):
 
 
 datasets._PackedStream.record = logged_record
-model_trainer.cli()
+if __name__ == "__main__":   # not in spawned DataLoader workers, which import this file
+    model_trainer.cli()
