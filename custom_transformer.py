@@ -246,11 +246,15 @@ class CustomTransformer(nn.Module):
             block.compile(dynamic=True)
 
     def flops_per_position(self, seq_len: int) -> float:
-        """Training FLOPs (forward and backward) per sequence position, as nanochat counts them:
-        6 per weight of the blocks' matrix products, plus 6 * heads * (qk + v head dims) per key a
-        query sees: the whole sequence on a global layer, the window on a local one. Embeddings
-        and output heads (which run on the hidden positions only) are left out, so MFU computed
-        from this errs low by a few percent."""
+        """Training FLOPs (forward and backward) per sequence position, as nanochat counts them.
+        Embeddings and output heads (which run on the hidden positions only) are left out, so
+        MFU computed from this errs low by a few percent."""
+        return sum(self.flops_per_position_parts(seq_len))
+
+    def flops_per_position_parts(self, seq_len: int) -> tuple[float, float]:
+        """-> (matrix products: 6 per weight of the blocks' linear layers, attention: 6 * heads *
+        (qk + v head dims) per key a query sees: the whole sequence on a global layer, the window
+        on a local one)."""
         cfg = self.cfg
         matmul = sum(module.weight.numel() for module in self.blocks.modules() if isinstance(module, nn.Linear))
         keys = 0
@@ -259,7 +263,7 @@ class CustomTransformer(nn.Module):
                 keys += seq_len
             else:
                 keys += min(seq_len, block.window if cfg.causal else 2 * block.window + 1)
-        return 6 * matmul + 6 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * keys
+        return 6 * matmul, 6 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * keys
 
     def set_corpus_stats(self, info: CorpusInfo) -> None:
         if info.vocab_size > self.cfg.vocab_size:

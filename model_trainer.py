@@ -185,6 +185,15 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def from_rank0(value):
+    """Rank 0's `value` on every rank (pickled; for small objects)."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 # Under torchrun, objects that hold the gloo/NCCL process group live until the process exits
 # and the process leaves by os._exit (see cli()): destroying a gloo group from Python can deadlock
 # (its destructor joins worker threads while holding the GIL, and a worker freeing the last
@@ -527,11 +536,7 @@ def restore(state: dict | None, model, optimizer, scheduler, scaler, dataset, ra
     """Load a checkpoint that rank 0 read (`state` is None on the other ranks, whose machines may
     not hold the run folder): weights and optimizer are broadcast, every rank takes its own RNG
     and data position. -> the checkpoint without its tensors (step, counters, config)."""
-    small = {k: v for k, v in state.items() if k not in ("model", "optimizer")} if state else None
-    if ranks.world > 1:
-        box = [small]
-        torch.distributed.broadcast_object_list(box, src=0)
-        small = box[0]
+    small = from_rank0({k: v for k, v in state.items() if k not in ("model", "optimizer")} if state else None)
     if len(small["ranks"]) != ranks.world:
         raise ValueError(f"the checkpoint was written by {len(small['ranks'])} process(es); resume it with "
                          f"as many (torchrun --nproc_per_node), not {ranks.world}")
@@ -598,13 +603,7 @@ def train(args, cfg: Config) -> dict:
             + ("" if peak or device.type == "cpu" else f"; MFU unknown: no peak FLOP/s listed for "
                                                        f"{torch.cuda.get_device_name(device)}"))
         start_step, resumed = 0, {}
-        if ranks.world > 1:
-            box = [str(resume_path) if resume_path else None]
-            torch.distributed.broadcast_object_list(box, src=0)
-            resuming = box[0] is not None
-        else:
-            resuming = resume_path is not None
-        if resuming:
+        if from_rank0(resume_path is not None):
             resumed = restore(load_checkpoint(resume_path) if ranks.main else None,
                               model, optimizer, scheduler, scaler, dataset, ranks)
             start_step = resumed["step"]
@@ -635,8 +634,8 @@ def train(args, cfg: Config) -> dict:
 
         def run_evaluation(step):
             nonlocal best_eval_loss
-            results = evaluate(model if ranks.world == 1 or cfg.train.parallel == "fsdp" else trained.module,
-                               eval_set, cfg, device, amp_dtype)
+            # the model itself: with DDP that is the replica's module, which runs without collectives
+            results = evaluate(model, eval_set, cfg, device, amp_dtype)
             best = results["loss"] < best_eval_loss
             if best:
                 best_eval_loss = results["loss"]

@@ -50,8 +50,8 @@ def counted(model: CustomTransformer, batch, masks) -> dict[str, float]:
 
 
 def formula(model: CustomTransformer, n: int) -> dict[str, float]:
-    matmul = 6 * sum(p.weight.numel() for p in model.blocks.modules() if isinstance(p, torch.nn.Linear)) * n
-    return {"block matmul": matmul, "attention": model.flops_per_position(n) * n - matmul}
+    matmul, attention = model.flops_per_position_parts(n)
+    return {"block matmul": matmul * n, "attention": attention * n}
 
 
 def expected_attention_overhead(m, n: int) -> float:
