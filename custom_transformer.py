@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attention import PAD_DOC, MultiHeadLatentAttention, rope_tables
-from datasets import N_MELS, N_SENTIMENTS, UNKNOWN, Batch, CorpusInfo
+from datasets import N_MELS, N_SENTIMENTS, UNKNOWN, Batch, CorpusInfo, segment_positions
 
 SPEAKER, SENTIMENT, TEXT, AUDIO = range(4)   # position kinds, each with a modality embedding
 PROSODY_FEATURES = 3                         # normalised log-F0, voicing, normalised energy
@@ -134,8 +134,8 @@ def _ranges(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def layout(batch: Batch, frames_per_position: int) -> Layout:
-    audio_count = batch.n_frames // frames_per_position
-    seg_len = 2 + batch.n_tokens + audio_count
+    audio_count = batch.n_frames // frames_per_position   # frames are padded to whole stacks
+    seg_len = segment_positions(batch.n_tokens, batch.n_frames, frames_per_position)
     global_start = torch.cumsum(seg_len, 0) - seg_len
     row_start = torch.full((batch.n_rows,), int(seg_len.sum()), device=seg_len.device)
     row_start = row_start.scatter_reduce(0, batch.segment_row, global_start, "amin")

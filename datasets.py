@@ -1,4 +1,4 @@
-"""The sample schema, its validator, and the datasets that turn Parquet rows into packed batches.
+"""The datasets that turn Parquet rows (schema.py) into packed training batches.
 
 One Parquet row is one spoken segment. Segments of one document (a recording or conversation)
 share a doc_id and are numbered by segment_index. A batch holds `batch_size` sequences, each a
@@ -10,16 +10,14 @@ machine), `LocalParquetDataset` reads files on the training machine.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import queue
 import threading
 import time
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -28,326 +26,11 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import torch
 
-SCHEMA_VERSION = 1
-N_MELS = 80
-N_SENTIMENTS = 3   # negative, neutral, positive
-UNKNOWN = -1       # speaker_id or sentiment not known: the modality is absent from the sample
-METADATA_KEY = b"mmtrain"
-
-SAMPLE_SCHEMA = pa.schema([
-    pa.field("sample_id", pa.string(), nullable=False),
-    pa.field("doc_id", pa.string(), nullable=False),
-    pa.field("segment_index", pa.int32(), nullable=False),
-    pa.field("text", pa.string()),
-    pa.field("token_ids", pa.list_(pa.int32()), nullable=False),
-    pa.field("token_start_frame", pa.list_(pa.int32())),        # alignment, optional
-    pa.field("mel", pa.list_(pa.list_(pa.float16(), N_MELS)), nullable=False),  # log-mel (T, 80)
-    pa.field("f0_hz", pa.list_(pa.float32()), nullable=False),    # 0 where unvoiced
-    pa.field("voicing", pa.list_(pa.float32()), nullable=False),  # probability in [0, 1]
-    pa.field("energy", pa.list_(pa.float32()), nullable=False),   # log frame energy
-    pa.field("speaker_id", pa.int32(), nullable=False),           # -1: unknown speaker
-    pa.field("speaker_embedding", pa.list_(pa.float32())),        # optional external vector
-    pa.field("sentiment", pa.int8(), nullable=False),             # 0 negative, 1 neutral, 2 positive, -1 unknown
-    pa.field("valence", pa.float32()),
-    pa.field("arousal", pa.float32()),
-])
-PER_FRAME_COLUMNS = ("f0_hz", "voicing", "energy")
-
-
-class DataError(RuntimeError):
-    """Data that cannot be read or served; the message names the server or file."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing, with the statistics the model normalises by
-
-def prosody_sums(rows: list[dict]) -> dict:
-    """Frame counts and sums of log-F0 (voiced frames) and energy, which combine across shards."""
-    f0 = np.concatenate([r["f0_hz"] for r in rows]).astype(np.float64)
-    energy = np.concatenate([r["energy"] for r in rows]).astype(np.float64)
-    log_f0 = np.log(f0[f0 > 0])
-    return {"frames": int(energy.size), "voiced_frames": int(log_f0.size),
-            "log_f0_sum": float(log_f0.sum()), "log_f0_sumsq": float(np.square(log_f0).sum()),
-            "energy_sum": float(energy.sum()), "energy_sumsq": float(np.square(energy).sum())}
-
-
-def speaker_sums(rows: list[dict]) -> dict[str, dict]:
-    """prosody_sums per speaker id, for per-speaker normalisation."""
-    return {str(speaker): prosody_sums([r for r in rows if r["speaker_id"] == speaker])
-            for speaker in sorted({r["speaker_id"] for r in rows})}
-
-
-def feature_sums(rows: list[dict]) -> dict:
-    """Corpus sums (log-mel per bin, plus prosody) from which means and standard deviations
-    combine exactly across shards."""
-    mel = np.concatenate([r["mel"] for r in rows]).astype(np.float64)
-    return {"mel_sum": mel.sum(0).tolist(), "mel_sumsq": np.square(mel).sum(0).tolist(), **prosody_sums(rows)}
-
-
-def _list_array(values: list[np.ndarray], value_type: pa.DataType) -> pa.Array:
-    offsets = np.zeros(len(values) + 1, np.int32)
-    np.cumsum([len(v) for v in values], out=offsets[1:])
-    flat = np.concatenate(values) if values else np.zeros(0)
-    if pa.types.is_fixed_size_list(value_type):
-        inner = pa.array(flat.reshape(-1), type=value_type.value_type)
-        flat_array = pa.FixedSizeListArray.from_arrays(inner, value_type.list_size)
-    else:
-        flat_array = pa.array(flat, type=value_type)
-    return pa.ListArray.from_arrays(pa.array(offsets), flat_array)
-
-
-def samples_table(rows: list[dict], metadata: dict) -> pa.Table:
-    """Rows (dicts of scalars and numpy arrays) -> a table of SAMPLE_SCHEMA with its metadata."""
-    arrays = []
-    for field in SAMPLE_SCHEMA:
-        column = [row.get(field.name) for row in rows]
-        if pa.types.is_list(field.type):
-            if field.nullable and any(v is None for v in column):
-                arrays.append(pa.array([None if v is None else list(v) for v in column], field.type))
-            else:
-                value_type = field.type.value_type
-                dtype = np.float16 if field.name == "mel" else value_type.to_pandas_dtype()
-                arrays.append(_list_array([np.asarray(v, dtype) for v in column], value_type))
-        else:
-            arrays.append(pa.array(column, field.type))
-    meta = {"schema_version": SCHEMA_VERSION, **metadata, "stats": feature_sums(rows),
-            "speaker_stats": speaker_sums(rows)}
-    schema = SAMPLE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(meta).encode()})
-    return pa.Table.from_arrays(arrays, schema=schema)
-
-
-ROW_GROUP_BYTES = 32 << 20   # tens of MB: large sequential reads, bounded memory per endpoint
-
-
-def write_samples(path: str | Path, rows: list[dict], metadata: dict, rows_per_group: int | None = None) -> None:
-    """Write one shard atomically: a reader never sees a half-written file. Row groups hold
-    `rows_per_group` rows, or by default about ROW_GROUP_BYTES of data."""
-    table = samples_table(rows, metadata)
-    problems = validate_table(table, str(path), metadata.get("tokenizer", {}).get("vocab_size"))
-    if problems:
-        raise ValueError("refusing to write invalid samples:\n" + "\n".join(problems))
-    if rows_per_group is None:
-        rows_per_group = max(1, int(ROW_GROUP_BYTES * table.num_rows / max(table.nbytes, 1)))
-    tmp = Path(f"{path}.tmp")
-    pq.write_table(table, tmp, row_group_size=rows_per_group)
-    os.replace(tmp, path)
-
-
-def read_metadata(schema: pa.Schema, source: str) -> dict:
-    raw = (schema.metadata or {}).get(METADATA_KEY)
-    if raw is None:
-        raise ValueError(f"{source}: no mmtrain metadata (was it written by features.py prepare?)")
-    meta = json.loads(raw)
-    if meta.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{source}: schema version {meta.get('schema_version')}, "
-                         f"this build reads {SCHEMA_VERSION}")
-    return meta
-
-
-@dataclass
-class CorpusInfo:
-    """What the model needs to know of the data: vocabulary, speakers, normalisation."""
-    vocab_size: int
-    n_speakers: int
-    mel_mean: list[float]
-    mel_std: list[float]
-    log_f0_mean: float
-    log_f0_std: float
-    energy_mean: float
-    energy_std: float
-    speaker_prosody: dict[int, tuple[float, float, float, float]] = None  # id -> log-F0 mean, std, energy mean, std
-
-
-def corpus_info(metas: dict[str, dict]) -> CorpusInfo:
-    """Combine per-file metadata (source name -> metadata); files must agree on features."""
-    if not metas:
-        raise ValueError("no data files")
-    (first_name, first), *rest = metas.items()
-    for name, meta in rest:
-        for key in ("features", "tokenizer"):
-            if meta[key] != first[key]:
-                raise ValueError(f"{name}: {key} {meta[key]} differ from {first_name}: {first[key]}")
-    totals: dict = {}
-    for meta in metas.values():
-        for key, value in meta["stats"].items():
-            totals[key] = np.asarray(value, np.float64) + totals.get(key, 0.0)
-
-    def mean_std(prefix, count, sums=totals):
-        mean = sums[f"{prefix}_sum"] / max(count, 1)
-        var = sums[f"{prefix}_sumsq"] / max(count, 1) - mean ** 2
-        return mean, np.sqrt(np.maximum(var, 1e-6))
-
-    per_speaker: dict[int, dict] = {}
-    for meta in metas.values():
-        for speaker, sums in meta.get("speaker_stats", {}).items():
-            combined = per_speaker.setdefault(int(speaker), {})
-            for key, value in sums.items():
-                combined[key] = combined.get(key, 0.0) + value
-    speaker_prosody = {speaker: (*map(float, mean_std("log_f0", s["voiced_frames"], s)),
-                                 *map(float, mean_std("energy", s["frames"], s)))
-                       for speaker, s in per_speaker.items()}
-
-    mel_mean, mel_std = mean_std("mel", totals["frames"])
-    f0_mean, f0_std = mean_std("log_f0", totals["voiced_frames"])
-    energy_mean, energy_std = mean_std("energy", totals["frames"])
-    n_speakers = max(max(m.get("speakers", {}).values(), default=-1) for m in metas.values()) + 1
-    return CorpusInfo(vocab_size=first["tokenizer"]["vocab_size"], n_speakers=n_speakers,
-                      mel_mean=mel_mean.tolist(), mel_std=mel_std.tolist(),
-                      log_f0_mean=float(f0_mean), log_f0_std=float(f0_std),
-                      energy_mean=float(energy_mean), energy_std=float(energy_std),
-                      speaker_prosody=speaker_prosody)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation: every violation, with file, row and column
-
-MAX_ROWS_LISTED = 20
-
-
-class _Report:
-    def __init__(self, source: str, sample_ids: np.ndarray | None, row_offset: int):
-        self.source, self.sample_ids, self.row_offset = source, sample_ids, row_offset
-        self.lines: list[str] = []
-
-    def column(self, name: str, message: str):
-        self.lines.append(f"{self.source}: column {name}: {message}")
-
-    def rows(self, name: str, bad_rows: np.ndarray, message: str):
-        bad_rows = np.unique(bad_rows)
-        for row in bad_rows[:MAX_ROWS_LISTED]:
-            sid = f" (sample_id {self.sample_ids[row]})" if self.sample_ids is not None else ""
-            self.lines.append(f"{self.source}: row {row + self.row_offset}{sid}, column {name}: {message}")
-        if len(bad_rows) > MAX_ROWS_LISTED:
-            self.lines.append(f"{self.source}: column {name}: {message} in "
-                              f"{len(bad_rows) - MAX_ROWS_LISTED} more rows")
-
-
-def _value_rows(column: pa.ListArray) -> np.ndarray:
-    """For each flattened list value, the row it belongs to."""
-    lengths = pc.list_value_length(column).fill_null(0).to_numpy()
-    return np.repeat(np.arange(len(column)), lengths)
-
-
-def schema_problems(schema: pa.Schema) -> dict[str, str]:
-    """Column -> what is wrong with it: a required column missing, or a column of the wrong type."""
-    problems = {}
-    for field in SAMPLE_SCHEMA:
-        if field.name not in schema.names:
-            if not field.nullable:
-                problems[field.name] = "missing"
-        elif schema.field(field.name).type != field.type:
-            problems[field.name] = f"type {schema.field(field.name).type}, expected {field.type}"
-    return problems
-
-
-def validate_table(table: pa.Table | pa.RecordBatch, source: str, vocab_size: int | None = None,
-                   row_offset: int = 0) -> list[str]:
-    """All violations of SAMPLE_SCHEMA in `table`, one line each: file, row, column, problem."""
-    names = set(table.schema.names)
-    sample_ids = (table.column("sample_id").to_numpy(zero_copy_only=False)
-                  if "sample_id" in names and table.schema.field("sample_id").type == pa.string() else None)
-    report = _Report(source, sample_ids, row_offset)
-    problems = schema_problems(table.schema)
-    for name, message in problems.items():
-        report.column(name, message)
-    usable = {f.name for f in SAMPLE_SCHEMA if f.name in names and f.name not in problems}
-    for field in SAMPLE_SCHEMA:
-        if field.name not in usable:
-            continue
-        column = table.column(field.name)
-        if not field.nullable and column.null_count:
-            report.rows(field.name, np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False)),
-                        "null in a required column")
-    for name in sorted(names - set(SAMPLE_SCHEMA.names)):
-        report.column(name, "not part of the sample schema")
-
-    def col(name):  # one contiguous array per column
-        column = table.column(name)
-        return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-
-    if sample_ids is not None:
-        values, first, counts = np.unique(sample_ids.astype(str), return_index=True, return_counts=True)
-        dup_rows = np.flatnonzero(np.isin(sample_ids.astype(str), values[counts > 1]))
-        report.rows("sample_id", dup_rows, "duplicate sample_id")
-    n_frames = None
-    if "mel" in usable:   # zero frames is allowed: a text-only sample
-        mel = col("mel")
-        n_frames = pc.list_value_length(mel).fill_null(0).to_numpy()
-        values = mel.flatten().flatten().to_numpy(zero_copy_only=False).reshape(-1, N_MELS)
-        report.rows("mel", _value_rows(mel)[~np.isfinite(values).all(1)], "NaN or inf")
-    for name in PER_FRAME_COLUMNS:
-        if name not in usable:
-            continue
-        column = col(name)
-        if n_frames is not None:
-            lengths = pc.list_value_length(column).fill_null(0).to_numpy()
-            bad = np.flatnonzero(lengths != n_frames)
-            for row in bad[:MAX_ROWS_LISTED]:
-                report.rows(name, np.array([row]), f"{lengths[row]} values for {n_frames[row]} frames")
-            if len(bad) > MAX_ROWS_LISTED:
-                report.column(name, f"length differs from the frame count in {len(bad) - MAX_ROWS_LISTED} more rows")
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        rows = _value_rows(column)
-        report.rows(name, rows[~np.isfinite(values)], "NaN or inf")
-        if name == "f0_hz":
-            report.rows(name, rows[values < 0], "negative F0 (use 0 for unvoiced)")
-        if name == "voicing":
-            report.rows(name, rows[(values < 0) | (values > 1)], "voicing probability outside [0, 1]")
-    if "token_ids" in usable:
-        column = col("token_ids")
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        limit = vocab_size if vocab_size is not None else np.iinfo(np.int32).max
-        report.rows("token_ids", _value_rows(column)[(values < 0) | (values >= limit)],
-                    f"token id outside [0, {limit})")
-        if "token_start_frame" in usable and n_frames is not None:
-            starts = col("token_start_frame")
-            present = ~starts.is_null().to_numpy(zero_copy_only=False)
-            n_starts = pc.list_value_length(starts).fill_null(0).to_numpy()
-            n_tokens = pc.list_value_length(column).fill_null(0).to_numpy()
-            report.rows("token_start_frame", np.flatnonzero(present & (n_starts != n_tokens)),
-                        "length differs from the number of tokens")
-            start_values = starts.flatten().to_numpy(zero_copy_only=False)
-            start_rows = _value_rows(starts)
-            report.rows("token_start_frame",
-                        start_rows[(start_values < 0) | (start_values >= n_frames[start_rows])],
-                        "start frame outside the segment")
-    if "sentiment" in usable:
-        values = col("sentiment").to_numpy(zero_copy_only=False)
-        report.rows("sentiment", np.flatnonzero((values < UNKNOWN) | (values >= N_SENTIMENTS)),
-                    "sentiment not 0 (negative), 1 (neutral), 2 (positive) or -1 (unknown)")
-    if "speaker_id" in usable:
-        values = col("speaker_id").to_numpy(zero_copy_only=False)
-        report.rows("speaker_id", np.flatnonzero(values < UNKNOWN), "speaker id below -1 (unknown)")
-    for name in ("valence", "arousal"):
-        if name in usable:
-            values = col(name).to_numpy(zero_copy_only=False).astype(np.float64)
-            report.rows(name, np.flatnonzero(np.isinf(values)), "inf")
-    if "speaker_embedding" in usable:
-        column = col("speaker_embedding")
-        values = column.flatten().to_numpy(zero_copy_only=False)
-        report.rows("speaker_embedding", _value_rows(column)[~np.isfinite(values)], "NaN or inf")
-    return report.lines
-
-
-def validate_file(path: str | Path) -> list[str]:
-    """Validate metadata and every row group of a Parquet file, holding one group at a time."""
-    source = str(path)
-    try:
-        parquet = pq.ParquetFile(path)
-    except (OSError, pa.ArrowException) as err:
-        return [f"{source}: not a readable Parquet file: {err}"]
-    try:
-        meta = read_metadata(parquet.schema_arrow, source)
-    except ValueError as err:
-        return [str(err)]
-    vocab_size = meta.get("tokenizer", {}).get("vocab_size")
-    problems, offset = [], 0
-    for group in range(parquet.num_row_groups):
-        table = parquet.read_row_group(group)
-        problems += validate_table(table, source, vocab_size, row_offset=offset)
-        offset += table.num_rows
-    return problems
-
+# The schema's names stay importable from here: datasets is the data layer's front door for the
+# trainer and tools; only the data machine imports schema.py alone.
+from schema import (N_MELS, N_SENTIMENTS, ROW_GROUP_BYTES, SAMPLE_SCHEMA, SCHEMA_VERSION, UNKNOWN,  # noqa: F401
+                    CorpusInfo, DataError, Ticket, corpus_info, feature_sums, read_metadata, samples_table,
+                    schema_problems, skip_rows_of, validate_file, validate_table, write_samples)
 
 # ---------------------------------------------------------------------------------------------
 # Arrow -> segments -> packed sequences -> batches
@@ -414,14 +97,38 @@ def segments_from_batch(batch: pa.RecordBatch) -> list[Segment]:
     return segments
 
 
+def segment_positions(n_tokens, n_frames, frames_per_position: int):
+    """The positions a segment takes: speaker + sentiment + text tokens + audio frames stacked by
+    k (the last stack zero-padded). Counts may be ints, numpy arrays or tensors."""
+    return 2 + n_tokens + -(-n_frames // frames_per_position)
+
+
 @dataclass(frozen=True)
 class SequenceLayout:
-    """How many positions a segment takes: speaker + sentiment + tokens + stacked audio frames."""
+    """Sequences of `max_seq_len` positions, audio frames stacked by `frames_per_position`."""
     max_seq_len: int
     frames_per_position: int = 4
 
     def positions(self, segment: Segment) -> int:
-        return 2 + len(segment.token_ids) + math.ceil(len(segment.mel) / self.frames_per_position)
+        return segment_positions(len(segment.token_ids), len(segment.mel), self.frames_per_position)
+
+
+class GreedyPacker:
+    """The packing rule, one for the packer and for the batch count (if the two drifted apart,
+    ranks would count different batch numbers and DDP would hang): segments in arrival order
+    fill a sequence until the next one would overflow it; a segment longer than a whole
+    sequence is skipped."""
+
+    def __init__(self, max_seq_len: int):
+        self.max_seq_len, self.used = max_seq_len, 0
+
+    def place(self, need: int) -> bool | None:
+        """-> True: the segment starts a new sequence, False: it joins the current one, None: skipped."""
+        if need > self.max_seq_len:
+            return None
+        starts = self.used == 0 or self.used + need > self.max_seq_len
+        self.used = need if starts else self.used + need
+        return starts
 
 
 def pack_sequences(items: Iterable[tuple[object, Segment]], layout: SequenceLayout
@@ -431,22 +138,31 @@ def pack_sequences(items: Iterable[tuple[object, Segment]], layout: SequenceLayo
 
     Items are (stream position, segment); each sequence comes with its first segment's position.
     """
-    sequence, used, start = [], 0, None
+    packer, sequence, start = GreedyPacker(layout.max_seq_len), [], None
     for position, segment in items:
         need = layout.positions(segment)
-        if need > layout.max_seq_len:
+        starts = packer.place(need)
+        if starts is None:
             warnings.warn(f"sample {segment.sample_id}: {need} positions exceed max_seq_len "
                           f"{layout.max_seq_len}; skipped")
             continue
-        if used + need > layout.max_seq_len:
-            yield start, sequence
-            sequence, used = [], 0
-        if not sequence:
-            start = position
+        if starts:
+            if sequence:
+                yield start, sequence
+            sequence, start = [], position
         sequence.append(segment)
-        used += need
     if sequence:
         yield start, sequence
+
+
+class StreamPosition(NamedTuple):
+    """Where a shard's next batch starts: the first (endpoint, row) of its shuffle window and the
+    batches of that window already done."""
+    epoch: int
+    shard: int
+    endpoint: int
+    row: int
+    batches_done: int
 
 
 @dataclass
@@ -476,12 +192,12 @@ class Batch:
                                         # the batch) where each token starts; -1 without alignment
     n_rows: int
     sample_ids: list[str]
-    resume_from: tuple = ()      # (epoch, shard, endpoint, row, batches done): where the shard's next batch starts
+    resume_from: StreamPosition | None = None   # where this batch's shard continues
     padding: bool = False        # no samples: only keeps this rank's batch count equal to the others'
 
     def n_positions(self, frames_per_position: int) -> int:
         """Sequence positions the batch fills (speaker, sentiment, tokens, stacked frames)."""
-        return int(2 * len(self.n_tokens) + self.n_tokens.sum() + self.n_frames.sum() // frames_per_position)
+        return int(segment_positions(self.n_tokens, self.n_frames, frames_per_position).sum())
 
     def to(self, device) -> "Batch":
         return Batch(**{f.name: (getattr(self, f.name).to(device, non_blocking=True)
@@ -489,7 +205,8 @@ class Batch:
                         for f in fields(self)})
 
 
-def collate(sequences: list[list[Segment]], layout: SequenceLayout, resume_from: tuple = ()) -> Batch:
+def collate(sequences: list[list[Segment]], layout: SequenceLayout,
+            resume_from: StreamPosition | None = None) -> Batch:
     k = layout.frames_per_position
     segments = [s for seq in sequences for s in seq]
     rows = np.repeat(np.arange(len(sequences)), [len(seq) for seq in sequences])
@@ -588,45 +305,6 @@ def prefetch(iterable: Iterable, depth: int) -> Iterator:
 
 
 # ---------------------------------------------------------------------------------------------
-# Flight tickets: the protocol between flight_server.py and ArrowFlightDataset
-
-TICKET_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Ticket:
-    file: str                  # relative to the server root
-    first_row_group: int
-    end_row_group: int         # exclusive
-    columns: tuple[str, ...] | None = None
-    skip_rows: int = 0         # rows of the range already delivered: a resumed read starts after them
-
-    def encode(self) -> bytes:
-        return json.dumps({"v": TICKET_VERSION, "file": self.file,
-                           "row_groups": [self.first_row_group, self.end_row_group],
-                           "columns": list(self.columns) if self.columns else None,
-                           "skip_rows": self.skip_rows}, separators=(",", ":")).encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> "Ticket":
-        """Raises ValueError saying what is wrong."""
-        try:
-            data = json.loads(raw)
-            if data.get("v") != TICKET_VERSION:
-                raise ValueError(f"version {data.get('v')}, expected {TICKET_VERSION}")
-            first, end = (int(x) for x in data["row_groups"])
-            columns = data.get("columns")
-            if columns is not None and not all(isinstance(c, str) for c in columns):
-                raise ValueError("columns must be names")
-            skip = int(data.get("skip_rows", 0))
-            if skip < 0:
-                raise ValueError("skip_rows must be >= 0")
-            return cls(str(data["file"]), first, end, tuple(columns) if columns else None, skip)
-        except (KeyError, TypeError, json.JSONDecodeError) as err:
-            raise ValueError(str(err)) from None
-
-
-# ---------------------------------------------------------------------------------------------
 # Datasets
 
 @dataclass
@@ -694,11 +372,11 @@ class _PackedStream(torch.utils.data.IterableDataset):
     def record(self, batch: Batch) -> None:
         """Note a batch the trainer consumed (it may come from a DataLoader worker, or from a
         producer that has already moved on to the next epoch)."""
-        epoch, shard, *position = batch.resume_from
-        if epoch != self._consumed["epoch"]:
-            self._consumed = {"epoch": epoch, "positions": {}, "last_shard": -1}
-        self._consumed["positions"][str(shard)] = list(position)
-        self._consumed["last_shard"] = shard
+        at = batch.resume_from
+        if at.epoch != self._consumed["epoch"]:
+            self._consumed = {"epoch": at.epoch, "positions": {}, "last_shard": -1}
+        self._consumed["positions"][str(at.shard)] = [at.endpoint, at.row, at.batches_done]
+        self._consumed["last_shard"] = at.shard
 
     def state_dict(self) -> dict:
         """Where the consumed batches end: load it to continue right after them."""
@@ -740,23 +418,18 @@ class _PackedStream(torch.utils.data.IterableDataset):
         """Positions each row of an endpoint takes, from its two small list columns (cached)."""
         cache = self._needed_cache
         if endpoint not in cache:
-            k = self.layout.frames_per_position
-            parts = [2 + pc.list_value_length(b.column(0)).to_numpy() + -(-pc.list_value_length(b.column(1)).to_numpy() // k)
+            parts = [segment_positions(*(pc.list_value_length(column).to_numpy() for column in b.columns),
+                                       self.layout.frames_per_position)
                      for b in self.read_endpoint(endpoint, 0, ("token_ids", "f0_hz"))]
             cache[endpoint] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return cache[endpoint]
 
     def _batch_count(self, endpoints: list) -> int:
         """The batches that packing `endpoints` yields, computed from row lengths alone."""
-        sequences, used, limit = 0, 0, self.layout.max_seq_len
-        for endpoint in endpoints:
-            for need in self._positions_needed(endpoint).tolist():
-                if need > limit:
-                    continue
-                if used + need > limit:
-                    sequences, used = sequences + 1, 0
-                used += need
-        return -(-(sequences + (used > 0)) // self.batch_size)
+        packer = GreedyPacker(self.layout.max_seq_len)
+        sequences = sum(packer.place(need) is True for endpoint in endpoints
+                        for need in self._positions_needed(endpoint).tolist())
+        return -(-sequences // self.batch_size)
 
     def _padding_batches(self, rank: int, world: int, workers: int) -> int:
         """How many fully masked batches this rank adds so that every rank yields as many batches
@@ -795,7 +468,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
             for done, group in enumerate(groups, 1):
                 if done > skip:
                     after = (*window_start, done) if done < len(groups) else (*next_start, 0)
-                    yield collate(group, self.layout, (self.epoch, shard, *after))
+                    yield collate(group, self.layout, StreamPosition(self.epoch, shard, *after))
 
         window_size = self.batch_size * self.shuffle_window
         window, window_start, skip = [], None, skip_batches
@@ -812,10 +485,10 @@ class _PackedStream(torch.utils.data.IterableDataset):
         if worker == 0:   # padding batches count on from the end position's "batches done"
             done_before = skip_batches if (first_endpoint, first_row) == end else 0
             for done in range(done_before + 1, self._padding_batches(rank, world, workers) + 1):
-                yield padding_batch(self.layout, (self.epoch, shard, *end, done))
+                yield padding_batch(self.layout, StreamPosition(self.epoch, shard, *end, done))
 
 
-def padding_batch(layout: SequenceLayout, resume_from: tuple) -> Batch:
+def padding_batch(layout: SequenceLayout, resume_from: StreamPosition) -> Batch:
     """A batch that carries no sample: it keeps a rank in step with the others."""
     k = layout.frames_per_position
     filler = Segment(sample_id="", doc_id="", token_ids=np.zeros(1, np.int32), mel=np.zeros((k, N_MELS), np.float16),
@@ -827,7 +500,7 @@ def padding_batch(layout: SequenceLayout, resume_from: tuple) -> Batch:
 class LocalParquetDataset(_PackedStream):
     """Parquet files on this machine; one endpoint per row group."""
 
-    def __init__(self, files: list[str | Path], layout: SequenceLayout, batch_size: int,
+    def __init__(self, files: list[str | Path], layout: SequenceLayout, batch_size: int, *,
                  shuffle: bool = True, seed: int = 0, shuffle_window: int = 16):
         super().__init__(layout, batch_size, shuffle, seed, shuffle_window)
         self.files = [str(f) for f in files]
@@ -844,16 +517,6 @@ class LocalParquetDataset(_PackedStream):
         return {f: read_metadata(pq.read_schema(f), f) for f in self.files}
 
 
-def skip_rows_of(batches: Iterable[pa.RecordBatch], rows: int) -> Iterator[pa.RecordBatch]:
-    """The batches without their first `rows` rows."""
-    for batch in batches:
-        if rows >= batch.num_rows:
-            rows -= batch.num_rows
-            continue
-        yield batch.slice(rows) if rows else batch
-        rows = 0
-
-
 RETRYABLE = (flight.FlightUnavailableError, flight.FlightTimedOutError, flight.FlightCancelledError)
 
 
@@ -862,9 +525,9 @@ class ArrowFlightDataset(_PackedStream):
     (flight_server.py on the data machine), with an optional bearer token and TLS."""
 
     def __init__(self, host: str, port: int, files: list[str] | None, layout: SequenceLayout,
-                 batch_size: int, shuffle: bool = True, seed: int = 0, token: str | None = None,
-                 tls_root_cert: bytes | None = None, max_retries: int = 5, retry_backoff_s: float = 0.5,
-                 read_timeout_s: float = 120.0, shuffle_window: int = 16):
+                 batch_size: int, *, shuffle: bool = True, seed: int = 0, shuffle_window: int = 16,
+                 token: str | None = None, tls_root_cert: bytes | None = None, max_retries: int = 5,
+                 retry_backoff_s: float = 0.5, read_timeout_s: float = 120.0):
         super().__init__(layout, batch_size, shuffle, seed, shuffle_window)
         self.max_retries, self.retry_backoff_s, self.read_timeout_s = max_retries, retry_backoff_s, read_timeout_s
         self.location = f"{'grpc+tls' if tls_root_cert else 'grpc'}://{host}:{port}"

@@ -19,15 +19,17 @@ import multiprocessing
 import os
 import sys
 import wave
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torchaudio
 from tqdm import tqdm
 
-import datasets
+import schema
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,7 @@ class FeatureConfig:
     sample_rate: int = 16000
     n_fft: int = 400          # 25 ms analysis window
     hop_length: int = 160     # 10 ms -> 100 frames/s
-    n_mels: int = 80
+    n_mels: int = field(default=schema.N_MELS, init=False)   # the schema's; recorded in shard metadata
     f0_min: float = 50.0
     f0_max: float = 550.0
     f0_method: str = "yin"
@@ -355,7 +357,7 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
                     else:
                         rows.append(result)
                 if rows:
-                    datasets.write_samples(path, rows, {**metadata, "recipe": recipe}, rows_per_group=rows_per_group)
+                    schema.write_samples(path, rows, {**metadata, "recipe": recipe}, rows_per_group=rows_per_group)
                     shards.append(path)
     finally:
         if pool:
@@ -368,8 +370,8 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
 def _finished(path: Path, recipe: str) -> bool:
     """A shard written from exactly these inputs by an earlier run."""
     try:
-        return datasets.read_metadata(datasets.pq.read_schema(path), str(path)).get("recipe") == recipe
-    except (OSError, ValueError, datasets.pa.ArrowException):
+        return schema.read_metadata(pq.read_schema(path), str(path)).get("recipe") == recipe
+    except (OSError, ValueError, pa.ArrowException):
         return False
 
 
@@ -383,7 +385,7 @@ def main(argv=None) -> int:
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
                       help="parallel feature-extraction processes")
     prep.add_argument("--rows-per-group", type=int,
-                      help=f"segments per row group (default: about {datasets.ROW_GROUP_BYTES >> 20} MB each)")
+                      help=f"segments per row group (default: about {schema.ROW_GROUP_BYTES >> 20} MB each)")
     args = parser.parse_args(argv)
     try:
         shards = prepare(args.manifest, args.out, args.rows_per_shard, args.rows_per_group,

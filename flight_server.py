@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hmac
-import ipaddress
 import json
 import logging
 import signal
@@ -30,8 +28,9 @@ import pyarrow.dataset as pads
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
-import datasets
-from datasets import Ticket
+import schema
+from access import read_token, require_token_beyond_loopback, token_matches
+from schema import Ticket
 
 log = logging.getLogger("flight_server")
 
@@ -44,26 +43,9 @@ class BearerTokenAuth(flight.ServerMiddlewareFactory):
 
     def start_call(self, info, headers):
         presented = headers.get("authorization", [])   # gRPC lower-cases header names
-        if not any(hmac.compare_digest(value.encode() if isinstance(value, str) else value, self._expected)
-                   for value in presented):
+        if not any(token_matches(value, self._expected) for value in presented):
             raise flight.FlightUnauthenticatedError("missing or wrong bearer token")
         return None
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def read_token(path: str | Path) -> str:
-    token = Path(path).read_text().strip()
-    if not token:
-        raise ValueError(f"{path}: empty token file")
-    return token
 
 
 def _handler(method):
@@ -84,8 +66,7 @@ class SampleFlightServer(flight.FlightServerBase):
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 8815,
                  batch_rows: int = 256, token: str | None = None,
                  tls_cert: bytes | None = None, tls_key: bytes | None = None):
-        if token is None and not is_loopback(host):
-            raise ValueError(f"binding {host} exposes the data: give a bearer token (--token-file)")
+        require_token_beyond_loopback(host, token, "the data", "--token-file")
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("TLS needs both a certificate and its key")
         self.root = Path(root).resolve()
@@ -120,10 +101,11 @@ class SampleFlightServer(flight.FlightServerBase):
             parquet = pq.ParquetFile(path)
         except (OSError, pa.ArrowException) as err:
             return f"not a readable Parquet file: {err}"
-        schema = parquet.schema_arrow
-        problems = [f"column {name}: {message}" for name, message in datasets.schema_problems(schema).items()]
+        arrow_schema = parquet.schema_arrow
+        problems = [f"column {column}: {message}"
+                    for column, message in schema.schema_problems(arrow_schema).items()]
         try:
-            datasets.read_metadata(schema, name)
+            schema.read_metadata(arrow_schema, name)
         except ValueError as err:
             problems.append(str(err))
         if problems:
@@ -132,7 +114,7 @@ class SampleFlightServer(flight.FlightServerBase):
         endpoints = [flight.FlightEndpoint(Ticket(name, g, g + 1).encode(), [])
                      for g in range(meta.num_row_groups)]
         total_bytes = sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-        return flight.FlightInfo(schema, flight.FlightDescriptor.for_path(name), endpoints,
+        return flight.FlightInfo(arrow_schema, flight.FlightDescriptor.for_path(name), endpoints,
                                  meta.num_rows, total_bytes)
 
     def refresh(self) -> None:
@@ -210,7 +192,7 @@ class SampleFlightServer(flight.FlightServerBase):
                  request.end_row_group, request.skip_rows, context.peer())
         reader = scanner.to_reader()
         if request.skip_rows:   # a resumed read: Python drops the rows already delivered
-            reader = pa.RecordBatchReader.from_batches(reader.schema, datasets.skip_rows_of(reader, request.skip_rows))
+            reader = pa.RecordBatchReader.from_batches(reader.schema, schema.skip_rows_of(reader, request.skip_rows))
         return flight.RecordBatchStream(reader)
 
     @_handler

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import http
 import json
 import sys
@@ -27,6 +26,8 @@ from urllib.parse import parse_qs
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
+from access import require_token_beyond_loopback, token_matches
+
 CLIENT_QUEUE = 256
 HISTORY = 2000
 DASHBOARD = Path(__file__).resolve().parent / "dashboard.html"
@@ -34,9 +35,7 @@ DASHBOARD = Path(__file__).resolve().parent / "dashboard.html"
 
 class MetricsServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 8765, token: str | None = None):
-        from flight_server import is_loopback
-        if token is None and not is_loopback(host):
-            raise ValueError(f"serving metrics on {host} needs a token (--ws-token-file)")
+        require_token_beyond_loopback(host, token, "the training metrics", "--ws-token-file")
         self.host, self.requested_port, self.token = host, port, token
         self._dashboard = DASHBOARD.read_bytes()
         self.port: int | None = None
@@ -78,7 +77,7 @@ class MetricsServer:
             return True
         query = parse_qs(request.path.partition("?")[2])
         presented = query.get("token", [""])[0] or request.headers.get("Authorization", "").removeprefix("Bearer ")
-        return hmac.compare_digest(presented.encode(), self.token.encode())
+        return token_matches(presented, self.token)
 
     def _route(self, connection, request):
         """Plain HTTP GET / gets the dashboard; WebSocket upgrades go on to the handshake."""
@@ -150,8 +149,12 @@ def format_message(message: dict) -> str:
                 f"({message.get('precision')}), {message.get('files')} files, "
                 f"steps {message.get('start_step')}..{message.get('steps')}")
     if kind == "step":
-        return (f"step {message['step']:>6}  loss {message['loss']:.4f}  acc {message['accuracy']:.3f}  "
-                f"lr {message['lr']:.2e}  {message['tokens_per_s']:.0f} tok/s")
+        def number(name, spec):   # null: a skipped (non-finite) step, or a value not measured
+            value = message.get(name)
+            return "-" if value is None else format(value, spec)
+        return (f"step {message['step']:>6}  loss {number('loss', '.4f')}  acc {number('accuracy', '.3f')}  "
+                f"lr {number('lr', '.2e')}  {number('tokens_per_s', '.0f')} tok/s"
+                + ("  skipped (non-finite loss or gradient)" if message.get("skipped") else ""))
     return f"{kind}: " + " ".join(f"{k}={v}" for k, v in message.items() if k != "type")
 
 

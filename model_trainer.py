@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
 import random
-import resource
 import signal
 import sys
 import time
@@ -29,19 +29,19 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 import datasets
 import demo_corpus
-from custom_transformer import CustomTransformer, ModelConfig, sample_masks
-from flight_server import SampleFlightServer, read_token
 import live_metrics
+from access import read_token
+from checkpoint import Checkpointer, GlobalRNG, find_checkpoint, load_checkpoint
+from custom_transformer import CustomTransformer, ModelConfig, sample_masks
+from flight_server import SampleFlightServer
 from live_metrics import MetricsServer
+from parallel import (_HELD_UNTIL_EXIT, Ranks, barrier, choose_device, distribute, from_rank0, gradient_sync,
+                      init_distributed, peak_flops, peak_memory_gb, unwrapped)
 
 DEMO_DIR = Path("data/demo")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
@@ -151,135 +151,6 @@ def load_config(path: str | None, overrides: list[str], preset: str | None = Non
     return build_config(raw)
 
 
-# ---------------------------------------------------------------------------------------------
-# Hardware and scale-out
-
-@dataclass(frozen=True)
-class Ranks:
-    """This process's place in a torchrun job (one process: rank 0 of 1)."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(cfg: TrainConfig) -> Ranks:
-    """Join the process group that torchrun describes in the environment: NCCL between GPUs,
-    gloo between CPU processes."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Ranks()
-    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
-    on_gpu = cfg.device != "cpu" and torch.cuda.is_available()
-    if on_gpu:
-        torch.cuda.set_device(ranks.local_rank)
-    torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
-    return ranks
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def from_rank0(value):
-    """Rank 0's `value` on every rank (pickled; for small objects)."""
-    if not torch.distributed.is_initialized():
-        return value
-    box = [value]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-# Under torchrun, objects that hold the gloo/NCCL process group live until the process exits
-# and the process leaves by os._exit (see cli()): destroying a gloo group from Python can deadlock
-# (its destructor joins worker threads while holding the GIL, and a worker freeing the last
-# collective's Python-owned tensors waits for that GIL; seen at the end of 2-rank runs).
-_HELD_UNTIL_EXIT: list = []
-
-
-def choose_device(cfg: TrainConfig, local_rank: int = 0) -> tuple[torch.device, torch.dtype]:
-    """bf16 autocast on sm_80+, fp16 (with a GradScaler) on older GPUs such as the P40, fp32 on CPU."""
-    name = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda":
-        name = f"cuda:{local_rank}"
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={cfg.device}: CUDA is not available here")
-    precision = cfg.precision
-    if precision == "auto":
-        precision = "fp32" if device.type == "cpu" else (
-            "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    if precision not in dtypes:
-        raise ValueError(f"train.precision={precision!r}: use auto, fp32, fp16 or bf16")
-    if precision == "fp16" and device.type == "cpu":
-        raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
-    return device, dtypes[precision]
-
-
-# Dense peak FLOP/s by GPU name and autocast dtype, from the vendors' data sheets (tensor cores,
-# no sparsity). fp16 on Pascal runs its matrix products at the fp32 rate (fp32 accumulation).
-# A GPU not listed gets no MFU: "unknown" beats a guess.
-PEAK_FLOPS = {
-    "H200": {"bf16": 989e12, "fp16": 989e12},
-    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12},
-    "RTX 4090": {"bf16": 165e12, "fp16": 165e12},
-    "RTX 3090": {"bf16": 71e12, "fp16": 71e12},
-    "V100": {"fp16": 125e12, "fp32": 15.7e12},
-    "P40": {"fp16": 11.8e12, "fp32": 11.8e12},
-}
-
-
-def peak_flops(device: torch.device, amp_dtype: torch.dtype) -> float | None:
-    """The device's peak for this precision, or None when it is not known."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[amp_dtype]
-    for fragment, peaks in PEAK_FLOPS.items():   # the more specific names come first
-        if fragment in name:
-            return peaks.get(precision)
-    return None
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """The most memory this process has held: CUDA allocations on a GPU, resident set on a CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
-
-
-def distribute(model: torch.nn.Module, cfg: TrainConfig, ranks: Ranks, device: torch.device) -> torch.nn.Module:
-    """-> the module to train: the model itself on one process, a DDP replica or, with
-    train.parallel=fsdp, the model sharded in place by FSDP2 (each block, then the rest)."""
-    if ranks.world == 1:
-        return model
-    if cfg.parallel == "fsdp":
-        for block in model.blocks:
-            fully_shard(block)
-        return fully_shard(model)
-    # Buffers are corpus statistics, equal everywhere: nothing to broadcast each step.
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
-
-
-def gradient_sync(trained: torch.nn.Module, enabled: bool):
-    """A context in which backward does (or, for all but the last accumulated batch, does not)
-    reduce gradients across ranks."""
-    if isinstance(trained, DistributedDataParallel):
-        return contextlib.nullcontext() if enabled else trained.no_sync()
-    if isinstance(trained, FSDPModule):
-        trained.set_requires_gradient_sync(enabled)
-    return contextlib.nullcontext()
-
-
 def accumulation_steps(cfg: Config, world: int) -> int:
     """Batches each rank accumulates per optimizer step to come near train.tokens_per_step."""
     per_batch = cfg.data.batch_size * cfg.data.max_seq_len * world
@@ -303,60 +174,6 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-# ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-def write_atomically(path: Path, state: dict) -> Path:
-    """Temporary file, fsync, rename: a crash mid-write leaves the previous file intact."""
-    tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
-    """ckpt-STEP.pt, keeping the newest `keep` of them (best.pt is kept apart)."""
-    path = write_atomically(out_dir / f"ckpt-{state['step']:08d}.pt", state)
-    for old in sorted(out_dir.glob("ckpt-*.pt"))[:-keep]:
-        old.unlink()
-    return path
-
-
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def find_checkpoint(out_dir: Path) -> Path | None:
-    """The newest checkpoint in out_dir that loads."""
-    for path in sorted(out_dir.glob("ckpt-*.pt"), reverse=True):
-        try:
-            load_checkpoint(path)
-            return path
-        except Exception as err:  # noqa: BLE001 - a damaged file is skipped, not fatal
-            print(f"skipping unreadable checkpoint {path}: {err}", file=sys.stderr)
-    return None
-
-
-def rng_state() -> dict:
-    """Every global generator, in types that torch.load(weights_only=True) accepts."""
-    kind, keys, *rest = np.random.get_state()
-    state = {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), *rest),
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -382,9 +199,10 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
     data = cfg.data
 
     def dataset(files, shuffle):
-        return datasets.ArrowFlightDataset(host, port, files, layout, data.batch_size, shuffle, data.seed,
-                                           token, tls_root_cert, data.max_retries, data.retry_backoff_s,
-                                           data.read_timeout_s, data.shuffle_window)
+        return datasets.ArrowFlightDataset(
+            host, port, files, layout, data.batch_size, shuffle=shuffle, seed=data.seed,
+            shuffle_window=data.shuffle_window, token=token, tls_root_cert=tls_root_cert,
+            max_retries=data.max_retries, retry_backoff_s=data.retry_backoff_s, read_timeout_s=data.read_timeout_s)
 
     train_set = dataset(args.files, data.shuffle)
     if not args.eval_files:
@@ -485,7 +303,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
         if not batch.padding:
             loss_sum = loss_sum + loss.detach().float()
             samples_batches += 1
-            positions += batch.n_positions(model_config(model).frames_per_position)
+            positions += batch.n_positions(unwrapped(model).cfg.frames_per_position)
             for name, value in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value
     shared = torch.stack([loss_sum, torch.tensor(float(samples_batches), device=device),
@@ -510,55 +328,78 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
                       grad_norm, lr, applied, int(position_total), stops > 0)
 
 
-def model_config(model: torch.nn.Module) -> ModelConfig:
-    return (model.module if isinstance(model, DistributedDataParallel) else model).cfg
+# ---------------------------------------------------------------------------------------------
+# The run: counters, run folder, checkpoints, evaluation, metrics
+
+@dataclass
+class Progress:
+    """The run's counters, saved at the top level of every checkpoint."""
+    step: int = 0                    # optimizer steps done (skipped ones included)
+    nonfinite_steps: int = 0         # steps skipped for a NaN/inf loss or gradient, in all
+    nonfinite_in_a_row: int = 0
+    best_eval_loss: float = math.inf
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, state.get(item.name, item.default))
 
 
-FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+class Run:
+    """What a run leaves and shows: checkpoints, best.pt and metrics.jsonl in the run folder, the
+    live metrics feed, messages. Rank 0 alone writes; every rank calls `checkpoint` and
+    `evaluate`, which are collective."""
+
+    def __init__(self, out_dir: Path, ranks: Ranks, live: MetricsServer | None):
+        self.out_dir, self.ranks, self.live = out_dir, ranks, live
+        self.progress = Progress()
+        self.checkpointer: Checkpointer | None = None   # set once model and optimizer exist
+        self.evaluation = None                          # () -> metrics, with --eval-files
+        self.progress_bar = None
+        self._metrics_log = open(out_dir / "metrics.jsonl", "a") if ranks.main else None
+
+    def close(self) -> None:
+        if self._metrics_log:
+            self._metrics_log.close()
+
+    def say(self, text: str) -> None:
+        """A line on the terminal, from rank 0, above the progress bar."""
+        if self.ranks.main:
+            (self.progress_bar.write if self.progress_bar else functools.partial(print, file=sys.stderr))(text)
+
+    def publish(self, message: dict) -> None:
+        """To metrics.jsonl and the live feed (rank 0)."""
+        if not self.ranks.main:
+            return
+        self._metrics_log.write(json.dumps(message) + "\n")
+        self._metrics_log.flush()
+        if self.live:
+            self.live.publish(message)
+
+    def checkpoint(self) -> Path | None:
+        path = self.checkpointer.save()
+        if path:
+            self.publish({"type": "checkpoint", "step": self.progress.step, "path": str(path)})
+        return path
+
+    def evaluate(self) -> None:
+        """Evaluate on --eval-files; the best evaluation loss so far is kept as best.pt."""
+        step, results = self.progress.step, self.evaluation()
+        best = results["loss"] < self.progress.best_eval_loss
+        if best:
+            self.progress.best_eval_loss = results["loss"]
+            self.checkpointer.save("best.pt")
+        self.publish({"type": "eval", "step": step, "best": best, **results})
+        self.say(f"eval at step {step}: loss {results['loss']:.4f}, masked-token accuracy "
+                 f"{results.get('text_acc', float('nan')):.3f}" + ("  (best so far: best.pt)" if best else ""))
 
 
-def training_state(model, optimizer, scheduler, scaler, dataset, step: int, extra: dict) -> dict | None:
-    """Everything a checkpoint holds, assembled on rank 0 (None elsewhere). Every rank must call
-    it: FSDP gathers the weights and each rank adds its RNG and data-stream state."""
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=FULL_STATE)
-    per_rank = {"rng": rng_state(), "data": dataset.state_dict()}
-    ranks = [per_rank]
-    if torch.distributed.is_initialized():
-        ranks = [None] * torch.distributed.get_world_size() if torch.distributed.get_rank() == 0 else None
-        torch.distributed.gather_object(per_rank, ranks, dst=0)
-        if torch.distributed.get_rank() != 0:
-            return None
-    return {"model": model_state, "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(), "ranks": ranks, "step": step, **extra}
-
-
-def restore(state: dict | None, model, optimizer, scheduler, scaler, dataset, ranks: Ranks) -> dict:
-    """Load a checkpoint that rank 0 read (`state` is None on the other ranks, whose machines may
-    not hold the run folder): weights and optimizer are broadcast, every rank takes its own RNG
-    and data position. -> the checkpoint without its tensors (step, counters, config)."""
-    small = from_rank0({k: v for k, v in state.items() if k not in ("model", "optimizer")} if state else None)
-    if len(small["ranks"]) != ranks.world:
-        raise ValueError(f"the checkpoint was written by {len(small['ranks'])} process(es); resume it with "
-                         f"as many (torchrun --nproc_per_node), not {ranks.world}")
-    # Two calls, not set_state_dict: given an empty model dict (the other ranks) it would skip the model.
-    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=ranks.world > 1)
-    set_model_state_dict(model, state["model"] if state else {}, options=options)
-    set_optimizer_state_dict(model, optimizer, state["optimizer"] if state else {}, options=options)
-    scheduler.load_state_dict(small["scheduler"])
-    scaler.load_state_dict(small["scaler"])
-    set_rng_state(small["ranks"][ranks.rank]["rng"])
-    dataset.load_state_dict(small["ranks"][ranks.rank]["data"])
-    return small
-
-
-def train(args, cfg: Config) -> dict:
-    ranks = init_distributed(cfg.train)
-    torch.manual_seed(cfg.train.seed)
-    random.seed(cfg.train.seed)
-    np.random.seed(cfg.train.seed)
-    device, amp_dtype = choose_device(cfg.train, ranks.local_rank)
-    out_dir = Path(args.out)
-    resume_path = None
+def open_run(args, ranks: Ranks, cleanup: contextlib.ExitStack) -> tuple[Run, Path | None]:
+    """The run folder and live metrics (first, so that a busy port fails before any slow work).
+    -> the run, and on rank 0 the checkpoint to resume from (None: a fresh run)."""
+    out_dir, resume_path = Path(args.out), None
     if ranks.main:   # rank 0 alone reads and writes the run folder
         out_dir.mkdir(parents=True, exist_ok=True)
         resume_path = (find_checkpoint(out_dir) if args.resume == "auto" else
@@ -566,109 +407,91 @@ def train(args, cfg: Config) -> dict:
         if resume_path is None and any(out_dir.glob("ckpt-*.pt")):
             raise ValueError(f"{out_dir} holds checkpoints of an earlier run: pass --resume auto to "
                              "continue it, or choose another --out")
+    live = None
+    if args.ws_port >= 0 and ranks.main:
+        ws_token = read_token(args.ws_token_file) if args.ws_token_file else None
+        live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port, ws_token))
+    run = Run(out_dir, ranks, live)
+    cleanup.callback(run.close)
+    if live:
+        run.say(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/")
+    return run, resume_path
 
-    def say(text):
-        if ranks.main:
-            print(text, file=sys.stderr)
 
+def build_model(cfg: Config, info: datasets.CorpusInfo, device: torch.device) -> CustomTransformer:
+    model = CustomTransformer(cfg.model)
+    model.set_corpus_stats(info)
+    model.to(device)
+    if cfg.train.compile:
+        if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
+            raise ValueError(f"train.compile needs Triton, which needs compute capability 7.0 or newer; "
+                             f"{torch.cuda.get_device_name(device)} is sm_"
+                             f"{''.join(map(str, torch.cuda.get_device_capability(device)))}: leave it off")
+        model.compile_blocks()
+    return model
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+
+
+def train(args, cfg: Config) -> dict:
+    # -- Setup: processes and device, run folder, data, model, optimizer, checkpoints ------------
+    ranks = init_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
     with contextlib.ExitStack() as cleanup:
-        live = None
-        if args.ws_port >= 0 and ranks.main:   # first, so that a busy port fails before any slow work
-            ws_token = read_token(args.ws_token_file) if args.ws_token_file else None
-            live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port, ws_token))
-            say(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/")
+        run, resume_path = open_run(args, ranks, cleanup)
         dataset, eval_set = open_data(args, cfg, cleanup, ranks)
-        info = datasets.corpus_info(dataset.metadata())
-
-        model = CustomTransformer(cfg.model)
-        model.set_corpus_stats(info)
-        model.to(device)
-        flops_per_position = model.flops_per_position(cfg.data.max_seq_len)
-        if cfg.train.compile:
-            if device.type == "cuda" and torch.cuda.get_device_capability(device) < (7, 0):
-                raise ValueError(f"train.compile needs Triton, which needs compute capability 7.0 or newer; "
-                                 f"{torch.cuda.get_device_name(device)} is sm_"
-                                 f"{''.join(map(str, torch.cuda.get_device_capability(device)))}: leave it off")
-            model.compile_blocks()
-        parameters = sum(p.numel() for p in model.parameters())
-        trained = distribute(model, cfg.train, ranks, device)
+        model = build_model(cfg, datasets.corpus_info(dataset.metadata()), device)
+        trained = distribute(model, cfg.train.parallel, ranks, device)
         if ranks.world > 1:
             _HELD_UNTIL_EXIT.append(trained)
         optimizer, scheduler = make_optimizer(trained, cfg.train, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-        accumulate = accumulation_steps(cfg, ranks.world)
-        peak = peak_flops(device, amp_dtype)
-        say(f"{ranks.world} process(es) x {accumulate} batch(es) x {cfg.data.batch_size} x "
-            f"{cfg.data.max_seq_len} positions per step on {device} ({str(amp_dtype).removeprefix('torch.')})"
-            + ("" if peak or device.type == "cpu" else f"; MFU unknown: no peak FLOP/s listed for "
-                                                       f"{torch.cuda.get_device_name(device)}"))
-        start_step, resumed = 0, {}
-        if from_rank0(resume_path is not None):
-            resumed = restore(load_checkpoint(resume_path) if ranks.main else None,
-                              model, optimizer, scheduler, scaler, dataset, ranks)
-            start_step = resumed["step"]
-            say(f"resumed from {resume_path} at step {start_step}")
-
-        metrics_log = cleanup.enter_context(open(out_dir / "metrics.jsonl", "a")) if ranks.main else None
-
-        def publish(message: dict):
-            if not ranks.main:
-                return
-            metrics_log.write(json.dumps(message) + "\n")
-            metrics_log.flush()
-            if live:
-                live.publish(message)
-
-        def checkpoint_state(step):
-            return training_state(model, optimizer, scheduler, scaler, dataset, step,
-                                  {"nonfinite_steps": nonfinite_total, "best_eval_loss": best_eval_loss,
-                                   "config": asdict(cfg)})
-
-        def checkpoint(step):
-            state = checkpoint_state(step)
-            if not ranks.main:
-                return None
-            path = save_checkpoint(out_dir, state, cfg.train.keep_checkpoints)
-            publish({"type": "checkpoint", "step": step, "path": str(path)})
-            return path
-
-        def run_evaluation(step):
-            nonlocal best_eval_loss
+        run.checkpointer = Checkpointer(run.out_dir, cfg.train.keep_checkpoints, ranks, model, optimizer,
+                                        pieces={"scheduler": scheduler, "scaler": scaler},
+                                        per_rank={"rng": GlobalRNG(), "data": dataset},
+                                        progress=run.progress, extra={"config": asdict(cfg)})
+        if eval_set is not None:
             # the model itself: with DDP that is the replica's module, which runs without collectives
-            results = evaluate(model, eval_set, cfg, device, amp_dtype)
-            best = results["loss"] < best_eval_loss
-            if best:
-                best_eval_loss = results["loss"]
-                state = checkpoint_state(step)
-                if ranks.main:
-                    write_atomically(out_dir / "best.pt", state)
-            publish({"type": "eval", "step": step, "best": best, **results})
-            if ranks.main:
-                progress.write(f"eval at step {step}: loss {results['loss']:.4f}, "
-                               f"masked-token accuracy {results.get('text_acc', float('nan')):.3f}"
-                               + ("  (best so far: best.pt)" if best else ""))
+            run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype)
+        if from_rank0(resume_path is not None):
+            run.checkpointer.load(load_checkpoint(resume_path) if ranks.main else None)
+            run.say(f"resumed from {resume_path} at step {run.progress.step}")
 
-        publish({"type": "run", "parameters": parameters, "device": str(device),
-                 "precision": str(amp_dtype).removeprefix("torch."), "processes": ranks.world,
-                 "batches_per_step": accumulate, "files": len(dataset.files), "config": asdict(cfg),
-                 "start_step": start_step, "steps": cfg.train.steps})
+        accumulate = accumulation_steps(cfg, ranks.world)
+        flops_per_position = model.flops_per_position(cfg.data.max_seq_len)
+        peak = peak_flops(device, amp_dtype)
+        run.say(f"{ranks.world} process(es) x {accumulate} batch(es) x {cfg.data.batch_size} x "
+                f"{cfg.data.max_seq_len} positions per step on {device} ({str(amp_dtype).removeprefix('torch.')})"
+                + ("" if peak or device.type == "cpu" else f"; MFU unknown: no peak FLOP/s listed for "
+                                                           f"{torch.cuda.get_device_name(device)}"))
+        start_step = run.progress.step
+        run.publish({"type": "run", "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
+                     "precision": str(amp_dtype).removeprefix("torch."), "processes": ranks.world,
+                     "batches_per_step": accumulate, "files": len(dataset.files), "config": asdict(cfg),
+                     "start_step": start_step, "steps": cfg.train.steps})
         # SIGINT/SIGTERM: finish the step in flight, checkpoint, exit cleanly (all ranks together).
         stop_requested = []
         for sig in (signal.SIGINT, signal.SIGTERM):
             cleanup.callback(signal.signal, sig, signal.signal(sig, lambda s, f: stop_requested.append(s)))
-
         stream = datasets.prefetch(batches(dataset, cfg.data.num_workers), cfg.data.prefetch)
         cleanup.callback(stream.close)   # stop reading before the in-process server goes away
         mask_rng = torch.Generator()
-        progress = cleanup.enter_context(tqdm(range(start_step, cfg.train.steps), initial=start_step,
-                                              total=cfg.train.steps, desc="train", unit="step",
-                                              dynamic_ncols=True, disable=not ranks.main))
-        losses, last_path, step = [], None, start_step
-        nonfinite_total, nonfinite_in_a_row = resumed.get("nonfinite_steps", 0), 0
-        best_eval_loss = resumed.get("best_eval_loss", math.inf)
+        run.progress_bar = cleanup.enter_context(tqdm(
+            total=cfg.train.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+            disable=not ranks.main))
+
+        # -- The loop -------------------------------------------------------------------------------
+        losses, last_path = [], None
         trained.train()
         try:
-            for step in progress:
+            for step in range(start_step, cfg.train.steps):
+                # 1. This rank's batches for the step, each with its masks (which depend on the
+                #    step, batch and rank alone, so a resumed run draws the same ones).
                 t0 = time.perf_counter()
                 micro_batches, data_wait = [], 0.0
                 for micro in range(accumulate):
@@ -676,49 +499,59 @@ def train(args, cfg: Config) -> dict:
                     batch = next(stream)
                     data_wait += time.perf_counter() - waited
                     dataset.record(batch)
-                    # masks depend on the step, batch and rank alone: a resumed run draws the same ones
                     mask_rng.manual_seed(cfg.train.seed * 1_000_003 + (step * accumulate + micro) * ranks.world
                                          + ranks.rank)
                     micro_batches.append((batch, sample_masks(batch, cfg.model, mask_rng)))
+
+                # 2. Forward, backward, one exchange between ranks, optimizer step (or a skip).
                 result = train_step(trained, micro_batches, optimizer, scheduler, scaler, device, amp_dtype,
                                     cfg.train.grad_clip, bool(stop_requested))
-                nonfinite_in_a_row = 0 if result.applied else nonfinite_in_a_row + 1
-                nonfinite_total += not result.applied
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step_time = time.perf_counter() - t0
+                progress = run.progress
+                progress.step = done = step + 1
+                progress.nonfinite_in_a_row = 0 if result.applied else progress.nonfinite_in_a_row + 1
+                progress.nonfinite_steps += not result.applied
+
+                # 3. Metrics: metrics.jsonl, live feed, progress bar.
                 tokens_per_s = result.positions / step_time
-                record = {"type": "step", "step": step + 1, "epoch": batch.resume_from[0], "loss": result.loss,
+                record = {"type": "step", "step": done, "epoch": batch.resume_from.epoch, "loss": result.loss,
                           **result.metrics, "lr": result.lr, "grad_norm": result.grad_norm,
                           "tokens_per_s": tokens_per_s, "step_time_s": step_time,
                           "data_wait_frac": data_wait / step_time, "peak_mem_gb": peak_memory_gb(device),
                           "mfu": flops_per_position * tokens_per_s / (peak * ranks.world) if peak else None,
-                          "skipped": not result.applied, "nonfinite_steps": nonfinite_total}
-                record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+                          "skipped": not result.applied, "nonfinite_steps": progress.nonfinite_steps}
+                run.publish({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+                             for k, v in record.items()})
                 losses.append(result.loss)
-                publish(record)
-                progress.set_postfix(loss=f"{result.loss:.3f}", acc=f"{result.metrics.get('accuracy', 0.0):.3f}",
-                                     tok_s=f"{tokens_per_s:.0f}")
-                done = step + 1
-                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    last_path = checkpoint(done)   # the skipped steps left the weights untouched
+                run.progress_bar.update()
+                run.progress_bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_s:.0f}",
+                                             acc=f"{result.metrics.get('accuracy', 0.0):.3f}")
+
+                # 4. Too many non-finite steps in a row: keep the last good weights and stop.
+                if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    last_path = run.checkpoint()   # the skipped steps left the weights untouched
                     raise TrainingHalted(
-                        f"{nonfinite_in_a_row} steps in a row (up to step {done}) had a non-finite loss or "
-                        f"gradient; stopped with checkpoint {last_path}. Lower train.lr or check the data.")
+                        f"{progress.nonfinite_in_a_row} steps in a row (up to step {done}) had a non-finite "
+                        f"loss or gradient; stopped with checkpoint {last_path}. Bad data is the usual cause: "
+                        f"check the files with `python schema.py FILE_OR_FOLDER ...` (it names every NaN/inf "
+                        f"value by file, row and column); otherwise lower train.lr.")
+
+                # 5. Evaluation and checkpoints; a requested stop ends the run here.
                 if eval_set is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                    run_evaluation(done)
+                    run.evaluate()
                 if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or result.stop:
-                    last_path = checkpoint(done)
+                    last_path = run.checkpoint()
                 if result.stop:
-                    if ranks.main:
-                        progress.write(f"asked to stop: stopped after step {done}, checkpoint {last_path}")
+                    run.say(f"asked to stop: stopped after step {done}, checkpoint {last_path}")
                     break
         except Exception as err:
-            publish({"type": "failed", "step": step, "error": f"{type(err).__name__}: {err}"})
+            run.publish({"type": "failed", "step": run.progress.step, "error": f"{type(err).__name__}: {err}"})
             raise
-        publish({"type": "finished", "step": start_step + len(losses),
-                 "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-                 "checkpoint": str(last_path) if last_path else None})
+        run.publish({"type": "finished", "step": start_step + len(losses),
+                     "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+                     "checkpoint": str(last_path) if last_path else None})
     return {"losses": losses, "checkpoint": last_path, "main": ranks.main}
 
 

@@ -18,8 +18,7 @@ import torch
 
 from common import header, peak_rss_bytes, run_case, save
 
-import model_trainer  # noqa: E402 (path set by common)
-from attention import dense_attention, kv_cache_values_per_token, local_attention  # noqa: E402
+from attention import dense_attention, local_attention  # noqa: E402
 
 QK_DIM, V_DIM = 48, 32   # the small preset's MLA head: nope 32 + rope 16, value 32
 
@@ -62,20 +61,6 @@ def case(kernel: str, n: int, window: int, heads: int) -> dict:
     return {"seconds": seconds, "peak_bytes": max(peak, 0), "out_sum": float(out.float().sum())}
 
 
-def kv_cache_table() -> list[str]:
-    """Decoding cache per token, fp16, for each preset: MLA against MHA and GQA (heads / 4 groups)
-    with the same head dims."""
-    lines = [f"{'KV cache, fp16 bytes/token':<28} {'MLA':>7} {'GQA':>7} {'MHA':>7} {'MHA/MLA':>8}"
-             "  (per layer; x layers for the model)"]
-    for preset in ("small", "base", "long"):
-        m = model_trainer.load_config(str(model_trainer.DEFAULT_CONFIG), [], preset).model
-        values = kv_cache_values_per_token(m.n_heads, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim,
-                                           m.v_head_dim, gqa_groups=max(1, m.n_heads // 4))
-        lines.append(f"{preset + f' ({m.n_layers} layers)':<28} {2 * values['mla']:>7} {2 * values['gqa']:>7} "
-                     f"{2 * values['mha']:>7} {values['mha'] / values['mla']:>8.1f}")
-    return lines
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs=4, metavar=("KERNEL", "N", "WINDOW", "HEADS"), help=argparse.SUPPRESS)
@@ -90,7 +75,7 @@ def main() -> int:
         print(json.dumps(case(kernel, int(n), int(window), int(heads))))
         return 0
 
-    lines = [*header(), *kv_cache_table(),
+    lines = [*header(),
              f"{'n':>8} {'swa s':>8} {'swa MiB':>9} {'dense s':>8} {'dense MiB':>10} {'time x':>7} {'mem x':>7}"]
     print("\n".join(lines), flush=True)
     swa_memory = {}

@@ -51,7 +51,7 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
     cfg = model_trainer.load_config(str(ROOT / "config.yaml"), args.set, args.preset)
-    device, amp_dtype = model_trainer.choose_device(cfg.train)
+    device, amp_dtype = model_trainer.choose_device(cfg.train.device, cfg.train.precision)
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model).to(device)
     batch = synthetic_document(args.positions, cfg.model.frames_per_position)

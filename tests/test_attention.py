@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from attention import (PAD_DOC, MultiHeadLatentAttention, apply_rope, dense_attention,
-                       document_attention, kv_cache_values_per_token, local_attention, rope_tables)
+                       document_attention, local_attention, rope_tables)
 
 
 def naive_attention(q, k, v, doc, scale, window=None, causal=False):
@@ -171,47 +171,3 @@ def test_mla_matches_naive_per_head_computation(q_lora_rank, window):
             scores = scores.masked_fill((i[:, None] - i[None, :]).abs() > window, float("-inf"))
         out[:, :, h] = scores.softmax(-1) @ kv[:, :, h, nope:]
     torch.testing.assert_close(got, mla.wo(out.flatten(2)), rtol=1e-10, atol=1e-10)
-
-
-def make_mla(q_lora_rank=0):
-    torch.manual_seed(1)
-    return MultiHeadLatentAttention(24, 3, q_lora_rank, 12, 8, 4, 6, 1e-6).double()
-
-
-@pytest.mark.parametrize("window", [None, 5])
-@pytest.mark.parametrize("causal", [False, True])
-def test_absorbed_path_equals_training_path(window, causal):
-    mla = make_mla(q_lora_rank=10)
-    g = torch.Generator().manual_seed(2)
-    x = torch.randn(2, 21, 24, generator=g, dtype=torch.float64)
-    doc = random_docs(2, 21, g)
-    positions = torch.arange(21).repeat(2, 1)
-    cos, sin = rope_tables(positions, 4, 500000.0)
-    real = (doc != PAD_DOC)[..., None]
-    torch.testing.assert_close(mla.forward_absorbed(x, cos, sin, doc, window, causal) * real,
-                               mla(x, cos, sin, doc, window, causal) * real, rtol=1e-9, atol=1e-9)
-
-
-@pytest.mark.parametrize("window", [None, 4])
-def test_cached_decoding_reproduces_causal_training_outputs(window):
-    mla = make_mla()
-    x = torch.randn(1, 17, 24, dtype=torch.float64)
-    positions = torch.arange(17)[None]
-    cos, sin = rope_tables(positions, 4, 500000.0)
-    expected = mla(x, cos, sin, torch.zeros(1, 17, dtype=torch.long), window, causal=True)
-    cache, outputs = None, []
-    for start, end in [(0, 5), *((i, i + 1) for i in range(5, 17))]:   # a prompt, then one at a time
-        out, cache = mla.decode(x[:, start:end], positions[:, start:end], cache, 500000.0, window)
-        outputs.append(out)
-        assert cache.latent.shape[-1] == 12 and cache.k_pe.shape[-1] == 4   # latent + rotary key only
-        if window is not None:
-            assert cache.latent.shape[1] <= window
-    torch.testing.assert_close(torch.cat(outputs, dim=1), expected, rtol=1e-9, atol=1e-9)
-
-
-def test_kv_cache_sizes_match_deepseek_v3_published_figures():
-    # DeepSeek-V3: 128 heads, kv_lora_rank 512, nope/rope/v 128/64/128. In bf16 MLA caches
-    # 1,152 bytes per token per layer against 81,920 for MHA of the same shapes.
-    values = kv_cache_values_per_token(128, 512, 128, 64, 128, gqa_groups=8)
-    assert 2 * values["mla"] == 1152 and 2 * values["mha"] == 81920
-    assert values["gqa"] == values["mha"] // 16

@@ -1,89 +1,14 @@
-"""Sample schema, validator, Arrow -> segments, packing, collation, and the local dataset."""
+"""Arrow -> segments, packing, collation, the local dataset, sharding and exact resume."""
 import collections
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 import datasets
 from datasets import SequenceLayout
-from util import wait_for
-
-
-def make_rows(n, rng, vocab=260):
-    rows = []
-    for i in range(n):
-        frames = int(rng.integers(3, 12))
-        f0 = rng.uniform(80, 300, frames).astype(np.float32)
-        rows.append({"sample_id": f"doc{i // 3}/{i % 3}", "doc_id": f"doc{i // 3}", "segment_index": i % 3,
-                     "text": "t", "token_ids": rng.integers(0, vocab, int(rng.integers(1, 8))).astype(np.int32),
-                     "mel": rng.normal(size=(frames, 80)).astype(np.float16), "f0_hz": f0,
-                     "voicing": np.ones(frames, np.float32), "energy": rng.normal(size=frames).astype(np.float32),
-                     "speaker_id": int(rng.integers(4)), "sentiment": int(rng.integers(3)),
-                     "valence": None, "arousal": 0.5})
-    return rows
-
-
-META = {"features": {"sample_rate": 16000}, "tokenizer": {"vocab_size": 260}, "speakers": {"a": 0, "b": 3}}
-
-
-def test_written_samples_read_back_exactly(tmp_path):
-    rows = make_rows(7, np.random.default_rng(0))
-    datasets.write_samples(tmp_path / "s.parquet", rows, META, rows_per_group=3)
-    parquet = pq.ParquetFile(tmp_path / "s.parquet")
-    assert parquet.num_row_groups == 3
-    assert parquet.schema_arrow.field("mel").type == pa.list_(pa.list_(pa.float16(), 80))
-    table = parquet.read()
-    assert table.schema.remove_metadata().equals(datasets.SAMPLE_SCHEMA)
-    for row, back in zip(rows, table.to_pylist()):
-        np.testing.assert_array_equal(np.array(back["mel"], np.float16), row["mel"])
-        assert back["token_ids"] == row["token_ids"].tolist()
-        assert back["valence"] is None and back["arousal"] == 0.5
-    meta = datasets.read_metadata(parquet.schema_arrow, "s.parquet")
-    assert meta["schema_version"] == datasets.SCHEMA_VERSION and meta["stats"]["frames"] == sum(len(r["mel"]) for r in rows)
-
-
-def test_validator_names_file_row_and_column_of_every_violation():
-    rows = make_rows(6, np.random.default_rng(1))
-    rows[1]["mel"][2, 5] = np.nan
-    rows[2]["f0_hz"] = rows[2]["f0_hz"][:-1]
-    rows[3]["token_ids"][0] = 999
-    rows[4]["sentiment"] = 7
-    rows[5]["sample_id"] = rows[0]["sample_id"]
-    rows[0]["voicing"][0] = 1.5
-    table = datasets.samples_table(rows, META)
-    problems = datasets.validate_table(table, "bad.parquet", vocab_size=260)
-    expected = [("row 1 ", "column mel: NaN or inf"), ("row 2 ", "column f0_hz: "),
-                ("row 3 ", "column token_ids: token id outside [0, 260)"), ("row 4 ", "column sentiment"),
-                ("row 5 ", "column sample_id: duplicate"), ("row 0 ", "column sample_id: duplicate"),
-                ("row 0 ", "column voicing: voicing probability outside [0, 1]")]
-    for row, column in expected:
-        assert any(p.startswith("bad.parquet: " + row) and column in p for p in problems), (row, column, problems)
-    assert len(problems) == len(expected)
-
-
-def test_validator_reports_wrong_types_and_missing_columns():
-    table = datasets.samples_table(make_rows(2, np.random.default_rng(2)), META)
-    table = table.set_column(table.schema.get_field_index("token_ids"), "token_ids",
-                             pc.cast(table.column("token_ids"), pa.list_(pa.int64())))
-    table = table.drop_columns(["energy"])
-    problems = datasets.validate_table(table, "f.parquet")
-    assert "f.parquet: column token_ids: type list<item: int64>, expected list<item: int32>" in problems
-    assert "f.parquet: column energy: missing" in problems
-
-
-def test_validate_file_offsets_rows_by_row_group(tmp_path):
-    rows = make_rows(6, np.random.default_rng(3))
-    table = datasets.samples_table(rows, META)
-    energy = table.column("energy").to_pylist()
-    energy[4][0] = float("inf")
-    table = table.set_column(table.schema.get_field_index("energy"), "energy", pa.array(energy, pa.list_(pa.float32())))
-    pq.write_table(table, tmp_path / "x.parquet", row_group_size=2)
-    problems = datasets.validate_file(tmp_path / "x.parquet")
-    assert len(problems) == 1 and problems[0].startswith(f"{tmp_path / 'x.parquet'}: row 4 (sample_id doc1/1), column energy")
+from util import META, make_rows, wait_for
 
 
 def test_segments_are_zero_copy_views_equal_to_a_direct_read(tmp_path):
@@ -154,26 +79,6 @@ def test_local_dataset_delivers_every_sample_once(corpus):
     assert first != [sid for batch in dataset for sid in batch.sample_ids]   # reshuffled per epoch
 
 
-def test_corpus_info_equals_statistics_computed_directly(corpus):
-    root, shards = corpus
-    dataset = datasets.LocalParquetDataset(shards, SequenceLayout(400), batch_size=2)
-    info = datasets.corpus_info(dataset.metadata())
-    tables = [pq.read_table(s) for s in shards]
-    mel = np.concatenate([t.column("mel").combine_chunks().flatten().flatten().to_numpy().reshape(-1, 80)
-                          for t in tables]).astype(np.float64)
-    f0 = np.concatenate([t.column("f0_hz").combine_chunks().flatten().to_numpy() for t in tables]).astype(np.float64)
-    np.testing.assert_allclose(info.mel_mean, mel.mean(0), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(info.mel_std, mel.std(0), rtol=1e-4)
-    np.testing.assert_allclose(info.log_f0_mean, np.log(f0[f0 > 0]).mean(), rtol=1e-9)
-    assert info.vocab_size == 260 and info.n_speakers == 6
-
-
-def test_corpus_info_refuses_files_with_different_features():
-    meta = {"features": {"sample_rate": 16000}, "tokenizer": {"vocab_size": 260}, "stats": {}}
-    with pytest.raises(ValueError, match="b.parquet: features"):
-        datasets.corpus_info({"a.parquet": meta, "b.parquet": {**meta, "features": {"sample_rate": 8000}}})
-
-
 def _ids(batches):
     return [b.sample_ids for b in batches]
 
@@ -198,6 +103,27 @@ def test_resuming_from_a_state_dict_reproduces_the_remaining_order(corpus, stop_
     resumed = fresh()
     resumed.load_state_dict(state)
     assert _ids(resumed) == full[stop_after:]
+
+
+@pytest.mark.parametrize("max_seq_len", [24, 40, 97])
+def test_the_batch_count_from_row_lengths_equals_the_batches_packing_yields(tmp_path, max_seq_len):
+    """Ranks count their batches from row lengths alone; if that count ever drifted from what the
+    packer yields, ranks would disagree on the epoch's length and DDP would hang."""
+    rng = np.random.default_rng(max_seq_len)
+    rows = make_rows(60, rng)
+    for i, row in enumerate(rows):   # lengths around the limit: exact fits, one over, far over, tiny
+        frames = int(rng.choice([1, 4, 5, 4 * max_seq_len, 4 * (max_seq_len - 2 - len(row["token_ids"]))]))
+        frames = max(frames, 1)
+        row.update(mel=np.zeros((frames, 80), np.float16), f0_hz=np.zeros(frames, np.float32),
+                   voicing=np.zeros(frames, np.float32), energy=np.zeros(frames, np.float32))
+    datasets.write_samples(tmp_path / "s.parquet", rows, META, rows_per_group=7)
+    for batch_size in (1, 3):
+        dataset = datasets.LocalParquetDataset([tmp_path / "s.parquet"], SequenceLayout(max_seq_len, 4),
+                                               batch_size=batch_size, shuffle=False)
+        with pytest.warns(UserWarning, match="exceed max_seq_len"):
+            yielded = list(dataset)
+        assert dataset._batch_count(dataset.endpoints()) == len(yielded)
+        assert all(b.n_positions(4) <= max_seq_len * b.n_rows for b in yielded)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

@@ -205,18 +205,3 @@ def test_prepare_resumes_finished_shards_and_parallel_output_equals_serial(tmp_p
     again = features.prepare(manifest, tmp_path / "serial", rows_per_shard=2)
     assert again == serial and sorted(calls) == [str(tmp_path / "s2.wav"), str(tmp_path / "s3.wav")]
     assert datasets.validate_file(serial[1]) == []
-
-
-def test_per_speaker_prosody_statistics(tmp_path):
-    rng = np.random.default_rng(9)
-    entries = []
-    for i, f0 in enumerate([100.0, 110.0, 220.0, 240.0]):
-        write_wav(tmp_path / f"p{i}.wav", harmonic_tone(np.full(SR // 2, f0), rng), SR)
-        entries.append({"audio": f"p{i}.wav", "text": "x", "speaker": "low" if f0 < 150 else "high",
-                        "sentiment": 1, "doc_id": f"d{i}", "segment_index": 0})
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    shards = features.prepare(tmp_path / "m.jsonl", tmp_path / "out", rows_per_shard=1)
-    info = datasets.corpus_info({str(s): datasets.read_metadata(datasets.pq.read_schema(s), str(s)) for s in shards})
-    ids = {"high": 0, "low": 1}
-    low_f0, high_f0 = (np.exp(info.speaker_prosody[ids[name]][0]) for name in ("low", "high"))
-    assert 95 < low_f0 < 115 and 210 < high_f0 < 250

@@ -2,10 +2,13 @@
 import collections
 import concurrent.futures
 import json
+import re
 import shutil
 import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -15,6 +18,8 @@ import pytest
 
 import datasets
 from flight_server import SampleFlightServer, Ticket
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -304,3 +309,38 @@ def test_a_stalled_read_is_cancelled_and_resumed(corpus):
         server.shutdown()
     expected = pq.read_table(root, columns=["sample_id"]).column(0).to_pylist()
     assert collections.Counter(seen) == collections.Counter(expected)
+
+
+def test_the_data_machine_needs_no_torch(corpus, tmp_path):
+    """flight_server.py as the data machine runs it, where `import torch` fails, read by a plain
+    pyarrow.flight client; the validation command runs there too."""
+    root, shards = corpus
+    blocked = tmp_path / "no_torch"
+    blocked.mkdir()
+    (blocked / "torch.py").write_text("raise ImportError('torch is not installed on the data machine')\n")
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(blocked)}
+    check = subprocess.run([sys.executable, "-c", "import torch"], env=env, capture_output=True, text=True)
+    assert "not installed on the data machine" in check.stderr          # the block works
+    validate = subprocess.run([sys.executable, "schema.py", str(root)], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=60)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    server = subprocess.Popen([sys.executable, "flight_server.py", "--root", str(root), "--port", "0"], cwd=ROOT,
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        port = None
+        for line in server.stderr:   # "serving N files from ROOT on grpc://127.0.0.1:PORT"
+            found = re.search(r"serving \d+ files .* on grpc://127\.0\.0\.1:(\d+)", line)
+            if found:
+                port = int(found.group(1))
+                break
+        assert port, "the server did not start"
+        client = flight.connect(f"grpc://127.0.0.1:{port}")
+        info = client.get_flight_info(flight.FlightDescriptor.for_path(shards[0].name))
+        streamed = pa.Table.from_batches([chunk for endpoint in info.endpoints
+                                          for chunk in client.do_get(endpoint.ticket).read_all().to_batches()])
+        assert streamed.equals(pq.read_table(shards[0]))
+        client.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+

@@ -65,6 +65,10 @@ def test_watch_lines_are_readable():
     line = format_message({"type": "step", "step": 12, "loss": 1.23456, "accuracy": 0.5, "lr": 1e-3,
                            "tokens_per_s": 4321.0})
     assert line == "step     12  loss 1.2346  acc 0.500  lr 1.00e-03  4321 tok/s"
+    # A skipped (non-finite) step is published with null loss and metrics: the line says so.
+    skipped = format_message({"type": "step", "step": 13, "loss": None, "accuracy": None, "lr": 1e-3,
+                              "tokens_per_s": 4000.0, "skipped": True})
+    assert skipped == "step     13  loss -  acc -  lr 1.00e-03  4000 tok/s  skipped (non-finite loss or gradient)"
 
 
 def test_the_same_port_serves_the_dashboard_page():
@@ -114,7 +118,7 @@ def browser_tab(browser: str, profile):
     `websockets` client we ship is all it takes)."""
     process = subprocess.Popen(
         [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-         "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,1600", "about:blank"],
+         "--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1400,1600", "about:blank"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         for line in process.stderr:
@@ -175,11 +179,26 @@ def test_the_dashboard_in_a_real_browser_draws_a_live_training_run(corpus, tmp_p
             inked = tab.evaluate('(() => { const c = document.querySelector("[data-chart=loss] canvas");'
                                  ' const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;'
                                  ' let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; })()')
+            overflow = tab.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            legend_fits = tab.evaluate('[...document.querySelectorAll(".legend")].every('
+                                       'l => l.scrollWidth <= l.clientWidth)')
+            # Hover read-out, raw values: the value shown is the one the trainer logged at that step.
+            hover = ('(() => { document.getElementById("smooth").checked = false;'
+                     ' const c = document.querySelector("[data-chart=loss] canvas"); const r = c.getBoundingClientRect();'
+                     ' c.dispatchEvent(new MouseEvent("mousemove", {clientX: r.right - 9, clientY: r.top + 50,'
+                     ' bubbles: true})); return document.querySelector("[data-chart=loss] .readout").textContent; })()')
+            readout = tab.evaluate(hover)
             screenshot.write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
     finally:
         trainer.terminate()
         trainer.wait(timeout=60)
     assert status.startswith("step ") and "loss" in status
+    assert re.search(r"step \d+ of 400 \(\d+\.\d%\)  ·  ETA \d+", status), status   # progress and time left
+    assert overflow <= 0 and legend_fits, "the page or a legend overflows at 1400 px"
+    step, value = re.fullmatch(r"step (\d+)\nloss: (\S+)(?: \(step \d+\))?", readout).groups()
+    logged = {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if m["type"] == "step"}
+    assert abs(float(value) - logged[int(step)]) <= 1e-3 * abs(logged[int(step)]), (readout, logged[int(step)])
     assert "parameters on cpu" in header
     assert inked > 500   # the loss line, axes and labels were drawn on the canvas
     assert screenshot.read_bytes().startswith(b"\x89PNG")

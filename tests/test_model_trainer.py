@@ -262,38 +262,6 @@ def test_evaluation_files_may_not_also_train(corpus, tmp_path):
                                str(tmp_path / "x"), "--ws-port", "-1", "--steps", "2", *set_flags(TINY)]) == 1
 
 
-KILL_DURING_WRITE = """
-import os, signal, sys, torch
-sys.path.insert(0, {root!r})
-import model_trainer
-out = model_trainer.Path({out!r})
-model_trainer.save_checkpoint(out, {{"step": 1, "weights": torch.ones(1000)}}, keep=3)
-real_save = torch.save
-def dying_save(obj, f):
-    f.write(b"half a checkpoint")
-    f.flush()
-    os.kill(os.getpid(), signal.SIGKILL)
-torch.save = dying_save
-model_trainer.save_checkpoint(out, {{"step": 2, "weights": torch.zeros(1000)}}, keep=3)
-"""
-
-
-def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_path):
-    out = tmp_path / "run"
-    out.mkdir()
-    proc = subprocess.run([sys.executable, "-c", KILL_DURING_WRITE.format(root=str(ROOT), out=str(out))],
-                          capture_output=True, timeout=120)
-    assert proc.returncode == -signal.SIGKILL
-    assert not (out / "ckpt-00000002.pt").exists()          # the half-written file never took the name
-    assert (out / "ckpt-00000002.pt.tmp").exists()
-    found = model_trainer.find_checkpoint(out)
-    assert found == out / "ckpt-00000001.pt"
-    assert torch.equal(model_trainer.load_checkpoint(found)["weights"], torch.ones(1000))
-    # A damaged newest checkpoint (a disk error, a copy cut short) is passed over too.
-    (out / "ckpt-00000003.pt").write_bytes(b"garbage")
-    assert model_trainer.find_checkpoint(out) == out / "ckpt-00000001.pt"
-
-
 def torchrun(server_port, out, probe_dir, steps, *extra):
     """The trainer on 2 CPU processes under torchrun, both streaming from one Flight server."""
     probe_dir.mkdir(parents=True, exist_ok=True)

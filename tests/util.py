@@ -1,6 +1,8 @@
 """Helpers shared by the tests."""
 import time
 
+import numpy as np
+
 
 def wait_for(condition, timeout: float = 20.0) -> bool:
     """Poll `condition` until it holds or `timeout` seconds pass."""
@@ -10,3 +12,20 @@ def wait_for(condition, timeout: float = 20.0) -> bool:
             return True
         time.sleep(0.02)
     return False
+
+
+def make_rows(n, rng, vocab=260):
+    rows = []
+    for i in range(n):
+        frames = int(rng.integers(3, 12))
+        f0 = rng.uniform(80, 300, frames).astype(np.float32)
+        rows.append({"sample_id": f"doc{i // 3}/{i % 3}", "doc_id": f"doc{i // 3}", "segment_index": i % 3,
+                     "text": "t", "token_ids": rng.integers(0, vocab, int(rng.integers(1, 8))).astype(np.int32),
+                     "mel": rng.normal(size=(frames, 80)).astype(np.float16), "f0_hz": f0,
+                     "voicing": np.ones(frames, np.float32), "energy": rng.normal(size=frames).astype(np.float32),
+                     "speaker_id": int(rng.integers(4)), "sentiment": int(rng.integers(3)),
+                     "valence": None, "arousal": 0.5})
+    return rows
+
+
+META = {"features": {"sample_rate": 16000}, "tokenizer": {"vocab_size": 260}, "speakers": {"a": 0, "b": 3}}

@@ -1,0 +1,148 @@
+"""Hardware and scale-out: this process's place in a torchrun job, its device and precision, and
+the wrapping of the model for several processes (DDP or FSDP2). torch.distributed is the engine;
+this module only chooses and wires its parts.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from dataclasses import dataclass
+
+import torch
+from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a torchrun job (one process: rank 0 of 1)."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str) -> Ranks:
+    """Join the process group that torchrun describes in the environment: NCCL between GPUs,
+    gloo between CPU processes (`device` is train.device)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Ranks()
+    ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
+    on_gpu = device != "cpu" and torch.cuda.is_available()
+    if on_gpu:
+        torch.cuda.set_device(ranks.local_rank)
+    torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+    return ranks
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (pickled; for small objects)."""
+    if not torch.distributed.is_initialized():
+        return value
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# Under torchrun, objects that hold the gloo/NCCL process group live until the process exits
+# and the process leaves by os._exit (see cli()): destroying a gloo group from Python can deadlock
+# (its destructor joins worker threads while holding the GIL, and a worker freeing the last
+# collective's Python-owned tensors waits for that GIL; seen at the end of 2-rank runs).
+_HELD_UNTIL_EXIT: list = []
+
+
+def choose_device(requested: str = "auto", precision: str = "auto", local_rank: int = 0
+                  ) -> tuple[torch.device, torch.dtype]:
+    """train.device and train.precision -> the device and autocast dtype: bf16 on sm_80+, fp16
+    (with a GradScaler) on older GPUs such as the P40, fp32 on CPU."""
+    name = requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={requested}: CUDA is not available here")
+    if precision == "auto":
+        precision = "fp32" if device.type == "cpu" else (
+            "bf16" if torch.cuda.get_device_capability(device)[0] >= 8 else "fp16")
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    if precision not in dtypes:
+        raise ValueError(f"train.precision={precision!r}: use auto, fp32, fp16 or bf16")
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    return device, dtypes[precision]
+
+
+# Dense peak FLOP/s by GPU name and autocast dtype, from the vendors' data sheets (tensor cores,
+# no sparsity). fp16 on Pascal runs its matrix products at the fp32 rate (fp32 accumulation).
+# A GPU not listed gets no MFU: "unknown" beats a guess.
+PEAK_FLOPS = {
+    "H200": {"bf16": 989e12, "fp16": 989e12},
+    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12},
+    "H100": {"bf16": 989e12, "fp16": 989e12},
+    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
+    "L40S": {"bf16": 362e12, "fp16": 362e12},
+    "RTX 4090": {"bf16": 165e12, "fp16": 165e12},
+    "RTX 3090": {"bf16": 71e12, "fp16": 71e12},
+    "V100": {"fp16": 125e12, "fp32": 15.7e12},
+    "P40": {"fp16": 11.8e12, "fp32": 11.8e12},
+}
+
+
+def peak_flops(device: torch.device, amp_dtype: torch.dtype) -> float | None:
+    """The device's peak for this precision, or None when it is not known."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[amp_dtype]
+    for fragment, peaks in PEAK_FLOPS.items():   # the more specific names come first
+        if fragment in name:
+            return peaks.get(precision)
+    return None
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """The most memory this process has held: CUDA allocations on a GPU, resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
+
+
+def distribute(model: torch.nn.Module, parallel: str, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """-> the module to train: the model itself on one process, a DDP replica or, with
+    parallel="fsdp", the model sharded in place by FSDP2 (each block, then the rest)."""
+    if ranks.world == 1:
+        return model
+    if parallel == "fsdp":
+        for block in model.blocks:
+            fully_shard(block)
+        return fully_shard(model)
+    # Buffers are corpus statistics, equal everywhere: nothing to broadcast each step.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False)
+
+
+def gradient_sync(trained: torch.nn.Module, enabled: bool):
+    """A context in which backward does (or, for all but the last accumulated batch, does not)
+    reduce gradients across ranks."""
+    if isinstance(trained, DistributedDataParallel):
+        return contextlib.nullcontext() if enabled else trained.no_sync()
+    if isinstance(trained, FSDPModule):
+        trained.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
+
+
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DDP replica (FSDP2 shards the model in place: it is the model)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
