@@ -8,8 +8,10 @@ one key away for any tool that reads a checkpoint.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import random
+import shutil
 import sys
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +22,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
                                                      set_optimizer_state_dict)
 
 from parallel import Ranks, from_rank0
+from schema import fsync_directory
+
+CHECKSUM_KEY = "sha256"   # of the payload, stored in the same file
 
 
 class Stateful(Protocol):
@@ -30,14 +35,83 @@ class Stateful(Protocol):
 # ---------------------------------------------------------------------------------------------
 # Files
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a lost mount); the earlier ones are intact."""
+
+
+class CheckpointCorrupt(ValueError):
+    """A checkpoint file that does not load, or whose content changed after it was written."""
+
+
+def payload_digest(state) -> str:
+    """SHA-256 over a state's structure and every tensor's bytes, in a fixed order: a flipped bit
+    anywhere in the weights, optimizer or counters changes it."""
+    digest = hashlib.sha256()
+
+    def visit(value):
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"T{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}".encode())
+            for key in sorted(value, key=repr):
+                digest.update(repr(key).encode())
+                visit(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"L{len(value)}".encode())
+            for item in value:
+                visit(item)
+        else:
+            digest.update(repr(value).encode())
+
+    visit(state)
+    return digest.hexdigest()
+
+
+def _tensor_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError behind an error (torch.save reports a failed write as a RuntimeError whose
+    context holds it)."""
+    while err is not None:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def write_atomically(path: Path, state: dict) -> Path:
-    """Temporary file, fsync, rename: a crash mid-write leaves the previous file intact."""
+    """Temporary file, fsync, rename: a crash mid-write leaves the previous file intact. The file
+    carries a checksum of its content, which load_checkpoint verifies. A failed write (a full
+    disk) removes the temporary file and raises CheckpointWriteError naming the folder and the
+    space needed."""
+    state = {**state, CHECKSUM_KEY: payload_digest(state)}
     tmp = path.with_suffix(".pt.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    except (OSError, RuntimeError) as err:
+        reason = _os_error(err)
+        if reason is None:
+            raise
+        tmp.unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {path.name} in {path.parent}: {reason.strerror or reason} "
+            f"(it needs about {_tensor_bytes(state) / 2**20:,.0f} MiB; {free / 2**20:,.0f} MiB free there)") from None
     return path
 
 
@@ -50,17 +124,36 @@ def save_checkpoint(out_dir: Path, state: dict, keep: int) -> Path:
 
 
 def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """The state saved in `path`, its checksum verified. Raises CheckpointCorrupt saying why not."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointCorrupt(f"{path}: empty file (0 bytes): the write never finished")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch.load fails in many ways on a damaged file
+        raise CheckpointCorrupt(f"{path}: not a loadable checkpoint ({size:,} bytes): "
+                                f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'truncated'}") from err
+    if not isinstance(state, dict):
+        raise CheckpointCorrupt(f"{path}: not a checkpoint (a {type(state).__name__})")
+    expected = state.pop(CHECKSUM_KEY, None)
+    if expected is not None and payload_digest(state) != expected:
+        raise CheckpointCorrupt(f"{path}: checksum mismatch: the file changed after it was written "
+                                f"(a disk or copy error); it would resume different weights")
+    return state
 
 
-def find_checkpoint(out_dir: Path) -> Path | None:
-    """The newest checkpoint in out_dir that loads."""
+def find_checkpoint(out_dir: Path, problems: list[str] | None = None) -> Path | None:
+    """The newest checkpoint in out_dir that loads and verifies; each one passed over is said
+    (and added to `problems`)."""
     for path in sorted(out_dir.glob("ckpt-*.pt"), reverse=True):
         try:
             load_checkpoint(path)
             return path
-        except Exception as err:  # noqa: BLE001 - a damaged file is skipped, not fatal
-            print(f"skipping unreadable checkpoint {path}: {err}", file=sys.stderr)
+        except CheckpointCorrupt as err:
+            print(f"skipping checkpoint {err}", file=sys.stderr)
+            if problems is not None:
+                problems.append(str(err))
     return None
 
 

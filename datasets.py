@@ -10,6 +10,7 @@ machine), `LocalParquetDataset` reads files on the training machine.
 """
 from __future__ import annotations
 
+import logging
 import math
 import queue
 import threading
@@ -17,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -261,39 +262,53 @@ def collate(sequences: list[list[Segment]], layout: SequenceLayout,
         n_rows=len(sequences), sample_ids=[s.sample_id for s in segments], resume_from=resume_from)
 
 
-def prefetch(iterable: Iterable, depth: int) -> Iterator:
-    """Run `iterable` in a background thread, `depth` items ahead, so that reading and packing
-    overlap the training step (Arrow and torch release the GIL for their heavy work). Errors
-    reach the consumer; abandoning the generator stops the thread."""
-    if depth <= 0:
-        yield from iterable
-        return
-    items: queue.Queue = queue.Queue(depth)
+class Interrupted(Exception):
+    """The consumer of a prefetched stream was asked to stop while it waited for an item."""
+
+
+def prefetch(iterable: Iterable, depth: int, interrupted: Callable[[], bool] = lambda: False) -> Iterator:
+    """Run `iterable` in a background thread, at most `depth` items ahead (0: each item is read
+    when it is asked for), so that reading and packing overlap the training step (Arrow and torch
+    release the GIL for their heavy work). Errors reach the consumer.
+
+    The consumer never waits blindly: while it waits for an item (a server down, retries backing
+    off), `interrupted()` is polled and, once true, ends the stream with Interrupted. Closing the
+    stream stops the thread without waiting on a read in flight (the thread is a daemon)."""
+    items: queue.SimpleQueue = queue.SimpleQueue()   # unbounded: the requests below bound it
+    requested = threading.Semaphore(depth)           # items the producer may read ahead
     stop = threading.Event()
     done = object()
 
     def produce():
         try:
-            for item in iterable:
-                while not stop.is_set():
-                    try:
-                        items.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+            iterator = iter(iterable)
+            while True:
+                while not requested.acquire(timeout=0.1):
+                    if stop.is_set():
+                        return
                 if stop.is_set():
                     return
-            items.put((done, None))
+                item = next(iterator, done)
+                items.put((item, None))
+                if item is done:
+                    return
         except BaseException as err:  # noqa: BLE001 - handed to the consumer
             items.put((done, err))
-        finally:   # an abandoned generator shuts its DataLoader workers down now, not at exit
+        finally:   # an abandoned stream shuts its DataLoader workers down now, not at exit
             getattr(iterable, "close", lambda: None)()
 
     thread = threading.Thread(target=produce, name="prefetch", daemon=True)
     thread.start()
     try:
         while True:
-            item, err = items.get()
+            requested.release()
+            while True:
+                try:
+                    item, err = items.get(timeout=0.1)
+                    break
+                except queue.Empty:
+                    if interrupted():
+                        raise Interrupted from None
             if item is done:
                 if err is not None:
                     raise err
@@ -301,7 +316,7 @@ def prefetch(iterable: Iterable, depth: int) -> Iterator:
             yield item
     finally:
         stop.set()
-        thread.join(timeout=10)   # a read in flight finishes first
+        thread.join(timeout=1.0)   # a read stalled on the network is not waited for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,7 +330,7 @@ class DataConfig:
     shuffle_window: int = 16     # batches whose sequences are shuffled together
     seed: int = 0
     num_workers: int = 0         # DataLoader workers, each with its own Flight client
-    max_retries: int = 5         # Flight failures in a row before the run stops with an error
+    max_retries: int = 8         # Flight failures in a row before the run stops with an error (~1.5 min of waits)
     retry_backoff_s: float = 0.5  # first wait after a failure; doubles each time, at most 30 s
     read_timeout_s: float = 120.0  # a Flight call still running after this is cancelled and retried
     prefetch: int = 4            # batches read ahead in a background thread (0: none)
@@ -517,6 +532,7 @@ class LocalParquetDataset(_PackedStream):
         return {f: read_metadata(pq.read_schema(f), f) for f in self.files}
 
 
+log = logging.getLogger("mmtrain.data")
 RETRYABLE = (flight.FlightUnavailableError, flight.FlightTimedOutError, flight.FlightCancelledError)
 
 
@@ -526,7 +542,7 @@ class ArrowFlightDataset(_PackedStream):
 
     def __init__(self, host: str, port: int, files: list[str] | None, layout: SequenceLayout,
                  batch_size: int, *, shuffle: bool = True, seed: int = 0, shuffle_window: int = 16,
-                 token: str | None = None, tls_root_cert: bytes | None = None, max_retries: int = 5,
+                 token: str | None = None, tls_root_cert: bytes | None = None, max_retries: int = 8,
                  retry_backoff_s: float = 0.5, read_timeout_s: float = 120.0):
         super().__init__(layout, batch_size, shuffle, seed, shuffle_window)
         self.max_retries, self.retry_backoff_s, self.read_timeout_s = max_retries, retry_backoff_s, read_timeout_s
@@ -553,10 +569,15 @@ class ArrowFlightDataset(_PackedStream):
         return flight.FlightCallOptions(headers=headers, timeout=self.read_timeout_s)
 
     def _failed(self, failures: int, what: str, err: Exception) -> None:
-        """After a retryable failure: raise once there were too many in a row, else back off."""
+        """After a retryable failure: raise once there were too many in a row, else say so and
+        back off."""
         if failures > self.max_retries:
-            raise DataError(f"{self.location}: {what} failed {failures} times in a row: {err}") from err
-        time.sleep(min(self.retry_backoff_s * 2 ** (failures - 1), 30.0))
+            raise DataError(f"{self.location}: {what} failed {failures} times in a row: "
+                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        wait = min(self.retry_backoff_s * 2 ** (failures - 1), 30.0)
+        log.warning("%s: %s failed (%s); retry %d of %d in %.1f s", self.location, what, type(err).__name__,
+                    failures, self.max_retries, wait)
+        time.sleep(wait)
         self._client = None   # reconnect
 
     def _call(self, what: str, call):

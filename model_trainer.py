@@ -20,11 +20,12 @@ import os
 import random
 import signal
 import sys
+import tempfile
 import time
 import traceback
-import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -36,119 +37,15 @@ import datasets
 import demo_corpus
 import live_metrics
 from access import read_token
-from checkpoint import Checkpointer, GlobalRNG, find_checkpoint, load_checkpoint
-from custom_transformer import CustomTransformer, ModelConfig, sample_masks
+from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, find_checkpoint, load_checkpoint
+from config import DEFAULT_CONFIG, Config, TrainConfig, build_config, load_config  # noqa: F401 (tools use them from here)
+from custom_transformer import CustomTransformer, sample_masks
 from flight_server import SampleFlightServer
 from live_metrics import MetricsServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, barrier, choose_device, distribute, from_rank0, gradient_sync,
                       init_distributed, peak_flops, peak_memory_gb, unwrapped)
 
 DEMO_DIR = Path("data/demo")
-DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration: declared once here, mirrored by config.yaml, overridable with --set key=value
-
-@dataclass
-class TrainConfig:
-    steps: int = 300
-    lr: float = 2e-3
-    min_lr_ratio: float = 0.1        # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 30
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    seed: int = 0
-    device: str = "auto"             # auto | cpu | cuda | cuda:N
-    precision: str = "auto"          # auto | fp32 | fp16 | bf16
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 3          # newest ckpt-*.pt kept; best.pt (lowest eval loss) is apart
-    eval_every: int = 100              # steps between evaluations on --eval-files (and at the end)
-    max_nonfinite_steps: int = 5     # this many skipped (NaN/inf) steps in a row stop the run
-    # Positions (text tokens and stacked audio frames) per optimizer step over all ranks; batches
-    # are accumulated to reach it. 0: one batch per rank and step.
-    tokens_per_step: int = 0
-    parallel: str = "ddp"            # under torchrun: ddp (replicas) | fsdp (FSDP2: weights sharded)
-    # torch.compile each block: off by default, since it was slower where measured (CPU: 0.28x
-    # with recompilation as packed lengths vary; see BENCHMARKS.md); needs Triton (sm_70+) on GPUs.
-    compile: bool = False
-
-    def __post_init__(self):
-        for name in ("steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "eval_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be at least 1")
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
-            raise ValueError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
-        if self.tokens_per_step < 0:
-            raise ValueError("train.tokens_per_step must be >= 0 (0: one batch per step)")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"train.parallel={self.parallel!r}: use ddp or fsdp")
-
-
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: datasets.DataConfig = field(default_factory=datasets.DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-
-def _coerce(value, kind, key: str):
-    if kind is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if kind in (int, float, str) and type(value) is not kind:
-        raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
-    return value
-
-
-def build_config(raw: dict) -> Config:
-    """Nested dict (config.yaml's shape) -> Config; unknown sections or keys are errors."""
-    sections = {}
-    for section in dataclasses.fields(Config):
-        values = dict(raw.get(section.name) or {})
-        cls = section.default_factory().__class__
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(f'{section.name}.{k}' for k in unknown)}")
-        sections[section.name] = cls(**{k: _coerce(v, hints[k], f"{section.name}.{k}") for k, v in values.items()})
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ValueError(f"unknown config section(s): {', '.join(unknown)}")
-    return Config(**sections)
-
-
-def load_config(path: str | None, overrides: list[str], preset: str | None = None) -> Config:
-    """config.yaml, then the named preset over it, then --set overrides."""
-    raw = {}
-    if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    presets = raw.pop("presets", None) or {}
-    if preset is not None:
-        if preset not in presets:
-            raise ValueError(f"--preset {preset!r}: {path or 'no config'} defines "
-                             f"{', '.join(presets) or 'no presets'}")
-        for section, values in presets[preset].items():
-            if not isinstance(raw.get(section, {}), dict) or not isinstance(values, dict):
-                raise ValueError(f"preset {preset}: {section} is not a config section")
-            raw[section] = {**(raw.get(section) or {}), **values}
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        section, dot, name = key.partition(".")
-        if not sep or not dot:
-            raise ValueError(f"--set {item!r}: use section.key=value, e.g. train.steps=100")
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ValueError(f"--set {item!r}: {section} is not a config section")
-        raw[section][name] = yaml.safe_load(value)
-    return build_config(raw)
 
 
 def accumulation_steps(cfg: Config, world: int) -> int:
@@ -277,18 +174,22 @@ class StepResult:
     metrics: dict         # this rank's, averaged over its accumulated batches
     grad_norm: float
     lr: float             # the rate this step used
-    applied: bool         # False: a non-finite loss or gradient, the weights were left alone
+    applied: bool         # False: a non-finite loss or gradient, or an abandoned step; weights untouched
     positions: int        # sequence positions trained on, all ranks together
     stop: bool            # some rank was asked to stop (SIGINT/SIGTERM): all stop after this step
+    abandoned: bool = False   # some rank could not get its batches: the step does not count anywhere
 
 
 def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_dtype, grad_clip,
-               stop_requested: bool = False) -> StepResult:
+               stop_requested: Callable[[], bool] = lambda: False, abandon: bool = False) -> StepResult:
     """Forward and backward over the accumulated (batch, masks) pairs, one exchange of gradients
-    (and of the loss and stop flag) between ranks, clip, optimizer step.
+    (and of the loss and the stop and abandon flags) between ranks, clip, optimizer step.
 
     A non-finite loss or gradient on any rank skips the optimizer step everywhere; with fp16 the
-    GradScaler also skips steps whose scaled gradients overflowed, as it should."""
+    GradScaler also skips steps whose scaled gradients overflowed, as it should. A rank that
+    could not get its batches (`abandon`: its data failed, or it was stopped while waiting) joins
+    with padding batches, and the step is abandoned everywhere: no update, no scheduler step.
+    `stop_requested` is asked at the exchange, so a signal during the step stops after it."""
     optimizer.zero_grad(set_to_none=True)
     loss_sum, samples_batches, positions = torch.zeros((), device=device), 0, 0
     metric_sums: dict[str, torch.Tensor] = {}
@@ -306,12 +207,17 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
             positions += batch.n_positions(unwrapped(model).cfg.frames_per_position)
             for name, value in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value
-    shared = torch.stack([loss_sum, torch.tensor(float(samples_batches), device=device),
-                          torch.tensor(float(positions), device=device), torch.tensor(float(stop_requested), device=device)])
+    flags = [float(samples_batches), float(positions), float(stop_requested()), float(abandon)]
+    shared = torch.cat([loss_sum[None], torch.tensor(flags, device=device)])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(shared)
-    loss_total, batch_total, position_total, stops = shared.tolist()
+    loss_total, batch_total, position_total, stops, abandons = shared.tolist()
     mean_loss = loss_total / max(batch_total, 1.0)
+    count = max(samples_batches, 1)
+    metrics = {name: float(value) / count for name, value in metric_sums.items()}
+    if abandons > 0:
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(mean_loss, metrics, math.nan, scheduler.get_last_lr()[0], False, 0, stops > 0, True)
     scaler.unscale_(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
     if isinstance(grad_norm, DTensor):   # FSDP: each rank holds a part of the norm
@@ -323,9 +229,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
     scaler.update()
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    count = max(samples_batches, 1)
-    return StepResult(mean_loss, {name: float(value) / count for name, value in metric_sums.items()},
-                      grad_norm, lr, applied, int(position_total), stops > 0)
+    return StepResult(mean_loss, metrics, grad_norm, lr, applied, int(position_total), stops > 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,12 +256,14 @@ class Run:
     live metrics feed, messages. Rank 0 alone writes; every rank calls `checkpoint` and
     `evaluate`, which are collective."""
 
-    def __init__(self, out_dir: Path, ranks: Ranks, live: MetricsServer | None):
+    def __init__(self, out_dir: Path, ranks: Ranks, live: MetricsServer | None, on_checkpoint_error: str):
         self.out_dir, self.ranks, self.live = out_dir, ranks, live
+        self.on_checkpoint_error = on_checkpoint_error
         self.progress = Progress()
         self.checkpointer: Checkpointer | None = None   # set once model and optimizer exist
         self.evaluation = None                          # () -> metrics, with --eval-files
         self.progress_bar = None
+        self.last_checkpoint: tuple[int, Path] | None = None   # (step, path) of the newest one written
         self._metrics_log = open(out_dir / "metrics.jsonl", "a") if ranks.main else None
 
     def close(self) -> None:
@@ -367,7 +273,10 @@ class Run:
     def say(self, text: str) -> None:
         """A line on the terminal, from rank 0, above the progress bar."""
         if self.ranks.main:
-            (self.progress_bar.write if self.progress_bar else functools.partial(print, file=sys.stderr))(text)
+            if self.progress_bar:
+                self.progress_bar.write(text, file=sys.stderr)
+            else:
+                print(text, file=sys.stderr)
 
     def publish(self, message: dict) -> None:
         """To metrics.jsonl and the live feed (rank 0)."""
@@ -378,10 +287,39 @@ class Run:
         if self.live:
             self.live.publish(message)
 
-    def checkpoint(self) -> Path | None:
-        path = self.checkpointer.save()
-        if path:
-            self.publish({"type": "checkpoint", "step": self.progress.step, "path": str(path)})
+    def _save(self, name: str | None = None, final: bool = False) -> tuple[bool, Path | None]:
+        """Write a checkpoint; every rank learns whether rank 0 could. -> (written, the path on
+        rank 0). A failed write stops the run (CheckpointWriteError) unless
+        train.on_checkpoint_error=continue and more steps follow."""
+        path, failure = None, None
+        try:
+            path = self.checkpointer.save(name)
+        except CheckpointWriteError as err:   # rank 0 alone writes, so only it can fail here
+            failure = str(err)
+        failure = from_rank0(failure)
+        if failure is None:
+            return True, path
+        kept = (f"the last good checkpoint is {self.last_checkpoint[1]} (step {self.last_checkpoint[0]})"
+                if self.last_checkpoint else "no checkpoint of this run was written yet")
+        self.publish({"type": "checkpoint_failed", "step": self.progress.step, "error": failure})
+        if self.on_checkpoint_error == "continue" and not final:
+            self.say(f"{failure}; training goes on (train.on_checkpoint_error=continue) and tries again at the "
+                     f"next interval; {kept}")
+            return False, None
+        raise CheckpointWriteError(f"{failure}. Stopped at step {self.progress.step}; {kept}. Free some space "
+                                   f"(or choose another --out) and resume with --resume auto")
+
+    def checkpoint(self, final: bool = False) -> Path | None:
+        """ckpt-STEP.pt for the last finished step (once: a step already saved is not saved again)."""
+        step = self.progress.step
+        if self.last_checkpoint and self.last_checkpoint[0] == step:
+            return self.last_checkpoint[1]
+        if step == 0:
+            return None
+        written, path = self._save(final=final)
+        if written:
+            self.last_checkpoint = (step, path)
+            self.publish({"type": "checkpoint", "step": step, "path": str(path)})
         return path
 
     def evaluate(self) -> None:
@@ -390,20 +328,31 @@ class Run:
         best = results["loss"] < self.progress.best_eval_loss
         if best:
             self.progress.best_eval_loss = results["loss"]
-            self.checkpointer.save("best.pt")
+            self._save("best.pt")
         self.publish({"type": "eval", "step": step, "best": best, **results})
         self.say(f"eval at step {step}: loss {results['loss']:.4f}, masked-token accuracy "
                  f"{results.get('text_acc', float('nan')):.3f}" + ("  (best so far: best.pt)" if best else ""))
 
 
-def open_run(args, ranks: Ranks, cleanup: contextlib.ExitStack) -> tuple[Run, Path | None]:
-    """The run folder and live metrics (first, so that a busy port fails before any slow work).
-    -> the run, and on rank 0 the checkpoint to resume from (None: a fresh run)."""
+def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack) -> tuple[Run, Path | None]:
+    """The run folder and live metrics (first, so that a busy port or a folder that cannot be
+    written fails before any slow work). -> the run, and on rank 0 the checkpoint to resume from
+    (None: a fresh run)."""
     out_dir, resume_path = Path(args.out), None
     if ranks.main:   # rank 0 alone reads and writes the run folder
-        out_dir.mkdir(parents=True, exist_ok=True)
-        resume_path = (find_checkpoint(out_dir) if args.resume == "auto" else
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as err:
+            raise OSError(f"--out {out_dir}: cannot write there: {err.strerror or err}") from None
+        problems: list[str] = []
+        resume_path = (find_checkpoint(out_dir, problems) if args.resume == "auto" else
                        Path(args.resume) if args.resume else None)
+        if resume_path is None and problems:
+            raise ValueError(f"--resume auto: none of the {len(problems)} checkpoint(s) in {out_dir} can be read:\n  "
+                             + "\n  ".join(problems) + f"\nTo start afresh, move them out of {out_dir} or choose "
+                             "another --out")
         if resume_path is None and any(out_dir.glob("ckpt-*.pt")):
             raise ValueError(f"{out_dir} holds checkpoints of an earlier run: pass --resume auto to "
                              "continue it, or choose another --out")
@@ -411,7 +360,7 @@ def open_run(args, ranks: Ranks, cleanup: contextlib.ExitStack) -> tuple[Run, Pa
     if args.ws_port >= 0 and ranks.main:
         ws_token = read_token(args.ws_token_file) if args.ws_token_file else None
         live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port, ws_token))
-    run = Run(out_dir, ranks, live)
+    run = Run(out_dir, ranks, live, cfg.on_checkpoint_error)
     cleanup.callback(run.close)
     if live:
         run.say(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/")
@@ -437,13 +386,55 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
 
 
+class StopSignals:
+    """SIGINT/SIGTERM as a request to stop. During setup, with nothing to save yet, a signal ends
+    the run at once (Interrupted); once training has begun it is answered at the next safe point:
+    after the step in flight, or at once while waiting for data. True once a signal came."""
+
+    def __init__(self):
+        self.received: list[int] = []
+        self.training = False
+
+    def __bool__(self) -> bool:
+        return bool(self.received)
+
+    def _handle(self, number, frame):
+        self.received.append(number)
+        if not self.training:
+            raise datasets.Interrupted(f"signal {signal.Signals(number).name} during setup")
+
+    def __enter__(self) -> "StopSignals":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def next_batch(stream, stop_requested: StopSignals) -> tuple[datasets.Batch | None, Exception | None]:
+    """-> (the next batch, None), or (None, why there is none): a DataError (the data stayed
+    unreachable past the retry budget), or Interrupted (a signal while waiting, or a reader that
+    a signal broke, as Ctrl-C does to DataLoader workers)."""
+    try:
+        return next(stream), None
+    except (datasets.DataError, datasets.Interrupted) as err:
+        return None, err
+    except Exception:
+        if stop_requested:
+            return None, datasets.Interrupted()
+        raise
+
+
 def train(args, cfg: Config) -> dict:
-    # -- Setup: processes and device, run folder, data, model, optimizer, checkpoints ------------
-    ranks = init_distributed(cfg.train.device)
-    seed_everything(cfg.train.seed)
-    device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
+    # -- Setup: signals, processes and device, run folder, data, model, optimizer, checkpoints -----
     with contextlib.ExitStack() as cleanup:
-        run, resume_path = open_run(args, ranks, cleanup)
+        # First of all, so that a signal during the slow setup still ends the run cleanly.
+        stop_requested = cleanup.enter_context(StopSignals())
+        ranks = init_distributed(cfg.train.device)
+        seed_everything(cfg.train.seed)
+        device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
+        run, resume_path = open_run(args, cfg.train, ranks, cleanup)
         dataset, eval_set = open_data(args, cfg, cleanup, ranks)
         model = build_model(cfg, datasets.corpus_info(dataset.metadata()), device)
         trained = distribute(model, cfg.train.parallel, ranks, device)
@@ -460,6 +451,7 @@ def train(args, cfg: Config) -> dict:
             run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype)
         if from_rank0(resume_path is not None):
             run.checkpointer.load(load_checkpoint(resume_path) if ranks.main else None)
+            run.last_checkpoint = (run.progress.step, resume_path)
             run.say(f"resumed from {resume_path} at step {run.progress.step}")
 
         accumulate = accumulation_steps(cfg, ranks.world)
@@ -474,11 +466,8 @@ def train(args, cfg: Config) -> dict:
                      "precision": str(amp_dtype).removeprefix("torch."), "processes": ranks.world,
                      "batches_per_step": accumulate, "files": len(dataset.files), "config": asdict(cfg),
                      "start_step": start_step, "steps": cfg.train.steps})
-        # SIGINT/SIGTERM: finish the step in flight, checkpoint, exit cleanly (all ranks together).
-        stop_requested = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            cleanup.callback(signal.signal, sig, signal.signal(sig, lambda s, f: stop_requested.append(s)))
-        stream = datasets.prefetch(batches(dataset, cfg.data.num_workers), cfg.data.prefetch)
+        stream = datasets.prefetch(batches(dataset, cfg.data.num_workers), cfg.data.prefetch,
+                                   interrupted=lambda: bool(stop_requested))
         cleanup.callback(stream.close)   # stop reading before the in-process server goes away
         mask_rng = torch.Generator()
         run.progress_bar = cleanup.enter_context(tqdm(
@@ -488,24 +477,40 @@ def train(args, cfg: Config) -> dict:
         # -- The loop -------------------------------------------------------------------------------
         losses, last_path = [], None
         trained.train()
+        stop_requested.training = True
         try:
             for step in range(start_step, cfg.train.steps):
                 # 1. This rank's batches for the step, each with its masks (which depend on the
-                #    step, batch and rank alone, so a resumed run draws the same ones).
+                #    step, batch and rank alone, so a resumed run draws the same ones). Without
+                #    data (a failure, a signal while waiting) padding keeps this rank in step.
                 t0 = time.perf_counter()
-                micro_batches, data_wait = [], 0.0
+                micro_batches, data_wait, missing = [], 0.0, None
                 for micro in range(accumulate):
                     waited = time.perf_counter()
-                    batch = next(stream)
+                    batch, missing = next_batch(stream, stop_requested) if missing is None else (None, missing)
                     data_wait += time.perf_counter() - waited
-                    dataset.record(batch)
+                    if batch is None:
+                        batch = datasets.padding_batch(dataset.layout, None)
                     mask_rng.manual_seed(cfg.train.seed * 1_000_003 + (step * accumulate + micro) * ranks.world
                                          + ranks.rank)
                     micro_batches.append((batch, sample_masks(batch, cfg.model, mask_rng)))
 
                 # 2. Forward, backward, one exchange between ranks, optimizer step (or a skip).
                 result = train_step(trained, micro_batches, optimizer, scheduler, scaler, device, amp_dtype,
-                                    cfg.train.grad_clip, bool(stop_requested))
+                                    cfg.train.grad_clip, lambda: bool(stop_requested), abandon=missing is not None)
+                if result.abandoned:   # not counted, its batches not recorded: a resume reads them again
+                    last_path = run.checkpoint(final=True)
+                    saved = (f"the checkpoint of step {run.last_checkpoint[0]}" + (f", {last_path}" if last_path else "")
+                             if run.last_checkpoint else "nothing to save (no step had finished)")
+                    if isinstance(missing, datasets.DataError) or not result.stop:
+                        reason = missing if isinstance(missing, datasets.DataError) else \
+                            "another process could not read its data (its error is above)"
+                        raise datasets.DataError(f"{reason}\nThe run stopped with {saved}; when the data is "
+                                                 f"back, continue with --resume auto")
+                    run.say(f"asked to stop while waiting for data: stopped with {saved}")
+                    break
+                for batch, _ in micro_batches:
+                    dataset.record(batch)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 step_time = time.perf_counter() - t0
@@ -531,7 +536,7 @@ def train(args, cfg: Config) -> dict:
 
                 # 4. Too many non-finite steps in a row: keep the last good weights and stop.
                 if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    last_path = run.checkpoint()   # the skipped steps left the weights untouched
+                    last_path = run.checkpoint(final=True)   # the skipped steps left the weights untouched
                     raise TrainingHalted(
                         f"{progress.nonfinite_in_a_row} steps in a row (up to step {done}) had a non-finite "
                         f"loss or gradient; stopped with checkpoint {last_path}. Bad data is the usual cause: "
@@ -539,10 +544,11 @@ def train(args, cfg: Config) -> dict:
                         f"value by file, row and column); otherwise lower train.lr.")
 
                 # 5. Evaluation and checkpoints; a requested stop ends the run here.
+                final = done == cfg.train.steps or result.stop
                 if eval_set is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                     run.evaluate()
-                if done % cfg.train.checkpoint_every == 0 or done == cfg.train.steps or result.stop:
-                    last_path = run.checkpoint()
+                if done % cfg.train.checkpoint_every == 0 or final:
+                    last_path = run.checkpoint(final=final) or last_path
                 if result.stop:
                     run.say(f"asked to stop: stopped after step {done}, checkpoint {last_path}")
                     break
@@ -593,6 +599,9 @@ def main(argv=None) -> int:
         return 2
     try:
         result = train(args, cfg)
+    except datasets.Interrupted as err:
+        print(f"stopped before training began ({err}): nothing to save", file=sys.stderr)
+        return 0
     except (ValueError, OSError, datasets.DataError, TrainingHalted) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

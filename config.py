@@ -1,0 +1,122 @@
+"""Configuration, declared once: the dataclasses of each part (ModelConfig in
+custom_transformer.py, DataConfig in datasets.py, TrainConfig here), mirrored key for key by
+config.yaml. Unknown keys are errors; presets and --set overrides apply on top.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from custom_transformer import ModelConfig
+from datasets import DataConfig
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.yaml"
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1        # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 30
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    precision: str = "auto"          # auto | fp32 | fp16 | bf16
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3          # newest ckpt-*.pt kept; best.pt (lowest eval loss) is apart
+    eval_every: int = 100              # steps between evaluations on --eval-files (and at the end)
+    max_nonfinite_steps: int = 5     # this many skipped (NaN/inf) steps in a row stop the run
+    # Positions (text tokens and stacked audio frames) per optimizer step over all ranks; batches
+    # are accumulated to reach it. 0: one batch per rank and step.
+    tokens_per_step: int = 0
+    parallel: str = "ddp"            # under torchrun: ddp (replicas) | fsdp (FSDP2: weights sharded)
+    # A checkpoint that cannot be written (a full disk): stop (keeping the last good one), or go on
+    # training and try again at the next interval. The last checkpoint of a run always stops.
+    on_checkpoint_error: str = "stop"   # stop | continue
+    # torch.compile each block: off by default, since it was slower where measured (CPU: 0.28x
+    # with recompilation as packed lengths vary; see BENCHMARKS.md); needs Triton (sm_70+) on GPUs.
+    compile: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps", "eval_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1")
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
+            raise ValueError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
+        if self.tokens_per_step < 0:
+            raise ValueError("train.tokens_per_step must be >= 0 (0: one batch per step)")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"train.parallel={self.parallel!r}: use ddp or fsdp")
+        if self.on_checkpoint_error not in ("stop", "continue"):
+            raise ValueError(f"train.on_checkpoint_error={self.on_checkpoint_error!r}: use stop or continue")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _coerce(value, kind, key: str):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind in (int, float, str) and type(value) is not kind:
+        raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def build_config(raw: dict) -> Config:
+    """Nested dict (config.yaml's shape) -> Config; unknown sections or keys are errors."""
+    sections = {}
+    for section in dataclasses.fields(Config):
+        values = dict(raw.get(section.name) or {})
+        cls = section.default_factory().__class__
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config key(s): {', '.join(f'{section.name}.{k}' for k in unknown)}")
+        sections[section.name] = cls(**{k: _coerce(v, hints[k], f"{section.name}.{k}") for k, v in values.items()})
+    unknown = sorted(set(raw) - set(sections))
+    if unknown:
+        raise ValueError(f"unknown config section(s): {', '.join(unknown)}")
+    return Config(**sections)
+
+
+def load_config(path: str | None, overrides: list[str], preset: str | None = None) -> Config:
+    """config.yaml, then the named preset over it, then --set overrides."""
+    raw = {}
+    if path:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    presets = raw.pop("presets", None) or {}
+    if preset is not None:
+        if preset not in presets:
+            raise ValueError(f"--preset {preset!r}: {path or 'no config'} defines "
+                             f"{', '.join(presets) or 'no presets'}")
+        for section, values in presets[preset].items():
+            if not isinstance(raw.get(section, {}), dict) or not isinstance(values, dict):
+                raise ValueError(f"preset {preset}: {section} is not a config section")
+            raw[section] = {**(raw.get(section) or {}), **values}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not sep or not dot:
+            raise ValueError(f"--set {item!r}: use section.key=value, e.g. train.steps=100")
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ValueError(f"--set {item!r}: {section} is not a config section")
+        raw[section][name] = yaml.safe_load(value)
+    return build_config(raw)
