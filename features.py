@@ -1,6 +1,7 @@
 """Feature extraction: recordings and transcripts -> the Parquet sample schema.
 
-Audio: WAV (stdlib `wave`, no torchcodec) -> mono float -> resample -> 80-bin log-mel at
+Audio: any format libsndfile reads (WAV of every sample format, FLAC, OGG, MP3; torchaudio 2.9
+reads no files itself) -> mono float -> resample -> 80-bin log-mel at
 100 frames/s, a YIN pitch track (F0 in Hz, 0 when unvoiced, plus a voicing probability) and
 log energy, all on the same frame grid. Text: UTF-8 bytes plus special tokens, unless the
 manifest gives token ids.
@@ -18,13 +19,14 @@ import math
 import multiprocessing
 import os
 import sys
-import wave
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import soundfile
 import torch
 import torchaudio
 from tqdm import tqdm
@@ -86,41 +88,28 @@ class AudioError(ValueError):
     """A recording that cannot be used (unreadable, unsupported encoding, empty)."""
 
 
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """PCM WAV -> (mono float32 in [-1, 1], sample rate)."""
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64", ".rf64")
+
+
+def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
+    """An audio file -> (mono float32 in [-1, 1], sample rate). libsndfile (soundfile) decodes
+    WAV in every sample format (8-32 bit integer, float, WAVE_FORMAT_EXTENSIBLE), FLAC, OGG/Vorbis,
+    Opus, MP3, AIFF and more; channels are averaged."""
     try:
-        with wave.open(str(path), "rb") as wav:
-            n_channels, width, rate = wav.getnchannels(), wav.getsampwidth(), wav.getframerate()
-            raw = wav.readframes(wav.getnframes())
-    except (wave.Error, EOFError, OSError) as err:
-        raise AudioError(f"{path}: cannot read WAV: {err}") from err
-    if width == 1:
-        samples = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128.0) / 128.0
-    elif width == 2:
-        samples = np.frombuffer(raw, "<i2").astype(np.float32) / 32768.0
-    elif width == 3:
-        b = np.frombuffer(raw, np.uint8).reshape(-1, 3).astype(np.int32)
-        ints = (b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16))
-        ints = np.where(ints >= 1 << 23, ints - (1 << 24), ints)
-        samples = ints.astype(np.float32) / float(1 << 23)
-    elif width == 4:
-        samples = np.frombuffer(raw, "<i4").astype(np.float32) / float(1 << 31)
-    else:
-        raise AudioError(f"{path}: unsupported sample width {width} bytes")
-    samples = samples[: len(samples) // n_channels * n_channels].reshape(-1, n_channels).mean(axis=1)
+        samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except (soundfile.SoundFileError, RuntimeError, OSError) as err:
+        raise AudioError(f"{path}: cannot read audio: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
     if samples.size == 0:
         raise AudioError(f"{path}: no audio samples")
-    return samples.astype(np.float32), rate
+    mono = samples.mean(axis=1)
+    if not np.isfinite(mono).all():
+        raise AudioError(f"{path}: NaN or infinite samples")
+    return np.ascontiguousarray(mono, dtype=np.float32), int(rate)
 
 
 def write_wav(path: str | Path, samples: np.ndarray, sample_rate: int) -> None:
     """Mono float in [-1, 1] -> 16-bit PCM WAV."""
-    pcm = np.round(np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2")
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(sample_rate)
-        wav.writeframes(pcm.tobytes())
+    soundfile.write(str(path), np.clip(samples, -1.0, 1.0), sample_rate, subtype="PCM_16")
 
 
 def _frames(signal: torch.Tensor, frame_length: int, hop: int, lead: int) -> torch.Tensor:
@@ -206,30 +195,72 @@ class FeatureExtractor:
 # ---------------------------------------------------------------------------------------------
 # Manifest -> Parquet
 
-MANIFEST_FIELDS = ("audio", "text", "speaker", "sentiment", "doc_id", "segment_index")
+MANIFEST_HELP = """\
+The manifest: CSV with a header, or JSON lines; one row per recording or spoken segment.
+  audio           (required) audio file, relative to the manifest's folder: WAV (any sample
+                  format), FLAC, OGG, MP3, AIFF...; any rate, any channel count
+  text            what is said (absent: unlabelled speech, still trains the autoencoder)
+  speaker         a name (absent: unknown speaker)
+  sentiment       negative / neutral / positive or 0 / 1 / 2 (absent: unknown)
+  doc_id          the recording or conversation the segment belongs to (default: the audio path)
+  segment_index   the segment's place in its document (default: manifest order within doc_id)
+  start_s, end_s  a part of the audio file only (default: all of it)
+  token_ids       token ids instead of the byte tokenizer's (a list, or space-separated in CSV)
+  char_start_s    alignment: the start time of each character of text (seconds, in the file)
+  token_start_s   alignment with token_ids: the start time of each token
+  valence, arousal  continuous affect, optional
+Rows longer than --max-positions are split at silences; text follows only where an alignment
+says which characters fall in which piece. Other column names: --columns audio=path,text=transcript.
+"""
+REQUIRED_FIELDS = ("audio",)
+OPTIONAL_FIELDS = ("text", "speaker", "sentiment", "doc_id", "segment_index", "start_s", "end_s", "token_ids",
+                   "char_start_s", "token_start_s", "valence", "arousal")
 SENTIMENT_NAMES = {"negative": 0, "neutral": 1, "positive": 2}
 
 
+def _present(value) -> bool:
+    return value not in ("", None)
+
+
 def _optional_float(value) -> float | None:
-    return None if value in ("", None) else float(value)
+    return float(value) if _present(value) else None
 
 
 def _numbers(value, kind) -> list | None:
     """A list, or space-separated in CSV."""
-    if value in ("", None):
+    if not _present(value):
         return None
     return [kind(t) for t in (value.split() if isinstance(value, str) else value)]
 
 
-def read_manifest(path: str | Path) -> list[dict]:
-    """CSV or JSONL -> entries with typed fields; audio paths relative to the manifest's folder.
+def _sentiment(value) -> int:
+    if not _present(value):
+        return schema.UNKNOWN
+    text = str(value).strip().lower()
+    if text in SENTIMENT_NAMES:
+        return SENTIMENT_NAMES[text]
+    if text in ("0", "1", "2"):
+        return int(text)
+    raise ValueError(f"sentiment {value!r} is not one of {', '.join(SENTIMENT_NAMES)} or 0/1/2 (or leave it out)")
 
-    Optional fields: token_ids (a list, or space-separated in CSV), valence, arousal, and an
-    alignment: char_start_s (one start time per character of text) or, with token_ids,
-    token_start_s (one per token).
-    """
+
+def parse_columns(spec: str | None) -> dict[str, str]:
+    """'audio=path,text=transcript' -> {"path": "audio", "transcript": "text"} (manifest -> ours)."""
+    renames = {}
+    for item in filter(None, (spec or "").split(",")):
+        ours, sep, theirs = item.partition("=")
+        if not sep or ours.strip() not in REQUIRED_FIELDS + OPTIONAL_FIELDS:
+            raise ValueError(f"--columns {item!r}: use FIELD=COLUMN with FIELD one of "
+                             f"{', '.join(REQUIRED_FIELDS + OPTIONAL_FIELDS)}")
+        renames[theirs.strip()] = ours.strip()
+    return renames
+
+
+def read_manifest(path: str | Path, columns: dict[str, str] | None = None, log=print) -> list[dict]:
+    """CSV or JSONL -> entries with typed fields (see MANIFEST_HELP); audio paths relative to the
+    manifest's folder. `columns` renames the manifest's columns to ours."""
     path = Path(path)
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         with open(path, newline="") as f:
             raw = list(csv.DictReader(f))
     else:
@@ -241,33 +272,40 @@ def read_manifest(path: str | Path) -> list[dict]:
                         raw.append(json.loads(line))
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}: line {line_no}: not JSON: {err}") from err
-    entries, seen = [], {}
+    columns = columns or {}
+    raw = [{columns.get(key, key): value for key, value in row.items()} for row in raw]
+    ignored = sorted({key for row in raw for key in row} - set(REQUIRED_FIELDS + OPTIONAL_FIELDS))
+    if ignored:
+        log(f"{path}: ignoring column(s) {', '.join(ignored)} (map them with --columns FIELD=COLUMN)")
+    entries, seen, next_index = [], {}, {}
     for number, row in enumerate(raw, 1):
         where = f"{path}: entry {number}"
-        missing = [k for k in MANIFEST_FIELDS if row.get(k) in ("", None)]
+        missing = [k for k in REQUIRED_FIELDS if not _present(row.get(k))]
         if missing:
             raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
-        sentiment = str(row["sentiment"])
-        if sentiment not in SENTIMENT_NAMES and sentiment not in ("0", "1", "2"):
-            raise ValueError(f"{where}: sentiment {row['sentiment']!r} is not one of "
-                             f"{', '.join(SENTIMENT_NAMES)} or 0/1/2")
         try:
-            entry = {"audio": str(path.parent / row["audio"]), "text": str(row["text"]),
-                     "speaker": str(row["speaker"]), "doc_id": str(row["doc_id"]),
-                     "segment_index": int(row["segment_index"]),
-                     "sentiment": SENTIMENT_NAMES[sentiment] if sentiment in SENTIMENT_NAMES else int(sentiment),
+            doc_id = str(row["doc_id"]) if _present(row.get("doc_id")) else str(row["audio"])
+            index = int(row["segment_index"]) if _present(row.get("segment_index")) else next_index.get(doc_id, 0)
+            entry = {"audio": str(path.parent / row["audio"]),
+                     "text": str(row["text"]) if _present(row.get("text")) else None,
+                     "speaker": str(row["speaker"]) if _present(row.get("speaker")) else None,
+                     "doc_id": doc_id, "segment_index": index, "sentiment": _sentiment(row.get("sentiment")),
+                     "start_s": _optional_float(row.get("start_s")), "end_s": _optional_float(row.get("end_s")),
                      "token_ids": _numbers(row.get("token_ids"), int),
                      "char_start_s": _numbers(row.get("char_start_s"), float),
                      "token_start_s": _numbers(row.get("token_start_s"), float),
                      "valence": _optional_float(row.get("valence")), "arousal": _optional_float(row.get("arousal"))}
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from err
-        for name, against, what in (("char_start_s", len(entry["text"]), "characters of text"),
+        next_index[doc_id] = index + 1
+        for name, against, what in (("char_start_s", len(entry["text"] or ""), "characters of text"),
                                     ("token_start_s", len(entry["token_ids"] or []), "token_ids")):
             if entry[name] is not None and len(entry[name]) != against:
                 raise ValueError(f"{where}: {name} has {len(entry[name])} values for {against} {what}")
         if entry["char_start_s"] is not None and entry["token_ids"] is not None:
             raise ValueError(f"{where}: with token_ids, give the alignment as token_start_s")
+        if entry["start_s"] is not None and entry["end_s"] is not None and entry["end_s"] <= entry["start_s"]:
+            raise ValueError(f"{where}: end_s {entry['end_s']} is not after start_s {entry['start_s']}")
         key = (entry["doc_id"], entry["segment_index"])
         if key in seen:
             raise ValueError(f"{where}: doc_id {key[0]!r} segment_index {key[1]} repeats entry {seen[key]}")
@@ -279,51 +317,149 @@ def read_manifest(path: str | Path) -> list[dict]:
     return entries
 
 
+def silence_cuts(energy: np.ndarray, token_frames: np.ndarray, tokens_per_piece: int, max_positions: int,
+                 frames_per_position: int) -> list[int] | None:
+    """Frames at which to cut a recording so that every piece fits `max_positions`: each cut at
+    the quietest moment (energy smoothed over 0.1 s) in the second half of the longest piece that
+    still fits. Tokens belong to the piece their start frame falls in. None: even one frame and
+    its tokens do not fit."""
+    n = len(energy)
+    smooth = np.convolve(energy, np.ones(11) / 11, mode="same")
+    cuts, start = [], 0
+    while True:
+        ends = np.arange(start + 1, n + 1)
+        tokens = (np.searchsorted(token_frames, ends, side="left") - np.searchsorted(token_frames, start, side="left"))
+        need = 2 + tokens + (tokens > 0) * tokens_per_piece + -(-(ends - start) // frames_per_position)
+        fitting = ends[need <= max_positions]
+        if not len(fitting):
+            return None
+        longest = int(fitting[-1])
+        if longest == n:
+            return cuts
+        low = start + max(1, (longest - start) // 2)
+        cut = low + int(np.argmin(smooth[low:longest + 1]))
+        cuts.append(cut)
+        start = cut
+
+
 _EXTRACTORS: dict[FeatureConfig, FeatureExtractor] = {}   # one per process and configuration
 
 
-def sample_row(entry: dict, cfg: FeatureConfig, speaker_ids: dict[str, int]) -> dict | str:
-    """One manifest entry -> a row of the sample schema, or why its audio cannot be used."""
+def sample_rows(entry: dict, cfg: FeatureConfig, speaker_ids: dict[str, int], max_positions: int,
+                frames_per_position: int) -> list[dict] | str:
+    """One manifest entry -> rows of the sample schema (several when it is split at silences to
+    fit `max_positions`), or why its audio cannot be used."""
     try:
-        samples, rate = read_wav(entry["audio"])
+        samples, rate = read_audio(entry["audio"])
     except AudioError as err:
         return str(err)
+    offset_s = entry["start_s"] or 0.0
+    if entry["start_s"] is not None or entry["end_s"] is not None:
+        samples = samples[int(offset_s * rate):int(entry["end_s"] * rate) if entry["end_s"] is not None else None]
+        if samples.size == 0:
+            return f"{entry['audio']}: no audio between start_s {entry['start_s']} and end_s {entry['end_s']}"
     extractor = _EXTRACTORS.setdefault(cfg, FeatureExtractor(cfg))
     tokenizer = ByteTokenizer()
     feats = extractor(samples, rate)
-    last_frame = len(feats["mel"]) - 1
+    n_frames = len(feats["mel"])
 
     def frame(seconds):
-        return min(last_frame, max(0, round(seconds * cfg.sample_rate / cfg.hop_length)))
+        return min(n_frames - 1, max(0, round((seconds - offset_s) * cfg.sample_rate / cfg.hop_length)))
 
-    if entry["token_start_s"] is not None:
-        token_starts = [frame(t) for t in entry["token_start_s"]]
-    elif entry["char_start_s"] is not None:
-        token_starts = tokenizer.token_starts(entry["text"], [frame(t) for t in entry["char_start_s"]], last_frame)
+    text, token_ids = entry["text"], entry["token_ids"]
+    if token_ids is not None:    # the manifest's own tokens, aligned or not
+        units, starts = list(token_ids), [frame(t) for t in entry["token_start_s"]] if entry["token_start_s"] else None
+        tokens_per_piece = 0
+    elif text is not None:       # characters, each encoded with BOS/EOS around the piece
+        units = list(text)
+        starts = [frame(t) for t in entry["char_start_s"]] if entry["char_start_s"] else None
+        tokens_per_piece = 2
     else:
-        token_starts = None
-    token_ids = entry["token_ids"] if entry["token_ids"] is not None else tokenizer.encode(entry["text"])
-    return {"sample_id": f"{entry['doc_id']}/{entry['segment_index']:05d}",
-            "doc_id": entry["doc_id"], "segment_index": entry["segment_index"], "text": entry["text"],
-            "token_ids": np.asarray(token_ids, dtype=np.int32),
-            "speaker_id": speaker_ids[entry["speaker"]], "sentiment": entry["sentiment"],
-            "valence": entry["valence"], "arousal": entry["arousal"], "token_start_frame": token_starts,
-            **feats}
+        units, starts, tokens_per_piece = [], None, 0
+    unit_tokens = (np.ones(len(units), np.int64) if token_ids is not None
+                   else np.array([len(ch.encode("utf-8")) for ch in units], np.int64))
+    total = 2 + int(unit_tokens.sum()) + tokens_per_piece + -(-n_frames // frames_per_position)
+    cuts = []
+    if total > max_positions:
+        if units and starts is None:
+            return (f"{entry['audio']}: {total} positions exceed --max-positions {max_positions} and its text has no "
+                    f"alignment (char_start_s / token_start_s) to split it by: give one, cut the recording "
+                    f"(start_s/end_s), or train with data.max_seq_len >= {total}")
+        token_frames = np.repeat(np.asarray(starts or [], np.int64), unit_tokens) if units else np.zeros(0, np.int64)
+        cuts = silence_cuts(feats["energy"], np.sort(token_frames), tokens_per_piece, max_positions,
+                            frames_per_position)
+        if cuts is None:
+            return f"{entry['audio']}: cannot be split to fit --max-positions {max_positions}"
+    bounds = [0, *cuts, n_frames]
+    rows = []
+    for piece, (first, end) in enumerate(zip(bounds, bounds[1:])):
+        chosen = ([i for i, start in enumerate(starts) if first <= start < end] if starts is not None
+                  else list(range(len(units))))
+        if token_ids is not None:
+            piece_tokens = [token_ids[i] for i in chosen]
+            piece_starts = [starts[i] - first for i in chosen] if starts is not None else None
+            piece_text = text
+        elif text is not None:
+            piece_text = "".join(units[i] for i in chosen)
+            piece_tokens = tokenizer.encode(piece_text)
+            piece_starts = (tokenizer.token_starts(piece_text, [starts[i] - first for i in chosen], end - first - 1)
+                            if starts is not None else None)
+        else:
+            piece_text, piece_tokens, piece_starts = None, [], None
+        suffix = f".{piece:03d}" if len(bounds) > 2 else ""
+        rows.append({"sample_id": f"{entry['doc_id']}/{entry['segment_index']:05d}{suffix}",
+                     "doc_id": entry["doc_id"], "segment_index": entry["segment_index"], "text": piece_text,
+                     "token_ids": np.asarray(piece_tokens, dtype=np.int32),
+                     "speaker_id": speaker_ids[entry["speaker"]] if entry["speaker"] is not None else schema.UNKNOWN,
+                     "sentiment": entry["sentiment"], "valence": entry["valence"], "arousal": entry["arousal"],
+                     "token_start_frame": piece_starts,
+                     **{name: values[first:end] for name, values in feats.items()}})
+    return rows
+
+
+class Progress:
+    """Progress of a long job: a bar on a terminal, else a line every `every` of the work with
+    rate and time left (logs and CI show something)."""
+
+    def __init__(self, total: int, what: str, log=print, every: float = 0.05):
+        self.total, self.what, self.log, self.every = total, what, log, every
+        self.done, self.started, self.next_report = 0, time.monotonic(), every
+        self.bar = tqdm(total=total, desc=what, unit="seg") if sys.stderr.isatty() else None
+
+    def update(self, count: int = 1) -> None:
+        self.done += count
+        if self.bar:
+            self.bar.update(count)
+            return
+        share = self.done / max(self.total, 1)
+        if share >= self.next_report or self.done == self.total:
+            rate = self.done / max(time.monotonic() - self.started, 1e-9)
+            left = (self.total - self.done) / rate if rate else float("inf")
+            self.log(f"{self.what}: {self.done}/{self.total} ({100 * share:.0f}%), {rate:.1f}/s, about {left:.0f} s left")
+            self.next_report = (int(share / self.every) + 1) * self.every
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.close()
 
 
 def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 4096,
             rows_per_group: int | None = None, cfg: FeatureConfig = FeatureConfig(),
-            speaker_ids: dict[str, int] | None = None, workers: int = 1, log=print) -> list[Path]:
+            speaker_ids: dict[str, int] | None = None, workers: int = 1, log=print,
+            columns: dict[str, str] | None = None, max_positions: int = 768,
+            frames_per_position: int = 4) -> list[Path]:
     """Extract features for every manifest entry and write Parquet shards; returns their paths.
 
     Entries whose audio cannot be used are reported by path and skipped; the rest is written.
-    Shards hold fixed runs of the sorted manifest and record a fingerprint of their inputs, so a
-    rerun skips the shards that are already finished. `workers` > 1 extracts in parallel.
-    """
-    entries = read_manifest(manifest)
+    Entries longer than `max_positions` (the data.max_seq_len to train with) are split at
+    silences. Shards hold fixed runs of the sorted manifest and record a fingerprint of their
+    inputs, so a rerun skips the shards that are already finished. `workers` > 1 extracts in
+    parallel. Raises ValueError when nothing could be written."""
+    entries = read_manifest(manifest, columns, log)
+    named = sorted({e["speaker"] for e in entries if e["speaker"] is not None})
     if speaker_ids is None:
-        speaker_ids = {name: i for i, name in enumerate(sorted({e["speaker"] for e in entries}))}
-    unknown = sorted({e["speaker"] for e in entries} - set(speaker_ids))
+        speaker_ids = {name: i for i, name in enumerate(named)}
+    unknown = sorted(set(named) - set(speaker_ids))
     if unknown:
         raise ValueError(f"{manifest}: speakers {unknown} have no id")
     if entries and entries[0]["token_ids"] is not None:
@@ -335,35 +471,43 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"features": asdict(cfg), "tokenizer": tokenizer_info, "speakers": speaker_ids}
-    extract = functools.partial(sample_row, cfg=cfg, speaker_ids=speaker_ids)
+    extract = functools.partial(sample_rows, cfg=cfg, speaker_ids=speaker_ids, max_positions=max_positions,
+                                frames_per_position=frames_per_position)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    shards, skipped = [], 0
+    shards, skipped, split = [], 0, 0
+    progress = Progress(len(entries), "features", log)
     try:
-        with tqdm(total=len(entries), desc="features", unit="seg", disable=None) as progress:
-            for index in range(0, len(entries), rows_per_shard):
-                chunk = entries[index:index + rows_per_shard]
-                path = out_dir / f"shard-{index // rows_per_shard:05d}.parquet"
-                recipe = hashlib.sha256(json.dumps([chunk, metadata], sort_keys=True).encode()).hexdigest()
-                if _finished(path, recipe):
-                    shards.append(path)
-                    progress.update(len(chunk))
-                    continue
-                rows = []
-                for result in (pool.imap(extract, chunk) if pool else map(extract, chunk)):
-                    progress.update(1)
-                    if isinstance(result, str):
-                        log(f"skipped: {result}")
-                        skipped += 1
-                    else:
-                        rows.append(result)
-                if rows:
-                    schema.write_samples(path, rows, {**metadata, "recipe": recipe}, rows_per_group=rows_per_group)
-                    shards.append(path)
+        for index in range(0, len(entries), rows_per_shard):
+            chunk = entries[index:index + rows_per_shard]
+            path = out_dir / f"shard-{index // rows_per_shard:05d}.parquet"
+            recipe = hashlib.sha256(json.dumps([chunk, metadata, max_positions, frames_per_position],
+                                               sort_keys=True).encode()).hexdigest()
+            if _finished(path, recipe):
+                shards.append(path)
+                progress.update(len(chunk))
+                continue
+            rows = []
+            for result in (pool.imap(extract, chunk) if pool else map(extract, chunk)):
+                progress.update(1)
+                if isinstance(result, str):
+                    log(f"skipped: {result}")
+                    skipped += 1
+                else:
+                    rows += result
+                    split += len(result) > 1
+            if rows:
+                schema.write_samples(path, rows, {**metadata, "recipe": recipe}, rows_per_group=rows_per_group)
+                shards.append(path)
     finally:
+        progress.close()
         if pool:
             pool.terminate()
+    if split:
+        log(f"{split} recording(s) longer than {max_positions} positions were split at silences")
     if skipped:
-        log(f"{skipped} of {len(entries)} recordings skipped (see above)")
+        log(f"{skipped} of {len(entries)} entries skipped (see above)")
+    if not shards:
+        raise ValueError(f"{manifest}: nothing written: none of its {len(entries)} entries could be used")
     return shards
 
 
@@ -378,18 +522,32 @@ def _finished(path: Path, recipe: str) -> bool:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    prep = sub.add_parser("prepare", help="manifest (CSV/JSONL) of recordings -> Parquet shards")
-    prep.add_argument("--manifest", required=True)
-    prep.add_argument("--out", required=True)
+    prep = sub.add_parser("prepare", help="manifest (CSV/JSONL) of recordings -> Parquet shards",
+                          description="Extract features from the recordings a manifest lists into Parquet shards.",
+                          epilog=MANIFEST_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prep.add_argument("--manifest", required=True, help="CSV or JSON-lines file (see below)")
+    prep.add_argument("--out", required=True, help="folder for the shards")
+    prep.add_argument("--columns", help="the manifest's column names, e.g. audio=audio_path,segment_index=segment")
+    prep.add_argument("--max-positions", type=int, default=768,
+                      help="the data.max_seq_len you will train with: longer rows are split at silences (default 768)")
+    prep.add_argument("--frames-per-position", type=int, default=4, help="model.frames_per_position (default 4)")
     prep.add_argument("--rows-per-shard", type=int, default=4096, help="segments per Parquet file")
     prep.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1) - 1),
                       help="parallel feature-extraction processes")
     prep.add_argument("--rows-per-group", type=int,
                       help=f"segments per row group (default: about {schema.ROW_GROUP_BYTES >> 20} MB each)")
+    check = sub.add_parser("validate", help="check Parquet shards: every problem with file, row and column",
+                           description="The checks the Flight server and the trainer apply (also `python "
+                                       "schema.py PATH...` on a data machine without torch).")
+    check.add_argument("paths", nargs="+", metavar="PATH", help="Parquet files, or folders to search for them")
     args = parser.parse_args(argv)
+    if args.command == "validate":
+        return schema.main(args.paths)
+    log = functools.partial(print, file=sys.stderr, flush=True)
     try:
-        shards = prepare(args.manifest, args.out, args.rows_per_shard, args.rows_per_group,
-                         workers=args.workers, log=lambda m: print(m, file=sys.stderr))
+        shards = prepare(args.manifest, args.out, args.rows_per_shard, args.rows_per_group, workers=args.workers,
+                         log=log, columns=parse_columns(args.columns), max_positions=args.max_positions,
+                         frames_per_position=args.frames_per_position)
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,14 +1,16 @@
 """Feature extraction: WAV reading, frame alignment, the YIN pitch tracker, manifest -> Parquet."""
 import json
+import re
 import wave
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 
 import datasets
 import features
-from features import ByteTokenizer, FeatureConfig, FeatureExtractor, read_wav, write_wav, yin_pitch
+from features import AudioError, ByteTokenizer, FeatureConfig, FeatureExtractor, read_audio, write_wav, yin_pitch
 
 SR = 16000
 
@@ -69,7 +71,7 @@ def test_other_sample_rates_are_resampled():
 
 
 @pytest.mark.parametrize("width", [1, 2, 3, 4])
-def test_read_wav_decodes_pcm_widths_and_mixes_channels(tmp_path, width):
+def test_read_audio_decodes_stdlib_pcm_widths_and_mixes_channels(tmp_path, width):
     t = np.arange(800) / SR
     left, right = 0.5 * np.sin(2 * np.pi * 440 * t), 0.25 * np.sin(2 * np.pi * 220 * t)
     scale = float(2 ** (8 * width - 1) - 1)
@@ -81,7 +83,7 @@ def test_read_wav_decodes_pcm_widths_and_mixes_channels(tmp_path, width):
     path = tmp_path / "stereo.wav"
     with wave.open(str(path), "wb") as w:
         w.setnchannels(2), w.setsampwidth(width), w.setframerate(SR), w.writeframes(raw)
-    samples, rate = read_wav(path)
+    samples, rate = read_audio(path)
     assert rate == SR
     np.testing.assert_allclose(samples, (left + right) / 2, atol=2.0 / 2 ** (8 * width - 1) + 1e-6)
 
@@ -89,9 +91,49 @@ def test_read_wav_decodes_pcm_widths_and_mixes_channels(tmp_path, width):
 def test_write_then_read_wav_round_trips(tmp_path):
     x = (0.3 * np.sin(np.linspace(0, 100, 5000))).astype(np.float32)
     write_wav(tmp_path / "a.wav", x, SR)
-    y, rate = read_wav(tmp_path / "a.wav")
+    y, rate = read_audio(tmp_path / "a.wav")
     assert rate == SR
     np.testing.assert_allclose(y, x, atol=1 / 32767)
+
+
+@pytest.mark.parametrize("suffix, fmt, subtype, lossy", [
+    (".wav", "WAV", "PCM_24", False),        # 24-bit: WAVE_FORMAT_EXTENSIBLE, which the stdlib refuses
+    (".wav", "WAVEX", "PCM_32", False),
+    (".wav", "WAV", "FLOAT", False),         # 32-bit float: format 3
+    (".flac", "FLAC", "PCM_16", False),
+    (".ogg", "OGG", "VORBIS", True),
+    (".mp3", "MP3", "MPEG_LAYER_III", True),
+])
+def test_every_common_format_gives_the_features_of_the_16_bit_wav(tmp_path, suffix, fmt, subtype, lossy):
+    rng = np.random.default_rng(11)
+    rate = 22050
+    signal = harmonic_tone(np.linspace(120.0, 180.0, rate), rng, rate=rate) * 0.5
+    stereo = np.stack([signal, signal], 1)
+    soundfile.write(tmp_path / "ref.wav", stereo, rate, subtype="PCM_16")
+    soundfile.write(tmp_path / f"x{suffix}", stereo, rate, format=fmt, subtype=subtype)
+    extractor = FeatureExtractor()
+    ref = extractor(*read_audio(tmp_path / "ref.wav"))
+    got = extractor(*read_audio(tmp_path / f"x{suffix}"))
+    if not lossy:
+        assert len(got["mel"]) == len(ref["mel"])
+        mel_got, mel_ref = got["mel"].astype(np.float32), ref["mel"].astype(np.float32)
+        loud = mel_ref > np.median(mel_ref)   # quiet bins differ by the 16-bit file's own quantisation noise
+        assert np.abs(mel_got - mel_ref)[loud].max() < 0.05 and np.abs(mel_got - mel_ref).mean() < 0.02
+        np.testing.assert_allclose(got["f0_hz"], ref["f0_hz"], rtol=2e-3, atol=0.5)
+    else:   # lossy codecs add encoder delay and drop faint detail: compare what the model learns from
+        assert abs(len(got["mel"]) - len(ref["mel"])) <= 10
+        n = min(len(got["mel"]), len(ref["mel"]))
+        spectrum = lambda f: f["mel"][:n].astype(np.float32).mean(0)   # noqa: E731
+        loud = spectrum(ref) > np.median(spectrum(ref))
+        assert np.abs(spectrum(got) - spectrum(ref))[loud].mean() < 0.5
+        voiced = lambda f: np.median(f["f0_hz"][f["f0_hz"] > 0])        # noqa: E731
+        assert abs(1200 * np.log2(voiced(got) / voiced(ref))) < 10
+
+
+def test_unreadable_audio_names_the_file(tmp_path):
+    (tmp_path / "bad.flac").write_bytes(b"fLaC but not really")
+    with pytest.raises(AudioError, match=r"bad\.flac: cannot read audio"):
+        read_audio(tmp_path / "bad.flac")
 
 
 def test_byte_tokenizer_round_trips_any_text():
@@ -134,8 +176,8 @@ def test_manifest_errors_name_the_entry(tmp_path):
                                     "doc_id": "d", "segment_index": 0}) + "\n")
     with pytest.raises(ValueError, match="entry 1: sentiment 'happy'"):
         features.read_manifest(manifest)
-    manifest.write_text(json.dumps({"audio": "a.wav", "text": "t"}) + "\n")
-    with pytest.raises(ValueError, match="entry 1: missing field"):
+    manifest.write_text(json.dumps({"text": "t", "speaker": "s"}) + "\n")
+    with pytest.raises(ValueError, match="entry 1: missing field.s. audio"):
         features.read_manifest(manifest)
 
 
@@ -199,9 +241,119 @@ def test_prepare_resumes_finished_shards_and_parallel_output_equals_serial(tmp_p
 
     # A rerun extracts nothing for finished shards, and redoes a shard whose file was damaged.
     calls = []
-    original = features.sample_row
-    monkeypatch.setattr(features, "sample_row", lambda entry, **kw: calls.append(entry["audio"]) or original(entry, **kw))
+    original = features.sample_rows
+    monkeypatch.setattr(features, "sample_rows", lambda entry, **kw: calls.append(entry["audio"]) or original(entry, **kw))
     serial[1].write_bytes(b"damaged")
     again = features.prepare(manifest, tmp_path / "serial", rows_per_shard=2)
     assert again == serial and sorted(calls) == [str(tmp_path / "s2.wav"), str(tmp_path / "s3.wav")]
     assert datasets.validate_file(serial[1]) == []
+
+
+def test_labels_are_optional_and_columns_can_be_mapped(tmp_path, capsys):
+    rng = np.random.default_rng(21)
+    for i in range(3):
+        write_wav(tmp_path / f"u{i}.wav", harmonic_tone(np.full(SR // 4, 130.0 + 10 * i), rng), SR)
+    (tmp_path / "m.csv").write_text("path,transcript,who,mood,duration\n"
+                                    "u0.wav,hi there,ann,positive,0.25\n"
+                                    "u1.wav,,,,0.25\n"             # unlabelled speech: audio only
+                                    "u2.wav,bye,,negative,0.25\n")
+    logged = []
+    shards = features.prepare(tmp_path / "m.csv", tmp_path / "out", log=logged.append,
+                              columns=features.parse_columns("audio=path,text=transcript,speaker=who,sentiment=mood"))
+    assert any("ignoring column(s) duration" in line for line in logged)
+    rows = {r["doc_id"]: r for r in datasets.pq.read_table(shards).to_pylist()}
+    assert rows["u0.wav"]["speaker_id"] == 0 and rows["u0.wav"]["sentiment"] == 2
+    assert rows["u1.wav"]["speaker_id"] == -1 and rows["u1.wav"]["sentiment"] == -1
+    assert rows["u1.wav"]["text"] is None and rows["u1.wav"]["token_ids"] == []
+    assert rows["u2.wav"]["speaker_id"] == -1 and rows["u2.wav"]["sentiment"] == 0
+    assert datasets.read_metadata(datasets.pq.read_schema(shards[0]), "x")["speakers"] == {"ann": 0}
+    assert datasets.validate_file(shards[0]) == []
+    with pytest.raises(ValueError, match="--columns 'colour=x'"):
+        features.parse_columns("colour=x")
+
+
+def test_prepare_fails_when_nothing_could_be_written_and_documents_the_manifest(tmp_path, capsys):
+    (tmp_path / "bad.wav").write_bytes(b"RIFF nonsense")
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "bad.wav", "text": "x"}) + "\n")
+    assert features.main(["prepare", "--manifest", str(tmp_path / "m.jsonl"), "--out", str(tmp_path / "out"),
+                          "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "bad.wav: cannot read audio" in err and "nothing written: none of its 1 entries could be used" in err
+    with pytest.raises(SystemExit):
+        features.main(["prepare", "--help"])
+    help_text = capsys.readouterr().out
+    assert "char_start_s" in help_text and "start_s, end_s" in help_text and "--columns" in help_text
+
+
+def test_prepare_reports_progress_when_not_on_a_terminal(tmp_path):
+    rng = np.random.default_rng(22)
+    entries = []
+    for i in range(4):
+        write_wav(tmp_path / f"p{i}.wav", harmonic_tone(np.full(SR // 8, 140.0), rng), SR)
+        entries.append({"audio": f"p{i}.wav", "text": "x"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    logged = []
+    features.prepare(tmp_path / "m.jsonl", tmp_path / "out", log=logged.append)   # pytest's stderr is no terminal
+    progress = [line for line in logged if line.startswith("features: ")]
+    assert [line.split(" (")[0] for line in progress] == ["features: 1/4", "features: 2/4", "features: 3/4",
+                                                          "features: 4/4"]
+    assert all(re.search(r"\(\d+%\), [\d.]+/s, about \d+ s left", line) for line in progress)
+
+
+def speech_with_pauses(rng, words, rate=SR):
+    """Voiced 'words' of 0.6 s separated by 0.4 s of near silence; -> signal, each word's start (s)."""
+    pieces, starts, t = [], [], 0.0
+    for i, _ in enumerate(words):
+        starts.append(t)
+        pieces.append(harmonic_tone(np.full(int(0.6 * rate), 120.0 + 15 * (i % 4)), rng, rate=rate))
+        pieces.append(rng.normal(0, 1e-4, int(0.4 * rate)))
+        t += 1.0
+    return np.concatenate(pieces).astype(np.float32), starts
+
+
+def test_long_recordings_are_split_at_silences_keeping_the_alignment(tmp_path):
+    rng = np.random.default_rng(23)
+    words = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
+    signal, starts = speech_with_pauses(rng, words)
+    write_wav(tmp_path / "long.wav", signal, SR)
+    text = " ".join(words)
+    char_starts, at = [], 0
+    for word, start in zip(words, starts):   # each character of a word (and its following space) at the word's start
+        char_starts += [start + 0.01 * j for j in range(len(word) + (at < len(words) - 1))]
+        at += 1
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "long.wav", "text": text, "char_start_s": char_starts,
+                                                  "speaker": "ann", "doc_id": "talk"}) + "\n")
+    max_positions = 120   # 10 s of speech is ~250 audio positions: it needs several pieces
+    shards = features.prepare(tmp_path / "m.jsonl", tmp_path / "out", max_positions=max_positions)
+    rows = datasets.pq.read_table(shards).to_pylist()
+    assert len(rows) >= 3 and [r["sample_id"] for r in rows] == [f"talk/00000.{i:03d}" for i in range(len(rows))]
+    layout = datasets.SequenceLayout(max_positions, 4)
+    assert all(layout.positions(s) <= max_positions
+               for s in datasets.segments_from_batch(datasets.pq.read_table(shards).to_batches()[0]))
+    assert "".join(r["text"] for r in rows) == text                     # no character lost or repeated
+    assert sum(len(r["f0_hz"]) for r in rows) == 1 + len(signal) // 160  # no frame lost or repeated
+    frame = 0
+    for row in rows[:-1]:                                                # every cut falls in a pause
+        frame += len(row["f0_hz"])
+        assert (frame / 100.0) % 1.0 > 0.6 - 0.03, frame
+    for row in rows:   # the alignment is relative to the piece, and each word starts where it is spoken
+        starts_in_piece = row["token_start_frame"][1:-1]
+        assert min(starts_in_piece) >= 0 and max(starts_in_piece) < len(row["f0_hz"])
+    assert datasets.validate_file(shards[0]) == []
+
+
+def test_a_long_row_whose_text_cannot_be_split_is_reported_with_the_setting_that_fits(tmp_path):
+    rng = np.random.default_rng(24)
+    signal, _ = speech_with_pauses(rng, ["a"] * 8)
+    write_wav(tmp_path / "long.wav", signal, SR)
+    write_wav(tmp_path / "short.wav", signal[:SR // 2], SR)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "long.wav", "text": "no alignment here"}) + "\n"
+                                      + json.dumps({"audio": "short.wav"}) + "\n"
+                                      + json.dumps({"audio": "long.wav", "doc_id": "audio-only"}) + "\n")
+    logged = []
+    shards = features.prepare(tmp_path / "m.jsonl", tmp_path / "out", max_positions=100, log=logged.append)
+    assert any(re.search(r"long\.wav: \d+ positions exceed --max-positions 100 and its text has no alignment.*"
+                         r"data\.max_seq_len >= \d+", line) for line in logged), logged
+    rows = datasets.pq.read_table(shards).to_pylist()
+    assert sorted({r["doc_id"] for r in rows}) == ["audio-only", "short.wav"]
+    assert sum(r["doc_id"] == "audio-only" for r in rows) >= 2         # unlabelled audio splits freely
