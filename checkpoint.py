@@ -235,7 +235,8 @@ class Checkpointer:
         set_model_state_dict(self.model, state["model"] if state else {}, options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"] if state else {}, options=options)
         for name, piece in self.pieces.items():
-            piece.load_state_dict(small[name])
+            if name in small:   # a piece added since the checkpoint was written keeps its new state
+                piece.load_state_dict(small[name])
         for name, piece in self.per_rank.items():
             piece.load_state_dict(small["ranks"][self.ranks.rank][name])
         self.progress.load_state_dict(small)

@@ -269,7 +269,8 @@ class CustomTransformer(nn.Module):
         if info.vocab_size > self.cfg.vocab_size:
             raise ValueError(f"model.vocab_size {self.cfg.vocab_size} < the data's {info.vocab_size}")
         if info.n_speakers > self.cfg.n_speakers:
-            raise ValueError(f"model.n_speakers {self.cfg.n_speakers} < the data's {info.n_speakers} speakers")
+            raise ValueError(f"the training files name {info.n_speakers} speakers but model.n_speakers is "
+                             f"{self.cfg.n_speakers}: set --set model.n_speakers={info.n_speakers} (or more)")
         self.mel_mean.copy_(torch.tensor(info.mel_mean))
         self.mel_std.copy_(torch.tensor(info.mel_std))
         self.prosody_stats.copy_(torch.tensor([info.log_f0_mean, info.log_f0_std,

@@ -10,6 +10,7 @@ machine), `LocalParquetDataset` reads files on the training machine.
 """
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import queue
@@ -30,8 +31,8 @@ import torch
 # The schema's names stay importable from here: datasets is the data layer's front door for the
 # trainer and tools; only the data machine imports schema.py alone.
 from schema import (N_MELS, N_SENTIMENTS, ROW_GROUP_BYTES, SAMPLE_SCHEMA, SCHEMA_VERSION, UNKNOWN,  # noqa: F401
-                    CorpusInfo, DataError, Ticket, corpus_info, feature_sums, read_metadata, samples_table,
-                    schema_problems, skip_rows_of, validate_file, validate_table, write_samples)
+                    CorpusInfo, DataError, Labels, Ticket, corpus_info, feature_sums, read_metadata, samples_table,
+                    schema_problems, skip_rows_of, speaker_names, validate_file, validate_table, write_samples)
 
 # ---------------------------------------------------------------------------------------------
 # Arrow -> segments -> packed sequences -> batches
@@ -369,6 +370,9 @@ class _PackedStream(torch.utils.data.IterableDataset):
         self._needed_cache: dict = {}   # endpoint -> positions each row needs
         # What the trainer has consumed, kept apart: a prefetching producer runs ahead of it.
         self._consumed = {"epoch": 0, "positions": {}, "last_shard": -1}
+        self._speaker_ids: dict[str, np.ndarray] = {}   # file -> its own speaker ids -> the run's
+        self._speaker_names: dict[str, dict[int, str]] = {}
+        self.unseen_speakers: collections.Counter = collections.Counter()   # name -> segments read
         # This process's rank, taken now: a spawned DataLoader worker has no process group.
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank, self.world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
@@ -405,6 +409,37 @@ class _PackedStream(torch.utils.data.IterableDataset):
         self._last_shard = int(state["last_shard"])
         self._consumed = {"epoch": self.epoch, "positions": {str(k): list(v) for k, v in self._positions.items()},
                           "last_shard": self._last_shard}
+
+    def use_speakers(self, names: list[str]) -> None:
+        """Number speakers as the run does (`names`: its speaker names by id, from the training
+        files or a checkpoint): each file's own ids are mapped by name. A speaker the list lacks
+        reads as unknown (never scored as someone else) and is counted in `unseen_speakers`."""
+        index = {name: i for i, name in enumerate(names)}
+        self._speaker_ids, self._speaker_names = {}, {}
+        for file, speakers in self.file_speakers().items():
+            if speakers is None:   # written by another tool: its ids are taken as they are
+                continue
+            mapping = np.full(max(speakers.values(), default=-1) + 1, UNKNOWN, np.int64)
+            for name, local in speakers.items():
+                mapping[local] = index.get(name, UNKNOWN)
+            self._speaker_ids[file] = mapping
+            self._speaker_names[file] = {local: name for name, local in speakers.items()}
+
+    def _with_run_speakers(self, segments: list[Segment], file: str) -> list[Segment]:
+        mapping = self._speaker_ids.get(file)
+        if mapping is None:
+            return segments
+        for segment in segments:
+            local = segment.speaker_id
+            if local != UNKNOWN:
+                segment.speaker_id = int(mapping[local]) if local < len(mapping) else UNKNOWN
+                if segment.speaker_id == UNKNOWN:
+                    self.unseen_speakers[self._speaker_names[file].get(local, f"id {local}")] += 1
+        return segments
+
+    def file_speakers(self) -> dict[str, dict[str, int] | None]:
+        """Each file's own speaker numbering (name -> id), None where its metadata has none."""
+        raise NotImplementedError
 
     def endpoints(self) -> list:
         raise NotImplementedError
@@ -469,7 +504,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
             for index in range(first_endpoint, len(endpoints)):
                 row = first_row if index == first_endpoint else 0
                 for record_batch in self.read_endpoint(endpoints[index], row):
-                    for segment in segments_from_batch(record_batch):
+                    for segment in self._with_run_speakers(segments_from_batch(record_batch), endpoints[index][0]):
                         yield (index, row), segment
                         row += 1
 
@@ -530,6 +565,9 @@ class LocalParquetDataset(_PackedStream):
 
     def metadata(self) -> dict[str, dict]:
         return {f: read_metadata(pq.read_schema(f), f) for f in self.files}
+
+    def file_speakers(self) -> dict[str, dict[str, int] | None]:
+        return {f: meta.get("speakers") for f, meta in self.metadata().items()}
 
 
 log = logging.getLogger("mmtrain.data")
@@ -635,3 +673,6 @@ class ArrowFlightDataset(_PackedStream):
     def metadata(self) -> dict[str, dict]:
         return {f"{self.location}/{name}": read_metadata(info.schema, name)
                 for name, info in self._flight_infos().items()}
+
+    def file_speakers(self) -> dict[str, dict[str, int] | None]:
+        return {name: read_metadata(info.schema, name).get("speakers") for name, info in self._flight_infos().items()}

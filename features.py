@@ -215,7 +215,7 @@ says which characters fall in which piece. Other column names: --columns audio=p
 REQUIRED_FIELDS = ("audio",)
 OPTIONAL_FIELDS = ("text", "speaker", "sentiment", "doc_id", "segment_index", "start_s", "end_s", "token_ids",
                    "char_start_s", "token_start_s", "valence", "arousal")
-SENTIMENT_NAMES = {"negative": 0, "neutral": 1, "positive": 2}
+SENTIMENT_IDS = {name: i for i, name in enumerate(schema.SENTIMENTS)}
 
 
 def _present(value) -> bool:
@@ -237,11 +237,11 @@ def _sentiment(value) -> int:
     if not _present(value):
         return schema.UNKNOWN
     text = str(value).strip().lower()
-    if text in SENTIMENT_NAMES:
-        return SENTIMENT_NAMES[text]
+    if text in SENTIMENT_IDS:
+        return SENTIMENT_IDS[text]
     if text in ("0", "1", "2"):
         return int(text)
-    raise ValueError(f"sentiment {value!r} is not one of {', '.join(SENTIMENT_NAMES)} or 0/1/2 (or leave it out)")
+    raise ValueError(f"sentiment {value!r} is not one of {', '.join(SENTIMENT_IDS)} or 0/1/2 (or leave it out)")
 
 
 def parse_columns(spec: str | None) -> dict[str, str]:

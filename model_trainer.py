@@ -11,6 +11,7 @@ machines. Metrics stream live on ws://127.0.0.1:8765, with a dashboard at http:/
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -119,6 +120,7 @@ def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]
     model.eval()
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
+    dataset.unseen_speakers.clear()
     for index, batch in enumerate(dataset):
         masks = sample_masks(batch, cfg.model, torch.Generator().manual_seed(cfg.train.seed + index)).to(device)
         batch = batch.to(device)
@@ -129,17 +131,21 @@ def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]
             totals[name] = totals.get(name, 0.0) + float(value) * weight
             weights[name] = weights.get(name, 0.0) + weight
     model.train()
+    unseen = collections.Counter(dataset.unseen_speakers)
     if torch.distributed.is_initialized():
         shares = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shares, (totals, weights))
-        totals, weights = {}, {}
-        for share_totals, share_weights in shares:
+        torch.distributed.all_gather_object(shares, (totals, weights, unseen))
+        totals, weights, unseen = {}, {}, collections.Counter()
+        for share_totals, share_weights, share_unseen in shares:
+            unseen.update(share_unseen)
             for name in share_totals:
                 totals[name] = totals.get(name, 0.0) + share_totals[name]
                 weights[name] = weights.get(name, 0.0) + share_weights[name]
     result = {name: totals[name] / weights[name] for name in totals if weights[name] > 0}
     if "loss_text" in result:
         result["text_perplexity"] = math.exp(min(result["loss_text"], 50.0))
+    # Speakers the training files never named cannot be scored: counted apart, by name.
+    result["unseen_speakers"] = dict(sorted(unseen.items()))
     return result
 
 
@@ -330,8 +336,11 @@ class Run:
             self.progress.best_eval_loss = results["loss"]
             self._save("best.pt")
         self.publish({"type": "eval", "step": step, "best": best, **results})
+        unseen = results["unseen_speakers"]
         self.say(f"eval at step {step}: loss {results['loss']:.4f}, masked-token accuracy "
-                 f"{results.get('text_acc', float('nan')):.3f}" + ("  (best so far: best.pt)" if best else ""))
+                 f"{results.get('text_acc', float('nan')):.3f}" + ("  (best so far: best.pt)" if best else "")
+                 + (f"; {sum(unseen.values())} segment(s) of speakers unseen in training ({', '.join(unseen)}) "
+                    "were not scored for speaker" if unseen else ""))
 
 
 def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack) -> tuple[Run, Path | None]:
@@ -435,28 +444,43 @@ def train(args, cfg: Config) -> dict:
         seed_everything(cfg.train.seed)
         device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
         run, resume_path = open_run(args, cfg.train, ranks, cleanup)
+        saved = load_checkpoint(resume_path) if resume_path else None   # rank 0 only
         dataset, eval_set = open_data(args, cfg, cleanup, ranks)
-        model = build_model(cfg, datasets.corpus_info(dataset.metadata()), device)
+        # Speakers by name: the run's ids come from the checkpoint (new names appended) or the
+        # training files; evaluation files are mapped onto them by name.
+        info = datasets.corpus_info(dataset.metadata())
+        saved_labels = from_rank0(saved.get("labels") if saved else None)
+        labels = datasets.Labels(datasets.speaker_names(dataset.metadata()))
+        if saved_labels:
+            labels = datasets.Labels(**saved_labels).extended(labels.speakers)
+        elif from_rank0(saved is not None):
+            run.say(f"{resume_path} holds no speaker map (written before speakers were kept by name): "
+                    "numbering them from the training files, as that run did")
+        for data in filter(None, (dataset, eval_set)):
+            data.use_speakers(labels.speakers)
+        model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
         trained = distribute(model, cfg.train.parallel, ranks, device)
         if ranks.world > 1:
             _HELD_UNTIL_EXIT.append(trained)
         optimizer, scheduler = make_optimizer(trained, cfg.train, device)
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         run.checkpointer = Checkpointer(run.out_dir, cfg.train.keep_checkpoints, ranks, model, optimizer,
-                                        pieces={"scheduler": scheduler, "scaler": scaler},
+                                        pieces={"scheduler": scheduler, "scaler": scaler, "labels": labels},
                                         per_rank={"rng": GlobalRNG(), "data": dataset},
                                         progress=run.progress, extra={"config": asdict(cfg)})
         if eval_set is not None:
             # the model itself: with DDP that is the replica's module, which runs without collectives
             run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype)
         if from_rank0(resume_path is not None):
-            run.checkpointer.load(load_checkpoint(resume_path) if ranks.main else None)
+            run.checkpointer.load(saved)
             run.last_checkpoint = (run.progress.step, resume_path)
             run.say(f"resumed from {resume_path} at step {run.progress.step}")
 
         accumulate = accumulation_steps(cfg, ranks.world)
         flops_per_position = model.flops_per_position(cfg.data.max_seq_len)
         peak = peak_flops(device, amp_dtype)
+        run.say(f"{len(labels.speakers)} speaker(s) by name, {len(dataset.files)} training file(s)"
+                + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
         run.say(f"{ranks.world} process(es) x {accumulate} batch(es) x {cfg.data.batch_size} x "
                 f"{cfg.data.max_seq_len} positions per step on {device} ({str(amp_dtype).removeprefix('torch.')})"
                 + ("" if peak or device.type == "cpu" else f"; MFU unknown: no peak FLOP/s listed for "

@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -25,7 +26,8 @@ import pyarrow.parquet as pq
 
 SCHEMA_VERSION = 1
 N_MELS = 80
-N_SENTIMENTS = 3   # negative, neutral, positive
+SENTIMENTS = ("negative", "neutral", "positive")   # sentiment ids 0, 1, 2
+N_SENTIMENTS = len(SENTIMENTS)
 UNKNOWN = -1       # speaker_id or sentiment not known: the modality is absent from the sample
 METADATA_KEY = b"mmtrain"
 
@@ -176,11 +178,34 @@ def corpus_info(metas: dict[str, dict]) -> CorpusInfo:
     mel_mean, mel_std = mean_std("mel", totals["frames"])
     f0_mean, f0_std = mean_std("log_f0", totals["voiced_frames"])
     energy_mean, energy_std = mean_std("energy", totals["frames"])
-    n_speakers = max(max(m.get("speakers", {}).values(), default=-1) for m in metas.values()) + 1
-    return CorpusInfo(vocab_size=first["tokenizer"]["vocab_size"], n_speakers=n_speakers,
+    return CorpusInfo(vocab_size=first["tokenizer"]["vocab_size"], n_speakers=len(speaker_names(metas)),
                       mel_mean=mel_mean.tolist(), mel_std=mel_std.tolist(),
                       log_f0_mean=float(f0_mean), log_f0_std=float(f0_std),
                       energy_mean=float(energy_mean), energy_std=float(energy_std))
+
+
+def speaker_names(metas: dict[str, dict]) -> list[str]:
+    """Every speaker the files name, sorted: the ids a run gives them. Each file numbers its own
+    speakers (metadata "speakers": name -> id); files are mapped onto this list by name."""
+    return sorted({name for meta in metas.values() for name in meta.get("speakers", {})})
+
+
+@dataclass
+class Labels:
+    """What the model's class ids mean, kept in every checkpoint and export: speaker names by
+    id (from the training files), sentiment names by id."""
+    speakers: list[str]
+    sentiments: list[str] = dataclasses.field(default_factory=lambda: list(SENTIMENTS))
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.speakers, self.sentiments = list(state["speakers"]), list(state["sentiments"])
+
+    def extended(self, names) -> "Labels":
+        """These labels, with names not yet known appended (their ids follow the known ones)."""
+        return Labels(self.speakers + sorted(set(names) - set(self.speakers)), list(self.sentiments))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -222,3 +222,25 @@ def test_resume_in_the_padding_phase_keeps_batch_counts_equal(corpus, monkeypatc
         assert [b.padding for b in rest] == [b.padding for b in batches[cut:]]
         counts.append(cut + len(rest))
     assert len(set(counts)) == 1
+
+
+def test_speakers_are_mapped_by_name_across_separately_prepared_files(tmp_path):
+    """Two shards number their speakers differently; the run numbers them by name, and a speaker
+    the run does not know reads as unknown and is counted, never scored as someone else."""
+    rows_a, rows_b = make_rows(9, np.random.default_rng(31)), make_rows(9, np.random.default_rng(32))
+    for i, row in enumerate(rows_a):
+        row["speaker_id"] = i % 2                      # ann 0, bob 1
+    for i, row in enumerate(rows_b):
+        row["speaker_id"], row["sample_id"] = i % 2, "b" + row["sample_id"]   # bob 0, cid 1
+    datasets.write_samples(tmp_path / "a.parquet", rows_a, {**META, "speakers": {"ann": 0, "bob": 1}})
+    datasets.write_samples(tmp_path / "b.parquet", rows_b, {**META, "speakers": {"bob": 0, "cid": 1}})
+    dataset = datasets.LocalParquetDataset([tmp_path / "a.parquet", tmp_path / "b.parquet"], SequenceLayout(400),
+                                           batch_size=2, shuffle=False)
+    assert datasets.speaker_names(dataset.metadata()) == ["ann", "bob", "cid"]
+    dataset.use_speakers(["bob", "ann"])               # e.g. a checkpoint's order
+    got = {sid: int(spk) for b in dataset for sid, spk in zip(b.sample_ids, b.speaker_id.tolist())}
+    names_a, names_b = {0: "ann", 1: "bob"}, {0: "bob", 1: "cid"}
+    expected = {r["sample_id"]: {"bob": 0, "ann": 1}.get(names_a[r["speaker_id"]], -1) for r in rows_a}
+    expected |= {r["sample_id"]: {"bob": 0, "ann": 1}.get(names_b[r["speaker_id"]], -1) for r in rows_b}
+    assert got == expected
+    assert dataset.unseen_speakers == {"cid": sum(r["speaker_id"] == 1 for r in rows_b)}

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -406,3 +407,28 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_the_same_step_with_a_checkpoint
     assert last < 400 and messages[-1]["type"] == "finished"
     assert (out / f"ckpt-{last:08d}.pt").exists()
     assert len(probed(probe, 0)) == len(probed(probe, 1)) == last   # both ranks stopped after the same step
+
+
+def test_the_run_keeps_its_speaker_map_and_reports_unseen_eval_speakers_apart(corpus, tmp_path, capsys):
+    root, shards = corpus
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    held_out = data / shards[-1].name
+    table = pq.read_table(held_out)
+    meta = json.loads(table.schema.metadata[b"mmtrain"])
+    by_id = {i: name for name, i in meta["speakers"].items()}
+    renamed_id = int(table.column("speaker_id")[0].as_py())
+    meta["speakers"][by_id[renamed_id]] = meta["speakers"].pop(by_id[renamed_id])
+    meta["speakers"] = {("stranger" if i == renamed_id else name): i for name, i in meta["speakers"].items()}
+    pq.write_table(table.replace_schema_metadata({b"mmtrain": json.dumps(meta).encode()}), held_out)
+    out = tmp_path / "run"
+    assert model_trainer.main(["--data-dir", str(data), "--eval-files", held_out.name, "--out", str(out),
+                               "--ws-port", "-1", "--steps", "3", *set_flags(TINY)]) == 0
+    training_names = sorted({name for s in shards[:-1] for name in
+                             json.loads(pq.read_schema(s).metadata[b"mmtrain"])["speakers"]})
+    state = model_trainer.load_checkpoint(out / "ckpt-00000003.pt")
+    assert state["labels"]["speakers"] == training_names and "stranger" not in training_names
+    evals = [m for m in read_metrics(out) if m["type"] == "eval"]
+    stranger_rows = sum(int(v) == renamed_id for v in table.column("speaker_id").to_pylist())
+    assert evals[-1]["unseen_speakers"] == {"stranger": stranger_rows}
+    assert "of speakers unseen in training (stranger) were not scored" in capsys.readouterr().err
