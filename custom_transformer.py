@@ -9,11 +9,14 @@ learned mask embeddings, and per-modality heads reconstruct them.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -198,6 +201,20 @@ def sample_masks(batch: Batch, cfg: ModelConfig, generator: torch.Generator) -> 
         sentiment=torch.rand(n_segments, generator=generator) < cfg.sentiment_drop)
 
 
+@dataclass
+class Outputs:
+    """The model's reading of a batch (CustomTransformer.infer)."""
+    grid: Layout
+    hidden: torch.Tensor             # (rows * length, d_model): the encoder's output at every position
+    speaker_logits: torch.Tensor     # (segments, n_speakers)
+    sentiment_logits: torch.Tensor   # (segments, 3)
+    text_logits: torch.Tensor        # (tokens, vocab_size)
+    mel: torch.Tensor                # (frames, 80) log-mel, frames padded to whole stacks
+    f0_hz: torch.Tensor              # (frames,) where voiced
+    voicing: torch.Tensor            # (frames,) probability
+    energy: torch.Tensor             # (frames,) log energy
+
+
 class CustomTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -341,12 +358,55 @@ class CustomTransformer(nn.Module):
                 x = block(x, cos, sin, grid.doc)
         return self.norm(x).flatten(0, 1)
 
+    def run(self, batch: Batch, masks: Masks) -> tuple[Layout, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> the grid, the normalised mel and prosody inputs, and the encoder's output at every
+        position (rows * length, d_model)."""
+        grid = layout(batch, self.cfg.frames_per_position)
+        mel, prosody = self.normalised_features(batch)
+        return grid, mel, prosody, self.encode(self.embed(batch, grid, masks, mel, prosody), grid)
+
+    @torch.no_grad()
+    def infer(self, batch: Batch, masks: Masks) -> Outputs:
+        """What the model reads into every slot, hidden or not, on the data's own scales."""
+        grid, _, _, hidden = self.run(batch, masks)
+        audio = hidden[grid.audio_index]
+        f0_mean, f0_std, energy_mean, energy_std = self.prosody_stats.float()
+        mel = self.mel_head(audio).float().view(-1, N_MELS) * self.mel_std + self.mel_mean
+        prosody = self.prosody_head(audio).float().view(-1, PROSODY_FEATURES)
+        return Outputs(grid=grid, hidden=hidden,
+                       speaker_logits=self.speaker_head(hidden[grid.speaker_index]).float(),
+                       sentiment_logits=self.sentiment_head(hidden[grid.sentiment_index]).float(),
+                       text_logits=self.text_head(hidden[grid.text_index]).float(), mel=mel,
+                       f0_hz=torch.exp(prosody[:, 0] * f0_std + f0_mean), voicing=torch.sigmoid(prosody[:, 1]),
+                       energy=prosody[:, 2] * energy_std + energy_mean)
+
+    def export(self, out_dir: str | Path, extra: dict[str, dict] = None) -> None:
+        """Weights as safetensors, the config (and any `extra`, e.g. label maps) as JSON."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_file({name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()},
+                  str(out_dir / "model.safetensors"))
+        (out_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        for name, content in (extra or {}).items():
+            (out_dir / f"{name}.json").write_text(json.dumps(content, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "CustomTransformer":
+        """A model exported by `export` (model_trainer.py export), in eval mode."""
+        directory = Path(directory)
+        try:
+            cfg = ModelConfig(**json.loads((directory / "config.json").read_text()))
+            weights = load_file(str(directory / "model.safetensors"))
+        except (OSError, ValueError, TypeError) as err:
+            raise ValueError(f"{directory}: not an exported model: {err}") from err
+        model = cls(cfg)
+        model.load_state_dict(weights)
+        return model.eval()
+
     def forward(self, batch: Batch, masks: Masks) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> total loss and, detached: per-modality losses, accuracies, F0 error in cents."""
         cfg, k = self.cfg, self.cfg.frames_per_position
-        grid = layout(batch, k)
-        mel, prosody = self.normalised_features(batch)
-        hidden = self.encode(self.embed(batch, grid, masks, mel, prosody), grid)
+        grid, mel, prosody, hidden = self.run(batch, masks)
         zero = hidden.new_zeros(())
         losses: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}

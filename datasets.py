@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import queue
 import threading
 import time
@@ -32,7 +33,8 @@ import torch
 # trainer and tools; only the data machine imports schema.py alone.
 from schema import (N_MELS, N_SENTIMENTS, ROW_GROUP_BYTES, SAMPLE_SCHEMA, SCHEMA_VERSION, UNKNOWN,  # noqa: F401
                     CorpusInfo, DataError, Labels, Ticket, corpus_info, feature_sums, read_metadata, samples_table,
-                    schema_problems, skip_rows_of, speaker_names, validate_file, validate_table, write_samples)
+                    schema_problems, skip_rows_of, speaker_names, summarise_problems, validate_file,
+                    validate_table, write_samples)
 
 # ---------------------------------------------------------------------------------------------
 # Arrow -> segments -> packed sequences -> batches
@@ -547,6 +549,22 @@ def padding_batch(layout: SequenceLayout, resume_from: StreamPosition) -> Batch:
     return replace(collate([[filler]], layout, resume_from), sample_ids=[], padding=True)
 
 
+_CHECKED: dict[tuple, None] = {}   # (path, mtime, size) of files whose values passed the checks
+
+
+def check_content(path: str | Path) -> None:
+    """Raise DataError naming file, row and column unless every value of the file passes the
+    checks the Flight server applies (once per file version and process)."""
+    stat = os.stat(path)
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key in _CHECKED:
+        return
+    problems = validate_file(path)
+    if problems:
+        raise DataError(f"{path}: {summarise_problems(problems)}")
+    _CHECKED[key] = None
+
+
 class LocalParquetDataset(_PackedStream):
     """Parquet files on this machine; one endpoint per row group."""
 
@@ -556,6 +574,8 @@ class LocalParquetDataset(_PackedStream):
         self.files = [str(f) for f in files]
 
     def endpoints(self) -> list[tuple[str, int]]:
+        for f in self.files:
+            check_content(f)
         return [(f, group) for f in self.files for group in range(pq.ParquetFile(f).num_row_groups)]
 
     def read_endpoint(self, endpoint, skip_rows: int = 0, columns: tuple[str, ...] | None = None):

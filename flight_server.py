@@ -9,7 +9,9 @@ TOKEN`); TLS is optional.
 list_flights gives one FlightInfo per valid file (path relative to root, schema, rows, bytes);
 get_flight_info gives one endpoint per row group; do_get streams a ticket's row groups with
 RecordBatchStream over a dataset scanner, which runs in C++ without holding the GIL. Files that
-fail the schema check are not served and are named by the `invalid` action and the log.
+fail the schema check are not served; a file's values are checked the first time it is served
+(schema.validate_file), and one that fails is refused from then on. The `invalid` action and the
+log name them, with file, row and column.
 """
 from __future__ import annotations
 
@@ -79,6 +81,7 @@ class SampleFlightServer(flight.FlightServerBase):
         self.batch_rows = batch_rows
         self._lock = threading.Lock()
         self._catalog: dict[str, tuple[tuple, flight.FlightInfo | str]] = {}
+        self._content_checked: dict[str, tuple] = {}   # name -> the (mtime, size) whose values were checked
         self._stats = {"streams": 0, "rows_streamed": 0, "bytes_streamed": 0}
         self._peers: set[str] = set()
         self.refresh()
@@ -143,9 +146,26 @@ class SampleFlightServer(flight.FlightServerBase):
         entry = self._catalog.get(name)
         if entry is None:
             raise flight.FlightServerError(f"{name}: no such file under the server root")
+        if not isinstance(entry[1], str) and self._content_checked.get(name) != entry[0]:
+            entry = self._check_content(name, entry)
         if isinstance(entry[1], str):
             raise flight.FlightServerError(f"{name}: not served: {entry[1]}")
         return entry[1]
+
+    def _check_content(self, name: str, entry: tuple) -> tuple:
+        """The first time a file (this size and mtime) is served, every value is checked: token
+        ids within the vocabulary its metadata declares, finite features, consistent lengths. A
+        file that fails is refused from then on, with file, row and column named."""
+        problems = schema.validate_file(self.resolve(name), source=name)   # the client's name, not our path
+        with self._lock:
+            if problems:
+                reason = schema.summarise_problems(problems)
+                log.warning("not serving %s: %s", name, reason)
+                entry = (entry[0], reason)
+                if self._catalog.get(name, (None,))[0] == entry[0]:
+                    self._catalog[name] = entry
+            self._content_checked[name] = entry[0]
+        return entry
 
     # -- Flight RPCs ------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@
     python model_trainer.py --flight-host H --port 8815 --files a.parquet b.parquet
     python model_trainer.py                      # embedded default: demo corpus, in-process server
     python model_trainer.py watch ws://127.0.0.1:8765   # one line per live update
+    python model_trainer.py predict|embed|evaluate|export --checkpoint C ...   # use a trained model
 
 Without --flight-host the trainer builds the demo corpus if it is missing, starts the Flight
 server in this process on 127.0.0.1 and reads through it: the same client/server path as two
@@ -11,7 +12,6 @@ machines. Metrics stream live on ws://127.0.0.1:8765, with a dashboard at http:/
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import dataclasses
 import functools
@@ -42,6 +42,8 @@ from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, find_check
 from config import DEFAULT_CONFIG, Config, TrainConfig, build_config, load_config  # noqa: F401 (tools use them from here)
 from custom_transformer import CustomTransformer, sample_masks
 from flight_server import SampleFlightServer
+import inference
+from inference import evaluate
 from live_metrics import MetricsServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, barrier, choose_device, distribute, from_rank0, gradient_sync,
                       init_distributed, peak_flops, peak_memory_gb, unwrapped)
@@ -111,42 +113,6 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
     if overlap:   # every served file was listed: hold the evaluation files out
         train_set = dataset([f for f in train_set.files if f not in overlap], data.shuffle)
     return train_set, dataset(args.eval_files, False)
-
-
-@torch.no_grad()
-def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]:
-    """Mean metrics over the evaluation files (every rank's share), weighted by positions; the
-    same masks every time."""
-    model.eval()
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    dataset.unseen_speakers.clear()
-    for index, batch in enumerate(dataset):
-        masks = sample_masks(batch, cfg.model, torch.Generator().manual_seed(cfg.train.seed + index)).to(device)
-        batch = batch.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            loss, metrics = model(batch, masks)   # padding batches too: FSDP ranks gather weights together
-        weight = 0 if batch.padding else batch.n_positions(cfg.model.frames_per_position)
-        for name, value in {"loss": loss, **metrics}.items():
-            totals[name] = totals.get(name, 0.0) + float(value) * weight
-            weights[name] = weights.get(name, 0.0) + weight
-    model.train()
-    unseen = collections.Counter(dataset.unseen_speakers)
-    if torch.distributed.is_initialized():
-        shares = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shares, (totals, weights, unseen))
-        totals, weights, unseen = {}, {}, collections.Counter()
-        for share_totals, share_weights, share_unseen in shares:
-            unseen.update(share_unseen)
-            for name in share_totals:
-                totals[name] = totals.get(name, 0.0) + share_totals[name]
-                weights[name] = weights.get(name, 0.0) + share_weights[name]
-    result = {name: totals[name] / weights[name] for name in totals if weights[name] > 0}
-    if "loss_text" in result:
-        result["text_perplexity"] = math.exp(min(result["loss_text"], 50.0))
-    # Speakers the training files never named cannot be scored: counted apart, by name.
-    result["unseen_speakers"] = dict(sorted(unseen.items()))
-    return result
 
 
 def batches(dataset, num_workers: int):
@@ -610,6 +576,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] and argv[0] in inference.COMMANDS:   # predict, embed, evaluate, export: a trained model's uses
+        return inference.main(argv[0], argv[1:])
     if argv[:1] == ["watch"]:   # python model_trainer.py watch ws://HOST:PORT
         if len(argv) != 2:
             print("usage: model_trainer.py watch ws://HOST:PORT[/?token=...]", file=sys.stderr)

@@ -339,9 +339,10 @@ def validate_table(table: pa.Table | pa.RecordBatch, source: str, vocab_size: in
     return report.lines
 
 
-def validate_file(path: str | Path) -> list[str]:
-    """Validate metadata and every row group of a Parquet file, holding one group at a time."""
-    source = str(path)
+def validate_file(path: str | Path, source: str | None = None) -> list[str]:
+    """Validate metadata and every row group of a Parquet file, holding one group at a time.
+    Problems name the file as `source` (default: the path)."""
+    source = source or str(path)
     try:
         parquet = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as err:
@@ -357,6 +358,13 @@ def validate_file(path: str | Path) -> list[str]:
         problems += validate_table(table, source, vocab_size, row_offset=offset)
         offset += table.num_rows
     return problems
+
+
+def summarise_problems(problems: list[str], shown: int = 5) -> str:
+    """The first few of a file's problems, for an error message that stays readable."""
+    more = len(problems) - shown
+    return (f"{len(problems)} problem(s) in its content:\n" + "\n".join(problems[:shown])
+            + (f"\n... and {more} more (python schema.py FILE lists them all)" if more > 0 else ""))
 
 
 # ---------------------------------------------------------------------------------------------

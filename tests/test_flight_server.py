@@ -344,3 +344,41 @@ def test_the_data_machine_needs_no_torch(corpus, tmp_path):
         server.terminate()
         server.wait(timeout=30)
 
+
+
+def test_bad_content_is_refused_with_file_row_and_column_while_good_files_stay_served(corpus, tmp_path):
+    root, shards = corpus
+    served_root = tmp_path / "root"
+    shutil.copytree(root, served_root)
+    table = pq.read_table(served_root / shards[0].name)
+    tokens = table.column("token_ids").to_pylist()
+    tokens[3][1] = 99_999                                               # beyond the 260-token vocabulary
+    mel = table.column("mel").to_pylist()
+    mel[5][2][7] = float("nan")
+    bad = table.set_column(table.schema.get_field_index("token_ids"), "token_ids",
+                           pa.array(tokens, table.schema.field("token_ids").type))
+    bad = bad.set_column(bad.schema.get_field_index("mel"), "mel", pa.array(mel, table.schema.field("mel").type))
+    pq.write_table(bad.replace_schema_metadata(table.schema.metadata), served_root / "bad.parquet")
+    sample_ids = table.column("sample_id").to_pylist()
+    server = SampleFlightServer(served_root, "127.0.0.1", 0)
+    try:
+        client = flight.connect(f"grpc://127.0.0.1:{server.port}")
+        with pytest.raises(flight.FlightServerError) as refused:
+            client.get_flight_info(flight.FlightDescriptor.for_path("bad.parquet"))
+        message = str(refused.value)
+        assert f"bad.parquet: row 3 (sample_id {sample_ids[3]}), column token_ids: token id outside [0, 260)" in message
+        assert f"row 5 (sample_id {sample_ids[5]}), column mel: NaN or inf" in message
+        names = [i.descriptor.path[0].decode() for i in client.list_flights()]
+        assert "bad.parquet" not in names and len(names) == len(shards)          # the good files stay served
+        invalid = json.loads(next(iter(client.do_action(flight.Action("invalid", b"")))).body.to_pybytes())
+        assert "token_ids" in invalid["bad.parquet"]
+        # The trainer stops at setup with the same words, before any step (no IndexError, no NaN loss).
+        with pytest.raises(datasets.DataError, match=r"bad\.parquet.*row 3 .*column token_ids"):
+            datasets.ArrowFlightDataset("127.0.0.1", server.port, ["bad.parquet"], datasets.SequenceLayout(400, 4),
+                                        2).metadata()
+        # The local-file path applies the same checks.
+        with pytest.raises(datasets.DataError, match=r"bad\.parquet: 2 problem\(s\) in its content"):
+            list(datasets.LocalParquetDataset([served_root / "bad.parquet"], datasets.SequenceLayout(400, 4), 2))
+        client.close()
+    finally:
+        server.shutdown()

@@ -1,0 +1,341 @@
+"""Answers out: what a trained checkpoint (or an exported model) does for a user.
+
+    python model_trainer.py predict  --checkpoint runs/X/best.pt --manifest new.jsonl --out predictions.jsonl
+    python model_trainer.py embed    --checkpoint C --data-dir D --out vectors.parquet [--per-position]
+    python model_trainer.py evaluate --checkpoint C --data-dir D [--files a.parquet ...]
+    python model_trainer.py export   --checkpoint C --out DIR
+
+Inputs: --manifest (recordings, prepared here with the model's own feature settings and split
+to its context), --data-dir with optional --files (Parquet shards on this machine), or
+--flight-host/--port/--files (a data machine). Speakers are matched to the training run's by name.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+import datasets
+import features
+from access import read_token
+from checkpoint import CheckpointCorrupt, load_checkpoint
+from config import Config, build_config
+from custom_transformer import CustomTransformer, Masks, sample_masks
+from datasets import UNKNOWN, Labels
+from parallel import choose_device
+
+HIDEABLE = ("text", "audio")   # speaker and sentiment are always read with their own slot hidden
+
+
+@dataclass
+class Trained:
+    """A trained model with what its ids mean."""
+    model: CustomTransformer
+    cfg: Config
+    labels: Labels
+    source: str
+
+
+def load_trained(path: str | Path, device: torch.device) -> Trained:
+    """A checkpoint (ckpt-*.pt, best.pt) or an exported folder -> the model in eval mode."""
+    path = Path(path)
+    if path.is_dir():
+        model = CustomTransformer.from_pretrained(path)
+        cfg = replace(Config(), model=model.cfg)
+        labels = Labels(**json.loads((path / "labels.json").read_text()))
+    else:
+        try:
+            state = load_checkpoint(path)
+        except FileNotFoundError:
+            raise ValueError(f"--checkpoint {path}: no such file") from None
+        lacking = [key for key in ("model", "config") if key not in state]
+        if lacking:
+            raise CheckpointCorrupt(f"{path}: not a training checkpoint (it lacks {', '.join(lacking)})")
+        cfg = build_config(state["config"])
+        model = CustomTransformer(cfg.model)
+        model.load_state_dict(state["model"])
+        if "labels" not in state:
+            print(f"note: {path} was written before speaker names were kept in checkpoints: speakers are "
+                  f"reported by id (speaker-0, speaker-1, ...) in the numbering of the run's training files",
+                  file=sys.stderr)
+        labels = (Labels(**state["labels"]) if "labels" in state
+                  else Labels([f"speaker-{i}" for i in range(cfg.model.n_speakers)]))
+    return Trained(model.to(device).eval(), cfg, labels, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs
+
+def add_input_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="ckpt-*.pt or best.pt of a run, or an exported folder")
+    source = parser.add_argument_group("input (one of)")
+    source.add_argument("--manifest", help="recordings (CSV/JSONL, as for features.py prepare)")
+    source.add_argument("--data-dir", help="folder of Parquet shards on this machine")
+    source.add_argument("--flight-host", help="a data machine's Flight server (with --port, --files)")
+    parser.add_argument("--port", type=int, default=8815)
+    parser.add_argument("--files", nargs="+", help="files under --data-dir or on the server (default: all)")
+    parser.add_argument("--flight-token-file", help="file holding the server's bearer token")
+    parser.add_argument("--columns", help="with --manifest: its column names, e.g. audio=path,text=transcript")
+    parser.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's data.batch_size)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+
+
+def open_inputs(args, trained: Trained, cleanup: contextlib.ExitStack) -> datasets._PackedStream:
+    """The input files as a dataset in file order, speakers mapped onto the run's by name."""
+    cfg = trained.cfg
+    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    batch_size = args.batch_size or cfg.data.batch_size
+    chosen = [bool(args.manifest), bool(args.data_dir), bool(args.flight_host)]
+    if sum(chosen) != 1:
+        raise ValueError("give one input: --manifest, --data-dir or --flight-host")
+    if args.flight_host:
+        token = read_token(args.flight_token_file) if args.flight_token_file else None
+        dataset = datasets.ArrowFlightDataset(args.flight_host, args.port, args.files, layout, batch_size,
+                                              shuffle=False, token=token)
+    else:
+        if args.manifest:
+            folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mmtrain-inputs-")))
+            features.prepare(args.manifest, folder, columns=features.parse_columns(args.columns),
+                             max_positions=cfg.data.max_seq_len, frames_per_position=cfg.model.frames_per_position,
+                             log=lambda line: print(line, file=sys.stderr))
+            files = sorted(folder.glob("*.parquet"))
+        else:
+            root = Path(args.data_dir)
+            files = [root / f for f in args.files] if args.files else sorted(root.rglob("*.parquet"))
+        if not files:
+            raise ValueError("no input files")
+        dataset = datasets.LocalParquetDataset(files, layout, batch_size, shuffle=False)
+    dataset.use_speakers(trained.labels.speakers)
+    return dataset
+
+
+def input_segments(dataset, filled: set[str] | None = None, chars_per_second: float = 14.0):
+    """(position, segment) in file order. With a `filled` set, a segment without text gets
+    placeholder tokens spread evenly over its audio (about `chars_per_second`), to be read; its
+    sample_id goes into the set."""
+    for index, endpoint in enumerate(dataset.endpoints()):
+        row = 0
+        for record_batch in dataset.read_endpoint(endpoint, 0):
+            for segment in dataset._with_run_speakers(datasets.segments_from_batch(record_batch), endpoint[0]):
+                if filled is not None and len(segment.token_ids) == 0 and len(segment.mel):
+                    n = 2 + max(1, round(len(segment.mel) / 100.0 * chars_per_second))
+                    segment = replace(segment, token_ids=np.zeros(n, np.int32),
+                                      token_start_frame=np.linspace(0, len(segment.mel) - 1, n).astype(np.int32))
+                    filled.add(segment.sample_id)
+                yield (index, row), segment
+                row += 1
+
+
+def input_batches(dataset, segments):
+    layout = dataset.layout
+    group = []
+    for _, sequence in datasets.pack_sequences(segments, layout):
+        group.append(sequence)
+        if len(group) == dataset.batch_size:
+            yield datasets.collate(group, layout), [s for seq in group for s in seq]
+            group = []
+    if group:
+        yield datasets.collate(group, layout), [s for seq in group for s in seq]
+
+
+def hiding(batch: datasets.Batch, hide: set[str], k: int) -> Masks:
+    n_segments = len(batch.n_tokens)
+    return Masks(*(torch.full((n,), name in hide) for name, n in (
+        ("text", len(batch.token_ids)), ("audio", len(batch.mel) // k),
+        ("speaker", n_segments), ("sentiment", n_segments))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+@torch.no_grad()
+def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]:
+    """Mean metrics over the evaluation files (every rank's share), weighted by positions; the
+    same masks every time."""
+    model.eval()
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    dataset.unseen_speakers.clear()
+    for index, batch in enumerate(dataset):
+        masks = sample_masks(batch, cfg.model, torch.Generator().manual_seed(cfg.train.seed + index)).to(device)
+        batch = batch.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss, metrics = model(batch, masks)   # padding batches too: FSDP ranks gather weights together
+        weight = 0 if batch.padding else batch.n_positions(cfg.model.frames_per_position)
+        for name, value in {"loss": loss, **metrics}.items():
+            totals[name] = totals.get(name, 0.0) + float(value) * weight
+            weights[name] = weights.get(name, 0.0) + weight
+    model.train()
+    unseen = collections.Counter(dataset.unseen_speakers)
+    if torch.distributed.is_initialized():
+        shares = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shares, (totals, weights, unseen))
+        totals, weights, unseen = {}, {}, collections.Counter()
+        for share_totals, share_weights, share_unseen in shares:
+            unseen.update(share_unseen)
+            for name in share_totals:
+                totals[name] = totals.get(name, 0.0) + share_totals[name]
+                weights[name] = weights.get(name, 0.0) + share_weights[name]
+    result = {name: totals[name] / weights[name] for name in totals if weights[name] > 0}
+    if "loss_text" in result:
+        result["text_perplexity"] = math.exp(min(result["loss_text"], 50.0))
+    # Speakers the training files never named cannot be scored: counted apart, by name.
+    result["unseen_speakers"] = dict(sorted(unseen.items()))
+    return result
+
+
+
+def predict(args) -> int:
+    device, _ = choose_device(args.device)
+    trained = load_trained(args.checkpoint, device)
+    hide = set(args.hide)
+    tokenizer = features.ByteTokenizer()
+    k = trained.cfg.model.frames_per_position
+    labels = trained.labels
+    written = 0
+    with contextlib.ExitStack() as cleanup:
+        dataset = open_inputs(args, trained, cleanup)
+        byte_tokens = all(m["tokenizer"].get("name") == tokenizer.name for m in dataset.metadata().values())
+        filled: set[str] = set()   # segments without text whose text is read from their audio
+        out = cleanup.enter_context(open(args.out, "w"))
+        progress = cleanup.enter_context(tqdm(desc="predict", unit="seg", disable=None))
+        segments_in = input_segments(dataset, filled if byte_tokens else None, args.chars_per_second)
+        for batch, segments in input_batches(dataset, segments_in):
+            # The labels are read from the rest: a slot the input fills would only be copied back.
+            masks = hiding(batch, hide | {"speaker", "sentiment"}, k)
+            outputs = trained.model.infer(batch.to(device), masks.to(device))
+            sentiment = outputs.sentiment_logits.softmax(-1).cpu()
+            speaker = outputs.speaker_logits.softmax(-1).cpu()
+            text_ids = outputs.text_logits.argmax(-1).cpu()
+            token_end = np.cumsum(batch.n_tokens.numpy())
+            frame_end = np.cumsum(batch.n_frames.numpy())
+            for i, segment in enumerate(segments):
+                record = {"sample_id": segment.sample_id, "doc_id": segment.doc_id}
+                probabilities = {name: round(float(p), 4) for name, p in zip(labels.sentiments, sentiment[i])}
+                record["sentiment"] = {"label": max(probabilities, key=probabilities.get),
+                                       "probabilities": probabilities,
+                                       "given": labels.sentiments[segment.sentiment] if segment.sentiment != UNKNOWN else None}
+                best = int(speaker[i].argmax())
+                confident = float(speaker[i, best]) >= args.speaker_threshold and best < len(labels.speakers)
+                record["speaker"] = {"label": labels.speakers[best] if confident else "unknown",
+                                     "probability": round(float(speaker[i, best]), 4),
+                                     "best_match": labels.speakers[best] if best < len(labels.speakers) else None,
+                                     "given": labels.speakers[segment.speaker_id] if segment.speaker_id != UNKNOWN else None}
+                if byte_tokens and ("text" in hide or segment.sample_id in filled):
+                    tokens = text_ids[token_end[i] - len(segment.token_ids):token_end[i]]
+                    record["text"] = {"read": tokenizer.decode(tokens.tolist()),
+                                      "given": None if segment.sample_id in filled
+                                      else tokenizer.decode(segment.token_ids.tolist())}
+                if "audio" in hide and len(segment.mel):
+                    frames = slice(frame_end[i] - batch.n_frames[i].item(), frame_end[i] - batch.n_frames[i].item()
+                                   + len(segment.mel))
+                    voicing = outputs.voicing[frames].cpu()
+                    record["audio"] = {"f0_hz": [round(float(f), 1) if v >= 0.5 else 0.0
+                                                 for f, v in zip(outputs.f0_hz[frames].cpu(), voicing)],
+                                       "voicing": [round(float(v), 3) for v in voicing]}
+                out.write(json.dumps(record) + "\n")
+                written += 1
+            progress.update(len(segments))
+    print(f"wrote {written} prediction(s) to {args.out}", file=sys.stderr)
+    return 0
+
+
+def embed(args) -> int:
+    device, _ = choose_device(args.device)
+    trained = load_trained(args.checkpoint, device)
+    k = trained.cfg.model.frames_per_position
+    rows: dict[str, list] = {"sample_id": [], "doc_id": [], "vector": []}
+    positions: dict[str, list] = {"sample_id": [], "position": [], "vector": []}
+    with contextlib.ExitStack() as cleanup:
+        dataset = open_inputs(args, trained, cleanup)
+        for batch, segments in tqdm(input_batches(dataset, input_segments(dataset)), desc="embed",
+                                    unit="batch", disable=None):
+            outputs = trained.model.infer(batch.to(device), hiding(batch, set(), k).to(device))
+            lengths = datasets.segment_positions(batch.n_tokens, batch.n_frames, k).tolist()
+            starts = outputs.grid.speaker_index.cpu().tolist()   # each segment's first position
+            hidden = outputs.hidden.float().cpu()
+            for segment, start, length in zip(segments, starts, lengths):
+                vectors = hidden[start:start + length]
+                rows["sample_id"].append(segment.sample_id)
+                rows["doc_id"].append(segment.doc_id)
+                rows["vector"].append(vectors.mean(0).numpy())
+                if args.per_position:
+                    positions["sample_id"] += [segment.sample_id] * length
+                    positions["position"] += list(range(length))
+                    positions["vector"] += list(vectors.numpy())
+    width = trained.cfg.model.d_model
+
+    def table(columns):
+        flat = np.stack(columns["vector"]).astype(np.float32).reshape(-1) if columns["vector"] else np.zeros(0, np.float32)
+        vectors = pa.FixedSizeListArray.from_arrays(pa.array(flat), width)
+        return pa.table({**{k: v for k, v in columns.items() if k != "vector"}, "vector": vectors})
+
+    pq.write_table(table(rows), args.out)
+    if args.per_position:
+        per_position = Path(args.out).with_suffix(".positions.parquet")
+        pq.write_table(table(positions), per_position)
+        print(f"per-position vectors: {per_position}", file=sys.stderr)
+    print(f"wrote {len(rows['sample_id'])} segment vector(s) of {width} values to {args.out}", file=sys.stderr)
+    return 0
+
+
+def evaluate_command(args) -> int:
+    device, _ = choose_device(args.device)
+    trained = load_trained(args.checkpoint, device)
+    with contextlib.ExitStack() as cleanup:
+        dataset = open_inputs(args, trained, cleanup)
+        results = evaluate(trained.model, dataset, trained.cfg, device, torch.float32)
+    results = {name: (None if isinstance(v, float) and not math.isfinite(v) else v) for name, v in results.items()}
+    print(json.dumps({"checkpoint": trained.source, "files": len(dataset.files), **results}, indent=2))
+    return 0
+
+
+def export(args) -> int:
+    trained = load_trained(args.checkpoint, torch.device("cpu"))
+    trained.model.export(args.out, {"labels": trained.labels.state_dict()})
+    print(f"exported {trained.source} to {args.out}: model.safetensors, config.json, labels.json "
+          f"(CustomTransformer.from_pretrained({str(args.out)!r}))", file=sys.stderr)
+    return 0
+
+
+def main(command: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog=f"model_trainer.py {command}", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    if command == "export":
+        parser.add_argument("--checkpoint", required=True)
+        parser.add_argument("--out", required=True, help="folder for model.safetensors, config.json, labels.json")
+    else:
+        add_input_arguments(parser)
+    if command == "predict":
+        parser.add_argument("--out", required=True, help="JSON lines, one per segment")
+        parser.add_argument("--hide", nargs="+", choices=HIDEABLE, default=[],
+                            help="also read these from the rest where the input has them (default: text is read "
+                                 "where the input lacks it; speaker and sentiment are always read)")
+        parser.add_argument("--speaker-threshold", type=float, default=0.5,
+                            help="below this probability the speaker is reported as unknown")
+        parser.add_argument("--chars-per-second", type=float, default=14.0,
+                            help="for a segment without text: how many characters to read from its audio")
+    elif command == "embed":
+        parser.add_argument("--out", required=True, help="Parquet: sample_id, doc_id, vector")
+        parser.add_argument("--per-position", action="store_true", help="also every position's vector (OUT.positions.parquet)")
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[command](args)
+    except (ValueError, OSError, datasets.DataError, features.AudioError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+COMMANDS = {"predict": predict, "embed": embed, "evaluate": evaluate_command, "export": export}

@@ -1,0 +1,151 @@
+"""A trained model's uses: predict, embed, evaluate, export, from a checkpoint of a real run."""
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import checkpoint
+import datasets
+import inference
+import model_trainer
+from custom_transformer import CustomTransformer, sample_masks
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+    """A tiny model trained on all but the last demo shard, and that held-out shard."""
+    root, shards = corpus
+    out = tmp_path_factory.mktemp("trained")
+    data = out / "data"
+    data.mkdir()
+    for shard in shards[:-1]:
+        shutil.copy(shard, data)
+    assert model_trainer.main(["--data-dir", str(data), "--out", str(out / "run"), "--ws-port", "-1", "--steps", "12",
+                               "--preset", "tiny"]) == 0
+    return out / "run" / "ckpt-00000012.pt", shards[-1]
+
+
+def manifest_of(corpus_root, tmp_path, count, drop_text=(), drop_speaker=()):
+    """The first demo recordings as a user's new manifest, some without text or speaker."""
+    rows = [json.loads(line) for line in (corpus_root.parent / "manifest.jsonl").read_text().splitlines()][:count]
+    entries = []
+    for i, row in enumerate(rows):
+        entry = {"audio": str(corpus_root.parent / row["audio"]), "doc_id": row["doc_id"],
+                 "segment_index": row["segment_index"], "sentiment": row["sentiment"]}
+        if i not in drop_text:
+            entry.update(text=row["text"], char_start_s=row["char_start_s"])
+        if i not in drop_speaker:
+            entry["speaker"] = row["speaker"]
+        entries.append(entry)
+    path = tmp_path / "new.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    return path, rows
+
+
+def test_predict_reads_labels_by_name_and_text_from_audio(corpus, trained, tmp_path):
+    ckpt, _ = trained
+    manifest, rows = manifest_of(corpus[0], tmp_path, 6, drop_text={1, 4}, drop_speaker={0, 1})
+    out = tmp_path / "predictions.jsonl"
+    assert model_trainer.main(["predict", "--checkpoint", str(ckpt), "--manifest", str(manifest),
+                               "--out", str(out)]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["sample_id"] for r in records] == [f"{r['doc_id']}/{r['segment_index']:05d}" for r in rows]
+    names = checkpoint.load_checkpoint(ckpt)["labels"]["speakers"]
+    for record, row, i in zip(records, rows, range(6)):
+        probabilities = record["sentiment"]["probabilities"]
+        assert set(probabilities) == {"negative", "neutral", "positive"} and abs(sum(probabilities.values()) - 1) < 1e-3
+        assert record["sentiment"]["label"] == max(probabilities, key=probabilities.get)
+        assert record["sentiment"]["given"] == ["negative", "neutral", "positive"][row["sentiment"]]
+        assert record["speaker"]["best_match"] in names
+        assert record["speaker"]["label"] in names + ["unknown"]
+        assert (record["speaker"]["label"] == "unknown") == (record["speaker"]["probability"] < 0.5)
+        assert record["speaker"]["given"] == (None if i in (0, 1) else row["speaker"])
+        assert ("text" in record) == (i in (1, 4))             # read where the input lacks it, by default
+        if i in (1, 4):
+            assert record["text"]["given"] is None and isinstance(record["text"]["read"], str)
+    hidden = tmp_path / "hidden.jsonl"
+    assert model_trainer.main(["predict", "--checkpoint", str(ckpt), "--manifest", str(manifest), "--out", str(hidden),
+                               "--hide", "text", "audio"]) == 0
+    record = json.loads(hidden.read_text().splitlines()[0])
+    assert record["text"]["given"] == rows[0]["text"]
+    frames = len(pq.read_table(corpus[1], columns=["sample_id", "f0_hz"]).to_pylist()[0]["f0_hz"])
+    assert len(record["audio"]["f0_hz"]) == len(record["audio"]["voicing"]) == frames
+    assert all(f == 0.0 or 30 < f < 1000 for f in record["audio"]["f0_hz"])
+
+
+def test_predict_reports_what_a_user_gets_wrong(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    assert model_trainer.main(["predict", "--checkpoint", str(tmp_path / "nope.pt"), "--data-dir", str(tmp_path),
+                               "--out", str(tmp_path / "p.jsonl")]) == 1
+    err = capsys.readouterr().err
+    assert f"--checkpoint {tmp_path / 'nope.pt'}: no such file" in err
+    assert model_trainer.main(["predict", "--checkpoint", str(ckpt), "--out", str(tmp_path / "p.jsonl")]) == 1
+    assert "give one input: --manifest, --data-dir or --flight-host" in capsys.readouterr().err
+
+
+def test_export_round_trips_the_outputs_exactly(trained, tmp_path):
+    ckpt, held_out = trained
+    assert model_trainer.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 0
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.safetensors", "config.json", "labels.json"}
+    exported = CustomTransformer.from_pretrained(tmp_path / "export")
+    original = inference.load_trained(ckpt, torch.device("cpu")).model
+    batch = next(iter(datasets.LocalParquetDataset([held_out], datasets.SequenceLayout(256, 4), 2, shuffle=False)))
+    masks = sample_masks(batch, original.cfg, torch.Generator().manual_seed(0))
+    a, b = original.infer(batch, masks), exported.infer(batch, masks)
+    for name in ("hidden", "speaker_logits", "sentiment_logits", "text_logits", "mel", "f0_hz", "voicing"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    labels = json.loads((tmp_path / "export" / "labels.json").read_text())
+    assert labels == checkpoint.load_checkpoint(ckpt)["labels"]
+
+
+def test_embed_writes_one_vector_per_segment_and_per_position_on_request(trained, tmp_path):
+    ckpt, held_out = trained
+    out = tmp_path / "vectors.parquet"
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(held_out, data)
+    assert model_trainer.main(["embed", "--checkpoint", str(ckpt), "--data-dir", str(data), "--out", str(out),
+                               "--per-position"]) == 0
+    table = pq.read_table(out)
+    direct = pq.read_table(held_out, columns=["sample_id", "doc_id", "token_ids", "f0_hz"])
+    assert table.column("sample_id").to_pylist() == direct.column("sample_id").to_pylist()
+    assert table.column("doc_id").to_pylist() == direct.column("doc_id").to_pylist()
+    vectors = np.stack(table.column("vector").to_pylist())
+    model = inference.load_trained(ckpt, torch.device("cpu")).model
+    assert vectors.shape == (direct.num_rows, model.cfg.d_model) and np.isfinite(vectors).all()
+    positions = pq.read_table(tmp_path / "vectors.positions.parquet")
+    lengths = [2 + len(t) + -(-len(f) // 4) for t, f in zip(direct.column("token_ids").to_pylist(),
+                                                            direct.column("f0_hz").to_pylist())]
+    assert positions.num_rows == sum(lengths)
+    first = np.stack(positions.column("vector").to_pylist()[:lengths[0]])
+    np.testing.assert_allclose(first.mean(0), vectors[0], rtol=1e-5, atol=1e-6)   # a segment's vector: its mean
+
+
+def test_evaluate_gives_the_trainers_metrics_as_json(trained, tmp_path, capsys):
+    ckpt, held_out = trained
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(held_out, data)
+    capsys.readouterr()
+    assert model_trainer.main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(data)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    loaded = inference.load_trained(ckpt, torch.device("cpu"))
+    dataset = datasets.LocalParquetDataset([data / held_out.name], datasets.SequenceLayout(
+        loaded.cfg.data.max_seq_len, 4), loaded.cfg.data.batch_size, shuffle=False)
+    dataset.use_speakers(loaded.labels.speakers)
+    expected = inference.evaluate(loaded.model, dataset, loaded.cfg, torch.device("cpu"), torch.float32)
+    assert report["files"] == 1 and report["loss"] == pytest.approx(expected["loss"], rel=1e-9)
+    assert {"speaker_acc", "sentiment_acc", "text_acc", "f0_cents", "unseen_speakers"} <= set(report)
+
+
+def test_a_checkpoint_from_before_label_maps_loads_with_a_note(trained, tmp_path, capsys):
+    ckpt, _ = trained
+    state = checkpoint.load_checkpoint(ckpt)
+    del state["labels"]
+    old = checkpoint.write_atomically(tmp_path / "old.pt", state)
+    loaded = inference.load_trained(old, torch.device("cpu"))
+    assert loaded.labels.speakers[:2] == ["speaker-0", "speaker-1"]
+    assert "written before speaker names were kept" in capsys.readouterr().err
