@@ -135,20 +135,38 @@ class GreedyPacker:
         return starts
 
 
-def pack_sequences(items: Iterable[tuple[object, Segment]], layout: SequenceLayout
+@dataclass
+class Skipped:
+    """Segments longer than a whole sequence, which packing passes over, counted for a summary."""
+    segments: int = 0
+    positions: int = 0          # theirs
+    positions_read: int = 0     # of every segment read
+    example: str = ""           # the first one: sample_id and its positions
+
+    def summary(self, layout: SequenceLayout, where: str) -> str:
+        return (f"{where}: {self.segments} segment(s) longer than max_seq_len {layout.max_seq_len} were skipped, "
+                f"{self.positions / max(self.positions_read, 1):.1%} of the positions read (e.g. {self.example}); "
+                f"split them with `features.py prepare --max-positions {layout.max_seq_len}` or raise data.max_seq_len")
+
+
+def pack_sequences(items: Iterable[tuple[object, Segment]], layout: SequenceLayout, skipped: Skipped | None = None
                    ) -> Iterator[tuple[object, list[Segment]]]:
     """Greedy packing in arrival order, so consecutive segments of a document stay together
-    (several documents may share a sequence; the attention masks keep them apart).
+    (several documents may share a sequence; the attention masks keep them apart). Segments too
+    long for a sequence are passed over and counted in `skipped`.
 
     Items are (stream position, segment); each sequence comes with its first segment's position.
     """
+    skipped = skipped if skipped is not None else Skipped()
     packer, sequence, start = GreedyPacker(layout.max_seq_len), [], None
     for position, segment in items:
         need = layout.positions(segment)
+        skipped.positions_read += need
         starts = packer.place(need)
         if starts is None:
-            warnings.warn(f"sample {segment.sample_id}: {need} positions exceed max_seq_len "
-                          f"{layout.max_seq_len}; skipped")
+            skipped.segments += 1
+            skipped.positions += need
+            skipped.example = skipped.example or f"{segment.sample_id}: {need} positions"
             continue
         if starts:
             if sequence:
@@ -523,8 +541,8 @@ class _PackedStream(torch.utils.data.IterableDataset):
                     yield collate(group, self.layout, StreamPosition(self.epoch, shard, *after))
 
         window_size = self.batch_size * self.shuffle_window
-        window, window_start, skip = [], None, skip_batches
-        for start, sequence in pack_sequences(positioned(), self.layout):
+        window, window_start, skip, skipped = [], None, skip_batches, Skipped()
+        for start, sequence in pack_sequences(positioned(), self.layout, skipped):
             if len(window) == window_size:
                 yield from emit(window, window_start, start, skip)
                 window, skip = [], 0
@@ -534,6 +552,8 @@ class _PackedStream(torch.utils.data.IterableDataset):
         end = (len(endpoints), 0)
         if window:
             yield from emit(window, window_start, end, skip)
+        if skipped.segments:   # once per epoch and shard, never silently
+            warnings.warn(skipped.summary(self.layout, f"epoch {self.epoch}, shard {shard}"))
         if worker == 0:   # padding batches count on from the end position's "batches done"
             done_before = skip_batches if (first_endpoint, first_row) == end else 0
             for done in range(done_before + 1, self._padding_batches(rank, world, workers) + 1):

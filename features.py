@@ -452,8 +452,8 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
 
     Entries whose audio cannot be used are reported by path and skipped; the rest is written.
     Entries longer than `max_positions` (the data.max_seq_len to train with) are split at
-    silences. Shards hold fixed runs of the sorted manifest and record a fingerprint of their
-    inputs, so a rerun skips the shards that are already finished. `workers` > 1 extracts in
+    silences. Shards hold fixed runs of the manifest's documents in a hashed order (each document
+    whole, its segments in order) and record a fingerprint of their inputs, so a rerun skips the shards that are already finished. `workers` > 1 extracts in
     parallel. Raises ValueError when nothing could be written."""
     entries = read_manifest(manifest, columns, log)
     named = sorted({e["speaker"] for e in entries if e["speaker"] is not None})
@@ -467,7 +467,10 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
                           "vocab_size": 1 + max((max(e["token_ids"], default=0) for e in entries), default=0)}
     else:
         tokenizer_info = ByteTokenizer().describe()
-    entries.sort(key=lambda e: (e["doc_id"], e["segment_index"]))
+    # Documents in an order of their own (a hash of doc_id), each kept whole: a manifest sorted by
+    # speaker or date must not give row groups of one speaker, which the training-time shuffle
+    # (row groups per epoch, sequences within windows) could not mix.
+    entries.sort(key=lambda e: (hashlib.sha256(e["doc_id"].encode()).hexdigest(), e["segment_index"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"features": asdict(cfg), "tokenizer": tokenizer_info, "speakers": speaker_ids}

@@ -35,8 +35,10 @@ def test_packing_fills_sequences_in_order_and_skips_oversized_segments():
     segments = datasets.segments_from_batch(table.to_batches()[0])
     layout = SequenceLayout(max_seq_len=24, frames_per_position=4)
     need = 2 + len(rows[7]["token_ids"]) + 400 // 4
-    with pytest.warns(UserWarning, match=f"doc2/1: {need} positions exceed max_seq_len 24"):
-        packed = list(datasets.pack_sequences(enumerate(segments), layout))
+    skipped = datasets.Skipped()
+    packed = list(datasets.pack_sequences(enumerate(segments), layout, skipped))
+    assert (skipped.segments, skipped.positions, skipped.example) == (1, need, f"doc2/1: {need} positions")
+    assert skipped.positions_read == sum(layout.positions(s) for s in segments)
     sequences = [seq for _, seq in packed]
     starts = [start for start, _ in packed]
     flat = [s.sample_id for seq in sequences for s in seq]
@@ -120,7 +122,8 @@ def test_the_batch_count_from_row_lengths_equals_the_batches_packing_yields(tmp_
     for batch_size in (1, 3):
         dataset = datasets.LocalParquetDataset([tmp_path / "s.parquet"], SequenceLayout(max_seq_len, 4),
                                                batch_size=batch_size, shuffle=False)
-        with pytest.warns(UserWarning, match="exceed max_seq_len"):
+        with pytest.warns(UserWarning, match=r"epoch 0, shard 0: \d+ segment\(s\) longer than max_seq_len .* "
+                                             r"--max-positions"):
             yielded = list(dataset)
         assert dataset._batch_count(dataset.endpoints()) == len(yielded)
         assert all(b.n_positions(4) <= max_seq_len * b.n_rows for b in yielded)
@@ -244,3 +247,22 @@ def test_speakers_are_mapped_by_name_across_separately_prepared_files(tmp_path):
     expected |= {r["sample_id"]: {"bob": 0, "ann": 1}.get(names_b[r["speaker_id"]], -1) for r in rows_b}
     assert got == expected
     assert dataset.unseen_speakers == {"cid": sum(r["speaker_id"] == 1 for r in rows_b)}
+
+
+def test_segments_too_long_are_summarised_once_per_epoch_with_their_share(tmp_path):
+    rows = make_rows(12, np.random.default_rng(41))
+    for row in rows[:5]:                                  # five segments of 100+ positions
+        row.update(mel=np.zeros((400, 80), np.float16), f0_hz=np.zeros(400, np.float32),
+                   voicing=np.zeros(400, np.float32), energy=np.zeros(400, np.float32))
+    datasets.write_samples(tmp_path / "s.parquet", rows, META)
+    layout = SequenceLayout(40, 4)
+    dataset = datasets.LocalParquetDataset([tmp_path / "s.parquet"], layout, batch_size=2)
+    needs = [2 + len(r["token_ids"]) + -(-len(r["mel"]) // 4) for r in rows]
+    for epoch in (0, 1):
+        dataset.set_epoch(epoch)
+        with pytest.warns(UserWarning) as caught:
+            list(dataset)
+        summaries = [str(w.message) for w in caught if "longer than max_seq_len" in str(w.message)]
+        share = sum(needs[:5]) / sum(needs)
+        assert summaries == [summaries[0]] and summaries[0].startswith(
+            f"epoch {epoch}, shard 0: 5 segment(s) longer than max_seq_len 40 were skipped, {share:.1%} of the positions")

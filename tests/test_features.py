@@ -357,3 +357,25 @@ def test_a_long_row_whose_text_cannot_be_split_is_reported_with_the_setting_that
     rows = datasets.pq.read_table(shards).to_pylist()
     assert sorted({r["doc_id"] for r in rows}) == ["audio-only", "short.wav"]
     assert sum(r["doc_id"] == "audio-only" for r in rows) >= 2         # unlabelled audio splits freely
+
+
+def test_a_manifest_sorted_by_speaker_does_not_give_batches_of_one_speaker(tmp_path):
+    rng = np.random.default_rng(25)
+    entries = []
+    for doc in range(24):                       # ann's documents, then bob's, then cid's
+        for seg in range(2):
+            write_wav(tmp_path / f"d{doc}_{seg}.wav", harmonic_tone(np.full(SR // 10, 150.0), rng), SR)
+            entries.append({"audio": f"d{doc}_{seg}.wav", "text": "hi", "doc_id": f"doc{doc:02d}",
+                            "segment_index": seg, "speaker": ["ann", "bob", "cid"][doc // 8]})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    shards = features.prepare(tmp_path / "m.jsonl", tmp_path / "out")
+    assert len(shards) == 1 and datasets.pq.ParquetFile(shards[0]).num_row_groups == 1   # one row group
+    order = datasets.pq.read_table(shards[0], columns=["doc_id", "segment_index"]).to_pylist()
+    docs = [r["doc_id"] for r in order]
+    assert docs[::2] == docs[1::2] and [r["segment_index"] for r in order] == [0, 1] * 24   # documents stay whole
+    # The smallest shuffle window (one batch): only the file's own order mixes the speakers.
+    dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(64, 4), batch_size=2, shuffle_window=1)
+    first = [sid.split("/")[0] for batch in list(dataset)[:3] for sid in batch.sample_ids]
+    assert first != sorted(first)
+    speakers = {["ann", "bob", "cid"][int(doc[3:]) // 8] for doc in first}
+    assert len(speakers) >= 2, first
