@@ -379,3 +379,19 @@ def test_a_manifest_sorted_by_speaker_does_not_give_batches_of_one_speaker(tmp_p
     assert first != sorted(first)
     speakers = {["ann", "bob", "cid"][int(doc[3:]) // 8] for doc in first}
     assert len(speakers) >= 2, first
+
+
+def test_the_validate_command_runs_the_servers_checks(tmp_path, capsys):
+    rng = np.random.default_rng(26)
+    write_wav(tmp_path / "a.wav", harmonic_tone(np.full(SR // 4, 140.0), rng), SR)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "ok"}) + "\n")
+    shard = features.prepare(tmp_path / "m.jsonl", tmp_path / "out")[0]
+    assert features.main(["validate", str(tmp_path / "out")]) == 0
+    table = datasets.pq.read_table(shard)
+    energy = table.column("energy").to_pylist()
+    energy[0][3] = float("nan")
+    datasets.pq.write_table(table.set_column(table.schema.get_field_index("energy"), "energy",
+                                             datasets.pa.array(energy, table.schema.field("energy").type)), shard)
+    capsys.readouterr()
+    assert features.main(["validate", str(shard)]) == 1
+    assert f"{shard}: row 0 (sample_id a.wav/00000), column energy: NaN or inf" in capsys.readouterr().out
