@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attention import PAD_DOC, MultiHeadLatentAttention, rope_tables
-from datasets import N_MELS, N_SENTIMENTS, UNKNOWN, Batch, CorpusInfo, segment_positions
+from packing import Batch, segment_positions
+from schema import N_MELS, N_SENTIMENTS, UNKNOWN, CorpusInfo
 
 SPEAKER, SENTIMENT, TEXT, AUDIO = range(4)   # position kinds, each with a modality embedding
 PROSODY_FEATURES = 3                         # normalised log-F0, voicing, normalised energy
@@ -380,7 +381,7 @@ class CustomTransformer(nn.Module):
                        f0_hz=torch.exp(prosody[:, 0] * f0_std + f0_mean), voicing=torch.sigmoid(prosody[:, 1]),
                        energy=prosody[:, 2] * energy_std + energy_mean)
 
-    def export(self, out_dir: str | Path, extra: dict[str, dict] = None) -> None:
+    def export(self, out_dir: str | Path, extra: dict[str, dict] | None = None) -> None:
         """Weights as safetensors, the config (and any `extra`, e.g. label maps) as JSON."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -95,10 +95,14 @@ def read_audio(path: str | Path) -> tuple[np.ndarray, int]:
     """An audio file -> (mono float32 in [-1, 1], sample rate). libsndfile (soundfile) decodes
     WAV in every sample format (8-32 bit integer, float, WAVE_FORMAT_EXTENSIBLE), FLAC, OGG/Vorbis,
     Opus, MP3, AIFF and more; channels are averaged."""
+    if not Path(path).is_file():
+        raise AudioError(f"{path}: no such file")
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
     except (soundfile.SoundFileError, RuntimeError, OSError) as err:
-        raise AudioError(f"{path}: cannot read audio: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
+        # libsndfile says "does not exist ... (possibly a pipe?)" of files it cannot parse
+        raise AudioError(f"{path}: cannot read audio: not a format libsndfile decodes, or damaged "
+                         f"({type(err).__name__})") from err
     if samples.size == 0:
         raise AudioError(f"{path}: no audio samples")
     mono = samples.mean(axis=1)
@@ -447,13 +451,14 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
             rows_per_group: int | None = None, cfg: FeatureConfig = FeatureConfig(),
             speaker_ids: dict[str, int] | None = None, workers: int = 1, log=print,
             columns: dict[str, str] | None = None, max_positions: int = 768,
-            frames_per_position: int = 4) -> list[Path]:
+            frames_per_position: int = 4, mix_documents: bool = True) -> list[Path]:
     """Extract features for every manifest entry and write Parquet shards; returns their paths.
 
     Entries whose audio cannot be used are reported by path and skipped; the rest is written.
     Entries longer than `max_positions` (the data.max_seq_len to train with) are split at
-    silences. Shards hold fixed runs of the manifest's documents in a hashed order (each document
-    whole, its segments in order) and record a fingerprint of their inputs, so a rerun skips the shards that are already finished. `workers` > 1 extracts in
+    silences. Shards hold fixed runs of the manifest's documents in a hashed order (with
+    `mix_documents`; else in the manifest's order), each document whole with its segments in
+    order, and record a fingerprint of their inputs, so a rerun skips the shards that are already finished. `workers` > 1 extracts in
     parallel. Raises ValueError when nothing could be written."""
     entries = read_manifest(manifest, columns, log)
     named = sorted({e["speaker"] for e in entries if e["speaker"] is not None})
@@ -467,10 +472,15 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
                           "vocab_size": 1 + max((max(e["token_ids"], default=0) for e in entries), default=0)}
     else:
         tokenizer_info = ByteTokenizer().describe()
-    # Documents in an order of their own (a hash of doc_id), each kept whole: a manifest sorted by
-    # speaker or date must not give row groups of one speaker, which the training-time shuffle
-    # (row groups per epoch, sequences within windows) could not mix.
-    entries.sort(key=lambda e: (hashlib.sha256(e["doc_id"].encode()).hexdigest(), e["segment_index"]))
+    # For training, documents in an order of their own (a hash of doc_id), each kept whole: a
+    # manifest sorted by speaker or date must not give row groups of one speaker, which the
+    # training-time shuffle (row groups per epoch, sequences within windows) could not mix. For
+    # prediction, the manifest's order.
+    first_seen = {}
+    for number, entry in enumerate(entries):
+        first_seen.setdefault(entry["doc_id"], number)
+    entries.sort(key=lambda e: (hashlib.sha256(e["doc_id"].encode()).hexdigest() if mix_documents
+                                else first_seen[e["doc_id"]], e["segment_index"]))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     metadata = {"features": asdict(cfg), "tokenizer": tokenizer_info, "speakers": speaker_ids}

@@ -109,7 +109,7 @@ def open_inputs(args, trained: Trained, cleanup: contextlib.ExitStack) -> datase
             folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mmtrain-inputs-")))
             features.prepare(args.manifest, folder, columns=features.parse_columns(args.columns),
                              max_positions=cfg.data.max_seq_len, frames_per_position=cfg.model.frames_per_position,
-                             log=lambda line: print(line, file=sys.stderr))
+                             mix_documents=False, log=lambda line: print(line, file=sys.stderr))
             files = sorted(folder.glob("*.parquet"))
         else:
             root = Path(args.data_dir)
