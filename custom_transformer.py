@@ -55,6 +55,7 @@ class ModelConfig:
     audio_span: int = 4
     speaker_drop: float = 0.3
     sentiment_drop: float = 0.3
+    document_drop: float = 0.25        # every speaker and sentiment slot of a document hidden at once
     speaker_embedding_dim: int = 0     # size of external speaker vectors in the data; 0: none
     # the total loss is the weighted sum of the per-modality losses
     weight_text: float = 1.0
@@ -79,7 +80,7 @@ class ModelConfig:
             raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L and G")
         if self.qk_rope_head_dim % 2:
             raise ValueError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
-        for name in ("text_mask_ratio", "audio_mask_ratio", "speaker_drop", "sentiment_drop"):
+        for name in ("text_mask_ratio", "audio_mask_ratio", "speaker_drop", "sentiment_drop", "document_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"model.{name} must lie in [0, 1]")
 
@@ -193,13 +194,17 @@ def _span_mask(n: int, ratio: float, span: int, generator: torch.Generator) -> t
 
 
 def sample_masks(batch: Batch, cfg: ModelConfig, generator: torch.Generator) -> Masks:
+    """Spans of text and audio; speaker and sentiment slots one by one, and now and then all of a
+    document's at once: labelling new recordings hides every slot, and the model must have
+    learned to read labels without a neighbour's."""
     n_segments = len(batch.n_tokens)
-    return Masks(
-        text=_span_mask(len(batch.token_ids), cfg.text_mask_ratio, cfg.text_span, generator),
-        audio=_span_mask(len(batch.mel) // cfg.frames_per_position, cfg.audio_mask_ratio,
-                         cfg.audio_span, generator),
-        speaker=torch.rand(n_segments, generator=generator) < cfg.speaker_drop,
-        sentiment=torch.rand(n_segments, generator=generator) < cfg.sentiment_drop)
+    text = _span_mask(len(batch.token_ids), cfg.text_mask_ratio, cfg.text_span, generator)
+    audio = _span_mask(len(batch.mel) // cfg.frames_per_position, cfg.audio_mask_ratio, cfg.audio_span, generator)
+    speaker = torch.rand(n_segments, generator=generator) < cfg.speaker_drop
+    sentiment = torch.rand(n_segments, generator=generator) < cfg.sentiment_drop
+    whole_document = (torch.rand(int(batch.segment_doc.max()) + 1 if n_segments else 0, generator=generator)
+                      < cfg.document_drop)[batch.segment_doc.cpu()]
+    return Masks(text=text, audio=audio, speaker=speaker | whole_document, sentiment=sentiment | whole_document)
 
 
 @dataclass

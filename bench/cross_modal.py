@@ -71,7 +71,7 @@ def evaluate(model, cfg, files, transform, hide_slots: bool) -> dict[str, float]
     """Accuracies weighted by the number of hidden items, over every batch of `files`."""
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     dataset = datasets.LocalParquetDataset(files, layout, cfg.data.batch_size, shuffle=False)
-    eval_cfg = dataclasses.replace(cfg.model, speaker_drop=1.0 if hide_slots else 0.0,
+    eval_cfg = dataclasses.replace(cfg.model, speaker_drop=1.0 if hide_slots else 0.0, document_drop=0.0,
                                    sentiment_drop=1.0 if hide_slots else 0.0)
     totals, counts = collections.Counter(), collections.Counter()
     for i, batch in enumerate(dataset):

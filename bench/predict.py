@@ -1,10 +1,11 @@
 """What `predict` gives a user, on held-out demo recordings, against what they would try first.
 
-    python bench/predict.py [--steps 300] [--preset small]
+    python bench/predict.py [--steps 600] [--preset small]
 
 Trains a model with the real trainer on all demo shards but the last, then runs
 `model_trainer.py predict` on the held-out shard: sentiment and speaker accuracy (read from the
-recordings and their transcripts, each slot hidden) against a baseline a user would try first (multinomial logistic regression on each segment's
+recordings and their transcripts, each slot hidden; and from the audio alone, as the baseline
+reads it) against a baseline a user would try first (multinomial logistic regression on each segment's
 mean log-mel, mean log-F0 of voiced frames, voiced share and mean energy, fitted on the
 training shards), the character error rate of the text read from the audio (`--hide text`)
 against the same model with the audio hidden too (`--hide text audio`) (what it can fill in without hearing anything), and segments/s.
@@ -71,7 +72,7 @@ def cer(read: str, truth: str) -> tuple[int, int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--preset", default="small")
     args = parser.parse_args()
     shards = demo_corpus.build(ROOT / "data" / "demo")
@@ -108,12 +109,16 @@ def main() -> int:
             predicted = fit(x_test[known])
             baseline[task] = float(np.mean([p == label(test_labels[i]) for p, i in zip(predicted, known)]))
 
-        predictions, seconds = runs["labels"]   # as a user runs it: the recordings with their transcripts
         sentiments = ["negative", "neutral", "positive"]
-        ours = {"sentiment": np.mean([sentiments.index(p["sentiment"]["label"]) == truth[p["sample_id"]]["sentiment"]
-                                      for p in predictions]),
-                "speaker": np.mean([p["speaker"]["best_match"] == truth[p["sample_id"]]["speaker"]
-                                    for p in predictions if truth[p["sample_id"]]["speaker"] in names])}
+
+        def accuracy(records):
+            return {"sentiment": np.mean([sentiments.index(p["sentiment"]["label"]) == truth[p["sample_id"]]["sentiment"]
+                                          for p in records]),
+                    "speaker": np.mean([p["speaker"]["best_match"] == truth[p["sample_id"]]["speaker"]
+                                        for p in records if truth[p["sample_id"]]["speaker"] in names])}
+
+        predictions, seconds = runs["labels"]   # as a user runs it: the recordings with their transcripts
+        ours, audio_only = accuracy(predictions), accuracy(runs["audio heard"][0])
         error_rates = {}
         for name in ("audio heard", "audio hidden"):
             records = runs[name][0]
@@ -126,6 +131,9 @@ def main() -> int:
                  f"{'sentiment accuracy':<34} {ours['sentiment']:>9.3f} {baseline['sentiment']:>9.3f} "
                  f"{chance['sentiment']:>9.3f}",
                  f"{'speaker accuracy':<34} {ours['speaker']:>9.3f} {baseline['speaker']:>9.3f} {'-':>9}",
+                 f"{'sentiment accuracy, audio only':<34} {audio_only['sentiment']:>9.3f} {baseline['sentiment']:>9.3f} "
+                 f"{chance['sentiment']:>9.3f}",
+                 f"{'speaker accuracy, audio only':<34} {audio_only['speaker']:>9.3f} {baseline['speaker']:>9.3f} {'-':>9}",
                  f"{'CER, text read with audio heard':<34} {error_rates['audio heard']:>9.3f}",
                  f"{'CER, same model, audio hidden too':<34} {error_rates['audio hidden']:>9.3f}",
                  f"predict: {len(predictions) / seconds:.1f} segments/s on this machine (features read from Parquet, "

@@ -251,3 +251,19 @@ def test_every_parameter_takes_part_even_when_a_batch_hides_nothing_of_its_kind(
                      model.speaker_vector_head):
             assert head.weight.grad.abs().sum() == 0
         assert metrics["loss_mel"] == 0 and "speaker_acc" not in metrics and model.text_head.weight.grad.abs().sum() > 0
+
+
+def test_document_drop_hides_every_label_slot_of_a_document_together():
+    _, batch = make_batch(seed=5)
+    cfg = dataclasses.replace(TINY, speaker_drop=0.0, sentiment_drop=0.0, document_drop=0.5)
+    seen = set()
+    for seed in range(20):
+        masks = sample_masks(batch, cfg, torch.Generator().manual_seed(seed))
+        assert torch.equal(masks.speaker, masks.sentiment)
+        for doc in batch.segment_doc.unique():
+            in_doc = masks.speaker[batch.segment_doc == doc]
+            assert in_doc.all() or not in_doc.any()            # all of a document's slots, or none
+            seen.add(bool(in_doc.all()))
+    assert seen == {True, False}
+    everything = sample_masks(batch, dataclasses.replace(cfg, document_drop=1.0), torch.Generator().manual_seed(0))
+    assert everything.speaker.all() and everything.sentiment.all()
