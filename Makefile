@@ -38,6 +38,7 @@ bench: demo $(VENV)/.bench-installed
 	$(PY) bench/profile_step.py
 	$(PY) bench/compile_blocks.py
 	$(PY) bench/data_stall.py
+	$(PY) bench/predict.py
 
 clean:
 	rm -rf data runs

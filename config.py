@@ -37,6 +37,13 @@ class TrainConfig:
     # are accumulated to reach it. 0: one batch per rank and step.
     tokens_per_step: int = 0
     parallel: str = "ddp"            # under torchrun: ddp (replicas) | fsdp (FSDP2: weights sharded)
+    # Work per process under torchrun, one whole number each (e.g. [3, 3, 1, 1, 1, 1, 1, 1] for two
+    # fast and six slow cards): a process with share k accumulates k times the batches of share 1
+    # and reads that share of the data. Empty: equal. Losses average over the whole step exactly.
+    rank_shares: list = dataclasses.field(default_factory=list)
+    # Gradients sent between DDP processes: none | fp16 | bf16 (half the bytes) | powersgd (low
+    # rank, for links of a few hundred MB/s); torch.distributed's communication hooks.
+    grad_compression: str = "none"
     # A checkpoint that cannot be written (a full disk): stop (keeping the last good one), or go on
     # training and try again at the next interval. The last checkpoint of a run always stops.
     on_checkpoint_error: str = "stop"   # stop | continue
@@ -54,6 +61,10 @@ class TrainConfig:
             raise ValueError("train.tokens_per_step must be >= 0 (0: one batch per step)")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel={self.parallel!r}: use ddp or fsdp")
+        if not isinstance(self.rank_shares, list) or not all(type(x) is int and x >= 1 for x in self.rank_shares):
+            raise ValueError(f"train.rank_shares={self.rank_shares!r}: a list of whole numbers >= 1, one per process")
+        if self.grad_compression not in ("none", "fp16", "bf16", "powersgd"):
+            raise ValueError(f"train.grad_compression={self.grad_compression!r}: use none, fp16, bf16 or powersgd")
         if self.on_checkpoint_error not in ("stop", "continue"):
             raise ValueError(f"train.on_checkpoint_error={self.on_checkpoint_error!r}: use stop or continue")
 

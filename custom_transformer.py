@@ -409,55 +409,81 @@ class CustomTransformer(nn.Module):
         model.load_state_dict(weights)
         return model.eval()
 
-    def forward(self, batch: Batch, masks: Masks) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """-> total loss and, detached: per-modality losses, accuracies, F0 error in cents."""
+    def forward(self, batch: Batch, masks: Masks, denominators: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """-> total loss and, detached: per-modality losses, accuracies, F0 error in cents.
+
+        Each loss term is a sum over this batch's hidden items divided by `denominators` (in
+        LOSS_TERMS order; default: this batch's own counts, i.e. a mean). Given the counts of a
+        whole step over every rank (loss_counts, all-reduced), the terms of all batches add up to
+        the mean over the step's union of batches, however unevenly ranks share the work."""
         cfg, k = self.cfg, self.cfg.frames_per_position
         grid, mel, prosody, hidden = self.run(batch, masks)
-        zero = hidden.new_zeros(())
-        losses: dict[str, torch.Tensor] = {}
+        targets = loss_targets(batch, masks, cfg)
+        local = loss_counts(batch, masks, cfg)
+        denominators = (local if denominators is None else denominators).to(local.device).clamp_min(1.0)
+        sums: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
 
         # Every head runs every step, on no rows when nothing of its kind is hidden: its loss is
         # then an exact zero that still reaches its weights, as DDP expects of every parameter.
-        def classify(name, head, index, targets, target):
-            logits = head(hidden[index[targets]]).float()
-            if not targets.any():
-                return logits.sum()
-            metrics[f"{name}_acc"] = (logits.argmax(-1) == target[targets]).float().mean().detach()
-            return F.cross_entropy(logits, target[targets])
+        def classify(name, head, index, target):
+            selected = targets[name]
+            logits = head(hidden[index[selected]]).float()
+            if selected.any():
+                metrics[f"{name}_acc"] = (logits.argmax(-1) == target[selected]).float().mean().detach()
+                return F.cross_entropy(logits, target[selected], reduction="sum")
+            return logits.sum()
 
-        losses["text"] = classify("text", self.text_head, grid.text_index, masks.text, batch.token_ids)
-        losses["speaker"] = classify("speaker", self.speaker_head, grid.speaker_index,
-                                     masks.speaker & (batch.speaker_id != UNKNOWN), batch.speaker_id)
-        losses["sentiment"] = classify("sentiment", self.sentiment_head, grid.sentiment_index,
-                                       masks.sentiment & (batch.sentiment != UNKNOWN), batch.sentiment)
+        sums["text"] = classify("text", self.text_head, grid.text_index, batch.token_ids)
+        sums["speaker"] = classify("speaker", self.speaker_head, grid.speaker_index, batch.speaker_id)
+        sums["sentiment"] = classify("sentiment", self.sentiment_head, grid.sentiment_index, batch.sentiment)
         vectors = self._speaker_vectors(batch)
-        losses["speaker_embedding"] = zero
+        sums["speaker_embedding"] = hidden.new_zeros(())
         if vectors is not None:
-            vector_targets = masks.speaker & batch.has_speaker_embedding
-            predicted = self.speaker_vector_head(hidden[grid.speaker_index[vector_targets]]).float()
-            losses["speaker_embedding"] = ((1 - F.cosine_similarity(predicted, vectors[vector_targets], dim=-1)).mean()
-                                           if vector_targets.any() else predicted.sum())
+            selected = targets["speaker_embedding"]
+            predicted = self.speaker_vector_head(hidden[grid.speaker_index[selected]]).float()
+            sums["speaker_embedding"] = (1 - F.cosine_similarity(predicted, vectors[selected], dim=-1)).sum()
 
-        frame_hidden = masks.audio.repeat_interleave(k) & batch.frame_valid
+        frame_hidden = targets["frames"]
         audio_out = hidden[grid.audio_index[masks.audio]]
         select = batch.frame_valid.view(-1, k)[masks.audio]
         mel_pred = self.mel_head(audio_out).float().view(-1, k, N_MELS)[select]
         prosody_pred = self.prosody_head(audio_out).float().view(-1, k, PROSODY_FEATURES)[select]
-        untouched = mel_pred.sum() + prosody_pred.sum()   # zero when no frame is hidden
-        losses.update(mel=untouched, f0=zero, voicing=zero, energy=zero)
+        prosody_target = prosody[frame_hidden]
+        sums["mel"] = (mel_pred - mel[frame_hidden]).abs().sum()
+        sums["voicing"] = F.binary_cross_entropy_with_logits(prosody_pred[:, 1], prosody_target[:, 1], reduction="sum")
+        sums["energy"] = (prosody_pred[:, 2] - prosody_target[:, 2]).square().sum()
+        voiced = batch.f0_hz[frame_hidden] > 0
+        error = prosody_pred[voiced, 0] - prosody_target[voiced, 0]     # in log-F0 std units
+        sums["f0"] = error.square().sum() + prosody_pred[:, 0].sum() * 0.0   # reaches the head when nothing is voiced
         if frame_hidden.any():
-            prosody_target = prosody[frame_hidden]
-            losses["mel"] = F.l1_loss(mel_pred, mel[frame_hidden])
-            losses["voicing"] = F.binary_cross_entropy_with_logits(prosody_pred[:, 1], prosody_target[:, 1])
-            losses["energy"] = F.mse_loss(prosody_pred[:, 2], prosody_target[:, 2])
             metrics["voicing_acc"] = ((prosody_pred[:, 1] > 0) == (prosody_target[:, 1] > 0.5)).float().mean().detach()
-            voiced = batch.f0_hz[frame_hidden] > 0
-            if voiced.any():
-                error = prosody_pred[voiced, 0] - prosody_target[voiced, 0]     # in log-F0 std units
-                losses["f0"] = error.square().mean()
-                metrics["f0_cents"] = (error.abs() * self.prosody_stats[1] * 1200 / math.log(2)).mean().detach()
+        if voiced.any():
+            metrics["f0_cents"] = (error.abs() * self.prosody_stats[1] * 1200 / math.log(2)).mean().detach()
+        losses = {name: sums[name] / denominators[i] for i, name in enumerate(LOSS_TERMS)}
         total = sum(getattr(cfg, f"weight_{name}") * value for name, value in losses.items())
-        metrics.update({f"loss_{name}": value.detach() for name, value in losses.items()})
-        metrics["accuracy"] = metrics.get("text_acc", zero.detach())
+        metrics.update({f"loss_{name}": (sums[name] / local[i].clamp_min(1.0)).detach()
+                        for i, name in enumerate(LOSS_TERMS)})
+        metrics["accuracy"] = metrics.get("text_acc", hidden.new_zeros(()))
         return total, metrics
+
+
+LOSS_TERMS = ("text", "speaker", "sentiment", "speaker_embedding", "mel", "f0", "voicing", "energy")
+
+
+def loss_targets(batch: Batch, masks: Masks, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """What each loss term is computed over: hidden items whose truth is known."""
+    frames = masks.audio.repeat_interleave(cfg.frames_per_position) & batch.frame_valid
+    return {"text": masks.text, "speaker": masks.speaker & (batch.speaker_id != UNKNOWN),
+            "sentiment": masks.sentiment & (batch.sentiment != UNKNOWN),
+            "speaker_embedding": masks.speaker & batch.has_speaker_embedding if cfg.speaker_embedding_dim
+            else masks.speaker & False, "frames": frames, "voiced": frames & (batch.f0_hz > 0)}
+
+
+def loss_counts(batch: Batch, masks: Masks, cfg: ModelConfig) -> torch.Tensor:
+    """How many items each loss term averages over, in LOSS_TERMS order (mel: 80 values a frame)."""
+    t = loss_targets(batch, masks, cfg)
+    frames = t["frames"].sum()
+    return torch.stack([t["text"].sum(), t["speaker"].sum(), t["sentiment"].sum(), t["speaker_embedding"].sum(),
+                        frames * N_MELS, t["voiced"].sum(), frames, frames]).float()

@@ -151,6 +151,23 @@ class _PackedStream(torch.utils.data.IterableDataset):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank, self.world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                                  if distributed else (0, 1))
+        self.per_step = [1] * self.world                 # batches each rank consumes per optimizer step
+        self.batch_sizes = [batch_size] * self.world     # sequences per batch, by rank
+
+    def set_work(self, per_step: list[int], batch_sizes: list[int]) -> None:
+        """Uneven work per rank: rank r consumes per_step[r] batches of batch_sizes[r] sequences
+        a step, so the epoch's data is dealt in that proportion and every rank still ends the
+        epoch at the same step."""
+        if not len(per_step) == len(batch_sizes) == self.world or min(per_step + batch_sizes) < 1:
+            raise ValueError(f"batches per step {per_step} of {batch_sizes} sequences: need counts >= 1 for each "
+                             f"of {self.world} process(es)")
+        self.per_step, self.batch_sizes = list(per_step), list(batch_sizes)
+
+    def _work(self, world: int) -> tuple[list[int], list[int]]:
+        """(batches per step, sequences per batch) of each of `world` ranks: as set, or equal."""
+        if len(self.per_step) == world:
+            return self.per_step, self.batch_sizes
+        return [1] * world, [self.batch_size] * world
 
     @property
     def resuming(self) -> bool:
@@ -175,9 +192,14 @@ class _PackedStream(torch.utils.data.IterableDataset):
         """Where the consumed batches end: load it to continue right after them."""
         consumed = self._consumed
         return {"epoch": consumed["epoch"], "positions": dict(consumed["positions"]),
-                "last_shard": consumed["last_shard"]}
+                "last_shard": consumed["last_shard"], "work": [list(self.per_step), list(self.batch_sizes)]}
 
     def load_state_dict(self, state: dict) -> None:
+        written = state.get("work", [[1] * self.world, [self.batch_size] * self.world])
+        if written != [self.per_step, self.batch_sizes]:   # the deal of this epoch's data depends on it
+            raise ValueError(f"the checkpoint's processes took {written[0]} batches of {written[1]} sequences per "
+                             f"step, this run's take {self.per_step} of {self.batch_sizes}: resume with the same "
+                             "train.rank_shares, train.tokens_per_step and data.batch_size")
         self.epoch = int(state["epoch"])
         self._positions = {int(k): tuple(int(x) for x in v) for k, v in state["positions"].items()}
         self._last_shard = int(state["last_shard"])
@@ -231,12 +253,17 @@ class _PackedStream(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         return self.rank, self.world, worker, workers
 
-    def _shard_endpoints(self, shard: int, n_shards: int) -> list:
+    def _shard_endpoints(self, shard: int, world: int, workers: int) -> list:
+        """The shard's endpoints this epoch: permuted, then dealt in turn over the (rank, worker)
+        shards, a rank that takes k times the sequences per step taking k in each round."""
         endpoints = self.endpoints()
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(endpoints))
             endpoints = [endpoints[i] for i in order]
-        return endpoints[shard::n_shards]
+        per_step, batch_sizes = self._work(world)
+        weights = [per_step[s // workers] * batch_sizes[s // workers] for s in range(world * workers)]
+        deal = [s for turn in range(max(weights)) for s in range(len(weights)) if turn < weights[s]]
+        return [endpoint for i, endpoint in enumerate(endpoints) if deal[i % len(deal)] == shard]
 
     def _positions_needed(self, endpoint) -> np.ndarray:
         """Positions each row of an endpoint takes, from its two small list columns (cached)."""
@@ -248,21 +275,23 @@ class _PackedStream(torch.utils.data.IterableDataset):
             cache[endpoint] = np.concatenate(parts) if parts else np.zeros(0, np.int64)
         return cache[endpoint]
 
-    def _batch_count(self, endpoints: list) -> int:
+    def _batch_count(self, endpoints: list, batch_size: int) -> int:
         """The batches that packing `endpoints` yields, computed from row lengths alone."""
         packer = GreedyPacker(self.layout.max_seq_len)
         sequences = sum(packer.place(need) is True for endpoint in endpoints
                         for need in self._positions_needed(endpoint).tolist())
-        return -(-sequences // self.batch_size)
+        return -(-sequences // batch_size)
 
     def _padding_batches(self, rank: int, world: int, workers: int) -> int:
-        """How many fully masked batches this rank adds so that every rank yields as many batches
-        as the longest one (DDP hangs when ranks disagree). Worker 0 yields them."""
+        """How many fully masked batches this rank adds so that every rank's epoch lasts as many
+        steps as the longest one's (DDP hangs when ranks disagree). Worker 0 yields them."""
         if world == 1:
             return 0
-        totals = [sum(self._batch_count(self._shard_endpoints(r * workers + w, world * workers))
+        per_step, batch_sizes = self._work(world)
+        totals = [sum(self._batch_count(self._shard_endpoints(r * workers + w, world, workers), batch_sizes[r])
                       for w in range(workers)) for r in range(world)]
-        return max(totals) - totals[rank]
+        steps = max(-(-total // count) for total, count in zip(totals, per_step))
+        return steps * per_step[rank] - totals[rank]
 
     def __iter__(self) -> Iterator[Batch]:
         rank, world, worker, workers = self._ranks()
@@ -270,8 +299,9 @@ class _PackedStream(torch.utils.data.IterableDataset):
             # A resumed epoch: the DataLoader asks its workers in turn from worker 0, so rotate
             # shards onto workers to make the first request go to the shard the run asked next.
             worker = (worker + self._last_shard + 1) % workers
-        shard, n_shards = rank * workers + worker, world * workers
-        endpoints = self._shard_endpoints(shard, n_shards)
+        shard = rank * workers + worker
+        endpoints = self._shard_endpoints(shard, world, workers)
+        batch_size = self._work(world)[1][rank]
         first_endpoint, first_row, skip_batches = self._positions.get(shard, (0, 0, 0))
 
         def positioned():
@@ -288,13 +318,13 @@ class _PackedStream(torch.utils.data.IterableDataset):
             order = (np.random.default_rng([self.seed, self.epoch, shard, *window_start]).permutation(len(window))
                      if self.shuffle else range(len(window)))
             sequences = [window[i] for i in order]
-            groups = [sequences[i:i + self.batch_size] for i in range(0, len(sequences), self.batch_size)]
+            groups = [sequences[i:i + batch_size] for i in range(0, len(sequences), batch_size)]
             for done, group in enumerate(groups, 1):
                 if done > skip:
                     after = (*window_start, done) if done < len(groups) else (*next_start, 0)
                     yield collate(group, self.layout, StreamPosition(self.epoch, shard, *after))
 
-        window_size = self.batch_size * self.shuffle_window
+        window_size = batch_size * self.shuffle_window
         window, window_start, skip, skipped = [], None, skip_batches, Skipped()
         for start, sequence in pack_sequences(positioned(), self.layout, skipped):
             if len(window) == window_size:

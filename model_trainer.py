@@ -40,13 +40,13 @@ import live_metrics
 from access import read_token
 from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, find_checkpoint, load_checkpoint
 from config import DEFAULT_CONFIG, Config, TrainConfig, build_config, load_config  # noqa: F401 (tools use them from here)
-from custom_transformer import CustomTransformer, sample_masks
+from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts, sample_masks
 from flight_server import SampleFlightServer
 import inference
 from inference import evaluate
 from live_metrics import MetricsServer
-from parallel import (_HELD_UNTIL_EXIT, Ranks, barrier, choose_device, distribute, from_rank0, gradient_sync,
-                      init_distributed, peak_flops, peak_memory_gb, unwrapped)
+from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, barrier, choose_device, describe_device, distribute,
+                      from_rank0, gradient_sync, init_distributed, peak_flops, peak_memory_gb, unwrapped)
 
 DEMO_DIR = Path("data/demo")
 
@@ -55,6 +55,21 @@ def accumulation_steps(cfg: Config, world: int) -> int:
     """Batches each rank accumulates per optimizer step to come near train.tokens_per_step."""
     per_batch = cfg.data.batch_size * cfg.data.max_seq_len * world
     return max(1, round(cfg.train.tokens_per_step / per_batch)) if cfg.train.tokens_per_step else 1
+
+
+def rank_work(cfg: Config, world: int) -> tuple[list[int], list[int]]:
+    """Each rank's work per optimizer step in proportion to train.rank_shares -> (batches it
+    accumulates, sequences per batch). Under DDP a share multiplies the batches (a slow card takes
+    fewer micro-batches of the same size); under FSDP, whose every forward is collective, every
+    rank takes as many batches and a share multiplies the batch size. A share of 1 takes what
+    train.tokens_per_step asks of a process."""
+    shares = cfg.train.rank_shares or [1] * world
+    if len(shares) != world:
+        raise ValueError(f"train.rank_shares has {len(shares)} entries for {world} process(es): give one per process")
+    unit = accumulation_steps(cfg, sum(shares))
+    if cfg.train.parallel == "fsdp":
+        return [unit] * world, [share * cfg.data.batch_size for share in shares]
+    return [share * unit for share in shares], [cfg.data.batch_size] * world
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
@@ -142,7 +157,7 @@ class TrainingHalted(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: float           # mean over every rank's batches that hold samples
+    loss: float           # over the union of every rank's batches
     metrics: dict         # this rank's, averaged over its accumulated batches
     grad_norm: float
     lr: float             # the rate this step used
@@ -163,28 +178,36 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
     with padding batches, and the step is abandoned everywhere: no update, no scheduler step.
     `stop_requested` is asked at the exchange, so a signal during the step stops after it."""
     optimizer.zero_grad(set_to_none=True)
+    cfg = unwrapped(model).cfg
+    # Exact averaging: every loss term is divided by its count over the whole step (all batches of
+    # all ranks, a few numbers exchanged before backward), and DDP/FSDP's mean over ranks is undone,
+    # so the update is the one a single process would make on the union of the step's batches,
+    # however unevenly the ranks share the work.
+    denominators = sum((loss_counts(batch, masks, cfg) for batch, masks in micro_batches if not batch.padding),
+                       torch.zeros(len(LOSS_TERMS))).to(device)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if world > 1:
+        torch.distributed.all_reduce(denominators)
     loss_sum, samples_batches, positions = torch.zeros((), device=device), 0, 0
     metric_sums: dict[str, torch.Tensor] = {}
     for index, (batch, masks) in enumerate(micro_batches):
         batch, masks = batch.to(device), masks.to(device)
         with gradient_sync(model, enabled=index == len(micro_batches) - 1):
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-                loss, metrics = model(batch, masks)
+                loss, metrics = model(batch, masks, denominators)
             # a padding batch (a rank out of data) steps along with the others, learning nothing
-            weight = 0.0 if batch.padding else 1.0 / len(micro_batches)
-            scaler.scale(loss * weight).backward()
+            scaler.scale(loss * (0.0 if batch.padding else float(world))).backward()
         if not batch.padding:
             loss_sum = loss_sum + loss.detach().float()
             samples_batches += 1
-            positions += batch.n_positions(unwrapped(model).cfg.frames_per_position)
+            positions += batch.n_positions(cfg.frames_per_position)
             for name, value in metrics.items():
                 metric_sums[name] = metric_sums.get(name, 0.0) + value
     flags = [float(samples_batches), float(positions), float(stop_requested()), float(abandon)]
     shared = torch.cat([loss_sum[None], torch.tensor(flags, device=device)])
-    if torch.distributed.is_initialized():
+    if world > 1:
         torch.distributed.all_reduce(shared)
-    loss_total, batch_total, position_total, stops, abandons = shared.tolist()
-    mean_loss = loss_total / max(batch_total, 1.0)
+    mean_loss, batch_total, position_total, stops, abandons = shared.tolist()   # the union's loss
     count = max(samples_batches, 1)
     metrics = {name: float(value) / count for name, value in metric_sums.items()}
     if abandons > 0:
@@ -424,12 +447,16 @@ def train(args, cfg: Config) -> dict:
                     "numbering them from the training files, as that run did")
         for data in filter(None, (dataset, eval_set)):
             data.use_speakers(labels.speakers)
+        per_step, batch_sizes = rank_work(cfg, ranks.world)   # uneven work per rank: train.rank_shares
+        dataset.set_work(per_step, batch_sizes)
         model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
-        trained = distribute(model, cfg.train.parallel, ranks, device)
+        trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression)
         if ranks.world > 1:
             _HELD_UNTIL_EXIT.append(trained)
         optimizer, scheduler = make_optimizer(trained, cfg.train, device)
-        scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+        # One loss scale for all: a rank in fp16 (a P40) scales, so every rank scales alike, or the
+        # summed gradients would mix scaled and unscaled ones.
+        scaler = torch.amp.GradScaler(device.type, enabled=any(all_ranks(amp_dtype == torch.float16)))
         run.checkpointer = Checkpointer(run.out_dir, cfg.train.keep_checkpoints, ranks, model, optimizer,
                                         pieces={"scheduler": scheduler, "scaler": scaler, "labels": labels},
                                         per_rank={"rng": GlobalRNG(), "data": dataset},
@@ -442,19 +469,22 @@ def train(args, cfg: Config) -> dict:
             run.last_checkpoint = (run.progress.step, resume_path)
             run.say(f"resumed from {resume_path} at step {run.progress.step}")
 
-        accumulate = accumulation_steps(cfg, ranks.world)
+        accumulate = per_step[ranks.rank]
         flops_per_position = model.flops_per_position(cfg.data.max_seq_len)
         peak = peak_flops(device, amp_dtype)
         run.say(f"{len(labels.speakers)} speaker(s) by name, {len(dataset.files)} training file(s)"
                 + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
-        run.say(f"{ranks.world} process(es) x {accumulate} batch(es) x {cfg.data.batch_size} x "
-                f"{cfg.data.max_seq_len} positions per step on {device} ({str(amp_dtype).removeprefix('torch.')})"
-                + ("" if peak or device.type == "cpu" else f"; MFU unknown: no peak FLOP/s listed for "
-                                                           f"{torch.cuda.get_device_name(device)}"))
+        precision = str(amp_dtype).removeprefix("torch.")
+        for rank, (where, dtype, count) in enumerate(all_ranks((describe_device(device), precision, accumulate))):
+            run.say(f"process {rank}: {where} ({dtype}), {count} batch(es) x {batch_sizes[rank]} x "
+                    f"{cfg.data.max_seq_len} positions per step")
+        if not peak and device.type != "cpu":
+            run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(device)}")
         start_step = run.progress.step
         run.publish({"type": "run", "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
                      "precision": str(amp_dtype).removeprefix("torch."), "processes": ranks.world,
-                     "batches_per_step": accumulate, "files": len(dataset.files), "config": asdict(cfg),
+                     "batches_per_step": accumulate, "batches_per_step_by_process": per_step,
+                     "batch_size_by_process": batch_sizes, "files": len(dataset.files), "config": asdict(cfg),
                      "start_step": start_step, "steps": cfg.train.steps})
         stream = datasets.prefetch(batches(dataset, cfg.data.num_workers), cfg.data.prefetch,
                                    interrupted=lambda: bool(stop_requested))
@@ -481,7 +511,7 @@ def train(args, cfg: Config) -> dict:
                     data_wait += time.perf_counter() - waited
                     if batch is None:
                         batch = datasets.padding_batch(dataset.layout, None)
-                    mask_rng.manual_seed(cfg.train.seed * 1_000_003 + (step * accumulate + micro) * ranks.world
+                    mask_rng.manual_seed(cfg.train.seed * 1_000_003 + (step * max(per_step) + micro) * ranks.world
                                          + ranks.rank)
                     micro_batches.append((batch, sample_masks(batch, cfg.model, mask_rng)))
 

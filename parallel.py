@@ -10,6 +10,7 @@ import resource
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
@@ -43,6 +44,22 @@ def init_distributed(device: str) -> Ranks:
 def barrier() -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
+
+
+def all_ranks(value) -> list:
+    """Every rank's `value`, in rank order (pickled; for small objects)."""
+    if not torch.distributed.is_initialized():
+        return [value]
+    values = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(values, value)
+    return values
+
+
+def describe_device(device: torch.device) -> str:
+    if device.type != "cuda":
+        return str(device)
+    major, minor = torch.cuda.get_device_capability(device)
+    return f"{device} {torch.cuda.get_device_name(device)} sm_{major}{minor}"
 
 
 def from_rank0(value):
@@ -117,18 +134,29 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20   # Linux reports KiB
 
 
-def distribute(model: torch.nn.Module, parallel: str, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+def distribute(model: torch.nn.Module, parallel: str, ranks: Ranks, device: torch.device,
+               compression: str = "none") -> torch.nn.Module:
     """-> the module to train: the model itself on one process, a DDP replica or, with
-    parallel="fsdp", the model sharded in place by FSDP2 (each block, then the rest)."""
+    parallel="fsdp", the model sharded in place by FSDP2 (each block, then the rest). With DDP,
+    `compression` picks a communication hook for the gradients (fp16, bf16, powersgd)."""
     if ranks.world == 1:
         return model
     if parallel == "fsdp":
+        if compression != "none":
+            raise ValueError("train.grad_compression works with DDP (train.parallel=ddp), not FSDP")
         for block in model.blocks:
             fully_shard(block)
         return fully_shard(model)
     # Buffers are corpus statistics, equal everywhere: nothing to broadcast each step.
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                   broadcast_buffers=False)
+    replica = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False)
+    if compression in ("fp16", "bf16"):
+        replica.register_comm_hook(None, getattr(default_hooks, f"{compression}_compress_hook"))
+    elif compression == "powersgd":
+        # Rank 1 approximations after 10 exact steps; the error it leaves is fed back each step.
+        state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1, start_powerSGD_iter=10)
+        replica.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return replica
 
 
 def gradient_sync(trained: torch.nn.Module, enabled: bool):

@@ -125,7 +125,7 @@ def test_the_batch_count_from_row_lengths_equals_the_batches_packing_yields(tmp_
         with pytest.warns(UserWarning, match=r"epoch 0, shard 0: \d+ segment\(s\) longer than max_seq_len .* "
                                              r"--max-positions"):
             yielded = list(dataset)
-        assert dataset._batch_count(dataset.endpoints()) == len(yielded)
+        assert dataset._batch_count(dataset.endpoints(), batch_size) == len(yielded)
         assert all(b.n_positions(4) <= max_seq_len * b.n_rows for b in yielded)
 
 
@@ -266,3 +266,28 @@ def test_segments_too_long_are_summarised_once_per_epoch_with_their_share(tmp_pa
         share = sum(needs[:5]) / sum(needs)
         assert summaries == [summaries[0]] and summaries[0].startswith(
             f"epoch {epoch}, shard 0: 5 segment(s) longer than max_seq_len 40 were skipped, {share:.1%} of the positions")
+
+
+@pytest.mark.parametrize("per_step, batch_sizes", [([3, 1, 1], [2, 2, 2]), ([1, 1, 1], [4, 2, 1])])
+def test_uneven_work_deals_the_data_in_proportion_and_ends_every_rank_at_the_same_step(corpus, monkeypatch,
+                                                                                        per_step, batch_sizes):
+    _, shards = corpus
+    world, workers = 3, 2
+    dataset = datasets.LocalParquetDataset(shards, SequenceLayout(200, 4), batch_size=2, seed=4, shuffle_window=2)
+    dataset.per_step, dataset.batch_sizes = per_step, batch_sizes   # as set_work does on each rank
+    seen, sequences, steps = [], [], []
+    for rank in range(world):
+        batches = []
+        for worker in range(workers):
+            monkeypatch.setattr(dataset, "_ranks", lambda rank=rank, worker=worker: (rank, world, worker, workers))
+            batches += list(dataset)
+        assert all(b.n_rows <= batch_sizes[rank] for b in batches)
+        assert len(batches) % per_step[rank] == 0
+        steps.append(len(batches) // per_step[rank])
+        seen += [sid for b in batches for sid in b.sample_ids]
+        sequences.append(sum(b.n_rows for b in batches if not b.padding))
+    expected = [sid for s in shards for sid in pq.read_table(s, columns=["sample_id"]).column(0).to_pylist()]
+    assert collections.Counter(seen) == collections.Counter(expected)       # every sample once
+    assert len(set(steps)) == 1                                              # the same steps on every rank
+    work = [p * b for p, b in zip(per_step, batch_sizes)]
+    assert sequences[0] > sequences[2] * 1.5 and sequences.index(max(sequences)) == work.index(max(work))

@@ -23,6 +23,7 @@ import datasets
 import model_trainer
 from custom_transformer import CustomTransformer, ModelConfig, sample_masks
 from flight_server import SampleFlightServer
+from util import step_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["train.warmup_steps=5", "train.lr=0.003"]
@@ -185,8 +186,8 @@ def poison_losses(monkeypatch, bad_calls):
     original = CustomTransformer.forward
     calls = []
 
-    def forward(self, batch, masks):
-        loss, metrics = original(self, batch, masks)
+    def forward(self, batch, masks, *rest):
+        loss, metrics = original(self, batch, masks, *rest)
         calls.append(1)
         return (loss * float("nan"), metrics) if len(calls) in bad_calls else (loss, metrics)
 
@@ -263,10 +264,10 @@ def test_evaluation_files_may_not_also_train(corpus, tmp_path):
                                str(tmp_path / "x"), "--ws-port", "-1", "--steps", "2", *set_flags(TINY)]) == 1
 
 
-def torchrun(server_port, out, probe_dir, steps, *extra):
-    """The trainer on 2 CPU processes under torchrun, both streaming from one Flight server."""
+def torchrun(server_port, out, probe_dir, steps, *extra, processes=2):
+    """The trainer on CPU processes under torchrun, all streaming from one Flight server."""
     probe_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
            "tests/trainer_probe.py", "--flight-host", "127.0.0.1", "--port", str(server_port),
            "--out", str(out), "--ws-port", "-1", "--steps", str(steps),
            *set_flags(TINY + ["train.checkpoint_every=4", "data.batch_size=2"]), *extra]
@@ -317,35 +318,74 @@ def test_torchrun_two_ranks_train_on_disjoint_data_and_resume_exactly(corpus, tm
     assert probed(tmp_path / "probe-resumed", 0) == rank0[4:] and probed(tmp_path / "probe-resumed", 1) == rank1[4:]
 
 
-def test_accumulated_batches_make_one_step_on_their_mean_gradient(corpus):
+def test_three_ranks_with_uneven_shares_read_in_proportion_and_resume_exactly(corpus, tmp_path):
+    """Shares 2:1:1: process 0 accumulates two batches a step, the others one; every sample is
+    read once per epoch and a resumed run continues each process exactly where it stopped."""
+    root, shards = corpus
+    steps = 8
+    settings = ["--set", "train.rank_shares=[2, 1, 1]"]
+    with SampleFlightServer(root, "127.0.0.1", 0) as server:
+        straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+        torchrun(server.port, straight, tmp_path / "probe-straight", steps, *settings, processes=3)
+        resumed.mkdir()
+        (resumed / "ckpt-00000004.pt").write_bytes((straight / "ckpt-00000004.pt").read_bytes())
+        torchrun(server.port, resumed, tmp_path / "probe-resumed", steps, *settings, "--resume", "auto", processes=3)
+    expected = {m["step"]: m["loss"] for m in read_metrics(straight) if m["type"] == "step"}
+    got = {m["step"]: m["loss"] for m in read_metrics(resumed) if m["type"] == "step"}
+    assert [got[s] for s in range(5, steps + 1)] == [expected[s] for s in range(5, steps + 1)]
+    batches = [probed(tmp_path / "probe-straight", rank) for rank in range(3)]
+    assert [len(b) for b in batches] == [2 * steps, steps, steps]
+    for epoch in {b["epoch"] for rank in batches for b in rank}:
+        ids = [[i for b in rank if b["epoch"] == epoch for i in b["ids"]] for rank in batches]
+        flat = [i for rank in ids for i in rank]
+        assert len(flat) == len(set(flat))                     # no sample twice in an epoch
+    assert [probed(tmp_path / "probe-resumed", rank) for rank in range(3)] == [
+        batches[0][8:], batches[1][4:], batches[2][4:]]
+    state = model_trainer.load_checkpoint(straight / f"ckpt-{steps:08d}.pt")
+    assert [r["data"]["work"] for r in state["ranks"]] == [[[2, 1, 1], [2, 2, 2]]] * 3
+    run = next(m for m in read_metrics(straight) if m["type"] == "run")
+    assert run["batches_per_step_by_process"] == [2, 1, 1] and run["batch_size_by_process"] == [2, 2, 2]
+
+
+def test_resuming_with_other_shares_is_refused_with_the_reason(corpus):
     _, shards = corpus
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), ["data.batch_size=2"], "tiny")
+    dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(300, 4), batch_size=2)
+    state = dataset.state_dict()
+    dataset.per_step, dataset.batch_sizes = [3], [2]
+    with pytest.raises(ValueError, match=r"took \[1\] batches of \[2\] sequences per step, this run's take \[3\] "
+                                         r"of \[2\]: resume with the same train.rank_shares"):
+        dataset.load_state_dict(state)
+
+
+CFG_TINY = model_trainer.load_config(str(ROOT / "config.yaml"), ["data.batch_size=2"], "tiny")
+
+
+def test_accumulated_batches_make_the_step_of_their_union(corpus):
+    """Uneven batches (3 and 1 sequences) accumulated in one step give exactly the update of one
+    forward over the union of their sequences: every loss term averages over the whole step."""
+    _, shards = corpus
+    cfg = CFG_TINY
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
-    dataset = datasets.LocalParquetDataset(shards, layout, cfg.data.batch_size, shuffle=False)
-    pairs = [(batch, sample_masks(batch, cfg.model, torch.Generator().manual_seed(i)))
-             for i, batch in zip(range(2), dataset)]
+    pairs, union, union_masks = step_batches(shards, layout, CFG_TINY.model, [3, 1])
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model)
-    model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
+    model.set_corpus_stats(datasets.corpus_info({str(s): datasets.read_metadata(pq.read_schema(s), str(s))
+                                                 for s in shards}))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    gradients, losses = [], []
-    for batch, masks in pairs:   # the reference: each batch's gradient on its own
-        model.zero_grad()
-        loss, _ = model(batch, masks)
-        loss.backward()
-        losses.append(loss.item())
-        gradients.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    model.zero_grad()
+    reference_loss, _ = model(union, union_masks)   # the reference: one batch holding everything
+    reference_loss.backward()
+    gradient = {name: p.grad.clone() for name, p in model.named_parameters()}
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     result = model_trainer.train_step(model, pairs, optimizer, scheduler, scaler, torch.device("cpu"),
                                       torch.float32, grad_clip=1e9)
-    assert result.applied and result.loss == pytest.approx(sum(losses) / 2, rel=1e-6)
-    assert result.positions == sum(batch.n_positions(cfg.model.frames_per_position) for batch, _ in pairs)
+    assert result.applied and result.loss == pytest.approx(reference_loss.item(), rel=1e-6)
+    assert result.positions == union.n_positions(cfg.model.frames_per_position)
     for name, p in model.named_parameters():
-        mean_gradient = (gradients[0][name] + gradients[1][name]) / 2
-        torch.testing.assert_close(p.detach(), before[name] - 0.5 * mean_gradient, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(p.detach(), before[name] - 0.5 * gradient[name], rtol=1e-5, atol=1e-6)
 
 
 def test_tokens_per_step_sets_the_batches_accumulated_per_rank():
@@ -432,3 +472,29 @@ def test_the_run_keeps_its_speaker_map_and_reports_unseen_eval_speakers_apart(co
     stranger_rows = sum(int(v) == renamed_id for v in table.column("speaker_id").to_pylist())
     assert evals[-1]["unseen_speakers"] == {"stranger": stranger_rows}
     assert "of speakers unseen in training (stranger) were not scored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_uneven_ranks_make_the_step_of_one_process_on_the_union(corpus, tmp_path, parallel):
+    """2 CPU ranks with shares 3:1 (DDP: three batches against one; FSDP: one batch each, three
+    times the sequences) update the weights exactly as one process stepping on their union."""
+    root, shards = corpus
+    out = tmp_path / "after.pt"
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "tests/uneven_step_probe.py", str(root), str(out), parallel], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    distributed = torch.load(out, weights_only=True)
+    cfg = CFG_TINY
+    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    _, union, masks = step_batches(sorted(root.glob("*.parquet")), layout, cfg.model,
+                                   {"ddp": [1, 2, 1, 2], "fsdp": [3, 1]}[parallel])
+    torch.manual_seed(0)
+    model = CustomTransformer(cfg.model)
+    model.set_corpus_stats(datasets.corpus_info({str(s): datasets.read_metadata(pq.read_schema(s), str(s))
+                                                 for s in sorted(root.glob("*.parquet"))}))
+    loss, _ = model(union, masks)
+    loss.backward()
+    assert distributed["loss"] == pytest.approx(loss.item(), rel=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(distributed["weights"][name], (p - 0.5 * p.grad).detach(), rtol=1e-6, atol=1e-6)
