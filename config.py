@@ -39,8 +39,9 @@ class TrainConfig:
     parallel: str = "ddp"            # under torchrun: ddp (replicas) | fsdp (FSDP2: weights sharded)
     # Work per process under torchrun, one whole number each (e.g. [3, 3, 1, 1, 1, 1, 1, 1] for two
     # fast and six slow cards): a process with share k accumulates k times the batches of share 1
-    # and reads that share of the data. Empty: equal. Losses average over the whole step exactly.
-    rank_shares: list = dataclasses.field(default_factory=list)
+    # and reads that share of the data. Empty: equal; "auto": measured at start (DDP). Losses
+    # average over the whole step exactly either way.
+    rank_shares: list | str = dataclasses.field(default_factory=list)
     # Gradients sent between DDP processes: none | fp16 | bf16 (half the bytes) | powersgd (low
     # rank, for links of a few hundred MB/s); torch.distributed's communication hooks.
     grad_compression: str = "none"
@@ -61,8 +62,12 @@ class TrainConfig:
             raise ValueError("train.tokens_per_step must be >= 0 (0: one batch per step)")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"train.parallel={self.parallel!r}: use ddp or fsdp")
-        if not isinstance(self.rank_shares, list) or not all(type(x) is int and x >= 1 for x in self.rank_shares):
-            raise ValueError(f"train.rank_shares={self.rank_shares!r}: a list of whole numbers >= 1, one per process")
+        if self.rank_shares != "auto" and (not isinstance(self.rank_shares, list)
+                                           or not all(type(x) is int and x >= 1 for x in self.rank_shares)):
+            raise ValueError(f"train.rank_shares={self.rank_shares!r}: auto, or whole numbers >= 1, one per process")
+        if self.rank_shares == "auto" and self.parallel == "fsdp":
+            raise ValueError("train.rank_shares=auto measures each process alone, which FSDP's collective forward "
+                             "does not allow: give the shares by hand with train.parallel=fsdp")
         if self.grad_compression not in ("none", "fp16", "bf16", "powersgd"):
             raise ValueError(f"train.grad_compression={self.grad_compression!r}: use none, fp16, bf16 or powersgd")
         if self.on_checkpoint_error not in ("stop", "continue"):

@@ -27,7 +27,7 @@ import torch
 # The schema's and the packer's names stay importable from here: datasets is the data layer's
 # front door for the trainer and tools; only the data machine imports schema.py alone.
 from packing import (Batch, GreedyPacker, Segment, SequenceLayout, Skipped, StreamPosition, collate,  # noqa: F401
-                     pack_sequences, padding_batch, segment_positions, segments_from_batch)
+                     full_batch, pack_sequences, padding_batch, segment_positions, segments_from_batch)
 from schema import (N_MELS, N_SENTIMENTS, ROW_GROUP_BYTES, SAMPLE_SCHEMA, SCHEMA_VERSION, UNKNOWN,  # noqa: F401
                     CorpusInfo, DataError, Labels, Ticket, corpus_info, feature_sums, read_metadata, samples_table,
                     schema_problems, skip_rows_of, speaker_names, summarise_problems, validate_file,

@@ -45,31 +45,11 @@ from flight_server import SampleFlightServer
 import inference
 from inference import evaluate
 from live_metrics import MetricsServer
-from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, barrier, choose_device, describe_device, distribute,
-                      from_rank0, gradient_sync, init_distributed, peak_flops, peak_memory_gb, unwrapped)
+from parallel import (_HELD_UNTIL_EXIT, Ranks, accumulation_steps, all_ranks, barrier, choose_device,  # noqa: F401
+                      describe_device, distribute, from_rank0, gradient_sync, init_distributed, peak_flops,
+                      peak_memory_gb, plan_work, rank_work, unwrapped)
 
 DEMO_DIR = Path("data/demo")
-
-
-def accumulation_steps(cfg: Config, world: int) -> int:
-    """Batches each rank accumulates per optimizer step to come near train.tokens_per_step."""
-    per_batch = cfg.data.batch_size * cfg.data.max_seq_len * world
-    return max(1, round(cfg.train.tokens_per_step / per_batch)) if cfg.train.tokens_per_step else 1
-
-
-def rank_work(cfg: Config, world: int) -> tuple[list[int], list[int]]:
-    """Each rank's work per optimizer step in proportion to train.rank_shares -> (batches it
-    accumulates, sequences per batch). Under DDP a share multiplies the batches (a slow card takes
-    fewer micro-batches of the same size); under FSDP, whose every forward is collective, every
-    rank takes as many batches and a share multiplies the batch size. A share of 1 takes what
-    train.tokens_per_step asks of a process."""
-    shares = cfg.train.rank_shares or [1] * world
-    if len(shares) != world:
-        raise ValueError(f"train.rank_shares has {len(shares)} entries for {world} process(es): give one per process")
-    unit = accumulation_steps(cfg, sum(shares))
-    if cfg.train.parallel == "fsdp":
-        return [unit] * world, [share * cfg.data.batch_size for share in shares]
-    return [share * unit for share in shares], [cfg.data.batch_size] * world
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device):
@@ -447,9 +427,12 @@ def train(args, cfg: Config) -> dict:
                     "numbering them from the training files, as that run did")
         for data in filter(None, (dataset, eval_set)):
             data.use_speakers(labels.speakers)
-        per_step, batch_sizes = rank_work(cfg, ranks.world)   # uneven work per rank: train.rank_shares
-        dataset.set_work(per_step, batch_sizes)
         model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
+        # Uneven work per rank (train.rank_shares): by hand, measured on every card, or on resume
+        # as the checkpoint's run had it.
+        saved_work = from_rank0(saved["ranks"][0]["data"].get("work") if saved else None)
+        per_step, batch_sizes = plan_work(cfg, ranks, model, device, amp_dtype, saved_work, run.say)
+        dataset.set_work(per_step, batch_sizes)
         trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression)
         if ranks.world > 1:
             _HELD_UNTIL_EXIT.append(trained)

@@ -269,3 +269,16 @@ def padding_batch(layout: SequenceLayout, resume_from: StreamPosition) -> Batch:
                      f0_hz=np.zeros(k, np.float32), voicing=np.zeros(k, np.float32), energy=np.zeros(k, np.float32),
                      speaker_id=UNKNOWN, sentiment=UNKNOWN)
     return replace(collate([[filler]], layout, resume_from), sample_ids=[], padding=True)
+
+
+def full_batch(layout: SequenceLayout, batch_size: int) -> Batch:
+    """`batch_size` sequences filled to max_seq_len, half text and half audio: the shapes a
+    training step meets, for probing a card's speed."""
+    k = layout.frames_per_position
+    audio = (layout.max_seq_len - 2) // 2
+    frames = audio * k
+    segment = Segment(sample_id="probe", doc_id="probe", token_ids=np.full(layout.max_seq_len - 2 - audio, 4, np.int32),
+                      mel=np.zeros((frames, N_MELS), np.float16), f0_hz=np.full(frames, 120.0, np.float32),
+                      voicing=np.ones(frames, np.float32), energy=np.zeros(frames, np.float32),
+                      speaker_id=UNKNOWN, sentiment=UNKNOWN)
+    return collate([[segment]] * batch_size, layout)

@@ -7,12 +7,17 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import time
 from dataclasses import dataclass
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+
+from config import Config
+from custom_transformer import sample_masks
+from packing import SequenceLayout, full_batch
 
 
 @dataclass(frozen=True)
@@ -174,3 +179,71 @@ def gradient_sync(trained: torch.nn.Module, enabled: bool):
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     """The model inside a DDP replica (FSDP2 shards the model in place: it is the model)."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def measure_speed(model: torch.nn.Module, batch, masks, device: torch.device, amp_dtype: torch.dtype,
+                  repeats: int = 2) -> float:
+    """This card's training speed, positions/s: forward and backward of the model itself (no
+    collectives, so no rank waits for another), after one warm-up; gradients are cleared after."""
+    batch, masks = batch.to(device), masks.to(device)
+    timings = []
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            loss, _ = model(batch, masks)
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        timings.append(time.perf_counter() - started)
+    model.zero_grad(set_to_none=True)
+    return batch.n_positions(model.cfg.frames_per_position) / min(timings[1:])
+
+
+def shares_from_speeds(speeds: list[float], most: int = 16) -> list[int]:
+    """Whole-number shares in proportion to the ranks' speeds, the slowest taking 1."""
+    slowest = min(speeds)
+    return [min(most, max(1, round(speed / slowest))) for speed in speeds]
+
+
+# ---------------------------------------------------------------------------------------------
+# Work per rank
+
+def accumulation_steps(cfg: Config, world: int) -> int:
+    """Batches each rank accumulates per optimizer step to come near train.tokens_per_step."""
+    per_batch = cfg.data.batch_size * cfg.data.max_seq_len * world
+    return max(1, round(cfg.train.tokens_per_step / per_batch)) if cfg.train.tokens_per_step else 1
+
+
+def rank_work(cfg: Config, world: int, shares: list[int] | None = None) -> tuple[list[int], list[int]]:
+    """Each rank's work per optimizer step in proportion to train.rank_shares -> (batches it
+    accumulates, sequences per batch). Under DDP a share multiplies the batches (a slow card takes
+    fewer micro-batches of the same size); under FSDP, whose every forward is collective, every
+    rank takes as many batches and a share multiplies the batch size. A share of 1 takes what
+    train.tokens_per_step asks of a process."""
+    shares = shares or cfg.train.rank_shares or [1] * world
+    if len(shares) != world:
+        raise ValueError(f"train.rank_shares has {len(shares)} entries for {world} process(es): give one per process")
+    unit = accumulation_steps(cfg, sum(shares))
+    if cfg.train.parallel == "fsdp":
+        return [unit] * world, [share * cfg.data.batch_size for share in shares]
+    return [share * unit for share in shares], [cfg.data.batch_size] * world
+
+
+def plan_work(cfg: Config, ranks: Ranks, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype,
+              saved: list | None, say) -> tuple[list[int], list[int]]:
+    """-> (batches per step, sequences per batch) of every rank: train.rank_shares as given; or
+    "auto", measured on every card alone before DDP hooks its gradients (a resumed run keeps the
+    checkpoint's, `saved`, so that its data stays dealt as it was)."""
+    if cfg.train.rank_shares != "auto":
+        return rank_work(cfg, ranks.world)
+    if saved:
+        return saved
+    layout = SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    probe = full_batch(layout, cfg.data.batch_size)
+    masks = sample_masks(probe, cfg.model, torch.Generator().manual_seed(cfg.train.seed))
+    speeds = all_ranks(measure_speed(model, probe, masks, device, amp_dtype))
+    shares = shares_from_speeds(speeds)
+    say("measured positions/s per process: " + ", ".join(f"{speed:,.0f}" for speed in speeds) + f" -> shares {shares}")
+    return rank_work(cfg, ranks.world, shares)

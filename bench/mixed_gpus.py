@@ -1,0 +1,127 @@
+"""Mixed cards in one run, simulated on this CPU: 8 gloo processes made unequal by an injected
+per-rank slowdown (bench/simulated_ranks.py), like the reference box's 2 fast and 6 slower
+cards, with links unlimited or modelled as PCIe gen1 x4 (~1 GB/s) and x1 (~250 MB/s) carrying
+the `base` preset's gradients.
+
+    python bench/mixed_gpus.py [--steps 6] [--batch-seconds 1.5]
+
+For each profile: achieved positions/s (a full step's positions over the median step time) over
+the sum of every rank's solo positions/s, with equal shares and with train.rank_shares=auto. Solo speeds are measured by one-process runs of each
+card kind. The simulated compute per batch (sleep) dominates the real one, so that 8 processes
+on 2 cores measure the schedule rather than the contention.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from common import ROOT, header, save
+
+import demo_corpus  # noqa: E402 (path set by common)
+import model_trainer  # noqa: E402
+from custom_transformer import CustomTransformer  # noqa: E402
+
+FLAGS = ["--preset", "tiny", "--ws-port", "-1", "--set", "train.checkpoint_every=1000", "--set", "data.prefetch=2",
+         "--set", "data.batch_size=1"]
+
+
+def base_gradient_shares() -> tuple[float, float]:
+    """The `base` preset's fp32 gradient bytes, and the share PowerSGD (rank 1) sends of them."""
+    cfg = model_trainer.load_config(str(model_trainer.DEFAULT_CONFIG), [], "base")
+    with torch.device("meta"):
+        params = list(CustomTransformer(cfg.model).parameters())
+    total = sum(p.numel() for p in params)
+    sent = sum(p.shape[0] + p[0].numel() if p.dim() >= 2 else p.numel() for p in params)
+    return 4.0 * total, sent / total
+
+
+def run(data: Path, out: Path, speeds: list[float], batch_seconds: float, steps: int, extra: list[str],
+        link: float = 0.0, gradient_bytes: float = 0.0, sent_share: float = 1.0) -> dict:
+    """The trainer on len(speeds) simulated cards -> mean positions/s of the steps after the first two."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SIM_SPEEDS": ",".join(map(str, speeds)),
+           "SIM_BATCH_SECONDS": str(batch_seconds), "SIM_LINK_BYTES_PER_S": str(link),
+           "SIM_GRADIENT_BYTES": str(gradient_bytes), "SIM_SENT_SHARE": str(sent_share)}
+    command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(speeds))]
+               if len(speeds) > 1 else [sys.executable])
+    proc = subprocess.run([*command, "bench/simulated_ranks.py", "--data-dir", str(data), "--out", str(out),
+                           "--steps", str(steps), *FLAGS, *extra], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-3000:])
+    messages = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in messages if m["type"] == "step"]
+    # A step's positions are taken from the first (no rank is short of data yet: the demo corpus is
+    # small, and near an epoch's end its ranks step with padding batches); its time is the median
+    # of the steps after two of warm-up.
+    positions = steps[0]["tokens_per_s"] * steps[0]["step_time_s"]
+    seconds = statistics.median(m["step_time_s"] for m in steps[2:])
+    shares = next((line.split("-> shares ")[1] for line in proc.stderr.splitlines() if "-> shares" in line), "equal")
+    return {"positions_per_s": positions / seconds, "shares": shares}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--batch-seconds", type=float, default=1.5, help="simulated compute of a batch on a fast card")
+    args = parser.parse_args()
+    shards = demo_corpus.build(ROOT / "data" / "demo")
+    gradient_bytes, powersgd_share = base_gradient_shares()
+    work = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
+    lines = [*header(), f"# 8 simulated cards: 2 at speed 1 and 6 slower; {args.batch_seconds} s per batch on a fast "
+             f"card; base gradients {gradient_bytes / 1e6:,.0f} MB fp32, PowerSGD rank 1 sends "
+             f"{powersgd_share:.2%} of them", f"{'profile':<40} {'shares':<26} {'pos/s':>8} {'of solo':>8}"]
+    print("\n".join(lines), flush=True)
+    try:
+        data = work / "data"
+        data.mkdir()
+        for shard in shards:
+            shutil.copy(shard, data)
+        solo = {}
+        for speed in (1.0, 0.5, 0.2):
+            solo[speed] = run(data, work / f"solo-{speed}", [speed], args.batch_seconds, args.steps, [])["positions_per_s"]
+            lines.append(f"{'solo card at speed ' + str(speed):<40} {'-':<26} {solo[speed]:>8.0f} {'-':>8}")
+            print(lines[-1], flush=True)
+        cases = []
+        for slow in (1.0, 0.5, 0.2):
+            for shares in ("equal", "auto"):
+                cases.append((f"1:{slow}, link unlimited", slow, shares, [], 0.0, 1.0))
+        accumulate = ["--set", "train.tokens_per_step=7680"]   # 3 batches of 1 x 256 per share of 1 (10 shares)
+        for link_name, link in (("x4 gen1, 1 GB/s", 1e9), ("x1 gen1, 250 MB/s", 2.5e8)):
+            cases.append((f"1:0.5, {link_name}, none", 0.5, "auto", accumulate, link, 1.0))
+            cases.append((f"1:0.5, {link_name}, fp16", 0.5, "auto", accumulate + ["--set", "train.grad_compression=fp16"],
+                          link, 0.5))
+            cases.append((f"1:0.5, {link_name}, powersgd", 0.5, "auto",
+                          accumulate + ["--set", "train.grad_compression=powersgd"], link, powersgd_share))
+        results = {}
+        for name, slow, shares, extra, link, sent in cases:
+            speeds = [1.0, 1.0] + [slow] * 6
+            flags = [*extra, *(["--set", "train.rank_shares=auto"] if shares == "auto" else [])]
+            result = run(data, work / f"case-{len(results)}", speeds, args.batch_seconds, args.steps, flags, link,
+                         gradient_bytes, sent)
+            efficiency = result["positions_per_s"] / sum(solo[s] for s in speeds)
+            results[(name, shares)] = (result, efficiency)
+            lines.append(f"{name + ', ' + shares:<40} {result['shares']:<26} {result['positions_per_s']:>8.0f} "
+                         f"{efficiency:>8.2f}")
+            print(lines[-1], flush=True)
+        auto_free = min(e for (name, shares), (_, e) in results.items() if "unlimited" in name and shares == "auto")
+        x1 = max(e for (name, _), (_, e) in results.items() if "x1" in name)
+        lines.append(f"auto shares without link cost: worst {auto_free:.2f} of the solo sum (goal >= 0.85); "
+                     f"x1 link, best compression with accumulation: {x1:.2f} (goal >= 0.70)")
+        print(lines[-1])
+        save("mixed_gpus", lines)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
