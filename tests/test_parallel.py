@@ -48,4 +48,4 @@ def test_auto_shares_measure_a_slow_card_and_give_it_less(corpus, tmp_path):
     assert f"process 0: cpu (float32), {shares[0]} batch(es)" in proc.stderr
     run = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"run"' in line)
     assert run["batches_per_step_by_process"] == shares
-    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"step"' in line]) == 4
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"type": "step"' in line]) == 4
