@@ -143,18 +143,23 @@ def load_checkpoint(path: Path) -> dict:
     return state
 
 
-def find_checkpoint(out_dir: Path, problems: list[str] | None = None) -> Path | None:
-    """The newest checkpoint in out_dir that loads and verifies; each one passed over is said
-    (and added to `problems`)."""
+def newest_checkpoint(out_dir: Path, problems: list[str] | None = None) -> tuple[Path, dict] | None:
+    """The newest checkpoint in out_dir that loads and verifies, with its state; each one passed
+    over is said (and added to `problems`)."""
     for path in sorted(out_dir.glob("ckpt-*.pt"), reverse=True):
         try:
-            load_checkpoint(path)
-            return path
+            return path, load_checkpoint(path)
         except CheckpointCorrupt as err:
             print(f"skipping checkpoint {err}", file=sys.stderr)
             if problems is not None:
                 problems.append(str(err))
     return None
+
+
+def find_checkpoint(out_dir: Path, problems: list[str] | None = None) -> Path | None:
+    """The path of newest_checkpoint."""
+    found = newest_checkpoint(out_dir, problems)
+    return found[0] if found else None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -420,7 +420,7 @@ class CustomTransformer(nn.Module):
         cfg, k = self.cfg, self.cfg.frames_per_position
         grid, mel, prosody, hidden = self.run(batch, masks)
         targets = loss_targets(batch, masks, cfg)
-        local = loss_counts(batch, masks, cfg)
+        local = _counts(targets)
         denominators = (local if denominators is None else denominators).to(local.device).clamp_min(1.0)
         sums: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor] = {}
@@ -483,7 +483,10 @@ def loss_targets(batch: Batch, masks: Masks, cfg: ModelConfig) -> dict[str, torc
 
 def loss_counts(batch: Batch, masks: Masks, cfg: ModelConfig) -> torch.Tensor:
     """How many items each loss term averages over, in LOSS_TERMS order (mel: 80 values a frame)."""
-    t = loss_targets(batch, masks, cfg)
+    return _counts(loss_targets(batch, masks, cfg))
+
+
+def _counts(t: dict[str, torch.Tensor]) -> torch.Tensor:
     frames = t["frames"].sum()
     return torch.stack([t["text"].sum(), t["speaker"].sum(), t["sentiment"].sum(), t["speaker_embedding"].sum(),
                         frames * N_MELS, t["voiced"].sum(), frames, frames]).float()

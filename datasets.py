@@ -233,6 +233,17 @@ class _PackedStream(torch.utils.data.IterableDataset):
                     self.unseen_speakers[self._speaker_names[file].get(local, f"id {local}")] += 1
         return segments
 
+    def segments(self, endpoints: list, first_endpoint: int = 0, first_row: int = 0
+                 ) -> Iterator[tuple[tuple[int, int], Segment]]:
+        """((endpoint index, row), segment) in the order of `endpoints`, from the given one and
+        row on, speakers numbered as the run numbers them."""
+        for index in range(first_endpoint, len(endpoints)):
+            row = first_row if index == first_endpoint else 0
+            for record_batch in self.read_endpoint(endpoints[index], row):
+                for segment in self._with_run_speakers(segments_from_batch(record_batch), endpoints[index][0]):
+                    yield (index, row), segment
+                    row += 1
+
     def file_speakers(self) -> dict[str, dict[str, int] | None]:
         """Each file's own speaker numbering (name -> id), None where its metadata has none."""
         raise NotImplementedError
@@ -304,14 +315,6 @@ class _PackedStream(torch.utils.data.IterableDataset):
         batch_size = self._work(world)[1][rank]
         first_endpoint, first_row, skip_batches = self._positions.get(shard, (0, 0, 0))
 
-        def positioned():
-            for index in range(first_endpoint, len(endpoints)):
-                row = first_row if index == first_endpoint else 0
-                for record_batch in self.read_endpoint(endpoints[index], row):
-                    for segment in self._with_run_speakers(segments_from_batch(record_batch), endpoints[index][0]):
-                        yield (index, row), segment
-                        row += 1
-
         def emit(window, window_start, next_start, skip):
             """A window of sequences, shuffled by its start position, as batches. Each batch says
             where the next one begins: (window start, batches done) or the next window's start."""
@@ -326,7 +329,8 @@ class _PackedStream(torch.utils.data.IterableDataset):
 
         window_size = batch_size * self.shuffle_window
         window, window_start, skip, skipped = [], None, skip_batches, Skipped()
-        for start, sequence in pack_sequences(positioned(), self.layout, skipped):
+        for start, sequence in pack_sequences(self.segments(endpoints, first_endpoint, first_row), self.layout,
+                                              skipped):
             if len(window) == window_size:
                 yield from emit(window, window_start, start, skip)
                 window, skip = [], 0

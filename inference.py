@@ -125,17 +125,13 @@ def input_segments(dataset, filled: set[str] | None = None, chars_per_second: fl
     """(position, segment) in file order. With a `filled` set, a segment without text gets
     placeholder tokens spread evenly over its audio (about `chars_per_second`), to be read; its
     sample_id goes into the set."""
-    for index, endpoint in enumerate(dataset.endpoints()):
-        row = 0
-        for record_batch in dataset.read_endpoint(endpoint, 0):
-            for segment in dataset._with_run_speakers(datasets.segments_from_batch(record_batch), endpoint[0]):
-                if filled is not None and len(segment.token_ids) == 0 and len(segment.mel):
-                    n = 2 + max(1, round(len(segment.mel) / 100.0 * chars_per_second))
-                    segment = replace(segment, token_ids=np.zeros(n, np.int32),
-                                      token_start_frame=np.linspace(0, len(segment.mel) - 1, n).astype(np.int32))
-                    filled.add(segment.sample_id)
-                yield (index, row), segment
-                row += 1
+    for position, segment in dataset.segments(dataset.endpoints()):
+        if filled is not None and len(segment.token_ids) == 0 and len(segment.mel):
+            n = 2 + max(1, round(len(segment.mel) / 100.0 * chars_per_second))
+            segment = replace(segment, token_ids=np.zeros(n, np.int32),
+                              token_start_frame=np.linspace(0, len(segment.mel) - 1, n).astype(np.int32))
+            filled.add(segment.sample_id)
+        yield position, segment
 
 
 def input_batches(dataset, segments):

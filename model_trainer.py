@@ -38,7 +38,8 @@ import datasets
 import demo_corpus
 import live_metrics
 from access import read_token
-from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, find_checkpoint, load_checkpoint
+from checkpoint import (Checkpointer, CheckpointWriteError, GlobalRNG, find_checkpoint,  # noqa: F401
+                        load_checkpoint, newest_checkpoint)
 from config import DEFAULT_CONFIG, Config, TrainConfig, build_config, load_config  # noqa: F401 (tools use them from here)
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts, sample_masks
 from flight_server import SampleFlightServer
@@ -312,11 +313,12 @@ class Run:
                     "were not scored for speaker" if unseen else ""))
 
 
-def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack) -> tuple[Run, Path | None]:
+def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
+             ) -> tuple[Run, Path | None, dict | None]:
     """The run folder and live metrics (first, so that a busy port or a folder that cannot be
     written fails before any slow work). -> the run, and on rank 0 the checkpoint to resume from
-    (None: a fresh run)."""
-    out_dir, resume_path = Path(args.out), None
+    and its state (None: a fresh run)."""
+    out_dir, resume_path, saved = Path(args.out), None, None
     if ranks.main:   # rank 0 alone reads and writes the run folder
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -325,8 +327,11 @@ def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
         except OSError as err:
             raise OSError(f"--out {out_dir}: cannot write there: {err.strerror or err}") from None
         problems: list[str] = []
-        resume_path = (find_checkpoint(out_dir, problems) if args.resume == "auto" else
-                       Path(args.resume) if args.resume else None)
+        if args.resume == "auto":
+            resume_path, saved = newest_checkpoint(out_dir, problems) or (None, None)
+        elif args.resume:
+            resume_path = Path(args.resume)
+            saved = load_checkpoint(resume_path)
         if resume_path is None and problems:
             raise ValueError(f"--resume auto: none of the {len(problems)} checkpoint(s) in {out_dir} can be read:\n  "
                              + "\n  ".join(problems) + f"\nTo start afresh, move them out of {out_dir} or choose "
@@ -342,7 +347,7 @@ def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
     cleanup.callback(run.close)
     if live:
         run.say(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/")
-    return run, resume_path
+    return run, resume_path, saved
 
 
 def build_model(cfg: Config, info: datasets.CorpusInfo, device: torch.device) -> CustomTransformer:
@@ -412,8 +417,7 @@ def train(args, cfg: Config) -> dict:
         ranks = init_distributed(cfg.train.device)
         seed_everything(cfg.train.seed)
         device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
-        run, resume_path = open_run(args, cfg.train, ranks, cleanup)
-        saved = load_checkpoint(resume_path) if resume_path else None   # rank 0 only
+        run, resume_path, saved = open_run(args, cfg.train, ranks, cleanup)   # saved: on rank 0 only
         dataset, eval_set = open_data(args, cfg, cleanup, ranks)
         # Speakers by name: the run's ids come from the checkpoint (new names appended) or the
         # training files; evaluation files are mapped onto them by name.
