@@ -42,6 +42,10 @@ class TrainConfig:
     # and reads that share of the data. Empty: equal; "auto": measured at start (DDP). Losses
     # average over the whole step exactly either way.
     rank_shares: list | str = dataclasses.field(default_factory=list)
+    # With rank_shares=auto: every this many steps the processes compare their measured compute
+    # (waits for each other left out) and, where a new plan evens it out by 10% or more, take it
+    # from the next epoch on (an epoch's data is dealt when it starts). 0: never.
+    rebalance_every: int = 200
     # Gradients sent between DDP processes: none | fp16 | bf16 (half the bytes) | powersgd (low
     # rank, for links of a few hundred MB/s); torch.distributed's communication hooks.
     grad_compression: str = "none"
@@ -58,6 +62,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
+        if self.rebalance_every < 0:
+            raise ValueError("train.rebalance_every must be >= 0 (0: never)")
         if self.tokens_per_step < 0:
             raise ValueError("train.tokens_per_step must be >= 0 (0: one batch per step)")
         if self.parallel not in ("ddp", "fsdp"):

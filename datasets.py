@@ -41,57 +41,74 @@ class Interrupted(Exception):
     """The consumer of a prefetched stream was asked to stop while it waited for an item."""
 
 
-def prefetch(iterable: Iterable, depth: int, interrupted: Callable[[], bool] = lambda: False) -> Iterator:
+class Prefetch:
     """Run `iterable` in a background thread, at most `depth` items ahead (0: each item is read
     when it is asked for), so that reading and packing overlap the training step (Arrow and torch
     release the GIL for their heavy work). Errors reach the consumer.
 
     The consumer never waits blindly: while it waits for an item (a server down, retries backing
-    off), `interrupted()` is polled and, once true, ends the stream with Interrupted. Closing the
-    stream stops the thread without waiting on a read in flight (the thread is a daemon)."""
-    items: queue.SimpleQueue = queue.SimpleQueue()   # unbounded: the requests below bound it
-    requested = threading.Semaphore(depth)           # items the producer may read ahead
-    stop = threading.Event()
-    done = object()
+    off), `interrupted()` is polled and, once true, ends the stream with Interrupted. `close()`
+    stops the thread without waiting on a read in flight (the thread is a daemon);
+    `close(wait=True)` waits for it, for a consumer that reopens the source right after."""
 
-    def produce():
-        try:
-            iterator = iter(iterable)
-            while True:
-                while not requested.acquire(timeout=0.1):
+    _DONE = object()
+
+    def __init__(self, iterable: Iterable, depth: int, interrupted: Callable[[], bool] = lambda: False):
+        self._items: queue.SimpleQueue = queue.SimpleQueue()   # unbounded: the requests below bound it
+        self._requested = threading.Semaphore(depth)           # items the producer may read ahead
+        self._stop = threading.Event()
+        self._interrupted, self._finished = interrupted, False
+        items, requested, stop, done = self._items, self._requested, self._stop, self._DONE
+
+        def produce():   # holds no reference to self, so an abandoned stream is collected and stops
+            try:
+                iterator = iter(iterable)
+                while True:
+                    while not requested.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
                     if stop.is_set():
                         return
-                if stop.is_set():
-                    return
-                item = next(iterator, done)
-                items.put((item, None))
-                if item is done:
-                    return
-        except BaseException as err:  # noqa: BLE001 - handed to the consumer
-            items.put((done, err))
-        finally:   # an abandoned stream shuts its DataLoader workers down now, not at exit
-            getattr(iterable, "close", lambda: None)()
+                    item = next(iterator, done)
+                    items.put((item, None))
+                    if item is done:
+                        return
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer
+                items.put((done, err))
+            finally:   # an abandoned stream shuts its DataLoader workers down now, not at exit
+                getattr(iterable, "close", lambda: None)()
 
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
+        self._thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> "Prefetch":
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        self._requested.release()
         while True:
-            requested.release()
-            while True:
-                try:
-                    item, err = items.get(timeout=0.1)
-                    break
-                except queue.Empty:
-                    if interrupted():
-                        raise Interrupted from None
-            if item is done:
-                if err is not None:
-                    raise err
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=1.0)   # a read stalled on the network is not waited for
+            try:
+                item, err = self._items.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._interrupted():
+                    raise Interrupted from None
+        if item is self._DONE:
+            self._finished = True
+            if err is not None:
+                raise err
+            raise StopIteration
+        return item
+
+    def close(self, wait: bool = False) -> None:
+        self._finished = True
+        self._stop.set()
+        self._thread.join(timeout=None if wait else 1.0)   # a read stalled on the network is not waited for
+
+    def __del__(self):
+        self._stop.set()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,7 +116,7 @@ def prefetch(iterable: Iterable, depth: int, interrupted: Callable[[], bool] = l
 
 @dataclass
 class DataConfig:
-    batch_size: int = 4          # sequences per batch
+    batch_size: int = 4          # sequences per batch (rank_shares=auto: the most, fewer where memory is short)
     max_seq_len: int = 768       # positions per sequence
     shuffle: bool = True         # endpoints per epoch, then sequences within a window
     shuffle_window: int = 16     # batches whose sequences are shuffled together
@@ -151,22 +168,28 @@ class _PackedStream(torch.utils.data.IterableDataset):
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         self.rank, self.world = ((torch.distributed.get_rank(), torch.distributed.get_world_size())
                                  if distributed else (0, 1))
-        self.per_step = [1] * self.world                 # batches each rank consumes per optimizer step
-        self.batch_sizes = [batch_size] * self.world     # sequences per batch, by rank
+        # Work per rank by the epoch it starts from: {epoch: (batches per step, sequences per batch)}.
+        # An epoch's data is dealt by the work in force when it starts, so a change (a re-balance,
+        # or a resume with other shares) takes effect at the next epoch: every row is still read
+        # once, and every rank still ends the epoch at the same step.
+        self.work_plan: dict[int, tuple[list[int], list[int]]] = {}
 
-    def set_work(self, per_step: list[int], batch_sizes: list[int]) -> None:
-        """Uneven work per rank: rank r consumes per_step[r] batches of batch_sizes[r] sequences
-        a step, so the epoch's data is dealt in that proportion and every rank still ends the
-        epoch at the same step."""
+    def set_work(self, per_step: list[int], batch_sizes: list[int], from_epoch: int = 0) -> None:
+        """Uneven work per rank from epoch `from_epoch` on: rank r consumes per_step[r] batches of
+        batch_sizes[r] sequences a step, so the epoch's data is dealt in that proportion."""
         if not len(per_step) == len(batch_sizes) == self.world or min(per_step + batch_sizes) < 1:
             raise ValueError(f"batches per step {per_step} of {batch_sizes} sequences: need counts >= 1 for each "
                              f"of {self.world} process(es)")
-        self.per_step, self.batch_sizes = list(per_step), list(batch_sizes)
+        self.work_plan = {epoch: work for epoch, work in self.work_plan.items() if epoch < from_epoch}
+        self.work_plan[from_epoch] = (list(per_step), list(batch_sizes))
 
-    def _work(self, world: int) -> tuple[list[int], list[int]]:
-        """(batches per step, sequences per batch) of each of `world` ranks: as set, or equal."""
-        if len(self.per_step) == world:
-            return self.per_step, self.batch_sizes
+    def work(self, epoch: int | None = None, world: int | None = None) -> tuple[list[int], list[int]]:
+        """(batches per step, sequences per batch) of each rank in `epoch` (default: the current
+        one): as planned, or one batch of data.batch_size each."""
+        epoch, world = self.epoch if epoch is None else epoch, world or self.world
+        starts = [start for start in self.work_plan if start <= epoch]
+        if starts and len(self.work_plan[max(starts)][0]) == world:
+            return self.work_plan[max(starts)]
         return [1] * world, [self.batch_size] * world
 
     @property
@@ -192,15 +215,26 @@ class _PackedStream(torch.utils.data.IterableDataset):
         """Where the consumed batches end: load it to continue right after them."""
         consumed = self._consumed
         return {"epoch": consumed["epoch"], "positions": dict(consumed["positions"]),
-                "last_shard": consumed["last_shard"], "work": [list(self.per_step), list(self.batch_sizes)]}
+                "last_shard": consumed["last_shard"],
+                "work": [[epoch, *map(list, work)] for epoch, work in sorted(self.work_plan.items())]}
 
     def load_state_dict(self, state: dict) -> None:
-        written = state.get("work", [[1] * self.world, [self.batch_size] * self.world])
-        if written != [self.per_step, self.batch_sizes]:   # the deal of this epoch's data depends on it
-            raise ValueError(f"the checkpoint's processes took {written[0]} batches of {written[1]} sequences per "
-                             f"step, this run's take {self.per_step} of {self.batch_sizes}: resume with the same "
-                             "train.rank_shares, train.tokens_per_step and data.batch_size")
-        self.epoch = int(state["epoch"])
+        """Continue after the consumed batches of `state`. Its epoch finishes with the work it was
+        dealt by; where this run's work differs (other shares, recalibrated or by hand), that
+        applies from the next epoch on."""
+        epoch = int(state["epoch"])
+        written = state.get("work") or [[0, [1] * self.world, [self.batch_size] * self.world]]
+        if isinstance(written[0][-1], int):   # [batches per step, sequences per batch]: one work for all epochs
+            written = [[0, *written]]
+        saved = {int(start): (list(per_step), list(sizes)) for start, per_step, sizes in written}
+        if len(next(iter(saved.values()))[0]) != self.world:
+            raise ValueError(f"the checkpoint was written by {len(next(iter(saved.values()))[0])} process(es), this "
+                             f"run has {self.world}: resume with as many")
+        wanted = self.work(epoch + 1) if self.work_plan else None
+        self.work_plan = {start: work for start, work in saved.items() if start <= epoch + 1}
+        if wanted and wanted != self.work(epoch + 1):
+            self.work_plan[epoch + 1] = wanted
+        self.epoch = epoch
         self._positions = {int(k): tuple(int(x) for x in v) for k, v in state["positions"].items()}
         self._last_shard = int(state["last_shard"])
         self._consumed = {"epoch": self.epoch, "positions": {str(k): list(v) for k, v in self._positions.items()},
@@ -271,7 +305,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(len(endpoints))
             endpoints = [endpoints[i] for i in order]
-        per_step, batch_sizes = self._work(world)
+        per_step, batch_sizes = self.work(world=world)
         weights = [per_step[s // workers] * batch_sizes[s // workers] for s in range(world * workers)]
         deal = [s for turn in range(max(weights)) for s in range(len(weights)) if turn < weights[s]]
         return [endpoint for i, endpoint in enumerate(endpoints) if deal[i % len(deal)] == shard]
@@ -298,7 +332,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
         steps as the longest one's (DDP hangs when ranks disagree). Worker 0 yields them."""
         if world == 1:
             return 0
-        per_step, batch_sizes = self._work(world)
+        per_step, batch_sizes = self.work(world=world)
         totals = [sum(self._batch_count(self._shard_endpoints(r * workers + w, world, workers), batch_sizes[r])
                       for w in range(workers)) for r in range(world)]
         steps = max(-(-total // count) for total, count in zip(totals, per_step))
@@ -312,7 +346,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
             worker = (worker + self._last_shard + 1) % workers
         shard = rank * workers + worker
         endpoints = self._shard_endpoints(shard, world, workers)
-        batch_size = self._work(world)[1][rank]
+        batch_size = self.work(world=world)[1][rank]
         first_endpoint, first_row, skip_batches = self._positions.get(shard, (0, 0, 0))
 
         def emit(window, window_start, next_start, skip):

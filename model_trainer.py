@@ -146,10 +146,29 @@ class StepResult:
     positions: int        # sequence positions trained on, all ranks together
     stop: bool            # some rank was asked to stop (SIGINT/SIGTERM): all stop after this step
     abandoned: bool = False   # some rank could not get its batches: the step does not count anywhere
+    compute_s: float = 0.0    # with `timed`: this rank's forward and backward time, waits for other ranks left out
+
+
+def clock(device: torch.device) -> float:
+    """Seconds, once the device has finished what it was given."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def compute_seconds(forwards: list[float], backwards: list[float], world: int) -> float:
+    """A rank's own compute in a step. The last backward also waits for the other ranks' gradients
+    (DDP's all-reduce): it is estimated from its forward by this rank's backward/forward ratio in
+    the batches before it (2, as is usual, when there were none)."""
+    if world == 1:
+        return sum(forwards) + sum(backwards)
+    ratio = sum(backwards[:-1]) / sum(forwards[:-1]) if len(forwards) > 1 and sum(forwards[:-1]) > 0 else 2.0
+    return sum(forwards) + sum(backwards[:-1]) + forwards[-1] * ratio
 
 
 def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_dtype, grad_clip,
-               stop_requested: Callable[[], bool] = lambda: False, abandon: bool = False) -> StepResult:
+               stop_requested: Callable[[], bool] = lambda: False, abandon: bool = False,
+               timed: bool = False) -> StepResult:
     """Forward and backward over the accumulated (batch, masks) pairs, one exchange of gradients
     (and of the loss and the stop and abandon flags) between ranks, clip, optimizer step.
 
@@ -157,7 +176,8 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
     GradScaler also skips steps whose scaled gradients overflowed, as it should. A rank that
     could not get its batches (`abandon`: its data failed, or it was stopped while waiting) joins
     with padding batches, and the step is abandoned everywhere: no update, no scheduler step.
-    `stop_requested` is asked at the exchange, so a signal during the step stops after it."""
+    `stop_requested` is asked at the exchange, so a signal during the step stops after it.
+    `timed` measures this rank's compute (for re-balancing; it synchronizes the device)."""
     optimizer.zero_grad(set_to_none=True)
     cfg = unwrapped(model).cfg
     # Exact averaging: every loss term is divided by its count over the whole step (all batches of
@@ -171,13 +191,19 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
         torch.distributed.all_reduce(denominators)
     loss_sum, samples_batches, positions = torch.zeros((), device=device), 0, 0
     metric_sums: dict[str, torch.Tensor] = {}
+    forwards, backwards = [], []
     for index, (batch, masks) in enumerate(micro_batches):
         batch, masks = batch.to(device), masks.to(device)
         with gradient_sync(model, enabled=index == len(micro_batches) - 1):
+            started = clock(device) if timed else 0.0
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                 loss, metrics = model(batch, masks, denominators)
+            forward_done = clock(device) if timed else 0.0
             # a padding batch (a rank out of data) steps along with the others, learning nothing
             scaler.scale(loss * (0.0 if batch.padding else float(world))).backward()
+            if timed:
+                forwards.append(forward_done - started)
+                backwards.append(clock(device) - forward_done)
         if not batch.padding:
             loss_sum = loss_sum + loss.detach().float()
             samples_batches += 1
@@ -205,7 +231,8 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
     scaler.update()
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    return StepResult(mean_loss, metrics, grad_norm, lr, applied, int(position_total), stops > 0)
+    return StepResult(mean_loss, metrics, grad_norm, lr, applied, int(position_total), stops > 0,
+                      compute_s=compute_seconds(forwards, backwards, world) if timed else 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -432,10 +459,9 @@ def train(args, cfg: Config) -> dict:
         for data in filter(None, (dataset, eval_set)):
             data.use_speakers(labels.speakers)
         model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
-        # Uneven work per rank (train.rank_shares): by hand, measured on every card, or on resume
-        # as the checkpoint's run had it.
-        saved_work = from_rank0(saved["ranks"][0]["data"].get("work") if saved else None)
-        per_step, batch_sizes = plan_work(cfg, ranks, model, device, amp_dtype, saved_work, run.say)
+        # Uneven work per rank (train.rank_shares): by hand, or measured on every card and kept
+        # even by the rebalancer.
+        per_step, batch_sizes, rebalancer = plan_work(cfg, ranks, model, device, amp_dtype, run.say)
         dataset.set_work(per_step, batch_sizes)
         trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression)
         if ranks.world > 1:
@@ -456,26 +482,34 @@ def train(args, cfg: Config) -> dict:
             run.last_checkpoint = (run.progress.step, resume_path)
             run.say(f"resumed from {resume_path} at step {run.progress.step}")
 
-        accumulate = per_step[ranks.rank]
+        # A resumed epoch finishes with the work it was dealt by; this run's applies from the next.
+        epoch = dataset.epoch
+        per_step, batch_sizes = dataset.work(epoch)
+        if dataset.work(epoch + 1) != (per_step, batch_sizes):
+            run.say(f"epoch {epoch} continues with the checkpoint's work; from epoch {epoch + 1} on, processes take "
+                    f"{dataset.work(epoch + 1)[0]} batch(es) of {dataset.work(epoch + 1)[1]} sequence(s) a step")
         flops_per_position = model.flops_per_position(cfg.data.max_seq_len)
         peak = peak_flops(device, amp_dtype)
         run.say(f"{len(labels.speakers)} speaker(s) by name, {len(dataset.files)} training file(s)"
                 + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
         precision = str(amp_dtype).removeprefix("torch.")
-        for rank, (where, dtype, count) in enumerate(all_ranks((describe_device(device), precision, accumulate))):
-            run.say(f"process {rank}: {where} ({dtype}), {count} batch(es) x {batch_sizes[rank]} x "
+        for rank, (where, dtype) in enumerate(all_ranks((describe_device(device), precision))):
+            run.say(f"process {rank}: {where} ({dtype}), {per_step[rank]} batch(es) x {batch_sizes[rank]} x "
                     f"{cfg.data.max_seq_len} positions per step")
         if not peak and device.type != "cpu":
             run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(device)}")
         start_step = run.progress.step
         run.publish({"type": "run", "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
                      "precision": str(amp_dtype).removeprefix("torch."), "processes": ranks.world,
-                     "batches_per_step": accumulate, "batches_per_step_by_process": per_step,
+                     "batches_per_step": per_step[ranks.rank], "batches_per_step_by_process": per_step,
                      "batch_size_by_process": batch_sizes, "files": len(dataset.files), "config": asdict(cfg),
                      "start_step": start_step, "steps": cfg.train.steps})
-        stream = datasets.prefetch(batches(dataset, cfg.data.num_workers), cfg.data.prefetch,
-                                   interrupted=lambda: bool(stop_requested))
-        cleanup.callback(stream.close)   # stop reading before the in-process server goes away
+        def open_stream():   # from the consumed batches on
+            return datasets.Prefetch(batches(dataset, cfg.data.num_workers), cfg.data.prefetch,
+                                     interrupted=lambda: bool(stop_requested))
+
+        stream = open_stream()
+        cleanup.callback(lambda: stream.close())   # stop reading before the in-process server goes away
         mask_rng = torch.Generator()
         run.progress_bar = cleanup.enter_context(tqdm(
             total=cfg.train.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
@@ -487,24 +521,29 @@ def train(args, cfg: Config) -> dict:
         stop_requested.training = True
         try:
             for step in range(start_step, cfg.train.steps):
-                # 1. This rank's batches for the step, each with its masks (which depend on the
-                #    step, batch and rank alone, so a resumed run draws the same ones). Without
-                #    data (a failure, a signal while waiting) padding keeps this rank in step.
+                # 1. This rank's batches for the step (as many as the work of their epoch asks),
+                #    each with its masks (which depend on the step, batch and rank alone, so a
+                #    resumed run draws the same ones). Without data (a failure, a signal while
+                #    waiting) padding keeps this rank in step.
                 t0 = time.perf_counter()
-                micro_batches, data_wait, missing = [], 0.0, None
-                for micro in range(accumulate):
-                    waited = time.perf_counter()
+                micro_batches, missing, micro = [], None, 0
+                while micro < per_step[ranks.rank]:
                     batch, missing = next_batch(stream, stop_requested) if missing is None else (None, missing)
-                    data_wait += time.perf_counter() - waited
                     if batch is None:
                         batch = datasets.padding_batch(dataset.layout, None)
+                    elif micro == 0 and batch.resume_from.epoch != epoch:
+                        epoch = batch.resume_from.epoch
+                        per_step, batch_sizes = dataset.work(epoch)
                     mask_rng.manual_seed(cfg.train.seed * 1_000_003 + (step * max(per_step) + micro) * ranks.world
                                          + ranks.rank)
                     micro_batches.append((batch, sample_masks(batch, cfg.model, mask_rng)))
+                    micro += 1
+                data_wait = time.perf_counter() - t0
 
                 # 2. Forward, backward, one exchange between ranks, optimizer step (or a skip).
                 result = train_step(trained, micro_batches, optimizer, scheduler, scaler, device, amp_dtype,
-                                    cfg.train.grad_clip, lambda: bool(stop_requested), abandon=missing is not None)
+                                    cfg.train.grad_clip, lambda: bool(stop_requested), abandon=missing is not None,
+                                    timed=rebalancer is not None)
                 if result.abandoned:   # not counted, its batches not recorded: a resume reads them again
                     last_path = run.checkpoint(final=True)
                     saved = (f"the checkpoint of step {run.last_checkpoint[0]}" + (f", {last_path}" if last_path else "")
@@ -559,6 +598,26 @@ def train(args, cfg: Config) -> dict:
                 if result.stop:
                     run.say(f"asked to stop: stopped after step {done}, checkpoint {last_path}")
                     break
+
+                # 6. With train.rank_shares=auto: a plan that evens out the ranks' measured compute
+                #    better takes over from the next epoch; the stream is reopened from the
+                #    consumed batches, since it may already have read into that epoch.
+                if rebalancer is not None:
+                    rebalancer.add(sum(b.n_positions(cfg.model.frames_per_position) for b, _ in micro_batches
+                                       if not b.padding), result.compute_s)
+                    proposal = rebalancer.propose(done, per_step, batch_sizes)
+                    if proposal is not None:
+                        new_per_step, new_batch_sizes, speeds = proposal
+                        stream.close(wait=True)
+                        dataset.load_state_dict(dataset.state_dict())
+                        dataset.set_work(new_per_step, new_batch_sizes, from_epoch=epoch + 1)
+                        stream = open_stream()
+                        run.say(f"step {done}: measured compute {', '.join(f'{v:,.0f}' for v in speeds)} positions/s "
+                                f"per process: from epoch {epoch + 1} on, batches {new_per_step} of "
+                                f"{new_batch_sizes} sequences")
+                        run.publish({"type": "rebalance", "step": done, "from_epoch": epoch + 1,
+                                     "positions_per_s_by_process": speeds, "batches_per_step_by_process": new_per_step,
+                                     "batch_size_by_process": new_batch_sizes})
         except Exception as err:
             run.publish({"type": "failed", "step": run.progress.step, "error": f"{type(err).__name__}: {err}"})
             raise

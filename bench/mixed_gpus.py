@@ -45,11 +45,15 @@ def base_gradient_shares() -> tuple[float, float]:
 
 
 def run(data: Path, out: Path, speeds: list[float], batch_seconds: float, steps: int, extra: list[str],
-        link: float = 0.0, gradient_bytes: float = 0.0, sent_share: float = 1.0) -> dict:
-    """The trainer on len(speeds) simulated cards -> mean positions/s of the steps after the first two."""
+        link: float = 0.0, gradient_bytes: float = 0.0, sent_share: float = 1.0, most_sequences: list[int] | None = None
+        ) -> dict:
+    """The trainer on len(speeds) simulated cards -> positions/s (a full step's positions over the
+    median step time after two of warm-up), the work per rank and the step losses."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "SIM_SPEEDS": ",".join(map(str, speeds)),
            "SIM_BATCH_SECONDS": str(batch_seconds), "SIM_LINK_BYTES_PER_S": str(link),
            "SIM_GRADIENT_BYTES": str(gradient_bytes), "SIM_SENT_SHARE": str(sent_share)}
+    if most_sequences:
+        env["SIM_MOST_SEQUENCES"] = ",".join(map(str, most_sequences))
     command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(speeds))]
                if len(speeds) > 1 else [sys.executable])
     proc = subprocess.run([*command, "bench/simulated_ranks.py", "--data-dir", str(data), "--out", str(out),
@@ -64,21 +68,52 @@ def run(data: Path, out: Path, speeds: list[float], batch_seconds: float, steps:
     # of the steps after two of warm-up.
     positions = steps[0]["tokens_per_s"] * steps[0]["step_time_s"]
     seconds = statistics.median(m["step_time_s"] for m in steps[2:])
-    shares = next((line.split("-> shares ")[1] for line in proc.stderr.splitlines() if "-> shares" in line), "equal")
-    return {"positions_per_s": positions / seconds, "shares": shares}
+    work = next(m for m in messages if m["type"] == "run")
+    shares = (f"{work['batches_per_step_by_process']} x {work['batch_size_by_process']}"
+              if len(set(work["batches_per_step_by_process"])) > 1 or len(set(work["batch_size_by_process"])) > 1
+              else f"equal, {work['batches_per_step_by_process'][0]} x {work['batch_size_by_process'][0]}")
+    return {"positions_per_s": positions / seconds, "shares": shares, "losses": [m["loss"] for m in steps],
+            "positions": [m["tokens_per_s"] * m["step_time_s"] for m in steps]}
+
+
+def loss_curves(data: Path, work: Path, steps: int) -> list[str]:
+    """Auto against equal shares on the 1:0.2 box, the same positions per step (tokens_per_step),
+    against the noise of the data order: equal shares with another data.seed. The compute is
+    barely stretched: only the losses count here."""
+    speeds = [1.0, 1.0] + [0.2] * 6
+    same = ["--set", "train.tokens_per_step=8192", "--set", "train.warmup_steps=5"]   # 32 sequences of 256
+    curves = {name: run(data, work / f"loss-{name}", speeds, 0.01, steps, same + extra)
+              for name, extra in (("equal", []), ("auto", ["--set", "train.rank_shares=auto"]),
+                                  ("equal, data.seed=1", ["--set", "data.seed=1"]))}
+    tail = slice(steps // 2, None)
+
+    def mean_gap(a, b):
+        return statistics.mean(abs(x - y) for x, y in zip(curves[a]["losses"][tail], curves[b]["losses"][tail]))
+
+    auto_gap, noise = mean_gap("auto", "equal"), mean_gap("equal, data.seed=1", "equal")
+    lines = [f"# loss curves, 1:0.2 box, {steps} steps of about 8,192 positions (positions per step: equal "
+             f"{statistics.mean(curves['equal']['positions']):,.0f}, auto {statistics.mean(curves['auto']['positions']):,.0f})",
+             f"{'step':>6} " + " ".join(f"{name:>20}" for name in curves)]
+    for step in range(0, steps, max(1, steps // 8)):
+        lines.append(f"{step + 1:>6} " + " ".join(f"{curve['losses'][step]:>20.4f}" for curve in curves.values()))
+    lines.append(f"mean |loss gap| over the last {steps - steps // 2} steps: auto vs equal {auto_gap:.4f}; "
+                 f"another data order vs equal (noise) {noise:.4f}")
+    print("\n".join(lines), flush=True)
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--batch-seconds", type=float, default=1.5, help="simulated compute of a batch on a fast card")
+    parser.add_argument("--loss-steps", type=int, default=40, help="steps of the loss-curve comparison")
     args = parser.parse_args()
     shards = demo_corpus.build(ROOT / "data" / "demo")
     gradient_bytes, powersgd_share = base_gradient_shares()
     work = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     lines = [*header(), f"# 8 simulated cards: 2 at speed 1 and 6 slower; {args.batch_seconds} s per batch on a fast "
              f"card; base gradients {gradient_bytes / 1e6:,.0f} MB fp32, PowerSGD rank 1 sends "
-             f"{powersgd_share:.2%} of them", f"{'profile':<40} {'shares':<26} {'pos/s':>8} {'of solo':>8}"]
+             f"{powersgd_share:.2%} of them", f"{'profile':<44} {'batches x sequences per step':<44} {'pos/s':>8} {'of solo':>8}"]
     print("\n".join(lines), flush=True)
     try:
         data = work / "data"
@@ -88,35 +123,40 @@ def main() -> int:
         solo = {}
         for speed in (1.0, 0.5, 0.2):
             solo[speed] = run(data, work / f"solo-{speed}", [speed], args.batch_seconds, args.steps, [])["positions_per_s"]
-            lines.append(f"{'solo card at speed ' + str(speed):<40} {'-':<26} {solo[speed]:>8.0f} {'-':>8}")
+            lines.append(f"{'solo card at speed ' + str(speed):<44} {'-':<44} {solo[speed]:>8.0f} {'-':>8}")
             print(lines[-1], flush=True)
         cases = []
         for slow in (1.0, 0.5, 0.2):
             for shares in ("equal", "auto"):
-                cases.append((f"1:{slow}, link unlimited", slow, shares, [], 0.0, 1.0))
+                cases.append((f"1:{slow}, link unlimited", slow, shares, [], 0.0, 1.0, None))
+        # Memory as the reference box has it: a 24 GB card holds 3 sequences a batch where an 8 GB
+        # one holds 1. Equal shares must size every batch for the smallest card.
+        for shares, extra in (("equal", []), ("auto", ["--set", "data.batch_size=3"])):
+            cases.append(("1:0.5, 24 vs 8 GB (3 vs 1 sequences)", 0.5, shares, extra, 0.0, 1.0, [3, 3, 1, 1, 1, 1, 1, 1]))
         accumulate = ["--set", "train.tokens_per_step=7680"]   # 3 batches of 1 x 256 per share of 1 (10 shares)
         for link_name, link in (("x4 gen1, 1 GB/s", 1e9), ("x1 gen1, 250 MB/s", 2.5e8)):
-            cases.append((f"1:0.5, {link_name}, none", 0.5, "auto", accumulate, link, 1.0))
+            cases.append((f"1:0.5, {link_name}, none", 0.5, "auto", accumulate, link, 1.0, None))
             cases.append((f"1:0.5, {link_name}, fp16", 0.5, "auto", accumulate + ["--set", "train.grad_compression=fp16"],
-                          link, 0.5))
+                          link, 0.5, None))
             cases.append((f"1:0.5, {link_name}, powersgd", 0.5, "auto",
-                          accumulate + ["--set", "train.grad_compression=powersgd"], link, powersgd_share))
+                          accumulate + ["--set", "train.grad_compression=powersgd"], link, powersgd_share, None))
         results = {}
-        for name, slow, shares, extra, link, sent in cases:
+        for name, slow, shares, extra, link, sent, most in cases:
             speeds = [1.0, 1.0] + [slow] * 6
             flags = [*extra, *(["--set", "train.rank_shares=auto"] if shares == "auto" else [])]
             result = run(data, work / f"case-{len(results)}", speeds, args.batch_seconds, args.steps, flags, link,
-                         gradient_bytes, sent)
+                         gradient_bytes, sent, most)
             efficiency = result["positions_per_s"] / sum(solo[s] for s in speeds)
             results[(name, shares)] = (result, efficiency)
-            lines.append(f"{name + ', ' + shares:<40} {result['shares']:<26} {result['positions_per_s']:>8.0f} "
+            lines.append(f"{name + ', ' + shares:<44} {result['shares']:<44} {result['positions_per_s']:>8.0f} "
                          f"{efficiency:>8.2f}")
             print(lines[-1], flush=True)
         auto_free = min(e for (name, shares), (_, e) in results.items() if "unlimited" in name and shares == "auto")
         x1 = max(e for (name, _), (_, e) in results.items() if "x1" in name)
         lines.append(f"auto shares without link cost: worst {auto_free:.2f} of the solo sum (goal >= 0.85); "
                      f"x1 link, best compression with accumulation: {x1:.2f} (goal >= 0.70)")
-        print(lines[-1])
+        print(lines[-1], flush=True)
+        lines += loss_curves(data, work, args.loss_steps)
         save("mixed_gpus", lines)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -71,7 +71,7 @@ def main() -> int:
         model = CustomTransformer(cfg.model)
         model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
         optimizer, _ = model_trainer.make_optimizer(model, cfg.train, torch.device("cpu"))
-        stream = datasets.prefetch(model_trainer.batches(dataset, 0), cfg.data.prefetch)
+        stream = datasets.Prefetch(model_trainer.batches(dataset, 0), cfg.data.prefetch)
         generator = torch.Generator()
 
         def step(index: int):

@@ -1,7 +1,10 @@
 """model_trainer.py on simulated unequal cards, for bench/mixed_gpus.py (run under torchrun).
 
 Each rank's compute is stretched: every forward of a training step sleeps SIM_BATCH_SECONDS /
-speed, the speed taken from SIM_SPEEDS by rank (1: the fastest card). With SIM_LINK_BYTES_PER_S
+speed per sequence of the batch, the speed taken from SIM_SPEEDS by rank (1: the fastest card);
+with SIM_SPEEDS_LATER the speeds change after SIM_CHANGE_AFTER forwards (a card that throttles
+as it heats up). SIM_MOST_SEQUENCES gives each rank's largest micro-batch, as its memory would
+(24 GB against 8 GB cards); the rest of the probe is real. With SIM_LINK_BYTES_PER_S
 each gradient bucket's exchange completes only when a serial link of that speed would have
 carried the bucket's share of a ring all-reduce of SIM_GRADIENT_BYTES (the `base` preset's fp32
 gradients) times SIM_SENT_SHARE (what the compression sends). Transfers overlap the rest of the
@@ -21,22 +24,34 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import custom_transformer  # noqa: E402
 import model_trainer  # noqa: E402
+import parallel  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 SPEED = float(os.environ["SIM_SPEEDS"].split(",")[RANK])
+SPEED_LATER = float(os.environ.get("SIM_SPEEDS_LATER", os.environ["SIM_SPEEDS"]).split(",")[RANK])
+CHANGE_AFTER = int(os.environ.get("SIM_CHANGE_AFTER", "0"))
+MOST_SEQUENCES = os.environ.get("SIM_MOST_SEQUENCES")
 BATCH_SECONDS = float(os.environ["SIM_BATCH_SECONDS"])
 LINK = float(os.environ.get("SIM_LINK_BYTES_PER_S", "0"))          # 0: unlimited
 GRADIENT_BYTES = float(os.environ.get("SIM_GRADIENT_BYTES", "0"))
 SENT_SHARE = float(os.environ.get("SIM_SENT_SHARE", "1"))
 
 forward = custom_transformer.CustomTransformer.forward
+forwards_done = 0
 
 
-def slow_forward(self, *args, **kwargs):
-    result = forward(self, *args, **kwargs)
+def slow_forward(self, batch, *args, **kwargs):
+    global forwards_done
+    result = forward(self, batch, *args, **kwargs)
     if torch.is_grad_enabled():   # training steps and the speed probe, not evaluation
-        time.sleep(BATCH_SECONDS / SPEED)
+        forwards_done += 1
+        speed = SPEED_LATER if CHANGE_AFTER and forwards_done > CHANGE_AFTER else SPEED
+        time.sleep(BATCH_SECONDS * batch.n_rows / speed)
     return result
+
+
+def memory_limited(model, layout, most, device, amp_dtype):
+    return min(most, int(MOST_SEQUENCES.split(",")[RANK]))
 
 
 class SerialLink:
@@ -81,6 +96,8 @@ def distribute_over_the_link(model, parallel, ranks, device, compression="none")
 
 
 custom_transformer.CustomTransformer.forward = slow_forward
+if MOST_SEQUENCES:
+    parallel.largest_micro_batch = memory_limited
 if LINK:
     DistributedDataParallel.register_comm_hook = register_over_the_link
     model_trainer.distribute = distribute_over_the_link

@@ -153,7 +153,7 @@ def test_shards_cover_the_dataset_exactly_once_with_equal_batch_counts_per_rank(
 
 
 def test_prefetch_keeps_order_and_passes_errors_on():
-    assert list(datasets.prefetch(iter(range(50)), depth=3)) == list(range(50))
+    assert list(datasets.Prefetch(iter(range(50)), depth=3)) == list(range(50))
 
     def failing():
         yield 1
@@ -161,10 +161,10 @@ def test_prefetch_keeps_order_and_passes_errors_on():
 
     got = []
     with pytest.raises(datasets.DataError, match="server gone"):
-        for item in datasets.prefetch(failing(), depth=2):
+        for item in datasets.Prefetch(failing(), depth=2):
             got.append(item)
     assert got == [1]
-    stream = datasets.prefetch(iter(range(10**6)), depth=2)
+    stream = datasets.Prefetch(iter(range(10**6)), depth=2)
     assert next(stream) == 0
     stream.close()   # abandoning the stream stops the producer thread
     import threading
@@ -274,7 +274,7 @@ def test_uneven_work_deals_the_data_in_proportion_and_ends_every_rank_at_the_sam
     _, shards = corpus
     world, workers = 3, 2
     dataset = datasets.LocalParquetDataset(shards, SequenceLayout(200, 4), batch_size=2, seed=4, shuffle_window=2)
-    dataset.per_step, dataset.batch_sizes = per_step, batch_sizes   # as set_work does on each rank
+    dataset.work_plan = {0: (per_step, batch_sizes)}   # as set_work does on each rank
     seen, sequences, steps = [], [], []
     for rank in range(world):
         batches = []

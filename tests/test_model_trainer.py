@@ -1,6 +1,7 @@
 """The trainer: configuration, and the whole pipeline end to end (synthesizer -> features ->
 Parquet -> Flight server on 127.0.0.1 -> trainer -> WebSocket client, checkpoint, resume)."""
 import dataclasses
+import collections
 import json
 import math
 import os
@@ -224,7 +225,7 @@ def test_a_prefetching_producer_can_run_epochs_ahead_of_the_consumer(corpus):
     _, shards = corpus
     dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(300, 4), batch_size=2, seed=1)
     per_epoch = len(list(dataset))
-    stream = datasets.prefetch(model_trainer.batches(dataset, 0), depth=3 * per_epoch)
+    stream = datasets.Prefetch(model_trainer.batches(dataset, 0), depth=3 * per_epoch)
     seen = {}
     time.sleep(1.0)   # let the producer get a whole epoch ahead
     while True:
@@ -323,13 +324,34 @@ def test_three_ranks_with_uneven_shares_read_in_proportion_and_resume_exactly(co
     read once per epoch and a resumed run continues each process exactly where it stopped."""
     root, shards = corpus
     steps = 8
-    settings = ["--set", "train.rank_shares=[2, 1, 1]"]
+    settings = ["--set", "train.rank_shares=[2, 1, 1]", "--set", "train.checkpoint_every=2"]
     with SampleFlightServer(root, "127.0.0.1", 0) as server:
         straight, resumed = tmp_path / "straight", tmp_path / "resumed"
         torchrun(server.port, straight, tmp_path / "probe-straight", steps, *settings, processes=3)
         resumed.mkdir()
         (resumed / "ckpt-00000004.pt").write_bytes((straight / "ckpt-00000004.pt").read_bytes())
         torchrun(server.port, resumed, tmp_path / "probe-resumed", steps, *settings, "--resume", "auto", processes=3)
+        # resumed with other shares (recalibrated, or set by hand): the checkpoint's epoch ends as
+        # it was dealt, the new shares deal the epochs after it
+        other = tmp_path / "other-shares"
+        other.mkdir()
+        (other / "ckpt-00000006.pt").write_bytes((straight / "ckpt-00000006.pt").read_bytes())   # mid-epoch
+        proc = torchrun(server.port, other, tmp_path / "probe-other", 3 * steps, "--set", "train.rank_shares=[1, 1, 2]",
+                        "--resume", "auto", processes=3)
+    assert "continues with the checkpoint's work; from epoch" in proc.stderr
+    other_batches = [probed(tmp_path / "probe-straight", rank)[:(2, 1, 1)[rank] * 6] + probed(tmp_path / "probe-other", rank)
+                     for rank in range(3)]
+    other_steps = collections.Counter(m["epoch"] for m in read_metrics(other) if m["type"] == "step")
+    first_epoch = probed(tmp_path / "probe-other", 0)[0]["epoch"]
+    assert first_epoch in other_steps and first_epoch == probed(tmp_path / "probe-straight", 0)[2 * 6 - 1]["epoch"]
+    assert len(other_steps) >= 2, "the resumed run should reach the next epoch"
+    all_ids = collections.Counter(pq.read_table(shards, columns=["sample_id"]).column("sample_id").to_pylist())
+    for epoch in sorted(other_steps)[:-1]:   # every finished epoch: each sample once, in the work dealt for it
+        work = (2, 1, 1) if epoch == first_epoch else (1, 1, 2)
+        in_epoch = [[b for b in rank if b["epoch"] == epoch] for rank in other_batches]
+        assert collections.Counter(i for rank in in_epoch for b in rank for i in b["ids"]) == all_ids
+        steps_in_epoch = len(in_epoch[2]) // work[2]
+        assert [len(rank) for rank in in_epoch] == [w * steps_in_epoch for w in work]
     expected = {m["step"]: m["loss"] for m in read_metrics(straight) if m["type"] == "step"}
     got = {m["step"]: m["loss"] for m in read_metrics(resumed) if m["type"] == "step"}
     assert [got[s] for s in range(5, steps + 1)] == [expected[s] for s in range(5, steps + 1)]
@@ -342,19 +364,9 @@ def test_three_ranks_with_uneven_shares_read_in_proportion_and_resume_exactly(co
     assert [probed(tmp_path / "probe-resumed", rank) for rank in range(3)] == [
         batches[0][8:], batches[1][4:], batches[2][4:]]
     state = model_trainer.load_checkpoint(straight / f"ckpt-{steps:08d}.pt")
-    assert [r["data"]["work"] for r in state["ranks"]] == [[[2, 1, 1], [2, 2, 2]]] * 3
+    assert [r["data"]["work"] for r in state["ranks"]] == [[[0, [2, 1, 1], [2, 2, 2]]]] * 3
     run = next(m for m in read_metrics(straight) if m["type"] == "run")
     assert run["batches_per_step_by_process"] == [2, 1, 1] and run["batch_size_by_process"] == [2, 2, 2]
-
-
-def test_resuming_with_other_shares_is_refused_with_the_reason(corpus):
-    _, shards = corpus
-    dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(300, 4), batch_size=2)
-    state = dataset.state_dict()
-    dataset.per_step, dataset.batch_sizes = [3], [2]
-    with pytest.raises(ValueError, match=r"took \[1\] batches of \[2\] sequences per step, this run's take \[3\] "
-                                         r"of \[2\]: resume with the same train.rank_shares"):
-        dataset.load_state_dict(state)
 
 
 CFG_TINY = model_trainer.load_config(str(ROOT / "config.yaml"), ["data.batch_size=2"], "tiny")

@@ -14,10 +14,29 @@ import parallel
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_shares_follow_the_measured_speeds():
-    assert parallel.shares_from_speeds([1000.0, 1000.0, 210.0, 190.0]) == [5, 5, 1, 1]
-    assert parallel.shares_from_speeds([500.0, 1000.0]) == [1, 2]
-    assert parallel.shares_from_speeds([1e6, 1.0]) == [16, 1]        # capped: a stalled card still takes one
+def test_work_follows_the_measured_speeds_within_each_cards_memory():
+    # 2 fast cards holding 4 sequences a batch, 2 at a fifth of the speed holding 1: 24 sequences a step
+    per_step, sizes = parallel.work_from_speeds([1000.0, 1000.0, 200.0, 200.0], [4, 4, 1, 1], 24)
+    assert per_step == [3, 3, 2, 2] and sizes == [3, 3, 1, 1]     # 10 sequences in batches of <= 4: 3 x 3
+    assert parallel.imbalance(per_step, sizes, [1000.0, 1000.0, 200.0, 200.0]) < 1.06
+    assert parallel.work_from_speeds([500.0, 1000.0], [8, 8], 2) == ([1, 1], [1, 2])   # the slowest takes one at least
+    assert parallel.work_from_speeds([1e6, 1.0], [4, 4], 2) == ([4, 1], [4, 1])       # at most 16 times its share
+    assert parallel.imbalance([1, 1], [2, 2], [2.0, 1.0]) == pytest.approx(4 / 3)
+
+
+def test_rebalancer_proposes_only_a_clearly_better_plan():
+    rebalancer = parallel.Rebalancer([4, 4], total_sequences=4, every=3)
+    rebalancer.add(3000, 1.0)   # one process: its speed is all there is, so equal work stays
+    assert rebalancer.propose(2, [1], [4]) is None and rebalancer.positions == 3000   # not at a 3rd step
+    assert rebalancer.propose(3, [1], [4]) is None and rebalancer.positions == 0
+
+
+def test_compute_leaves_out_the_wait_for_other_ranks():
+    import model_trainer
+    assert model_trainer.compute_seconds([1.0, 1.0], [2.5, 2.5], world=1) == 7.0
+    # the last backward (9 s: it waited for the others' gradients) counts as its forward x 2.5
+    assert model_trainer.compute_seconds([1.0, 1.0, 2.0], [2.5, 2.5, 9.0], world=2) == pytest.approx(1 + 1 + 2 + 5 + 5)
+    assert model_trainer.compute_seconds([2.0], [9.0], world=2) == 6.0   # no earlier batch: backward = 2 x forward
 
 
 @pytest.mark.parametrize("parallel_mode, expected", [("ddp", ([6, 2], [2, 2])), ("fsdp", ([2, 2], [6, 2]))])
@@ -31,21 +50,46 @@ def test_a_share_multiplies_batches_under_ddp_and_batch_size_under_fsdp(parallel
         model_trainer.load_config(None, ["train.rank_shares=auto", "train.parallel=fsdp"])
 
 
-def test_auto_shares_measure_a_slow_card_and_give_it_less(corpus, tmp_path):
-    """Two CPU processes, the second made three times slower: auto shares give the first more
-    batches a step than the second's one, and the run trains."""
-    root, _ = corpus
-    out = tmp_path / "run"
+def simulated_run(out, root, speeds, *flags, steps=4, **env):
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "bench/simulated_ranks.py", "--data-dir", str(root), "--out", str(out), "--steps", "4", "--preset", "tiny",
-         "--ws-port", "-1", "--set", "train.rank_shares=auto"],
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(speeds.split(","))),
+         "bench/simulated_ranks.py", "--data-dir", str(root), "--out", str(out), "--steps", str(steps), "--preset",
+         "tiny", "--ws-port", "-1", "--set", "train.rank_shares=auto", *flags],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1", "SIM_SPEEDS": "1,0.33", "SIM_BATCH_SECONDS": "0.15"})
+        env={**os.environ, "OMP_NUM_THREADS": "1", "SIM_SPEEDS": speeds, "SIM_BATCH_SECONDS": "0.15", **env})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    shares = json.loads(re.search(r"-> shares (\[.*\])", proc.stderr).group(1))
-    assert shares[1] == 1 and shares[0] >= 2          # about 3 (sleeps), less where the real compute counts
-    assert f"process 0: cpu (float32), {shares[0]} batch(es)" in proc.stderr
-    run = next(json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"run"' in line)
-    assert run["batches_per_step_by_process"] == shares
-    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"type": "step"' in line]) == 4
+    return proc, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_auto_shares_measure_a_slow_card_and_give_it_less(corpus, tmp_path):
+    """Two CPU processes, the second made three times slower and holding one sequence a batch
+    where the first holds two: the first takes more sequences a step, in batches its memory
+    holds, and the run trains."""
+    root, _ = corpus
+    proc, messages = simulated_run(tmp_path / "run", root, "1,0.33", "--set", "data.batch_size=2",
+                                   SIM_MOST_SEQUENCES="2,1")
+    per_step, sizes = (json.loads(x) for x in re.search(r"-> batches (\[.*\]) of (\[.*\]) sequences", proc.stderr).groups())
+    assert sizes[1] == 1 and sizes[0] <= 2 and per_step[1] == 1
+    assert per_step[0] * sizes[0] >= 2 * per_step[1] * sizes[1]   # about 3 (sleeps), less where the real compute counts
+    assert f"process 0: cpu (float32), {per_step[0]} batch(es) x {sizes[0]} x" in proc.stderr
+    run = next(m for m in messages if m["type"] == "run")
+    assert run["batches_per_step_by_process"] == per_step and run["batch_size_by_process"] == sizes
+    assert len([m for m in messages if m["type"] == "step"]) == 4
+
+
+def test_a_card_that_slows_down_gets_less_work_from_the_next_epoch(corpus, tmp_path):
+    """Equal cards at the start; after a few steps the second runs at a third of its speed. The
+    rebalancer measures it and gives the first more batches from the next epoch on."""
+    root, _ = corpus
+    proc, messages = simulated_run(tmp_path / "run", root, "1,1", "--set", "data.batch_size=1",
+                                   "--set", "train.rebalance_every=2", steps=40,
+                                   SIM_SPEEDS_LATER="1,0.25", SIM_CHANGE_AFTER="6")
+    run = next(m for m in messages if m["type"] == "run")
+    assert run["batches_per_step_by_process"] == [1, 1]
+    rebalance = next(m for m in messages if m["type"] == "rebalance")
+    speeds = rebalance["positions_per_s_by_process"]
+    assert speeds[0] > 2 * speeds[1]
+    assert rebalance["batches_per_step_by_process"][0] >= 2 * rebalance["batches_per_step_by_process"][1]
+    later = [m for m in messages if m["type"] == "step" and m["epoch"] >= rebalance["from_epoch"]]
+    assert later, "the run should reach the epoch the new plan starts"
+    assert "from epoch" in proc.stderr
