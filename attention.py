@@ -7,10 +7,18 @@ window: |i - j| <= w (bidirectional) or 0 <= i - j < w (causal).
 Sliding-window attention is blocked: each block of queries attends to its own keys plus the
 window on either side through one `scaled_dot_product_attention` call, so time and memory are
 O(n * w) on every backend (CPU, Pascal, Turing, Hopper).
+
+Sparse global attention (after DeepSeek's Native Sparse Attention) gives every position reach
+over its whole document at O(n * (w + n/b + k*b)): three branches mixed by learned gates, a
+compressed one (every query attends to one pooled key per block of b positions of its document),
+a selected one (each block of b queries attends at full resolution to the k key blocks its
+queries weighted most in the compressed branch) and the sliding window.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +39,7 @@ def rope_tables(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate consecutive pairs of the last dim of x (B, L, H, dim) by the position's angles."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = (x.float() if x.element_size() < 4 else x).unflatten(-1, (-1, 2))   # half precision: rotate in fp32
     even, odd = pairs[..., 0], pairs[..., 1]
     cos, sin = cos[:, :, None], sin[:, :, None]
     rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), dim=-1)
@@ -67,23 +75,26 @@ def dense_attention(q, k, v, doc: torch.Tensor, scale: float, window: int | None
     return _sdpa(q, k, v, scale, mask[:, None])
 
 
+def document_runs(doc: torch.Tensor):
+    """(row, start, length, doc id) of every run of one document in each row of doc (B, L)."""
+    for row in range(doc.shape[0]):
+        ids, counts = torch.unique_consecutive(doc[row], return_counts=True)
+        start = 0
+        for doc_id, count in zip(ids.tolist(), counts.tolist()):
+            yield row, start, count, doc_id
+            start += count
+
+
 def document_attention(q, k, v, doc: torch.Tensor, scale: float, causal: bool = False) -> torch.Tensor:
     """Global attention within each document: one unmasked SDPA call per document run, so the
     fused kernels keep memory O(n) even for a 256k-position document. Padding outputs zeros."""
-    rows = []
-    for row in range(q.shape[0]):
-        ids, counts = torch.unique_consecutive(doc[row], return_counts=True)
-        pieces, start = [], 0
-        for doc_id, count in zip(ids.tolist(), counts.tolist()):
+    out = v.new_zeros(q.shape[:3] + (v.shape[3],))
+    for row, start, count, doc_id in document_runs(doc):
+        if doc_id != PAD_DOC:
             span = slice(start, start + count)
-            if doc_id == PAD_DOC:
-                pieces.append(v.new_zeros(1, v.shape[1], count, v.shape[3]))
-            else:
-                pieces.append(_sdpa(q[row:row + 1, :, span], k[row:row + 1, :, span],
-                                    v[row:row + 1, :, span], scale, causal=causal))
-            start += count
-        rows.append(torch.cat(pieces, dim=2))
-    return torch.cat(rows, dim=0)
+            out[row, :, span] = _sdpa(q[row:row + 1, :, span], k[row:row + 1, :, span], v[row:row + 1, :, span],
+                                      scale, causal=causal)[0]
+    return out
 
 
 def local_attention(q, k, v, doc: torch.Tensor, scale: float, window: int, causal: bool = False,
@@ -118,6 +129,127 @@ def local_attention(q, k, v, doc: torch.Tensor, scale: float, window: int, causa
 
 
 # ---------------------------------------------------------------------------------------------
+# Sparse global attention: the kernels work on one document's (H, n, D) tensors
+
+@dataclass(frozen=True)
+class SparsePattern:
+    block: int    # positions per compressed (and selectable) block
+    topk: int     # key blocks each query block attends to at full resolution
+    window: int   # the sliding window's reach
+
+
+# Elements a chunk of work may hold (~256 MiB in fp32): long documents are processed in chunks.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def pool_blocks(x: torch.Tensor, block: int, logits: torch.Tensor) -> torch.Tensor:
+    """(n, C) -> (ceil(n / block), C): each block's positions averaged with learned weights
+    (softmax of `logits` over the block's positions; the last block's over those it has)."""
+    n = x.shape[0]
+    n_blocks = -(-n // block)
+    padded = F.pad(x, (0, 0, 0, n_blocks * block - n)).view(n_blocks, block, -1)
+    present = (torch.arange(n_blocks * block, device=x.device) < n).view(n_blocks, block)
+    weights = logits.expand(n_blocks, block).masked_fill(~present, -math.inf).softmax(-1)
+    return torch.einsum("bp,bpc->bc", weights.to(x.dtype), padded)
+
+
+def _visible_blocks(query_positions: torch.Tensor, n: int, block: int, causal: bool) -> torch.Tensor | None:
+    """Causal: a query sees a compressed block of the n-position document once the block has
+    ended (all its positions at or before the query). Bidirectional: every block (None)."""
+    if not causal:
+        return None
+    ends = ((torch.arange(-(-n // block), device=query_positions.device) + 1) * block).clamp(max=n) - 1
+    return ends[None, :] <= query_positions[:, None]
+
+
+def block_importance(q: torch.Tensor, compressed_k: torch.Tensor, scale: float, block: int,
+                     causal: bool) -> torch.Tensor:
+    """(n_query_blocks, n_blocks): the attention weight each block of b queries gives each key
+    block in the compressed branch, summed over its queries and the heads. No gradient: it only
+    ranks the blocks."""
+    heads, n, _ = q.shape
+    n_blocks = compressed_k.shape[1]
+    keys = compressed_k.float().transpose(1, 2)
+    parts = []
+    rows = max(block, _CHUNK_ELEMENTS // max(1, heads * n_blocks) // block * block)
+    with torch.no_grad():
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            scores = torch.matmul(q[:, start:stop].float(), keys) * scale
+            visible = _visible_blocks(torch.arange(start, stop, device=q.device), n, block, causal)
+            if visible is None:
+                weights = scores.softmax(-1)
+            else:   # a query that sees no block yet gives no weight
+                weights = scores.masked_fill_(~visible, -math.inf).softmax(-1).nan_to_num_(0.0)
+            weights = F.pad(weights, (0, 0, 0, -(stop - start) % block))   # whole query blocks
+            parts.append(weights.view(heads, -1, block, n_blocks).sum((0, 2)))
+    return torch.cat(parts)
+
+
+def choose_blocks(importance: torch.Tensor, topk: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (n_query_blocks, k) key-block indices and whether each pick is allowed: the k blocks a
+    query block weighted most. Causal: only blocks before the query block (its own block and
+    the recent past are the window's)."""
+    n_query_blocks, n_blocks = importance.shape
+    k = min(topk, n_blocks)
+    if causal:
+        earlier = torch.arange(n_blocks, device=importance.device)[None, :] < torch.arange(
+            n_query_blocks, device=importance.device)[:, None]
+        importance = importance.masked_fill(~earlier, -math.inf)
+    chosen = importance.topk(k, dim=-1).indices.sort(-1).values
+    allowed = importance.gather(-1, chosen) > -math.inf
+    return chosen, allowed
+
+
+def compressed_attention(q, compressed_k, compressed_v, scale: float, block: int, causal: bool) -> torch.Tensor:
+    """(H, n, D) queries over the document's (H, n_blocks, D) pooled keys and values. Causal:
+    queries before the end of the first block see none and output zeros."""
+    heads, n, _ = q.shape
+    if not causal:
+        return _sdpa(q[None], compressed_k[None], compressed_v[None], scale)[0]
+    out = q.new_zeros(heads, n, compressed_v.shape[-1])
+    n_blocks = compressed_k.shape[1]
+    rows = max(block, _CHUNK_ELEMENTS // max(1, n_blocks) // block * block)
+    for start in range(min(block, n) - 1, n, rows):   # the queries before that see no block yet
+        stop = min(n, start + rows)
+        visible = _visible_blocks(torch.arange(start, stop, device=q.device), n, block, True)
+        out[:, start:stop] = _sdpa(q[None, :, start:stop], compressed_k[None], compressed_v[None], scale,
+                                   visible[None, None])[0]
+    return out
+
+
+def selected_attention(q, k, v, chosen: torch.Tensor, allowed: torch.Tensor, block: int, scale: float
+                       ) -> torch.Tensor:
+    """Each block of b queries attends at full resolution to its chosen key blocks (one SDPA call
+    per chunk of query blocks, the chosen keys gathered); picks not allowed and the positions
+    past the document's end are masked; a query block with nothing allowed outputs zeros."""
+    heads, n, qk_dim = q.shape
+    n_blocks, picks = -(-n // block), chosen.shape[1]
+    tail = n_blocks * block - n
+
+    def blocks(t):   # (H, n, D) -> (n_blocks, H, block, D)
+        return F.pad(t, (0, 0, 0, tail)).view(heads, n_blocks, block, -1).transpose(0, 1)
+
+    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+    present = (torch.arange(n_blocks * block, device=q.device) < n).view(n_blocks, block)
+    out = q.new_zeros(n_blocks, heads, block, v.shape[-1])
+    some = allowed.any(-1)
+    full = tail == 0 and bool(allowed.all())   # no key to mask: the unmasked kernel
+    chunk = max(1, _CHUNK_ELEMENTS // (heads * picks * block * max(qk_dim, v.shape[-1])))
+    for start in range(0, n_blocks, chunk):
+        rows = torch.arange(start, min(n_blocks, start + chunk), device=q.device)
+        rows = rows[some[rows]]
+        if len(rows) == 0:
+            continue
+        picked = chosen[rows]                                                    # (r, k)
+        keys = k_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)              # (r, H, k * block, D)
+        values = v_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)
+        mask = (present[picked] & allowed[rows][..., None]).flatten(1)            # (r, k * block)
+        out[rows] = _sdpa(q_blocks[rows], keys, values, scale, None if full else mask[:, None, None])
+    return out.transpose(0, 1).flatten(1, 2)[:, :n]
+
+
+# ---------------------------------------------------------------------------------------------
 # Multi-head Latent Attention
 
 def attend(q, k, v, doc: torch.Tensor, scale: float, window: int | None, causal: bool) -> torch.Tensor:
@@ -129,10 +261,13 @@ def attend(q, k, v, doc: torch.Tensor, scale: float, window: int | None, causal:
 
 class MultiHeadLatentAttention(nn.Module):
     """DeepSeek-V3's MLA: low-rank query (optional), compressed KV latent, and a decoupled rotary
-    key shared by all heads. Names follow DeepSeek's so their weights map one to one."""
+    key shared by all heads. Names follow DeepSeek's so their weights map one to one. With a
+    `sparse` pattern it is a sparse global layer: the latent, pooled per block, gives the
+    compressed branch its keys and values."""
 
     def __init__(self, d_model: int, n_heads: int, q_lora_rank: int, kv_lora_rank: int,
-                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float):
+                 qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int, norm_eps: float,
+                 sparse: SparsePattern | None = None):
         super().__init__()
         self.n_heads = n_heads
         self.kv_lora_rank = kv_lora_rank
@@ -149,6 +284,10 @@ class MultiHeadLatentAttention(nn.Module):
         self.wkv_b = nn.Linear(kv_lora_rank, n_heads * (qk_nope_head_dim + v_head_dim), bias=False)
         self.wo = nn.Linear(n_heads * v_head_dim, d_model, bias=False)
         self.softmax_scale = qk_head_dim ** -0.5
+        self.sparse = sparse
+        if sparse:
+            self.pool_logits = nn.Parameter(torch.zeros(sparse.block))   # how a block's positions are pooled
+            self.gates = nn.Linear(d_model, 3 * n_heads)                  # per head: compressed, selected, window
 
     def _query(self, x, cos, sin):
         batch, length, _ = x.shape
@@ -157,22 +296,63 @@ class MultiHeadLatentAttention(nn.Module):
             [self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
         return q_nope, apply_rope(q_pe, cos, sin)
 
-    def _latent(self, x, cos, sin):
-        """-> normalised KV latent (B, L, r) and the rotary key shared by all heads (B, L, rope)."""
+    def _latent(self, x):
+        """-> normalised KV latent (B, L, r) and the rotary key shared by all heads (B, L, rope),
+        not yet rotated."""
         latent, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        return self.kv_norm(latent), apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]
+        return self.kv_norm(latent), k_pe
+
+    def _heads(self, latent, k_pe):
+        """Latent (..., r) and rotated rotary key (..., rope) -> per-head keys and values (..., H, D)."""
+        k_nope, value = self.wkv_b(latent).unflatten(-1, (self.n_heads, -1)).split(
+            [self.qk_nope_head_dim, self.v_head_dim], dim=-1)
+        k_pe = k_pe.unsqueeze(-2).expand(*k_nope.shape[:-1], -1)
+        return torch.cat([k_nope, k_pe], dim=-1), value
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc: torch.Tensor,
                 window: int | None, causal: bool) -> torch.Tensor:
         """The latent expanded into per-head keys and values. (DeepSeek's absorbed form, which
         attends in latent space, pays off only for token-by-token decoding with a cache; over
         whole sequences it measured 1.5-2.5x slower with 2.4-3x larger attention tensors.)"""
-        batch, length, _ = x.shape
         q_nope, q_pe = self._query(x, cos, sin)
-        latent, k_pe = self._latent(x, cos, sin)
-        kv = self.wkv_b(latent).view(batch, length, self.n_heads, -1)
-        k_nope, value = kv.split([self.qk_nope_head_dim, self.v_head_dim], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
-        k = torch.cat([k_nope, k_pe[:, :, None].expand(-1, -1, self.n_heads, -1)], dim=-1).transpose(1, 2)
-        out = attend(q, k, value.transpose(1, 2), doc, self.softmax_scale, window, causal)
+        latent, k_pe = self._latent(x)
+        k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
+        q, k, value = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2)
+        if self.sparse:
+            out = self._sparse_attention(x, q, k, value, latent, k_pe, cos, sin, doc, causal)
+        else:
+            out = attend(q, k, value, doc, self.softmax_scale, window, causal)
         return self.wo(out.transpose(1, 2).flatten(2))
+
+    def _sparse_attention(self, x, q, k, v, latent, k_pe, cos, sin, doc, causal):
+        """The three branches, mixed per head by gates read from the input."""
+        pattern, scale = self.sparse, self.softmax_scale
+        compressed, selected = v.new_zeros(v.shape), v.new_zeros(v.shape)
+        for row, start, count, doc_id in document_runs(doc):
+            if doc_id == PAD_DOC:
+                continue
+            span = slice(start, start + count)
+            compressed_k, compressed_v = self.compress(latent[row, span], k_pe[row, span], cos[row, span],
+                                                       sin[row, span])
+            queries, keys, values = q[row, :, span], k[row, :, span], v[row, :, span]
+            compressed[row, :, span] = compressed_attention(queries, compressed_k, compressed_v, scale,
+                                                            pattern.block, causal)
+            if not causal and compressed_k.shape[1] <= pattern.topk:   # every block is chosen: the whole document
+                selected[row, :, span] = _sdpa(queries[None], keys[None], values[None], scale)[0]
+                continue
+            chosen, allowed = choose_blocks(block_importance(queries, compressed_k, scale, pattern.block, causal),
+                                            pattern.topk, causal)
+            selected[row, :, span] = selected_attention(queries, keys, values, chosen, allowed, pattern.block, scale)
+        local = local_attention(q, k, v, doc, scale, pattern.window, causal)
+        gates = torch.sigmoid(self.gates(x)).view(*x.shape[:2], self.n_heads, 3).permute(3, 0, 2, 1)[..., None]
+        return gates[0] * compressed + gates[1] * selected + gates[2] * local
+
+    def compress(self, latent, k_pe, cos, sin):
+        """One document's latent (n, r) and unrotated rotary key (n, rope) -> its compressed keys
+        and values (H, n_blocks, D), each block's rotary key turned to the block's middle."""
+        block, n = self.sparse.block, latent.shape[0]
+        middles = ((torch.arange(-(-n // block), device=latent.device) * block) + block // 2).clamp(max=n - 1)
+        pooled_pe = pool_blocks(k_pe, block, self.pool_logits)
+        rotated_pe = apply_rope(pooled_pe[None, :, None], cos[None, middles], sin[None, middles])[0, :, 0]
+        keys, values = self._heads(pool_blocks(latent, block, self.pool_logits), rotated_pe)
+        return keys.transpose(0, 1), values.transpose(0, 1)

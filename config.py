@@ -87,6 +87,21 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# The model keys that make the weights what they are: a run resumed with another value of one of
+# them cannot continue its checkpoint (the others, masking and loss weights, may change).
+ARCHITECTURE = ("d_model", "n_layers", "n_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                "v_head_dim", "ffn_hidden", "layer_pattern", "window", "sparse_block", "sparse_topk", "causal",
+                "rope_theta", "frames_per_position", "vocab_size", "n_speakers", "speaker_embedding_dim")
+
+
+def architecture_changes(saved: dict, model: ModelConfig) -> list[str]:
+    """The architecture keys whose value in a checkpoint's model config (`saved`) differs from
+    this run's, as `--set` overrides that would restore them (keys the checkpoint predates are
+    left out)."""
+    return [f"model.{key}={saved[key]}" for key in ARCHITECTURE
+            if key in saved and saved[key] != getattr(model, key)]
+
+
 def _coerce(value, kind, key: str):
     if kind is bool:
         if not isinstance(value, bool):

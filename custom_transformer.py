@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attention import PAD_DOC, MultiHeadLatentAttention, rope_tables
+from attention import PAD_DOC, MultiHeadLatentAttention, SparsePattern, rope_tables
 from packing import Batch, segment_positions
 from schema import N_MELS, N_SENTIMENTS, UNKNOWN, CorpusInfo
 
@@ -39,8 +39,12 @@ class ModelConfig:
     qk_rope_head_dim: int = 16
     v_head_dim: int = 32
     ffn_hidden: int = 512
-    layer_pattern: str = "LLG"         # L: sliding-window layer, G: global; repeated over n_layers
-    window: int = 64                   # sliding-window reach in positions
+    # L: sliding window; S: sparse global (whole-document reach at near-local cost); G: dense
+    # global (O(n^2)); the pattern repeats over n_layers
+    layer_pattern: str = "LLS"
+    window: int = 64                   # sliding-window reach in positions (L and S layers)
+    sparse_block: int = 64             # S layers: positions per compressed / selectable block
+    sparse_topk: int = 16              # S layers: key blocks each query block reads at full resolution
     causal: bool = False               # the autoencoder attends both ways
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
@@ -69,23 +73,25 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                     "v_head_dim", "ffn_hidden", "window", "frames_per_position", "vocab_size", "n_speakers",
+                     "v_head_dim", "ffn_hidden", "window", "sparse_block", "sparse_topk", "frames_per_position",
+                     "vocab_size", "n_speakers",
                      "text_span", "audio_span"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1")
         for name in ("q_lora_rank", "speaker_embedding_dim"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0")
-        if not self.layer_pattern or set(self.layer_pattern) - {"L", "G"}:
-            raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L and G")
+        if not self.layer_pattern or set(self.layer_pattern) - {"L", "S", "G"}:
+            raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L, S and G")
         if self.qk_rope_head_dim % 2:
             raise ValueError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
         for name in ("text_mask_ratio", "audio_mask_ratio", "speaker_drop", "sentiment_drop", "document_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"model.{name} must lie in [0, 1]")
 
-    def is_global(self, layer: int) -> bool:
-        return self.layer_pattern[layer % len(self.layer_pattern)] == "G"
+    def layer_kind(self, layer: int) -> str:
+        """L, S or G."""
+        return self.layer_pattern[layer % len(self.layer_pattern)]
 
 
 class FeedForward(nn.Module):
@@ -102,14 +108,16 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, is_global: bool):
+    def __init__(self, cfg: ModelConfig, kind: str):
         super().__init__()
-        self.window = None if is_global else cfg.window
+        self.kind = kind
+        self.window = None if kind == "G" else cfg.window
         self.causal = cfg.causal
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        sparse = SparsePattern(cfg.sparse_block, cfg.sparse_topk, cfg.window) if kind == "S" else None
         self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank,
                                              cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                                             cfg.norm_eps)
+                                             cfg.norm_eps, sparse)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden)
 
@@ -235,7 +243,7 @@ class CustomTransformer(nn.Module):
         self.aligned_audio_proj = nn.Linear(d, d)   # a token's aligned audio, added to the token
         self.modality_embed = nn.Embedding(4, d)
         self.mask_embed = nn.Embedding(4, d)          # one learned "hidden" input per modality
-        self.blocks = nn.ModuleList(Block(cfg, cfg.is_global(i)) for i in range(cfg.n_layers))
+        self.blocks = nn.ModuleList(Block(cfg, cfg.layer_kind(i)) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(d, eps=cfg.norm_eps)
         self.text_head = nn.Linear(d, cfg.vocab_size)
         self.mel_head = nn.Linear(d, k * N_MELS)
@@ -276,17 +284,25 @@ class CustomTransformer(nn.Module):
 
     def flops_per_position_parts(self, seq_len: int) -> tuple[float, float]:
         """-> (matrix products: 6 per weight of the blocks' linear layers, attention: 6 * heads *
-        (qk + v head dims) per key a query sees: the whole sequence on a global layer, the window
-        on a local one)."""
+        (qk + v head dims) per key a query sees). Keys a query sees: the whole sequence on a G
+        layer, the window on an L layer; on an S layer the window, one pooled key per block and
+        the top-k blocks, plus the ranking of the blocks (forward only: 2 * heads * qk dims per
+        block)."""
         cfg = self.cfg
         matmul = sum(module.weight.numel() for module in self.blocks.modules() if isinstance(module, nn.Linear))
-        keys = 0
+        qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+        window_keys = min(seq_len, cfg.window if cfg.causal else 2 * cfg.window + 1)
+        n_blocks = -(-seq_len // cfg.sparse_block)
+        keys, ranking = 0, 0
         for block in self.blocks:
-            if block.window is None:
+            if block.kind == "G":
                 keys += seq_len
+            elif block.kind == "L":
+                keys += window_keys
             else:
-                keys += min(seq_len, block.window if cfg.causal else 2 * block.window + 1)
-        return 6 * matmul, 6 * cfg.n_heads * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim) * keys
+                keys += window_keys + n_blocks + min(seq_len, cfg.sparse_topk * cfg.sparse_block)
+                ranking += 2 * cfg.n_heads * qk_dim * n_blocks
+        return 6 * matmul, 6 * cfg.n_heads * (qk_dim + cfg.v_head_dim) * keys + ranking
 
     def set_corpus_stats(self, info: CorpusInfo) -> None:
         if info.vocab_size > self.cfg.vocab_size:

@@ -40,7 +40,8 @@ import live_metrics
 from access import read_token
 from checkpoint import (Checkpointer, CheckpointWriteError, GlobalRNG, find_checkpoint,  # noqa: F401
                         load_checkpoint, newest_checkpoint)
-from config import DEFAULT_CONFIG, Config, TrainConfig, build_config, load_config  # noqa: F401 (tools use them from here)
+from config import (DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, build_config,  # noqa: F401 (tools use them)
+                    load_config)
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts, sample_masks
 from flight_server import SampleFlightServer
 import inference
@@ -445,6 +446,10 @@ def train(args, cfg: Config) -> dict:
         seed_everything(cfg.train.seed)
         device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
         run, resume_path, saved = open_run(args, cfg.train, ranks, cleanup)   # saved: on rank 0 only
+        changed = from_rank0(architecture_changes(saved.get("config", {}).get("model", {}), cfg.model) if saved else [])
+        if changed:
+            raise ValueError(f"{resume_path} holds a model of another shape than this run's config: resume with "
+                             + " ".join(f"--set {item}" for item in changed) + " (or start afresh in another --out)")
         dataset, eval_set = open_data(args, cfg, cleanup, ranks)
         # Speakers by name: the run's ids come from the checkpoint (new names appended) or the
         # training files; evaluation files are mapped onto them by name.

@@ -155,6 +155,12 @@ def distribute(model: torch.nn.Module, parallel: str, ranks: Ranks, device: torc
     # Buffers are corpus statistics, equal everywhere: nothing to broadcast each step.
     replica = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
+    # DDP rebuilds its gradient buckets once, in the order gradients became ready in the first
+    # step; a sparse layer's graph makes that order depend on the step's documents, and with 3 or
+    # more processes the bucket layout decides the order in which each gradient's parts are
+    # summed, so a resumed run (whose first step is another) would drift from the uninterrupted
+    # one in the last bits. Rebuilding in parameter order keeps it the same in every run.
+    replica.reducer._push_all_rebuilt_params()
     if compression in ("fp16", "bf16"):
         replica.register_comm_hook(None, getattr(default_hooks, f"{compression}_compress_hook"))
     elif compression == "powersgd":

@@ -1,11 +1,15 @@
-"""Blocked sliding-window attention against dense masked SDPA, n = 4k .. 256k positions.
+"""Blocked sliding-window attention and sparse global attention against dense masked SDPA,
+n = 4k .. 256k positions.
 
-    python bench/attention.py [--window 512] [--heads 4] [--max-n 262144]
+    python bench/attention.py [--window 512] [--heads 4] [--max-n 262144] [--block 128 --topk 8]
 
+The sparse kernel is an S layer's attention as the `long` preset has it (compressed branch over
+pooled blocks of `--block`, the `--topk` blocks ranked highest at full resolution, and the
+window), with pooled keys and values made from the per-head ones (the layer pools its latent).
 Each (kernel, n) runs forward in a fresh process; peak memory is the growth of the process's
 peak RSS over its size after the inputs were made (CPU) or torch's peak allocation (GPU). Dense
-runs until its predicted score memory no longer fits. Headline: SWA memory ratio 256k / 32k
-(linear growth is 8; the goal is <= 9).
+runs until its predicted score memory no longer fits. Headlines: SWA and sparse memory ratios
+256k / 32k (linear growth is 8; the goal is <= 9), sparse time over SWA at 256k.
 """
 from __future__ import annotations
 
@@ -18,12 +22,26 @@ import torch
 
 from common import header, peak_rss_bytes, run_case, save
 
+import attention  # noqa: E402
 from attention import dense_attention, local_attention  # noqa: E402
 
 QK_DIM, V_DIM = 48, 32   # the small preset's MLA head: nope 32 + rope 16, value 32
 
 
-def case(kernel: str, n: int, window: int, heads: int) -> dict:
+def sparse_attention(q, k, v, doc, scale, window, block, topk):
+    """An S layer's three branches (bidirectional, one document), summed with equal gates."""
+    queries, keys, values = q[0], k[0], v[0]
+    zeros = torch.zeros(block, device=q.device)
+    compressed_k = torch.stack([attention.pool_blocks(keys[h], block, zeros) for h in range(keys.shape[0])])
+    compressed_v = torch.stack([attention.pool_blocks(values[h], block, zeros) for h in range(values.shape[0])])
+    chosen, allowed = attention.choose_blocks(
+        attention.block_importance(queries, compressed_k, scale, block, False), topk, False)
+    out = attention.compressed_attention(queries, compressed_k, compressed_v, scale, block, False)
+    out = out + attention.selected_attention(queries, keys, values, chosen, allowed, block, scale)
+    return out[None] + local_attention(q, k, v, doc, scale, window)
+
+
+def case(kernel: str, n: int, window: int, heads: int, block: int = 128, topk: int = 8) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -35,6 +53,8 @@ def case(kernel: str, n: int, window: int, heads: int) -> dict:
     def run():
         if kernel == "swa":
             return local_attention(q, k, v, doc, scale, window)
+        if kernel == "sparse":
+            return sparse_attention(q, k, v, doc, scale, window, block, topk)
         return dense_attention(q, k, v, doc, scale, window)
 
     def timed():
@@ -63,29 +83,37 @@ def case(kernel: str, n: int, window: int, heads: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", nargs=4, metavar=("KERNEL", "N", "WINDOW", "HEADS"), help=argparse.SUPPRESS)
+    parser.add_argument("--case", nargs=6, metavar=("KERNEL", "N", "WINDOW", "HEADS", "BLOCK", "TOPK"),
+                        help=argparse.SUPPRESS)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--max-n", type=int, default=262_144)
+    parser.add_argument("--block", type=int, default=128, help="sparse layers' block (the long preset's)")
+    parser.add_argument("--topk", type=int, default=8, help="sparse layers' selected blocks (the long preset's)")
     parser.add_argument("--dense-limit-gb", type=float, default=8.0,
                         help="skip dense when its score matrix alone would exceed this")
     args = parser.parse_args()
     if args.case:
-        kernel, n, window, heads = args.case
-        print(json.dumps(case(kernel, int(n), int(window), int(heads))))
+        kernel, *numbers = args.case
+        print(json.dumps(case(kernel, *map(int, numbers))))
         return 0
 
-    lines = [*header(),
-             f"{'n':>8} {'swa s':>8} {'swa MiB':>9} {'dense s':>8} {'dense MiB':>10} {'time x':>7} {'mem x':>7}"]
+    lines = [*header(), f"# window {args.window}, {args.heads} heads; sparse: block {args.block}, top-{args.topk}",
+             f"{'n':>8} {'swa s':>8} {'swa MiB':>9} {'dense s':>8} {'dense MiB':>10} {'time x':>7} {'mem x':>7} "
+             f"{'sparse s':>9} {'sparse MiB':>11} {'/swa s':>7}"]
     print("\n".join(lines), flush=True)
-    swa_memory = {}
+    swa_memory, sparse_memory, sparse_time = {}, {}, {}
     n = 4096
     while n <= args.max_n:
-        swa = run_case(__file__, "swa", str(n), str(args.window), str(args.heads))
+        shape = (str(n), str(args.window), str(args.heads), str(args.block), str(args.topk))
+        swa = run_case(__file__, "swa", *shape)
+        sparse = run_case(__file__, "sparse", *shape)
         dense_scores_gb = args.heads * n * n * 4 / 1e9
-        dense = (run_case(__file__, "dense", str(n), str(args.window), str(args.heads))
+        dense = (run_case(__file__, "dense", *shape)
                  if dense_scores_gb <= args.dense_limit_gb else {"error": f"needs > {dense_scores_gb:.0f} GB"})
-        swa_memory[n] = swa.get("peak_bytes")
+        swa_memory[n], sparse_memory[n] = swa.get("peak_bytes"), sparse.get("peak_bytes")
+        if "seconds" in sparse and "seconds" in swa:
+            sparse_time[n] = sparse["seconds"] / swa["seconds"]
 
         def fmt(result, key, scale=1.0, width=8, digits=2):
             return f"{result[key] / scale:>{width}.{digits}f}" if key in result else f"{'-':>{width}}"
@@ -94,16 +122,20 @@ def main() -> int:
         ratio_m = (f"{dense['peak_bytes'] / max(swa['peak_bytes'], 1):>7.1f}"
                    if "peak_bytes" in dense and "peak_bytes" in swa else f"{'-':>7}")
         line = (f"{n:>8} {fmt(swa, 'seconds')} {fmt(swa, 'peak_bytes', 2**20, 9, 0)} {fmt(dense, 'seconds')} "
-                f"{fmt(dense, 'peak_bytes', 2**20, 10, 0)} {ratio_t} {ratio_m}"
+                f"{fmt(dense, 'peak_bytes', 2**20, 10, 0)} {ratio_t} {ratio_m} {fmt(sparse, 'seconds', 1.0, 9)} "
+                f"{fmt(sparse, 'peak_bytes', 2**20, 11, 0)} {sparse_time.get(n, float('nan')):>7.2f}"
                 + (f"   dense: {dense['error']}" if "error" in dense else "")
-                + (f"   swa: {swa['error']}" if "error" in swa else ""))
+                + (f"   swa: {swa['error']}" if "error" in swa else "")
+                + (f"   sparse: {sparse['error']}" if "error" in sparse else ""))
         lines.append(line)
         print(line, flush=True)
         n *= 2
-    if swa_memory.get(262_144) and swa_memory.get(32_768):
-        headline = f"SWA memory ratio 256k/32k: {swa_memory[262_144] / swa_memory[32_768]:.2f} (linear = 8, goal <= 9)"
+    if all(memory.get(n) for memory in (swa_memory, sparse_memory) for n in (32_768, 262_144)):
+        headline = (f"memory ratio 256k/32k: SWA {swa_memory[262_144] / swa_memory[32_768]:.2f}, sparse "
+                    f"{sparse_memory[262_144] / sparse_memory[32_768]:.2f} (linear = 8, goal <= 9); sparse / SWA time "
+                    f"at 256k: {sparse_time.get(262_144, float('nan')):.2f}")
     else:
-        headline = "SWA memory ratio 256k/32k: not measured"
+        headline = "memory ratio 256k/32k: not measured"
     lines.append(headline)
     print(headline)
     save("attention", lines)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from attention import (PAD_DOC, MultiHeadLatentAttention, apply_rope, dense_attention,
+from attention import (PAD_DOC, MultiHeadLatentAttention, SparsePattern, apply_rope, dense_attention,
                        document_attention, local_attention, rope_tables)
 
 
@@ -171,3 +171,135 @@ def test_mla_matches_naive_per_head_computation(q_lora_rank, window):
             scores = scores.masked_fill((i[:, None] - i[None, :]).abs() > window, float("-inf"))
         out[:, :, h] = scores.softmax(-1) @ kv[:, :, h, nope:]
     torch.testing.assert_close(got, mla.wo(out.flatten(2)), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sparse global attention against a reference that writes its pattern out as explicit masks
+
+def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
+    """The S layer's output with every branch an explicit masked softmax over the whole row:
+    pooled keys built block by block, blocks ranked and picked with plain topk per query block,
+    the window as a band. -> (output, the picks per document run)."""
+    pattern, scale = m.sparse, m.softmax_scale
+    batch, length, _ = x.shape
+    q_nope, q_pe = m._query(x, cos, sin)
+    latent, k_pe = m._latent(x)
+    k, v = m._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
+    q = torch.cat([q_nope, q_pe], -1)                                        # (B, L, H, D)
+    heads = q.shape[2]
+    compressed = torch.zeros(batch, length, heads, v.shape[-1], dtype=x.dtype)
+    selected = torch.zeros_like(compressed)
+    picks = []
+    for b in range(batch):
+        ids, counts = torch.unique_consecutive(doc[b], return_counts=True)
+        start = 0
+        for doc_id, n in zip(ids.tolist(), counts.tolist()):
+            if doc_id == PAD_DOC:
+                start += n
+                continue
+            blocks = [list(range(j, min(j + pattern.block, n))) for j in range(0, n, pattern.block)]
+            pooled_k, pooled_v = [], []
+            for members in blocks:
+                w = m.pool_logits[:len(members)].softmax(0)
+                lat = sum(w[i] * latent[b, start + p] for i, p in enumerate(members))
+                pe = sum(w[i] * k_pe[b, start + p] for i, p in enumerate(members))
+                middle = start + min(members[0] + pattern.block // 2, n - 1)
+                pe = apply_rope(pe[None, None, None], cos[b:b + 1, middle:middle + 1], sin[b:b + 1, middle:middle + 1])
+                keys, values = m._heads(lat, pe[0, 0, 0])
+                pooled_k.append(keys)
+                pooled_v.append(values)
+            ck, cv = torch.stack(pooled_k), torch.stack(pooled_v)             # (blocks, H, D)
+            importance = torch.zeros(len(blocks), len(blocks), dtype=torch.float64)
+            for i in range(n):
+                seen = [j for j, members in enumerate(blocks) if not causal or members[-1] <= i]
+                if not seen:
+                    continue
+                scores = torch.einsum("hd,jhd->hj", q[b, start + i], ck[seen]) * scale
+                probs = scores.softmax(-1)
+                compressed[b, start + i] = torch.einsum("hj,jhd->hd", probs, cv[seen])
+                importance[i // pattern.block, seen] += probs.detach().sum(0).double()
+            doc_picks = []
+            for qb in range(len(blocks)):
+                candidates = [j for j in range(len(blocks)) if not causal or j < qb]
+                chosen = sorted(sorted(candidates, key=lambda j: -importance[qb, j])[:pattern.topk])
+                doc_picks.append(chosen)
+                keys = [start + p for j in chosen for p in blocks[j]]
+                for i in blocks[qb]:
+                    if keys:
+                        scores = torch.einsum("hd,jhd->hj", q[b, start + i], k[b, keys]) * scale
+                        selected[b, start + i] = torch.einsum("hj,jhd->hd", scores.softmax(-1), v[b, keys])
+            picks.append(doc_picks)
+            start += n
+    local = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc, scale, pattern.window,
+                            causal).transpose(1, 2)
+    gates = torch.sigmoid(m.gates(x)).view(batch, length, heads, 3)
+    mixed = gates[..., 0:1] * compressed + gates[..., 1:2] * selected + gates[..., 2:3] * local
+    return m.wo(mixed.flatten(2)), picks
+
+
+def sparse_layer(causal, block=4, topk=2, window=3):
+    torch.manual_seed(0)
+    m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, SparsePattern(block, topk, window)).double()
+    with torch.no_grad():
+        m.pool_logits.normal_()   # unequal pooling weights, so a wrong one shows
+        m.gates.weight.normal_(std=0.3)
+    return m
+
+
+def sparse_inputs(generator):
+    doc = torch.tensor([[0] * 29 + [1] * 3 + [2] * 9 + [PAD_DOC] * 3, [3] * 44])   # lengths 29, 3 (< block), 9, 44
+    positions = torch.zeros_like(doc)
+    for b in range(2):
+        ids, counts = torch.unique_consecutive(doc[b], return_counts=True)
+        positions[b] = torch.cat([torch.arange(n) for n in counts.tolist()])
+    cos, sin = rope_tables(positions, 4, 10000.0)
+    x = torch.randn(2, doc.shape[1], 24, generator=generator, dtype=torch.float64)
+    return x, cos.double(), sin.double(), doc
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("chunk_elements", [1 << 26, 64])   # 64: every chunked loop takes several turns
+def test_sparse_layer_matches_its_pattern_written_out(causal, chunk_elements, monkeypatch):
+    import attention
+    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", chunk_elements)
+    m = sparse_layer(causal)
+    x, cos, sin, doc = sparse_inputs(torch.Generator().manual_seed(1))
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    expected, picks = sparse_reference(m, x_ref, cos, sin, doc, causal)
+    real = doc != PAD_DOC
+    got = m(x, cos, sin, doc, window=None, causal=causal)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)
+    # the picks: the same blocks the kernels chose
+    runs = [(b, s, n) for b, s, n, d in attention.document_runs(doc) if d != PAD_DOC]
+    for (b, start, n), doc_picks in zip(runs, picks):
+        q = torch.cat(m._query(x, cos, sin), -1)[b, start:start + n].transpose(0, 1)
+        latent, k_pe = m._latent(x)
+        ck, _ = m.compress(latent[b, start:start + n], k_pe[b, start:start + n], cos[b, start:start + n],
+                           sin[b, start:start + n])
+        chosen, allowed = attention.choose_blocks(attention.block_importance(q, ck, m.softmax_scale, 4, causal), 2,
+                                                  causal)
+        assert [sorted(c[a].tolist()) for c, a in zip(chosen, allowed)] == doc_picks
+    # gradients of the input and of every parameter
+    weights = torch.randn_like(got)
+    (got[real] * weights[real]).sum().backward()
+    grads = {name: p.grad.clone() for name, p in m.named_parameters()}
+    m.zero_grad()
+    (expected[real] * weights[real]).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
+    for name, p in m.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_a_sparse_layer_reaches_across_the_document_and_a_local_one_does_not():
+    torch.manual_seed(0)
+    length = 400
+    doc = torch.zeros(1, length, dtype=torch.long)
+    cos, sin = rope_tables(torch.arange(length)[None], 4, 10000.0)
+    for kind in ("L", "S"):
+        sparse = SparsePattern(16, 2, 8) if kind == "S" else None
+        m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, sparse)
+        x = torch.randn(1, length, 24, requires_grad=True)
+        m(x, cos, sin, doc, window=8, causal=False)[0, 0].sum().backward()
+        far = x.grad[0, 100:].abs().sum().item()   # 100 positions away, twelve windows
+        assert (far > 0) == (kind == "S"), kind

@@ -66,7 +66,8 @@ def test_presets_build_and_have_their_intended_sizes():
     long_cfg, _ = parameters("long")
     assert tiny < 200_000 and 90e6 < base < 110e6
     assert long_cfg.data.max_seq_len == 262_144 and long_cfg.model.activation_checkpointing
-    assert "G" in base_cfg.model.layer_pattern
+    # every preset reaches its whole document: sparse global layers (dense G costs O(n^2) at 256k)
+    assert all("S" in cfg.model.layer_pattern for cfg in (tiny_cfg, base_cfg, long_cfg, model_trainer.Config()))
     with pytest.raises(ValueError, match="--preset 'huge'.*tiny, small, base, long"):
         model_trainer.load_config(str(ROOT / "config.yaml"), [], "huge")
 
@@ -336,7 +337,7 @@ def test_three_ranks_with_uneven_shares_read_in_proportion_and_resume_exactly(co
         other = tmp_path / "other-shares"
         other.mkdir()
         (other / "ckpt-00000006.pt").write_bytes((straight / "ckpt-00000006.pt").read_bytes())   # mid-epoch
-        proc = torchrun(server.port, other, tmp_path / "probe-other", 3 * steps, "--set", "train.rank_shares=[1, 1, 2]",
+        proc = torchrun(server.port, other, tmp_path / "probe-other", 3 * steps, *settings, "--set", "train.rank_shares=[1, 1, 2]",
                         "--resume", "auto", processes=3)
     assert "continues with the checkpoint's work; from epoch" in proc.stderr
     other_batches = [probed(tmp_path / "probe-straight", rank)[:(2, 1, 1)[rank] * 6] + probed(tmp_path / "probe-other", rank)
@@ -510,3 +511,13 @@ def test_uneven_ranks_make_the_step_of_one_process_on_the_union(corpus, tmp_path
     assert distributed["loss"] == pytest.approx(loss.item(), rel=1e-6)
     for name, p in model.named_parameters():
         torch.testing.assert_close(distributed["weights"][name], (p - 0.5 * p.grad).detach(), rtol=1e-6, atol=1e-6)
+
+
+def test_resuming_with_another_model_shape_names_the_settings_that_restore_it(corpus, tmp_path, capsys):
+    root, _ = corpus
+    flags = ["--data-dir", str(root), "--out", str(tmp_path / "run"), "--ws-port", "-1", "--steps", "2", *set_flags(TINY)]
+    assert model_trainer.main(flags) == 0
+    capsys.readouterr()
+    assert model_trainer.main(flags[:5] + ["4", "--resume", "auto", *set_flags(TINY + ["model.layer_pattern=LG"])]) == 1
+    err = capsys.readouterr().err
+    assert "holds a model of another shape than this run's config: resume with --set model.layer_pattern=LS" in err
