@@ -7,6 +7,7 @@ machine), `LocalParquetDataset` reads files on the training machine.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import os
 import queue
@@ -271,12 +272,17 @@ class _PackedStream(torch.utils.data.IterableDataset):
                  ) -> Iterator[tuple[tuple[int, int], Segment]]:
         """((endpoint index, row), segment) in the order of `endpoints`, from the given one and
         row on, speakers numbered as the run numbers them."""
-        for index in range(first_endpoint, len(endpoints)):
-            row = first_row if index == first_endpoint else 0
-            for record_batch in self.read_endpoint(endpoints[index], row):
+        for index, row, record_batches in self._endpoint_reads(endpoints, first_endpoint, first_row):
+            for record_batch in record_batches:
                 for segment in self._with_run_speakers(segments_from_batch(record_batch), endpoints[index][0]):
                     yield (index, row), segment
                     row += 1
+
+    def _endpoint_reads(self, endpoints: list, first_endpoint: int, first_row: int) -> Iterator[tuple[int, int, Iterable]]:
+        """(endpoint index, first row, its record batches) for each endpoint from the given one on."""
+        for index in range(first_endpoint, len(endpoints)):
+            row = first_row if index == first_endpoint else 0
+            yield index, row, self.read_endpoint(endpoints[index], row)
 
     def file_speakers(self) -> dict[str, dict[str, int] | None]:
         """Each file's own speaker numbering (name -> id), None where its metadata has none."""
@@ -427,31 +433,57 @@ log = logging.getLogger("mmtrain.data")
 RETRYABLE = (flight.FlightUnavailableError, flight.FlightTimedOutError, flight.FlightCancelledError)
 
 
-class ArrowFlightDataset(_PackedStream):
-    """Streams the given files (default: every file the server lists) from a Flight server
-    (flight_server.py on the data machine), with an optional bearer token and TLS."""
+def parse_hosts(hosts: str | list[str], port: int) -> list[tuple[str, int]]:
+    """["a:8815", "b", "[::1]:9000"] -> [(host, port)], `port` where an entry names none."""
+    parsed = []
+    for entry in [hosts] if isinstance(hosts, str) else hosts:
+        host, sep, entry_port = entry.rpartition(":") if not entry.endswith("]") else ("", "", "")
+        if not sep or (host.count(":") and not host.startswith("[")):   # no port, or a bare IPv6 address
+            host, entry_port = entry, str(port)
+        if not entry_port.isdigit() or not host:
+            raise ValueError(f"--flight-host {entry!r}: use HOST or HOST:PORT")
+        parsed.append((host.strip("[]"), int(entry_port)))
+    return parsed
 
-    def __init__(self, host: str, port: int, files: list[str] | None, layout: SequenceLayout,
+
+class ArrowFlightDataset(_PackedStream):
+    """Streams the given files (default: every file the servers list) from one or more Flight
+    servers (flight_server.py on the data machines), with an optional bearer token and TLS (the
+    same for every server).
+
+    With several servers their listings are merged: a file listed by more than one (same name,
+    rows, bytes and row groups), or advertised by a server in its endpoints' locations, is one
+    file with replicas and is read once. Each endpoint prefers the replica that has been given the
+    fewest endpoints so far, so every server serves a balanced share; while one endpoint is read
+    the next is read ahead, which keeps two servers busy at once. A read that fails goes on from
+    the first row not yet delivered at the next replica, and at the same one (after a backoff)
+    when there is no other."""
+
+    DOWN_FOR_S = 30.0   # a server that failed is tried last for this long
+
+    def __init__(self, host: str | list[str], port: int, files: list[str] | None, layout: SequenceLayout,
                  batch_size: int, *, shuffle: bool = True, seed: int = 0, shuffle_window: int = 16,
                  token: str | None = None, tls_root_cert: bytes | None = None, max_retries: int = 8,
                  retry_backoff_s: float = 0.5, read_timeout_s: float = 120.0):
         super().__init__(layout, batch_size, shuffle, seed, shuffle_window)
         self.max_retries, self.retry_backoff_s, self.read_timeout_s = max_retries, retry_backoff_s, read_timeout_s
-        self.location = f"{'grpc+tls' if tls_root_cert else 'grpc'}://{host}:{port}"
+        scheme = "grpc+tls" if tls_root_cert else "grpc"
+        self.locations = [f"{scheme}://{h if ':' not in h else f'[{h}]'}:{p}" for h, p in parse_hosts(host, port)]
+        self.location = ", ".join(self.locations)   # for messages
         self.token, self.tls_root_cert = token, tls_root_cert
-        self._client = None
-        self._infos = None
+        self._clients: dict[str, flight.FlightClient] = {}
+        self._down_until: dict[str, float] = {}
+        self._catalog = None
         self.files = list(files) if files else self._served_files()
 
     def __getstate__(self):
         # gRPC clients are not fork-safe: each DataLoader worker makes its own.
-        return {**self.__dict__, "_client": None, "_infos": None}   # neither pickles; a worker fetches its own
+        return {**self.__dict__, "_clients": {}, "_catalog": None}   # neither pickles; a worker fetches its own
 
-    @property
-    def client(self):
-        if self._client is None:
-            self._client = flight.FlightClient(self.location, tls_root_certs=self.tls_root_cert)
-        return self._client
+    def client(self, location: str):
+        if location not in self._clients:
+            self._clients[location] = flight.FlightClient(location, tls_root_certs=self.tls_root_cert)
+        return self._clients[location]
 
     @property
     def _options(self):
@@ -459,59 +491,113 @@ class ArrowFlightDataset(_PackedStream):
         headers = [(b"authorization", f"Bearer {self.token}".encode())] if self.token else []
         return flight.FlightCallOptions(headers=headers, timeout=self.read_timeout_s)
 
-    def _failed(self, failures: int, what: str, err: Exception) -> None:
+    def _failed(self, location: str, failures: int, what: str, err: Exception, backoff: bool = True) -> None:
         """After a retryable failure: raise once there were too many in a row, else say so and
-        back off."""
+        (with `backoff`) wait."""
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         if failures > self.max_retries:
-            raise DataError(f"{self.location}: {what} failed {failures} times in a row: "
-                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from err
-        wait = min(self.retry_backoff_s * 2 ** (failures - 1), 30.0)
-        log.warning("%s: %s failed (%s); retry %d of %d in %.1f s", self.location, what, type(err).__name__,
+            raise DataError(f"{location}: {what} failed {failures} times in a row: {reason}") from err
+        wait = min(self.retry_backoff_s * 2 ** (failures - 1), 30.0) if backoff else 0.0
+        log.warning("%s: %s failed (%s); retry %d of %d in %.1f s", location, what, type(err).__name__,
                     failures, self.max_retries, wait)
         time.sleep(wait)
-        self._client = None   # reconnect
+        self._clients.pop(location, None)   # reconnect
+        self._down_until[location] = time.monotonic() + self.DOWN_FOR_S
 
-    def _call(self, what: str, call):
+    def _call(self, location: str, what: str, call):
         failures = 0
         while True:
             try:
-                return call()
+                return call(self.client(location))
             except RETRYABLE as err:
                 failures += 1
-                self._failed(failures, what, err)
+                self._failed(location, failures, what, err)
             except flight.FlightError as err:
-                raise DataError(f"{self.location}: {what}: {err}") from err
+                raise DataError(f"{location}: {what}: {err}") from err
 
     def _served_files(self) -> list[str]:
-        files = self._call("listing files", lambda: [info.descriptor.path[0].decode()
-                                                     for info in self.client.list_flights(options=self._options)])
+        files = set()
+        for location in self.locations:
+            try:
+                files |= {info.descriptor.path[0].decode() for info in self._call(
+                    location, "listing files", lambda client: list(client.list_flights(options=self._options)))}
+            except DataError as err:
+                if len(self.locations) == 1:
+                    raise
+                raise DataError(f"{err} (to train on the other servers' files alone, leave it out of "
+                                "--flight-host)") from err
+        files = sorted(files)
         if not files:
-            raise DataError(f"{self.location} serves no valid Parquet files")
+            raise DataError(f"{self.location} serve no valid Parquet files")
         return files
 
-    def _flight_infos(self):
-        if self._infos is None:
-            infos = {}
-            for name in self.files:
-                infos[name] = self._call(f"getting {name}", lambda name=name: self.client.get_flight_info(
-                    flight.FlightDescriptor.for_path(name), self._options))
-            self._infos = infos
-        return self._infos
+    def _describe(self, location: str, name: str):
+        """The server's FlightInfo for a file, or why it does not serve it."""
+        try:
+            return self._call(location, f"getting {name}", lambda client: client.get_flight_info(
+                flight.FlightDescriptor.for_path(name), self._options))
+        except DataError as err:
+            if "no such file" in str(err):
+                return str(err)
+            raise
 
-    def endpoints(self) -> list[tuple[str, bytes]]:
-        return [(name, endpoint.ticket.ticket) for name, info in self._flight_infos().items()
-                for endpoint in info.endpoints]
+    def _flight_infos(self) -> dict[str, tuple[flight.FlightInfo, list[str]]]:
+        """file -> (its FlightInfo, every location that serves it), replicas checked alike."""
+        if self._catalog is None:
+            catalog = {}
+            for name in self.files:
+                answers = {location: self._describe(location, name) for location in self.locations}
+                infos = {location: info for location, info in answers.items() if not isinstance(info, str)}
+                if not infos:
+                    raise DataError(f"{name}: served by none of {self.location}: " + "; ".join(answers.values()))
+                (first, info), *others = infos.items()
+                shape = (info.total_records, info.total_bytes, len(info.endpoints))
+                for location, other in others:
+                    if (other.total_records, other.total_bytes, len(other.endpoints)) != shape:
+                        raise DataError(f"{name} differs between {first} ({info.total_records} rows, "
+                                        f"{len(info.endpoints)} row groups) and {location} ({other.total_records} rows, "
+                                        f"{len(other.endpoints)} row groups): serve one file under one name")
+                advertised = [loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+                              for other in infos.values() for endpoint in other.endpoints for loc in endpoint.locations]
+                catalog[name] = (info, list(dict.fromkeys([*infos, *advertised])))
+            self._catalog = catalog
+        return self._catalog
+
+    def endpoints(self) -> list[tuple[str, bytes, tuple[str, ...]]]:
+        """(file, ticket, locations: the preferred one first). Endpoints with one location count
+        first; each replicated endpoint then prefers the location given the fewest so far (all
+        ranks compute the same)."""
+        catalog = self._flight_infos()
+        load = collections.Counter(locations[0] for info, locations in catalog.values() if len(locations) == 1
+                                   for _ in info.endpoints)
+        endpoints = []
+        for name, (info, locations) in catalog.items():
+            for endpoint in info.endpoints:
+                preferred = min(locations, key=lambda location: (load[location], locations.index(location)))
+                if len(locations) > 1:
+                    load[preferred] += 1
+                endpoints.append((name, endpoint.ticket.ticket,
+                                  (preferred, *(location for location in locations if location != preferred))))
+        return endpoints
+
+    def _by_health(self, locations: tuple[str, ...]) -> list[str]:
+        """The endpoint's locations, those that failed lately last."""
+        now = time.monotonic()
+        return sorted(locations, key=lambda location: self._down_until.get(location, 0.0) > now)
 
     def read_endpoint(self, endpoint, skip_rows: int = 0, columns: tuple[str, ...] | None = None):
-        """Stream one endpoint. A lost connection or a read past `read_timeout_s` is retried with
-        backoff from the first row not yet delivered; `max_retries` failures in a row are an error."""
-        name, raw = endpoint
+        """Stream one endpoint. A lost connection or a read past `read_timeout_s` goes on from the
+        first row not yet delivered at the endpoint's next location; once every location failed
+        in turn, after a backoff; `max_retries` failures in a row are an error."""
+        name, raw, locations = endpoint
         ticket, delivered, failures = Ticket.decode(raw), skip_rows, 0
+        order = self._by_health(locations)
         options = self._options
         while True:
+            location = order[failures % len(order)]
             try:
                 request = replace(ticket, skip_rows=delivered, columns=columns or ticket.columns)
-                reader = self.client.do_get(flight.Ticket(request.encode()), options)
+                reader = self.client(location).do_get(flight.Ticket(request.encode()), options)
                 for chunk in reader:
                     delivered += chunk.data.num_rows
                     failures = 0
@@ -519,13 +605,36 @@ class ArrowFlightDataset(_PackedStream):
                 return
             except RETRYABLE as err:
                 failures += 1
-                self._failed(failures, f"reading {name} from row {delivered}", err)
+                where = f" (replicas: {', '.join(order)})" if len(order) > 1 else ""
+                self._failed(location, failures, f"reading {name} from row {delivered}{where}", err,
+                             backoff=failures % len(order) == 0)
             except flight.FlightError as err:
-                raise DataError(f"{self.location}: reading {name} failed: {err}") from err
+                raise DataError(f"{location}: reading {name} failed: {err}") from err
+
+    def _endpoint_reads(self, endpoints: list, first_endpoint: int, first_row: int):
+        """With replicas, the next endpoint is read ahead in a thread (whole: a row group), so
+        that its server works while this endpoint's rows are packed and trained on."""
+        if not any(len(endpoint[2]) > 1 for endpoint in endpoints[first_endpoint:]):
+            yield from super()._endpoint_reads(endpoints, first_endpoint, first_row)
+            return
+        pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead")
+
+        def read(index):
+            return list(self.read_endpoint(endpoints[index], first_row if index == first_endpoint else 0))
+
+        try:
+            ahead = pool.submit(read, first_endpoint) if first_endpoint < len(endpoints) else None
+            for index in range(first_endpoint, len(endpoints)):
+                record_batches = ahead.result()
+                ahead = pool.submit(read, index + 1) if index + 1 < len(endpoints) else None
+                yield index, first_row if index == first_endpoint else 0, record_batches
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def metadata(self) -> dict[str, dict]:
-        return {f"{self.location}/{name}": read_metadata(info.schema, name)
-                for name, info in self._flight_infos().items()}
+        return {f"{locations[0]}/{name}": read_metadata(info.schema, name)
+                for name, (info, locations) in self._flight_infos().items()}
 
     def file_speakers(self) -> dict[str, dict[str, int] | None]:
-        return {name: read_metadata(info.schema, name).get("speakers") for name, info in self._flight_infos().items()}
+        return {name: read_metadata(info.schema, name).get("speakers")
+                for name, (info, _) in self._flight_infos().items()}

@@ -2,6 +2,7 @@
 
     python flight_server.py --root DIR [--host 127.0.0.1] [--port 8815] [--batch-rows 256]
                             [--token-file F] [--tls-cert C --tls-key K]
+                            [--advertise HOST:PORT] [--peer HOST:PORT ...]
 
 Binding anything but loopback requires a bearer token (clients send `authorization: Bearer
 TOKEN`); TLS is optional.
@@ -12,16 +13,23 @@ RecordBatchStream over a dataset scanner, which runs in C++ without holding the 
 fail the schema check are not served; a file's values are checked the first time it is served
 (schema.validate_file), and one that fails is refused from then on. The `invalid` action and the
 log name them, with file, row and column.
+
+Several data machines: each server told of the others (--peer, repeatable) lists their files
+(at most every PEER_REFRESH_S) and advertises, in every endpoint of a file that a peer serves
+identically (same name, rows, bytes and row groups), its own location and the peer's: any Flight
+client sees the replicas and may read each endpoint from either.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import math
 import json
 import logging
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -35,6 +43,8 @@ from access import read_token, require_token_beyond_loopback, token_matches
 from schema import Ticket
 
 log = logging.getLogger("flight_server")
+PEER_REFRESH_S = 30.0          # a peer's listing is asked again after this long
+LOCAL_ONLY = b"local"          # list_flights criteria a peer sends: this server's files alone, no peers'
 
 class BearerTokenAuth(flight.ServerMiddlewareFactory):
     """Every call must carry `authorization: Bearer TOKEN`; compared in constant time."""
@@ -67,7 +77,8 @@ def _handler(method):
 class SampleFlightServer(flight.FlightServerBase):
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 8815,
                  batch_rows: int = 256, token: str | None = None,
-                 tls_cert: bytes | None = None, tls_key: bytes | None = None):
+                 tls_cert: bytes | None = None, tls_key: bytes | None = None,
+                 peers: list[str] = (), advertise: str | None = None, peer_tls_root_cert: bytes | None = None):
         require_token_beyond_loopback(host, token, "the data", "--token-file")
         if (tls_cert is None) != (tls_key is None):
             raise ValueError("TLS needs both a certificate and its key")
@@ -83,7 +94,18 @@ class SampleFlightServer(flight.FlightServerBase):
         self._catalog: dict[str, tuple[tuple, flight.FlightInfo | str]] = {}
         self._content_checked: dict[str, tuple] = {}   # name -> the (mtime, size) whose values were checked
         self._stats = {"streams": 0, "rows_streamed": 0, "bytes_streamed": 0}
-        self._peers: set[str] = set()
+        self._peers: set[str] = set()   # clients seen
+        # Replicas: other servers' locations and this one's as clients should reach it.
+        if peers and advertise is None and host in ("0.0.0.0", "::", ""):
+            raise ValueError("with --peer, a server bound to all addresses needs --advertise HOST:PORT: the address "
+                             "clients reach it at")
+        self.advertised = f"{scheme}://{advertise or f'{host}:{self.port}'}"
+        self._peer_locations = [f"{'grpc+tls' if tls_cert or peer_tls_root_cert else 'grpc'}://{peer}" for peer in peers]
+        self._peer_options = flight.FlightCallOptions(
+            headers=[(b"authorization", f"Bearer {token}".encode())] if token else [], timeout=5.0)
+        self._peer_tls_root_cert = peer_tls_root_cert or tls_cert
+        self._peer_files: dict[str, list[tuple[str, tuple]]] = {}   # name -> [(peer location, file identity)]
+        self._peer_listed_at = -math.inf
         self.refresh()
 
     # -- catalog ---------------------------------------------------------------------------
@@ -167,20 +189,62 @@ class SampleFlightServer(flight.FlightServerBase):
             self._content_checked[name] = entry[0]
         return entry
 
+    # -- replicas on peers ---------------------------------------------------------------
+
+    @staticmethod
+    def identity(info: flight.FlightInfo) -> tuple:
+        """What two servers must agree on to serve one file: rows, bytes and row groups."""
+        return info.total_records, info.total_bytes, len(info.endpoints)
+
+    def _refresh_peers(self) -> None:
+        """Ask every peer for its own files (not its peers'), at most every PEER_REFRESH_S; a
+        peer that does not answer serves nothing until it does."""
+        if time.monotonic() - self._peer_listed_at < PEER_REFRESH_S:
+            return
+        files: dict[str, list[tuple[str, tuple]]] = {}
+        for location in self._peer_locations:
+            try:
+                client = flight.FlightClient(location, tls_root_certs=self._peer_tls_root_cert)
+                for info in client.list_flights(LOCAL_ONLY, options=self._peer_options):
+                    files.setdefault(info.descriptor.path[0].decode(), []).append((location, self.identity(info)))
+                client.close()
+            except (flight.FlightError, pa.ArrowException, OSError) as err:
+                log.warning("peer %s did not list its files (%s): not advertised as a replica for now", location,
+                            str(err).splitlines()[0] if str(err) else type(err).__name__)
+        with self._lock:
+            self._peer_files, self._peer_listed_at = files, time.monotonic()
+
+    def _with_replicas(self, name: str, info: flight.FlightInfo) -> flight.FlightInfo:
+        """The file's FlightInfo with every endpoint listing this server and each peer that serves
+        the same file; a peer's file of that name but other content is named in the log."""
+        if not self._peer_locations:
+            return info
+        self._refresh_peers()
+        locations = [self.advertised]
+        for location, identity in self._peer_files.get(name, []):
+            if identity == self.identity(info):
+                locations.append(location)
+            else:
+                log.warning("%s on peer %s differs from ours (rows, bytes, row groups %s against %s): not a replica",
+                            name, location, identity, self.identity(info))
+        endpoints = [flight.FlightEndpoint(endpoint.ticket, locations) for endpoint in info.endpoints]
+        return flight.FlightInfo(info.schema, info.descriptor, endpoints, info.total_records, info.total_bytes)
+
     # -- Flight RPCs ------------------------------------------------------------------------
 
     @_handler
     def list_flights(self, context, criteria):
         self.refresh()
-        for _, info in self._catalog.values():
+        for name, (_, info) in list(self._catalog.items()):
             if not isinstance(info, str):
-                yield info
+                yield info if criteria == LOCAL_ONLY else self._with_replicas(name, info)
 
     @_handler
     def get_flight_info(self, context, descriptor):
         if descriptor.descriptor_type != flight.DescriptorType.PATH or len(descriptor.path) != 1:
             raise flight.FlightServerError("descriptor must be one file path")
-        return self._info(descriptor.path[0].decode())
+        name = descriptor.path[0].decode()
+        return self._with_replicas(name, self._info(name))
 
     @_handler
     def do_get(self, context, ticket):
@@ -247,17 +311,25 @@ def main(argv=None) -> int:
                                              "(required unless --host is loopback)")
     parser.add_argument("--tls-cert", help="PEM certificate: serve over TLS (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                        help="another data server (repeatable): its copies of our files are advertised as replicas")
+    parser.add_argument("--advertise", metavar="HOST:PORT",
+                        help="the address clients reach this server at (default: --host:--port)")
+    parser.add_argument("--peer-tls-root-cert", help="PEM certificate to trust for TLS peers (default: --tls-cert)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         token = read_token(args.token_file) if args.token_file else None
-        tls = [Path(p).read_bytes() if p else None for p in (args.tls_cert, args.tls_key)]
-        server = SampleFlightServer(args.root, args.host, args.port, args.batch_rows, token, *tls)
+        tls = [Path(p).read_bytes() if p else None for p in (args.tls_cert, args.tls_key, args.peer_tls_root_cert)]
+        server = SampleFlightServer(args.root, args.host, args.port, args.batch_rows, token, tls[0], tls[1],
+                                    peers=args.peer, advertise=args.advertise, peer_tls_root_cert=tls[2])
     except (ValueError, OSError, pa.ArrowException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     served = sum(1 for _ in server.list_flights(None, None))
     log.info("serving %d files from %s on grpc://%s:%d", served, server.root, args.host, server.port)
+    if args.peer:
+        log.info("peers %s; advertised as %s", ", ".join(args.peer), server.advertised)
 
     def stop(signum, frame):
         log.info("signal %d: shutting down", signum)

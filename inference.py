@@ -83,7 +83,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("input (one of)")
     source.add_argument("--manifest", help="recordings (CSV/JSONL, as for features.py prepare)")
     source.add_argument("--data-dir", help="folder of Parquet shards on this machine")
-    source.add_argument("--flight-host", help="a data machine's Flight server (with --port, --files)")
+    source.add_argument("--flight-host", nargs="+", metavar="HOST[:PORT]",
+                        help="data machines' Flight servers (with --port, --files)")
     parser.add_argument("--port", type=int, default=8815)
     parser.add_argument("--files", nargs="+", help="files under --data-dir or on the server (default: all)")
     parser.add_argument("--flight-token-file", help="file holding the server's bearer token")

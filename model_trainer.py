@@ -1,6 +1,7 @@
 """Train the CustomTransformer on samples streamed from an Arrow Flight server.
 
     python model_trainer.py --flight-host H --port 8815 --files a.parquet b.parquet
+    python model_trainer.py --flight-host A:8815 B:8815          # several data machines
     python model_trainer.py                      # embedded default: demo corpus, in-process server
     python model_trainer.py watch ws://127.0.0.1:8765   # one line per live update
     python model_trainer.py predict|embed|evaluate|export --checkpoint C ...   # use a trained model
@@ -634,8 +635,10 @@ def train(args, cfg: Config) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flight-host", help="Flight server address; omit for the embedded in-process server")
-    parser.add_argument("--port", type=int, default=8815, help="Flight server port")
+    parser.add_argument("--flight-host", nargs="+", metavar="HOST[:PORT]",
+                        help="Flight server(s): several data machines are merged, files on more than one read once "
+                             "as replicas; omit for the embedded in-process server")
+    parser.add_argument("--port", type=int, default=8815, help="Flight server port (where --flight-host names none)")
     parser.add_argument("--files", nargs="+", help="files to train on, as the server names them (default: all)")
     parser.add_argument("--eval-files", nargs="+", help="files to evaluate on (held out of training)")
     parser.add_argument("--flight-token-file", help="file holding the server's bearer token")

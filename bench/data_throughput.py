@@ -4,9 +4,12 @@ dataset's end-to-end rate against what the presets consume.
     python bench/data_throughput.py [--rows-per-file 500] [--files 4]
 
 The files are synthetic samples of the real schema (6 s of audio each), written once to
-data/bench. The Flight server runs in its own process, as on a data machine. Headlines: Flight
-(1 stream) / local read rate (goal >= 0.5 here), and dataset rate / `small` consumption (goal
->= 10x).
+data/bench. The Flight server runs in its own process, as on a data machine; a second one
+serving the same files (replicas, as two data machines would) gives the dataset's rate over two
+servers, its reads spread over both and read ahead (on this 2-core machine the two servers and
+the packing share the cores, so this row shows the mechanism, not a second machine's gain).
+Headlines: Flight (1 stream) / local read rate (goal >= 0.5 here), and dataset rate / `small`
+consumption (goal >= 10x).
 """
 from __future__ import annotations
 
@@ -120,24 +123,29 @@ def main() -> int:
     args = parser.parse_args()
     paths = make_files(args.files, args.rows_per_file)
     names = [p.name for p in paths]
-    port = 18815
-    server = subprocess.Popen([sys.executable, str(ROOT / "flight_server.py"), "--root", str(BENCH_DIR),
-                               "--port", str(port)], stderr=subprocess.DEVNULL, cwd=ROOT)
+    port, second_port = 18815, 18816
+    servers = [subprocess.Popen([sys.executable, str(ROOT / "flight_server.py"), "--root", str(BENCH_DIR),
+                                 "--port", str(p)], stderr=subprocess.DEVNULL, cwd=ROOT) for p in (port, second_port)]
     try:
-        flight.connect(f"grpc://127.0.0.1:{port}").wait_for_available(timeout=30)
+        for p in (port, second_port):
+            flight.connect(f"grpc://127.0.0.1:{p}").wait_for_available(timeout=30)
         read_local(paths)   # warm the page cache so both sides read from memory
         local = rate(lambda: read_local(paths))
         one = rate(lambda: read_flight(port, names, 1))
         two = rate(lambda: read_flight(port, names, 2))
         small_cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], "small")
         layout = datasets.SequenceLayout(small_cfg.data.max_seq_len, small_cfg.model.frames_per_position)
-        dataset = datasets.ArrowFlightDataset("127.0.0.1", port, names, layout, small_cfg.data.batch_size)
-        start = time.perf_counter()
-        produced = sum(b.n_positions(layout.frames_per_position) for b in dataset)
-        dataset_rate = produced / (time.perf_counter() - start)
+        rates = []
+        for hosts in (["127.0.0.1"], ["127.0.0.1", f"127.0.0.1:{second_port}"]):
+            dataset = datasets.ArrowFlightDataset(hosts, port, names, layout, small_cfg.data.batch_size)
+            start = time.perf_counter()
+            produced = sum(b.n_positions(layout.frames_per_position) for b in dataset)
+            rates.append(produced / (time.perf_counter() - start))
+        dataset_rate, two_servers_rate = rates
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=30)
     small = consumption("small", 5, [])
     base = consumption("base", 2, ["data.max_seq_len=2048", "data.batch_size=1"])
     lines = [f"# bench/data_throughput.py --files {args.files} --rows-per-file {args.rows_per_file}",
@@ -148,6 +156,8 @@ def main() -> int:
              f"{'Flight loopback, 1 stream':<34} {one[0]:>8.0f} {one[1]:>9.0f}",
              f"{'Flight loopback, 2 streams':<34} {two[0]:>8.0f} {two[1]:>9.0f}",
              f"dataset over Flight, `small` packing: {dataset_rate:,.0f} positions/s",
+             f"dataset over two Flight servers (every file on both), `small` packing: {two_servers_rate:,.0f} "
+             f"positions/s ({two_servers_rate / dataset_rate:.2f}x one server; same 2 cores)",
              f"training consumes on this CPU: small {small:,.0f} positions/s, base {base:,.0f} positions/s "
              f"(base at 2,048 positions)",
              f"headroom: {dataset_rate / small:.0f}x small, {dataset_rate / base:.0f}x base",

@@ -1,21 +1,25 @@
-"""Forward + backward of a preset at a long context: time and peak memory.
+"""Forward + backward of a preset at a long context: time and peak memory, for the preset's layer
+pattern and for all-local layers side by side.
 
-    python bench/long_context.py [--preset long] [--positions 262144] [--set model.window=256 ...]
+    python bench/long_context.py [--preset long] [--positions 262144] [--patterns LLLS L] [--set ...]
 
 One document of synthetic segments (text tokens and audio frames with prosody) fills the
-sequence exactly; masks hide text and audio spans as in training. On CPU the peak is the
-process's peak RSS; on a GPU, torch's peak allocation (fp16/bf16 autocast as the trainer picks).
+sequence exactly; masks hide text and audio spans as in training. Each pattern runs in a fresh
+process. On CPU the peak is the process's peak RSS; on a GPU, torch's peak allocation (fp16/bf16
+autocast as the trainer picks). Headline: the preset's time over all-local (goal <= 1.5 for
+`long`, whose sparse global layers give every position reach over the whole document).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 import numpy as np
 import torch
 
-from common import ROOT, header, peak_rss_bytes, save
+from common import ROOT, header, peak_rss_bytes, run_case, save
 
 import datasets  # noqa: E402 (path set by common)
 import model_trainer  # noqa: E402
@@ -44,22 +48,15 @@ def synthetic_document(positions: int, k: int, seed: int = 0, audio: bool = True
     return datasets.collate([segments], datasets.SequenceLayout(positions, k))
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="long")
-    parser.add_argument("--positions", type=int, default=262_144)
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    args = parser.parse_args()
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), args.set, args.preset)
+def case(preset: str, positions: int, overrides: list[str]) -> dict:
+    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), overrides, preset)
     device, amp_dtype = model_trainer.choose_device(cfg.train.device, cfg.train.precision)
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model).to(device)
-    batch = synthetic_document(args.positions, cfg.model.frames_per_position)
+    batch = synthetic_document(positions, cfg.model.frames_per_position)
     masks = sample_masks(batch, cfg.model, torch.Generator().manual_seed(0)).to(device)
     batch = batch.to(device)
-    assert batch.n_positions(cfg.model.frames_per_position) == args.positions
-    n_params = sum(p.numel() for p in model.parameters())
-
+    assert batch.n_positions(cfg.model.frames_per_position) == positions
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     base = peak_rss_bytes()
@@ -71,16 +68,46 @@ def main() -> int:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else peak_rss_bytes()
-    lines = [*header(),
-             f"preset {args.preset}: {n_params / 1e6:.1f}M parameters, layers {cfg.model.layer_pattern} x{cfg.model.n_layers}, "
-             f"window {cfg.model.window}, activation checkpointing {cfg.model.activation_checkpointing}, "
-             f"{str(amp_dtype).removeprefix('torch.')}",
-             f"positions {args.positions:,}: forward+backward {seconds:.1f} s, loss {loss.item():.3f}",
-             f"peak memory {peak / 2**30:.2f} GiB ("
-             + ("GPU allocated)" if device.type == "cuda" else f"process RSS; {(peak - base) / 2**30:.2f} GiB above the inputs)"),
-             f"throughput {args.positions / seconds:,.0f} positions/s"]
+    return {"seconds": seconds, "loss": loss.item(), "peak_gib": peak / 2**30, "above_inputs_gib": (peak - base) / 2**30,
+            "parameters": sum(p.numel() for p in model.parameters()), "device": device.type,
+            "precision": str(amp_dtype).removeprefix("torch."), "pattern": cfg.model.layer_pattern,
+            "description": f"{cfg.model.n_layers} layers, window {cfg.model.window}, sparse block {cfg.model.sparse_block} "
+                           f"top-{cfg.model.sparse_topk}, activation checkpointing {cfg.model.activation_checkpointing}"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--preset", default="long")
+    parser.add_argument("--positions", type=int, default=262_144)
+    parser.add_argument("--patterns", nargs="+", help="layer patterns to compare (default: the preset's, then L)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    args = parser.parse_args()
+    if args.case:
+        preset, positions, *overrides = args.case
+        print(json.dumps(case(preset, int(positions), overrides)))
+        return 0
+    preset_pattern = model_trainer.load_config(str(ROOT / "config.yaml"), args.set, args.preset).model.layer_pattern
+    patterns = args.patterns or [preset_pattern, "L"]
+    results = {pattern: run_case(__file__, args.preset, str(args.positions), *args.set,
+                                 f"model.layer_pattern={pattern}", timeout=7200) for pattern in patterns}
+    first = next((r for r in results.values() if "seconds" in r), {})
+    lines = [*header(), f"preset {args.preset} at {args.positions:,} positions: {first.get('description', '?')}, "
+             f"{first.get('precision', '?')}; forward+backward of one document",
+             f"{'layers':<10} {'params':>8} {'seconds':>9} {'positions/s':>12} {'peak GiB':>9} {'loss':>8} {'time x':>7}"]
+    local = results.get(patterns[-1], {})
+    for pattern, r in results.items():
+        if "seconds" not in r:
+            lines.append(f"{pattern:<10} {r.get('error', 'failed')}")
+            continue
+        ratio = r["seconds"] / local["seconds"] if "seconds" in local else float("nan")
+        lines.append(f"{pattern:<10} {r['parameters'] / 1e6:>7.2f}M {r['seconds']:>9.1f} {args.positions / r['seconds']:>12,.0f} "
+                     f"{r['peak_gib']:>9.2f} {r['loss']:>8.3f} {ratio:>7.2f}")
+    if "seconds" in results.get(patterns[0], {}) and "seconds" in local and len(patterns) > 1:
+        lines.append(f"{patterns[0]} / {patterns[-1]} time: {results[patterns[0]]['seconds'] / local['seconds']:.2f} "
+                     f"(goal <= 1.5 for the long preset)")
     print("\n".join(lines))
-    save(f"long_context_{args.preset}_{device.type}", lines)
+    save(f"long_context_{args.preset}_{first.get('device', 'cpu')}", lines)
     return 0
 
 

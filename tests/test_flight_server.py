@@ -131,7 +131,7 @@ def test_unknown_server_or_file_is_a_clear_data_error(served):
     root, server, client = served
     dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, ["good/missing.parquet"],
                                           datasets.SequenceLayout(400, 4), batch_size=2)
-    with pytest.raises(datasets.DataError, match="getting good/missing.parquet: .*no such file"):
+    with pytest.raises(datasets.DataError, match="good/missing.parquet: served by none of grpc://127.0.0.1:.*getting good/missing.parquet: .*no such file"):
         list(dataset)
 
 
@@ -382,3 +382,136 @@ def test_bad_content_is_refused_with_file_row_and_column_while_good_files_stay_s
         client.close()
     finally:
         server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Several data machines: replicas, merged listings, failover
+
+def two_roots(corpus, tmp_path):
+    """Root A holds the first two shards, root B the last two: the middle one is on both."""
+    root, shards = corpus
+    assert len(shards) == 3
+    roots = tmp_path / "a", tmp_path / "b"
+    for folder, chosen in zip(roots, (shards[:2], shards[1:])):
+        folder.mkdir()
+        for shard in chosen:
+            shutil.copy(shard, folder / shard.name)
+    return roots, shards
+
+
+def test_a_server_advertises_its_peers_copies_to_a_plain_flight_client(corpus, tmp_path):
+    (a, b), shards = two_roots(corpus, tmp_path)
+    (b / "odd.parquet").write_bytes((a / shards[0].name).read_bytes())   # a different file under A's name...
+    shutil.copy(shards[-1], b / shards[0].name)                          # ...and another under the same one
+    server_b = SampleFlightServer(b, "127.0.0.1", 0)
+    server_a = SampleFlightServer(a, "127.0.0.1", 0, peers=[f"127.0.0.1:{server_b.port}"])
+    try:
+        client = flight.connect(f"grpc://127.0.0.1:{server_a.port}")   # a generic client, not ours
+        infos = {info.descriptor.path[0].decode(): info for info in client.list_flights()}
+        both = [f"grpc://127.0.0.1:{server_a.port}", f"grpc://127.0.0.1:{server_b.port}"]
+        for shard in shards[:2]:
+            locations = [[str(loc.uri.decode() if isinstance(loc.uri, bytes) else loc.uri) for loc in e.locations]
+                         for e in infos[shard.name].endpoints]
+            expected = both if shard == shards[1] else both[:1]   # shards[0] differs on B: no replica
+            assert locations == [expected] * len(infos[shard.name].endpoints), shard.name
+        # the advertised replica serves the same rows for the same ticket
+        endpoint = client.get_flight_info(flight.FlightDescriptor.for_path(shards[1].name)).endpoints[0]
+        replica = flight.connect(both[1]).do_get(endpoint.ticket).read_all()
+        assert replica.equals(client.do_get(endpoint.ticket).read_all())
+        # our reader, told of A alone, learns of B from A's endpoints
+        ours = datasets.ArrowFlightDataset(f"127.0.0.1:{server_a.port}", 0, None, datasets.SequenceLayout(300, 4), 1)
+        assert {e[0]: sorted(e[2]) for e in ours.endpoints()} == {shards[0].name: both[:1], shards[1].name: sorted(both)}
+    finally:
+        server_a.shutdown()
+        server_b.shutdown()
+
+
+def test_several_servers_merge_into_one_epoch_that_reads_each_replica_once(corpus, tmp_path):
+    (a, b), shards = two_roots(corpus, tmp_path)
+    servers = [SampleFlightServer(root, "127.0.0.1", 0) for root in (a, b)]
+    try:
+        dataset = datasets.ArrowFlightDataset([f"127.0.0.1:{s.port}" for s in servers], 0, None,
+                                              datasets.SequenceLayout(300, 4), batch_size=2, seed=3)
+        assert dataset.files == sorted(s.name for s in shards)
+        shared = [e for e in dataset.endpoints() if len(e[2]) == 2]
+        assert {e[0] for e in shared} == {shards[1].name}
+        seen = [i for batch in dataset for i in batch.sample_ids]
+        streamed = [json.loads(next(s.do_action(None, flight.Action("stats", b""))).body.to_pybytes())["streams"]
+                    for s in servers]
+    finally:
+        for s in servers:
+            s.shutdown()
+    expected = pq.read_table(shards, columns=["sample_id"]).column(0).to_pylist()
+    assert collections.Counter(seen) == collections.Counter(expected)      # one epoch: replicas read once
+    endpoints = dataset.endpoints()
+    preferred = collections.Counter(e[2][0] for e in endpoints)
+    only = collections.Counter(e[2][0] for e in endpoints if len(e[2]) == 1)
+    # each server as even a share as the replicated endpoints allow
+    assert max(preferred.values()) - min(preferred.values()) <= max(1, abs(only[dataset.locations[0]]
+                                                                           - only[dataset.locations[1]]) - len(shared))
+    assert min(streamed) > 0
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undelivered_row(corpus, tmp_path, resume):
+    """A holds shards 0-1, B holds all of them: A is shut down mid-epoch, mid-stream. The epoch
+    still reads every sample once, the rest from B; and a run resumed from a position recorded
+    after the failure continues exactly."""
+    root, shards = corpus
+    a = tmp_path / "a"
+    a.mkdir()
+    for shard in shards[:2]:
+        shutil.copy(shard, a / shard.name)
+    server_a, server_b = SampleFlightServer(a, "127.0.0.1", 0, batch_rows=2), SampleFlightServer(root, "127.0.0.1", 0)
+    hosts = [f"127.0.0.1:{server_a.port}", f"127.0.0.1:{server_b.port}"]
+
+    def dataset(hosts=hosts):
+        return datasets.ArrowFlightDataset(hosts, 0, None, datasets.SequenceLayout(300, 4), batch_size=1, seed=2,
+                                           retry_backoff_s=0.05, max_retries=4, shuffle_window=2)
+
+    first = dataset()
+    reference = [i for batch in dataset() for i in batch.sample_ids]   # both up
+    seen = []
+    try:
+        for index, batch in enumerate(first):
+            seen += batch.sample_ids
+            first.record(batch)
+            if index == 3:
+                server_a.shutdown()
+            if resume and index == 8:
+                break
+        if resume:
+            with pytest.raises(datasets.DataError, match="leave it out of --flight-host"):
+                dataset()   # A is still down: its files cannot be listed
+            resumed = dataset(hosts[1:])
+            resumed.load_state_dict(first.state_dict())
+            seen += [i for batch in resumed for i in batch.sample_ids]
+    finally:
+        server_a.shutdown()
+        server_b.shutdown()
+    expected = pq.read_table(shards, columns=["sample_id"]).column(0).to_pylist()
+    assert collections.Counter(seen) == collections.Counter(expected)
+    assert seen == reference                         # the same order as without the failure
+
+
+def test_a_file_without_replica_on_a_dead_server_is_an_error_naming_host_and_file(corpus, tmp_path):
+    (a, b), shards = two_roots(corpus, tmp_path)
+    servers = [SampleFlightServer(root, "127.0.0.1", 0) for root in (a, b)]
+    dataset = datasets.ArrowFlightDataset([f"127.0.0.1:{s.port}" for s in servers], 0, None,
+                                          datasets.SequenceLayout(300, 4), batch_size=1, retry_backoff_s=0.01,
+                                          max_retries=2, shuffle=False)
+    dataset.endpoints()
+    servers[0].shutdown()
+    try:
+        with pytest.raises(datasets.DataError, match=f"grpc://127.0.0.1:{servers[0].port}: reading {shards[0].name} "
+                                                     "from row 0 failed 3 times in a row"):
+            list(dataset)
+    finally:
+        servers[1].shutdown()
+
+
+def test_flight_hosts_parse_with_and_without_ports():
+    assert datasets.parse_hosts(["a:9000", "b", "[::1]:7", "::1"], 8815) == [("a", 9000), ("b", 8815), ("::1", 7),
+                                                                             ("::1", 8815)]
+    with pytest.raises(ValueError, match="--flight-host 'a:x'"):
+        datasets.parse_hosts(["a:x"], 8815)

@@ -521,3 +521,18 @@ def test_resuming_with_another_model_shape_names_the_settings_that_restore_it(co
     assert model_trainer.main(flags[:5] + ["4", "--resume", "auto", *set_flags(TINY + ["model.layer_pattern=LG"])]) == 1
     err = capsys.readouterr().err
     assert "holds a model of another shape than this run's config: resume with --set model.layer_pattern=LS" in err
+
+
+def test_the_trainer_reads_from_several_data_servers(corpus, tmp_path):
+    root, shards = corpus
+    halves = tmp_path / "a", tmp_path / "b"
+    for folder, chosen in zip(halves, (shards[:2], shards[1:])):
+        folder.mkdir()
+        for shard in chosen:
+            (folder / shard.name).write_bytes(shard.read_bytes())
+    with SampleFlightServer(halves[0], "127.0.0.1", 0) as a, SampleFlightServer(halves[1], "127.0.0.1", 0) as b:
+        out = tmp_path / "run"
+        assert model_trainer.main(["--flight-host", f"127.0.0.1:{a.port}", "127.0.0.1", "--port", str(b.port),
+                                   "--out", str(out), "--ws-port", "-1", "--steps", "2", *set_flags(TINY)]) == 0
+    run = next(m for m in read_metrics(out) if m["type"] == "run")
+    assert run["files"] == len(shards)   # the union, the shared file once
