@@ -1,6 +1,6 @@
 # make run   - set up, build the demo corpus if missing, train the demo model with live metrics
 # make test  - set up, run the test suite
-# make bench - the benchmarks under bench/ (about 30 minutes on a 2-core CPU)
+# make bench - the benchmarks under bench/ (about 2 hours on a 2-core CPU)
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -40,6 +40,7 @@ bench: demo $(VENV)/.bench-installed
 	$(PY) bench/data_stall.py
 	$(PY) bench/predict.py
 	$(PY) bench/mixed_gpus.py
+	$(PY) bench/long_range.py
 
 clean:
 	rm -rf data runs

@@ -49,8 +49,8 @@ import inference
 from inference import evaluate
 from live_metrics import MetricsServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, accumulation_steps, all_ranks, barrier, choose_device,  # noqa: F401
-                      describe_device, distribute, from_rank0, gradient_sync, init_distributed, peak_flops,
-                      peak_memory_gb, plan_work, rank_work, unwrapped)
+                      describe_device, distribute, faster_precision, from_rank0, gradient_sync, init_distributed,
+                      needs_precision_probe, peak_flops, peak_memory_gb, plan_work, rank_work, unwrapped)
 
 DEMO_DIR = Path("data/demo")
 
@@ -465,6 +465,11 @@ def train(args, cfg: Config) -> dict:
         for data in filter(None, (dataset, eval_set)):
             data.use_speakers(labels.speakers)
         model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
+        if needs_precision_probe(device, cfg.train.precision):
+            amp_dtype, speeds = faster_precision(model, dataset.layout, cfg.data.batch_size, device)
+            run.say(f"{describe_device(device)}: " + ", ".join(f"{str(d).removeprefix('torch.')} {v:,.0f}"
+                                                            for d, v in speeds.items())
+                    + f" positions/s on a probe step: training in {str(amp_dtype).removeprefix('torch.')}")
         # Uneven work per rank (train.rank_shares): by hand, or measured on every card and kept
         # even by the rebalancer.
         per_step, batch_sizes, rebalancer = plan_work(cfg, ranks, model, device, amp_dtype, run.say)

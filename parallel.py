@@ -86,7 +86,8 @@ _HELD_UNTIL_EXIT: list = []
 def choose_device(requested: str = "auto", precision: str = "auto", local_rank: int = 0
                   ) -> tuple[torch.device, torch.dtype]:
     """train.device and train.precision -> the device and autocast dtype: bf16 on sm_80+, fp16
-    (with a GradScaler) on older GPUs such as the P40, fp32 on CPU."""
+    (with a GradScaler) on older GPUs such as the P40, fp32 on CPU. On an older GPU with
+    precision auto, fp16 is only the first guess: `faster_precision` measures it against fp32."""
     name = requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda":
         name = f"cuda:{local_rank}"
@@ -205,6 +206,23 @@ def measure_speed(model: torch.nn.Module, batch, masks, device: torch.device, am
         timings.append(time.perf_counter() - started)
     model.zero_grad(set_to_none=True)
     return batch.n_positions(model.cfg.frames_per_position) / min(timings[1:])
+
+
+def needs_precision_probe(device: torch.device, precision: str) -> bool:
+    """train.precision=auto on a GPU without bf16 (before sm_80): whether fp16 beats fp32 there
+    depends on the card (a P40's fp16 arithmetic runs at a fraction of its fp32 rate), so it is
+    measured rather than assumed."""
+    return precision == "auto" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8
+
+
+def faster_precision(model: torch.nn.Module, layout: SequenceLayout, batch_size: int, device: torch.device,
+                     candidates=(torch.float16, torch.float32)) -> tuple[torch.dtype, dict[torch.dtype, float]]:
+    """-> the autocast dtype with the most positions/s on a training step of real shapes on this
+    card, and each one's speed."""
+    probe = full_batch(layout, batch_size)
+    masks = sample_masks(probe, model.cfg, torch.Generator().manual_seed(0))
+    speeds = {dtype: measure_speed(model, probe, masks, device, dtype) for dtype in candidates}
+    return max(speeds, key=speeds.get), speeds
 
 
 def largest_micro_batch(model: torch.nn.Module, layout: SequenceLayout, most: int, device: torch.device,

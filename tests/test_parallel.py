@@ -93,3 +93,21 @@ def test_a_card_that_slows_down_gets_less_work_from_the_next_epoch(corpus, tmp_p
     later = [m for m in messages if m["type"] == "step" and m["epoch"] >= rebalance["from_epoch"]]
     assert later, "the run should reach the epoch the new plan starts"
     assert "from epoch" in proc.stderr
+
+
+def test_the_faster_precision_is_measured_on_the_card(monkeypatch):
+    """A card before sm_80 with precision auto: fp16 and fp32 are both timed, the faster one
+    trains (here on CPU, fp32 against bf16, with the measured speeds made unequal by hand)."""
+    import torch
+    from custom_transformer import CustomTransformer
+    from packing import SequenceLayout
+    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], "tiny")
+    model = CustomTransformer(cfg.model)
+    layout = SequenceLayout(64, cfg.model.frames_per_position)
+    chosen, speeds = parallel.faster_precision(model, layout, 1, torch.device("cpu"), (torch.float32, torch.bfloat16))
+    assert set(speeds) == {torch.float32, torch.bfloat16} and all(v > 0 for v in speeds.values())
+    assert chosen == max(speeds, key=speeds.get)
+    measured = {torch.float16: 900.0, torch.float32: 2500.0}   # a P40: fp16 arithmetic is slow there
+    monkeypatch.setattr(parallel, "measure_speed", lambda model, probe, masks, device, dtype: measured[dtype])
+    assert parallel.faster_precision(model, layout, 1, torch.device("cpu"))[0] == torch.float32
+    assert not parallel.needs_precision_probe(torch.device("cpu"), "auto")
