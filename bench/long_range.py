@@ -27,6 +27,7 @@ from common import ROOT, header, save
 
 import datasets  # noqa: E402 (path set by common)
 import model_trainer  # noqa: E402
+from config import TrainConfig  # noqa: E402
 from custom_transformer import CustomTransformer, Masks  # noqa: E402
 
 KEYS = np.arange(10, 18)            # 8 keys: chance is 1/8
@@ -73,7 +74,9 @@ def train_and_test(pattern: str, args, distances: list[int]) -> dict:
         "model.sentiment_drop=0", "model.document_drop=0"], "tiny").model
     torch.manual_seed(0)
     model = CustomTransformer(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    # the trainer's optimizer and schedule (AdamW, warmup, cosine decay) and its gradient clipping
+    train = TrainConfig(lr=args.lr, steps=args.steps, warmup_steps=20, weight_decay=0.0)
+    optimizer, scheduler = model_trainer.make_optimizer(model, train, torch.device("cpu"))
     rng = np.random.default_rng(1)
     started, curve = time.perf_counter(), []
     stages = max(1, round(math.log2(args.positions / args.start_positions)) + 1)
@@ -89,7 +92,9 @@ def train_and_test(pattern: str, args, distances: list[int]) -> dict:
         loss, _ = model(batch, masks)
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
+        scheduler.step()
         curve.append(loss.item())
         if (step + 1) % 25 == 0:
             print(f"  {pattern} step {step + 1}: loss {np.mean(curve[-25:]):.3f}", flush=True)
@@ -108,7 +113,7 @@ def train_and_test(pattern: str, args, distances: list[int]) -> dict:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--positions", type=int, default=32768)
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--start-positions", type=int, default=1024, help="the first training documents' length")
     parser.add_argument("--positions-per-step", type=int, default=32768)
     parser.add_argument("--window", type=int, default=32)
