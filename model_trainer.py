@@ -49,8 +49,9 @@ import inference
 from inference import evaluate
 from live_metrics import MetricsServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, accumulation_steps, all_ranks, barrier, choose_device,  # noqa: F401
-                      describe_device, distribute, faster_precision, from_rank0, gradient_sync, init_distributed,
-                      needs_precision_probe, peak_flops, peak_memory_gb, plan_work, rank_work, unwrapped)
+                      clock, compute_seconds, describe_device, distribute, faster_precision, from_rank0,
+                      gradient_sync, init_distributed, needs_precision_probe, peak_flops, peak_memory_gb, plan_work,
+                      rank_work, unwrapped)
 
 DEMO_DIR = Path("data/demo")
 
@@ -149,23 +150,6 @@ class StepResult:
     stop: bool            # some rank was asked to stop (SIGINT/SIGTERM): all stop after this step
     abandoned: bool = False   # some rank could not get its batches: the step does not count anywhere
     compute_s: float = 0.0    # with `timed`: this rank's forward and backward time, waits for other ranks left out
-
-
-def clock(device: torch.device) -> float:
-    """Seconds, once the device has finished what it was given."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
-
-
-def compute_seconds(forwards: list[float], backwards: list[float], world: int) -> float:
-    """A rank's own compute in a step. The last backward also waits for the other ranks' gradients
-    (DDP's all-reduce): it is estimated from its forward by this rank's backward/forward ratio in
-    the batches before it (2, as is usual, when there were none)."""
-    if world == 1:
-        return sum(forwards) + sum(backwards)
-    ratio = sum(backwards[:-1]) / sum(forwards[:-1]) if len(forwards) > 1 and sum(forwards[:-1]) > 0 else 2.0
-    return sum(forwards) + sum(backwards[:-1]) + forwards[-1] * ratio
 
 
 def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_dtype, grad_clip,

@@ -188,6 +188,23 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
+def clock(device: torch.device) -> float:
+    """Seconds, once the device has finished what it was given."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def compute_seconds(forwards: list[float], backwards: list[float], world: int) -> float:
+    """A rank's own compute in a step. The last backward also waits for the other ranks' gradients
+    (DDP's all-reduce): it is estimated from its forward by this rank's backward/forward ratio in
+    the batches before it (2, as is usual, when there were none)."""
+    if world == 1:
+        return sum(forwards) + sum(backwards)
+    ratio = sum(backwards[:-1]) / sum(forwards[:-1]) if len(forwards) > 1 and sum(forwards[:-1]) > 0 else 2.0
+    return sum(forwards) + sum(backwards[:-1]) + forwards[-1] * ratio
+
+
 def measure_speed(model: torch.nn.Module, batch, masks, device: torch.device, amp_dtype: torch.dtype,
                   repeats: int = 2) -> float:
     """This card's training speed, positions/s: forward and backward of the model itself (no
@@ -195,15 +212,11 @@ def measure_speed(model: torch.nn.Module, batch, masks, device: torch.device, am
     batch, masks = batch.to(device), masks.to(device)
     timings = []
     for _ in range(repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
+        started = clock(device)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
             loss, _ = model(batch, masks)
         loss.backward()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - started)
+        timings.append(clock(device) - started)
     model.zero_grad(set_to_none=True)
     return batch.n_positions(model.cfg.frames_per_position) / min(timings[1:])
 

@@ -32,11 +32,10 @@ def test_rebalancer_proposes_only_a_clearly_better_plan():
 
 
 def test_compute_leaves_out_the_wait_for_other_ranks():
-    import model_trainer
-    assert model_trainer.compute_seconds([1.0, 1.0], [2.5, 2.5], world=1) == 7.0
+    assert parallel.compute_seconds([1.0, 1.0], [2.5, 2.5], world=1) == 7.0
     # the last backward (9 s: it waited for the others' gradients) counts as its forward x 2.5
-    assert model_trainer.compute_seconds([1.0, 1.0, 2.0], [2.5, 2.5, 9.0], world=2) == pytest.approx(1 + 1 + 2 + 5 + 5)
-    assert model_trainer.compute_seconds([2.0], [9.0], world=2) == 6.0   # no earlier batch: backward = 2 x forward
+    assert parallel.compute_seconds([1.0, 1.0, 2.0], [2.5, 2.5, 9.0], world=2) == pytest.approx(1 + 1 + 2 + 5 + 5)
+    assert parallel.compute_seconds([2.0], [9.0], world=2) == 6.0   # no earlier batch: backward = 2 x forward
 
 
 @pytest.mark.parametrize("parallel_mode, expected", [("ddp", ([6, 2], [2, 2])), ("fsdp", ([2, 2], [6, 2]))])
