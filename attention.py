@@ -135,7 +135,6 @@ def local_attention(q, k, v, doc: torch.Tensor, scale: float, window: int, causa
 class SparsePattern:
     block: int    # positions per compressed (and selectable) block
     topk: int     # key blocks each query block attends to at full resolution
-    window: int   # the sliding window's reach
 
 
 # Elements a chunk of work may hold (~256 MiB in fp32): long documents are processed in chunks.
@@ -318,14 +317,14 @@ class MultiHeadLatentAttention(nn.Module):
         latent, k_pe = self._latent(x)
         k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
         q, k, value = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2)
+        out = attend(q, k, value, doc, self.softmax_scale, window, causal)   # the sparse layer's window branch
         if self.sparse:
-            out = self._sparse_attention(x, q, k, value, latent, k_pe, cos, sin, doc, causal)
-        else:
-            out = attend(q, k, value, doc, self.softmax_scale, window, causal)
+            out = self._sparse_attention(x, q, k, value, latent, k_pe, cos, sin, doc, causal, out)
         return self.wo(out.transpose(1, 2).flatten(2))
 
-    def _sparse_attention(self, x, q, k, v, latent, k_pe, cos, sin, doc, causal):
-        """The three branches, mixed per head by gates read from the input."""
+    def _sparse_attention(self, x, q, k, v, latent, k_pe, cos, sin, doc, causal, local):
+        """The compressed and selected branches, and with them `local` (the window's output),
+        mixed per head by gates read from the input."""
         pattern, scale = self.sparse, self.softmax_scale
         compressed, selected = v.new_zeros(v.shape), v.new_zeros(v.shape)
         for row, start, count, doc_id in document_runs(doc):
@@ -343,7 +342,6 @@ class MultiHeadLatentAttention(nn.Module):
             chosen, allowed = choose_blocks(block_importance(queries, compressed_k, scale, pattern.block, causal),
                                             pattern.topk, causal)
             selected[row, :, span] = selected_attention(queries, keys, values, chosen, allowed, pattern.block, scale)
-        local = local_attention(q, k, v, doc, scale, pattern.window, causal)
         gates = torch.sigmoid(self.gates(x)).view(*x.shape[:2], self.n_heads, 3).permute(3, 0, 2, 1)[..., None]
         return gates[0] * compressed + gates[1] * selected + gates[2] * local
 

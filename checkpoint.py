@@ -156,12 +156,6 @@ def newest_checkpoint(out_dir: Path, problems: list[str] | None = None) -> tuple
     return None
 
 
-def find_checkpoint(out_dir: Path, problems: list[str] | None = None) -> Path | None:
-    """The path of newest_checkpoint."""
-    found = newest_checkpoint(out_dir, problems)
-    return found[0] if found else None
-
-
 # ---------------------------------------------------------------------------------------------
 # Pieces that are not objects of their own
 

@@ -228,9 +228,10 @@ class _PackedStream(torch.utils.data.IterableDataset):
         if isinstance(written[0][-1], int):   # [batches per step, sequences per batch]: one work for all epochs
             written = [[0, *written]]
         saved = {int(start): (list(per_step), list(sizes)) for start, per_step, sizes in written}
-        if len(next(iter(saved.values()))[0]) != self.world:
-            raise ValueError(f"the checkpoint was written by {len(next(iter(saved.values()))[0])} process(es), this "
-                             f"run has {self.world}: resume with as many")
+        saved_world = len(written[0][1])
+        if saved_world != self.world:
+            raise ValueError(f"the checkpoint was written by {saved_world} process(es), this run has {self.world}: "
+                             "resume with as many")
         wanted = self.work(epoch + 1) if self.work_plan else None
         self.work_plan = {start: work for start, work in saved.items() if start <= epoch + 1}
         if wanted and wanted != self.work(epoch + 1):

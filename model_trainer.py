@@ -39,8 +39,7 @@ import datasets
 import demo_corpus
 import live_metrics
 from access import read_token
-from checkpoint import (Checkpointer, CheckpointWriteError, GlobalRNG, find_checkpoint,  # noqa: F401
-                        load_checkpoint, newest_checkpoint)
+from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, load_checkpoint, newest_checkpoint
 from config import (DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, build_config,  # noqa: F401 (tools use them)
                     load_config)
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts, sample_masks
@@ -51,7 +50,7 @@ from live_metrics import MetricsServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, accumulation_steps, all_ranks, barrier, choose_device,  # noqa: F401
                       clock, compute_seconds, describe_device, distribute, faster_precision, from_rank0,
                       gradient_sync, init_distributed, needs_precision_probe, peak_flops, peak_memory_gb, plan_work,
-                      rank_work, unwrapped)
+                      unwrapped)
 
 DEMO_DIR = Path("data/demo")
 
@@ -376,6 +375,10 @@ def build_model(cfg: Config, info: datasets.CorpusInfo, device: torch.device) ->
     return model
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -451,9 +454,8 @@ def train(args, cfg: Config) -> dict:
         model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
         if needs_precision_probe(device, cfg.train.precision):
             amp_dtype, speeds = faster_precision(model, dataset.layout, cfg.data.batch_size, device)
-            run.say(f"{describe_device(device)}: " + ", ".join(f"{str(d).removeprefix('torch.')} {v:,.0f}"
-                                                            for d, v in speeds.items())
-                    + f" positions/s on a probe step: training in {str(amp_dtype).removeprefix('torch.')}")
+            run.say(f"{describe_device(device)}: " + ", ".join(f"{dtype_name(d)} {v:,.0f}" for d, v in speeds.items())
+                    + f" positions/s on a probe step: training in {dtype_name(amp_dtype)}")
         # Uneven work per rank (train.rank_shares): by hand, or measured on every card and kept
         # even by the rebalancer.
         per_step, batch_sizes, rebalancer = plan_work(cfg, ranks, model, device, amp_dtype, run.say)
@@ -487,7 +489,7 @@ def train(args, cfg: Config) -> dict:
         peak = peak_flops(device, amp_dtype)
         run.say(f"{len(labels.speakers)} speaker(s) by name, {len(dataset.files)} training file(s)"
                 + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
-        precision = str(amp_dtype).removeprefix("torch.")
+        precision = dtype_name(amp_dtype)
         for rank, (where, dtype) in enumerate(all_ranks((describe_device(device), precision))):
             run.say(f"process {rank}: {where} ({dtype}), {per_step[rank]} batch(es) x {batch_sizes[rank]} x "
                     f"{cfg.data.max_seq_len} positions per step")
@@ -495,7 +497,7 @@ def train(args, cfg: Config) -> dict:
             run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(device)}")
         start_step = run.progress.step
         run.publish({"type": "run", "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
-                     "precision": str(amp_dtype).removeprefix("torch."), "processes": ranks.world,
+                     "precision": precision, "processes": ranks.world,
                      "batches_per_step": per_step[ranks.rank], "batches_per_step_by_process": per_step,
                      "batch_size_by_process": batch_sizes, "files": len(dataset.files), "config": asdict(cfg),
                      "start_step": start_step, "steps": cfg.train.steps})

@@ -205,6 +205,13 @@ def compute_seconds(forwards: list[float], backwards: list[float], world: int) -
     return sum(forwards) + sum(backwards[:-1]) + forwards[-1] * ratio
 
 
+def probe_inputs(layout: SequenceLayout, model_cfg, sequences: int, seed: int = 0):
+    """A batch of `sequences` full sequences of the shapes training meets, and its masks: the
+    probe steps that measure a card."""
+    batch = full_batch(layout, sequences)
+    return batch, sample_masks(batch, model_cfg, torch.Generator().manual_seed(seed))
+
+
 def measure_speed(model: torch.nn.Module, batch, masks, device: torch.device, amp_dtype: torch.dtype,
                   repeats: int = 2) -> float:
     """This card's training speed, positions/s: forward and backward of the model itself (no
@@ -232,8 +239,7 @@ def faster_precision(model: torch.nn.Module, layout: SequenceLayout, batch_size:
                      candidates=(torch.float16, torch.float32)) -> tuple[torch.dtype, dict[torch.dtype, float]]:
     """-> the autocast dtype with the most positions/s on a training step of real shapes on this
     card, and each one's speed."""
-    probe = full_batch(layout, batch_size)
-    masks = sample_masks(probe, model.cfg, torch.Generator().manual_seed(0))
+    probe, masks = probe_inputs(layout, model.cfg, batch_size)
     speeds = {dtype: measure_speed(model, probe, masks, device, dtype) for dtype in candidates}
     return max(speeds, key=speeds.get), speeds
 
@@ -246,11 +252,9 @@ def largest_micro_batch(model: torch.nn.Module, layout: SequenceLayout, most: in
     memory free to this process is used. Host memory is not probed: on a CPU, `most`."""
     if device.type != "cuda":
         return most
-    peaks, generator = [], torch.Generator().manual_seed(0)
+    peaks = []
     for size in (1, 2):
-        batch = full_batch(layout, size)
-        masks = sample_masks(batch, model.cfg, generator)
-        batch, masks = batch.to(device), masks.to(device)
+        batch, masks = (t.to(device) for t in probe_inputs(layout, model.cfg, size))
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
@@ -360,8 +364,7 @@ def plan_work(cfg: Config, ranks: Ranks, model: torch.nn.Module, device: torch.d
         return (*rank_work(cfg, ranks.world), None)
     layout = SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     most = largest_micro_batch(model, layout, cfg.data.batch_size, device, amp_dtype)
-    probe = full_batch(layout, most)
-    masks = sample_masks(probe, cfg.model, torch.Generator().manual_seed(cfg.train.seed))
+    probe, masks = probe_inputs(layout, cfg.model, most, cfg.train.seed)
     measured = all_ranks((most, measure_speed(model, probe, masks, device, amp_dtype)))
     most_sequences, speeds = [m for m, _ in measured], [s for _, s in measured]
     total = (round(cfg.train.tokens_per_step / cfg.data.max_seq_len) if cfg.train.tokens_per_step

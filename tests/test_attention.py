@@ -230,16 +230,19 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
                         selected[b, start + i] = torch.einsum("hj,jhd->hd", scores.softmax(-1), v[b, keys])
             picks.append(doc_picks)
             start += n
-    local = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc, scale, pattern.window,
+    local = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc, scale, WINDOW,
                             causal).transpose(1, 2)
     gates = torch.sigmoid(m.gates(x)).view(batch, length, heads, 3)
     mixed = gates[..., 0:1] * compressed + gates[..., 1:2] * selected + gates[..., 2:3] * local
     return m.wo(mixed.flatten(2)), picks
 
 
-def sparse_layer(causal, block=4, topk=2, window=3):
+WINDOW = 3
+
+
+def sparse_layer(causal, block=4, topk=2):
     torch.manual_seed(0)
-    m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, SparsePattern(block, topk, window)).double()
+    m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, SparsePattern(block, topk)).double()
     with torch.no_grad():
         m.pool_logits.normal_()   # unequal pooling weights, so a wrong one shows
         m.gates.weight.normal_(std=0.3)
@@ -268,7 +271,7 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk_elements, mo
     x.requires_grad_()
     expected, picks = sparse_reference(m, x_ref, cos, sin, doc, causal)
     real = doc != PAD_DOC
-    got = m(x, cos, sin, doc, window=None, causal=causal)
+    got = m(x, cos, sin, doc, window=WINDOW, causal=causal)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)
     # the picks: the same blocks the kernels chose
     runs = [(b, s, n) for b, s, n, d in attention.document_runs(doc) if d != PAD_DOC]
@@ -297,7 +300,7 @@ def test_a_sparse_layer_reaches_across_the_document_and_a_local_one_does_not():
     doc = torch.zeros(1, length, dtype=torch.long)
     cos, sin = rope_tables(torch.arange(length)[None], 4, 10000.0)
     for kind in ("L", "S"):
-        sparse = SparsePattern(16, 2, 8) if kind == "S" else None
+        sparse = SparsePattern(16, 2) if kind == "S" else None
         m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, sparse)
         x = torch.randn(1, length, 24, requires_grad=True)
         m(x, cos, sin, doc, window=8, causal=False)[0, 0].sum().backward()

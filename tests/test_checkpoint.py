@@ -35,9 +35,9 @@ def test_sigkill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_
     assert proc.returncode == -signal.SIGKILL
     assert not (out / "ckpt-00000002.pt").exists()          # the half-written file never took the name
     assert (out / "ckpt-00000002.pt.tmp").exists()
-    found = checkpoint.find_checkpoint(out)
+    found, state = checkpoint.newest_checkpoint(out)
     assert found == out / "ckpt-00000001.pt"
-    assert torch.equal(checkpoint.load_checkpoint(found)["weights"], torch.ones(1000))
+    assert torch.equal(state["weights"], torch.ones(1000))
     # A damaged newest checkpoint (a disk error, a copy cut short) is passed over too.
     (out / "ckpt-00000003.pt").write_bytes(b"garbage")
-    assert checkpoint.find_checkpoint(out) == out / "ckpt-00000001.pt"
+    assert checkpoint.newest_checkpoint(out)[0] == out / "ckpt-00000001.pt"

@@ -129,17 +129,26 @@ def test_the_batch_count_from_row_lengths_equals_the_batches_packing_yields(tmp_
         assert all(b.n_positions(4) <= max_seq_len * b.n_rows for b in yielded)
 
 
+def batches_by_rank(dataset, monkeypatch, world: int, workers: int) -> list[list]:
+    """Every rank's batches of one epoch, its DataLoader workers' in turn, as each process of a
+    `world`-process run would read them."""
+    ranks = []
+    for rank in range(world):
+        batches = []
+        for worker in range(workers):
+            monkeypatch.setattr(dataset, "_ranks", lambda rank=rank, worker=worker: (rank, world, worker, workers))
+            batches += list(dataset)
+        ranks.append(batches)
+    return ranks
+
+
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_shards_cover_the_dataset_exactly_once_with_equal_batch_counts_per_rank(corpus, monkeypatch, world, workers):
     _, shards = corpus
     dataset = datasets.LocalParquetDataset(shards, SequenceLayout(300, 4), batch_size=2, seed=4)
     seen, per_rank, real_per_rank = [], [], []
-    for rank in range(world):
-        batches = []
-        for worker in range(workers):
-            monkeypatch.setattr(dataset, "_ranks", lambda rank=rank, worker=worker: (rank, world, worker, workers))
-            batches += list(dataset)
+    for batches in batches_by_rank(dataset, monkeypatch, world, workers):
         seen += [sid for batch in batches for sid in batch.sample_ids]
         per_rank.append(len(batches))
         real_per_rank.append(sum(not b.padding for b in batches))
@@ -276,11 +285,7 @@ def test_uneven_work_deals_the_data_in_proportion_and_ends_every_rank_at_the_sam
     dataset = datasets.LocalParquetDataset(shards, SequenceLayout(200, 4), batch_size=2, seed=4, shuffle_window=2)
     dataset.work_plan = {0: (per_step, batch_sizes)}   # as set_work does on each rank
     seen, sequences, steps = [], [], []
-    for rank in range(world):
-        batches = []
-        for worker in range(workers):
-            monkeypatch.setattr(dataset, "_ranks", lambda rank=rank, worker=worker: (rank, world, worker, workers))
-            batches += list(dataset)
+    for rank, batches in enumerate(batches_by_rank(dataset, monkeypatch, world, workers)):
         assert all(b.n_rows <= batch_sizes[rank] for b in batches)
         assert len(batches) % per_step[rank] == 0
         steps.append(len(batches) // per_step[rank])
