@@ -15,7 +15,7 @@ fail the schema check are not served; a file's values are checked the first time
 log name them, with file, row and column.
 
 Several data machines: each server told of the others (--peer, repeatable) lists their files
-(at most every PEER_REFRESH_S) and advertises, in every endpoint of a file that a peer serves
+(at most every PEER_REFRESH_S; one that did not answer, every PEER_RETRY_S) and advertises, in every endpoint of a file that a peer serves
 identically (same name, rows, bytes and row groups), its own location and the peer's: any Flight
 client sees the replicas and may read each endpoint from either.
 """
@@ -44,6 +44,7 @@ from schema import Ticket
 
 log = logging.getLogger("flight_server")
 PEER_REFRESH_S = 30.0          # a peer's listing is asked again after this long
+PEER_RETRY_S = 5.0             # a peer that did not answer is asked again after this long
 LOCAL_ONLY = b"local"          # list_flights criteria a peer sends: this server's files alone, no peers'
 
 class BearerTokenAuth(flight.ServerMiddlewareFactory):
@@ -104,8 +105,8 @@ class SampleFlightServer(flight.FlightServerBase):
         self._peer_options = flight.FlightCallOptions(
             headers=[(b"authorization", f"Bearer {token}".encode())] if token else [], timeout=5.0)
         self._peer_tls_root_cert = peer_tls_root_cert or tls_cert
-        self._peer_files: dict[str, list[tuple[str, tuple]]] = {}   # name -> [(peer location, file identity)]
-        self._peer_listed_at = -math.inf
+        # peer location -> (when it was asked, its files' identities by name, or None: no answer)
+        self._peer_listings: dict[str, tuple[float, dict[str, tuple] | None]] = {}
         self.refresh()
 
     # -- catalog ---------------------------------------------------------------------------
@@ -197,22 +198,24 @@ class SampleFlightServer(flight.FlightServerBase):
         return info.total_records, info.total_bytes, len(info.endpoints)
 
     def _refresh_peers(self) -> None:
-        """Ask every peer for its own files (not its peers'), at most every PEER_REFRESH_S; a
+        """Ask each peer for its own files (not its peers'): again after PEER_REFRESH_S, or after
+        PEER_RETRY_S when it did not answer (a peer started after this server is found soon); a
         peer that does not answer serves nothing until it does."""
-        if time.monotonic() - self._peer_listed_at < PEER_REFRESH_S:
-            return
-        files: dict[str, list[tuple[str, tuple]]] = {}
         for location in self._peer_locations:
+            asked, files = self._peer_listings.get(location, (-math.inf, None))
+            if time.monotonic() - asked < (PEER_REFRESH_S if files is not None else PEER_RETRY_S):
+                continue
             try:
                 client = flight.FlightClient(location, tls_root_certs=self._peer_tls_root_cert)
-                for info in client.list_flights(LOCAL_ONLY, options=self._peer_options):
-                    files.setdefault(info.descriptor.path[0].decode(), []).append((location, self.identity(info)))
+                files = {info.descriptor.path[0].decode(): self.identity(info)
+                         for info in client.list_flights(LOCAL_ONLY, options=self._peer_options)}
                 client.close()
             except (flight.FlightError, pa.ArrowException, OSError) as err:
+                files = None
                 log.warning("peer %s did not list its files (%s): not advertised as a replica for now", location,
                             str(err).splitlines()[0] if str(err) else type(err).__name__)
-        with self._lock:
-            self._peer_files, self._peer_listed_at = files, time.monotonic()
+            with self._lock:
+                self._peer_listings[location] = (time.monotonic(), files)
 
     def _with_replicas(self, name: str, info: flight.FlightInfo) -> flight.FlightInfo:
         """The file's FlightInfo with every endpoint listing this server and each peer that serves
@@ -221,7 +224,10 @@ class SampleFlightServer(flight.FlightServerBase):
             return info
         self._refresh_peers()
         locations = [self.advertised]
-        for location, identity in self._peer_files.get(name, []):
+        for location, (_, files) in list(self._peer_listings.items()):
+            identity = (files or {}).get(name)
+            if identity is None:
+                continue
             if identity == self.identity(info):
                 locations.append(location)
             else:
@@ -326,7 +332,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, pa.ArrowException) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    served = sum(1 for _ in server.list_flights(None, None))
+    served = sum(1 for _ in server.list_flights(None, LOCAL_ONLY))
     log.info("serving %d files from %s on grpc://%s:%d", served, server.root, args.host, server.port)
     if args.peer:
         log.info("peers %s; advertised as %s", ", ".join(args.peer), server.advertised)

@@ -515,3 +515,25 @@ def test_flight_hosts_parse_with_and_without_ports():
                                                                              ("::1", 8815)]
     with pytest.raises(ValueError, match="--flight-host 'a:x'"):
         datasets.parse_hosts(["a:x"], 8815)
+
+
+def test_a_peer_that_starts_later_is_advertised_once_it_answers(corpus, tmp_path, monkeypatch):
+    import flight_server
+    monkeypatch.setattr(flight_server, "PEER_RETRY_S", 0.0)   # ask a silent peer again at once
+    root, shards = corpus
+    server_b = SampleFlightServer(root, "127.0.0.1", 0)
+    port_b = server_b.port
+    server_b.shutdown()                                        # B is not up yet when A first lists
+    server_a = SampleFlightServer(root, "127.0.0.1", 0, peers=[f"127.0.0.1:{port_b}"])
+    client = flight.connect(f"grpc://127.0.0.1:{server_a.port}")
+    try:
+        def locations():
+            info = client.get_flight_info(flight.FlightDescriptor.for_path(shards[0].name))
+            return {loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri) for loc in info.endpoints[0].locations}
+
+        assert locations() == {f"grpc://127.0.0.1:{server_a.port}"}
+        server_b = SampleFlightServer(root, "127.0.0.1", port_b)
+        assert locations() == {f"grpc://127.0.0.1:{server_a.port}", f"grpc://127.0.0.1:{port_b}"}
+    finally:
+        server_a.shutdown()
+        server_b.shutdown()
