@@ -12,7 +12,8 @@ Sparse global attention (after DeepSeek's Native Sparse Attention) gives every p
 over its whole document at O(n * (w + n/b + k*b)): three branches mixed by learned gates, a
 compressed one (every query attends to one pooled key per block of b positions of its document),
 a selected one (each block of b queries attends at full resolution to the k key blocks its
-queries weighted most in the compressed branch) and the sliding window.
+queries weighted most in the compressed branch; causal: its first query, which sees no later
+position) and the sliding window.
 """
 from __future__ import annotations
 
@@ -153,36 +154,43 @@ def pool_blocks(x: torch.Tensor, block: int, logits: torch.Tensor) -> torch.Tens
 
 
 def _visible_blocks(query_positions: torch.Tensor, n: int, block: int, causal: bool) -> torch.Tensor | None:
-    """Causal: a query sees a compressed block of the n-position document once the block has
-    ended (all its positions at or before the query). Bidirectional: every block (None)."""
+    """Causal: a query sees a compressed block once the block has ended, all b of its positions
+    at or before the query. A document's last, partial block is never seen: were it, the query
+    at the document's last position would learn that nothing follows. Bidirectional: every
+    block (None)."""
     if not causal:
         return None
-    ends = ((torch.arange(-(-n // block), device=query_positions.device) + 1) * block).clamp(max=n) - 1
+    ends = (torch.arange(-(-n // block), device=query_positions.device) + 1) * block - 1
     return ends[None, :] <= query_positions[:, None]
 
 
 def block_importance(q: torch.Tensor, compressed_k: torch.Tensor, scale: float, block: int,
                      causal: bool) -> torch.Tensor:
     """(n_query_blocks, n_blocks): the attention weight each block of b queries gives each key
-    block in the compressed branch, summed over its queries and the heads. No gradient: it only
-    ranks the blocks."""
+    block in the compressed branch, summed over the heads. Bidirectional: summed over the
+    block's queries. Causal: the block's first query alone, as a sum over later queries would
+    let them choose what earlier ones read. No gradient: it only ranks the blocks."""
     heads, n, _ = q.shape
     n_blocks = compressed_k.shape[1]
     keys = compressed_k.float().transpose(1, 2)
+    rows = max(1, _CHUNK_ELEMENTS // max(1, heads * n_blocks))   # queries a chunk scores
     parts = []
-    rows = max(block, _CHUNK_ELEMENTS // max(1, heads * n_blocks) // block * block)
     with torch.no_grad():
+        if causal:
+            firsts = torch.arange(0, n, block, device=q.device)
+            for chunk in firsts.split(rows):
+                scores = torch.matmul(q[:, chunk].float(), keys) * scale
+                visible = _visible_blocks(chunk, n, block, True)
+                # a query that sees no block yet gives no weight
+                parts.append(scores.masked_fill_(~visible, -math.inf).softmax(-1).nan_to_num_(0.0).sum(0))
+            return torch.cat(parts)
+        rows = max(block, rows // block * block)
         for start in range(0, n, rows):
             stop = min(n, start + rows)
-            scores = torch.matmul(q[:, start:stop].float(), keys) * scale
-            visible = _visible_blocks(torch.arange(start, stop, device=q.device), n, block, causal)
-            if visible is None:
-                weights = scores.softmax(-1)
-            else:   # a query that sees no block yet gives no weight
-                weights = scores.masked_fill_(~visible, -math.inf).softmax(-1).nan_to_num_(0.0)
+            weights = (torch.matmul(q[:, start:stop].float(), keys) * scale).softmax(-1)
             weights = F.pad(weights, (0, 0, 0, -(stop - start) % block))   # whole query blocks
             parts.append(weights.view(heads, -1, block, n_blocks).sum((0, 2)))
-    return torch.cat(parts)
+        return torch.cat(parts)
 
 
 def choose_blocks(importance: torch.Tensor, topk: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,14 +210,14 @@ def choose_blocks(importance: torch.Tensor, topk: int, causal: bool) -> tuple[to
 
 def compressed_attention(q, compressed_k, compressed_v, scale: float, block: int, causal: bool) -> torch.Tensor:
     """(H, n, D) queries over the document's (H, n_blocks, D) pooled keys and values. Causal:
-    queries before the end of the first block see none and output zeros."""
+    queries before the end of the first whole block see none and output zeros."""
     heads, n, _ = q.shape
     if not causal:
         return _sdpa(q[None], compressed_k[None], compressed_v[None], scale)[0]
     out = q.new_zeros(heads, n, compressed_v.shape[-1])
     n_blocks = compressed_k.shape[1]
     rows = max(block, _CHUNK_ELEMENTS // max(1, n_blocks) // block * block)
-    for start in range(min(block, n) - 1, n, rows):   # the queries before that see no block yet
+    for start in range(block - 1, n, rows):   # the queries before that see no block yet
         stop = min(n, start + rows)
         visible = _visible_blocks(torch.arange(start, stop, device=q.device), n, block, True)
         out[:, start:stop] = _sdpa(q[None, :, start:stop], compressed_k[None], compressed_v[None], scale,

@@ -177,10 +177,12 @@ def test_mla_matches_naive_per_head_computation(q_lora_rank, window):
 # Sparse global attention against a reference that writes its pattern out as explicit masks
 
 def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
-    """The S layer's output with every branch an explicit masked softmax over the whole row:
-    pooled keys built block by block, blocks ranked and picked with plain topk per query block,
-    the window as a band. -> (output, the picks per document run)."""
-    pattern, scale = m.sparse, m.softmax_scale
+    """The S layer's output with every branch an explicit masked softmax, one query at a time:
+    pooled keys built block by block; each query's key blocks picked with plain sorting, from
+    the weights its query block gives them (bidirectional: summed over the block's queries;
+    causal: those of the block's first query, recomputed for every query); the window as a
+    band. -> (output, the picks of each query block per document run)."""
+    pattern, scale, b_len = m.sparse, m.softmax_scale, m.sparse.block
     batch, length, _ = x.shape
     q_nope, q_pe = m._query(x, cos, sin)
     latent, k_pe = m._latent(x)
@@ -197,37 +199,47 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
             if doc_id == PAD_DOC:
                 start += n
                 continue
-            blocks = [list(range(j, min(j + pattern.block, n))) for j in range(0, n, pattern.block)]
+            blocks = [list(range(j, min(j + b_len, n))) for j in range(0, n, b_len)]
             pooled_k, pooled_v = [], []
             for members in blocks:
                 w = m.pool_logits[:len(members)].softmax(0)
                 lat = sum(w[i] * latent[b, start + p] for i, p in enumerate(members))
                 pe = sum(w[i] * k_pe[b, start + p] for i, p in enumerate(members))
-                middle = start + min(members[0] + pattern.block // 2, n - 1)
+                middle = start + min(members[0] + b_len // 2, n - 1)
                 pe = apply_rope(pe[None, None, None], cos[b:b + 1, middle:middle + 1], sin[b:b + 1, middle:middle + 1])
                 keys, values = m._heads(lat, pe[0, 0, 0])
                 pooled_k.append(keys)
                 pooled_v.append(values)
             ck, cv = torch.stack(pooled_k), torch.stack(pooled_v)             # (blocks, H, D)
-            importance = torch.zeros(len(blocks), len(blocks), dtype=torch.float64)
+
+            def seen_by(i):   # causal: blocks whose b positions all lie at or before i
+                return [j for j in range(len(blocks)) if not causal or j * b_len + b_len - 1 <= i]
+
+            def weights(i):   # query i's compressed attention weights, over every block
+                seen = seen_by(i)
+                full = torch.zeros(heads, len(blocks), dtype=torch.float64)
+                if seen:
+                    full[:, seen] = (torch.einsum("hd,jhd->hj", q[b, start + i], ck[seen]) * scale).softmax(-1)
+                return full
+
             for i in range(n):
-                seen = [j for j, members in enumerate(blocks) if not causal or members[-1] <= i]
-                if not seen:
-                    continue
-                scores = torch.einsum("hd,jhd->hj", q[b, start + i], ck[seen]) * scale
-                probs = scores.softmax(-1)
-                compressed[b, start + i] = torch.einsum("hj,jhd->hd", probs, cv[seen])
-                importance[i // pattern.block, seen] += probs.detach().sum(0).double()
+                seen = seen_by(i)
+                if seen:
+                    scores = torch.einsum("hd,jhd->hj", q[b, start + i], ck[seen]) * scale
+                    compressed[b, start + i] = torch.einsum("hj,jhd->hd", scores.softmax(-1), cv[seen])
             doc_picks = []
-            for qb in range(len(blocks)):
+            for i in range(n):
+                qb = i // b_len
+                rankers = [qb * b_len] if causal else blocks[qb]
+                importance = sum(weights(r).detach().sum(0) for r in rankers)
                 candidates = [j for j in range(len(blocks)) if not causal or j < qb]
-                chosen = sorted(sorted(candidates, key=lambda j: -importance[qb, j])[:pattern.topk])
-                doc_picks.append(chosen)
+                chosen = sorted(sorted(candidates, key=lambda j: -importance[j])[:pattern.topk])
+                if i == qb * b_len:
+                    doc_picks.append(chosen)
                 keys = [start + p for j in chosen for p in blocks[j]]
-                for i in blocks[qb]:
-                    if keys:
-                        scores = torch.einsum("hd,jhd->hj", q[b, start + i], k[b, keys]) * scale
-                        selected[b, start + i] = torch.einsum("hj,jhd->hd", scores.softmax(-1), v[b, keys])
+                if keys:
+                    scores = torch.einsum("hd,jhd->hj", q[b, start + i], k[b, keys]) * scale
+                    selected[b, start + i] = torch.einsum("hj,jhd->hd", scores.softmax(-1), v[b, keys])
             picks.append(doc_picks)
             start += n
     local = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc, scale, WINDOW,
@@ -306,3 +318,41 @@ def test_a_sparse_layer_reaches_across_the_document_and_a_local_one_does_not():
         m(x, cos, sin, doc, window=8, causal=False)[0, 0].sum().backward()
         far = x.grad[0, 100:].abs().sum().item()   # 100 positions away, twelve windows
         assert (far > 0) == (kind == "S"), kind
+
+
+@pytest.mark.parametrize("kinds", ["S", "L", "G", "SGL"])
+def test_causal_layers_never_see_a_later_position(kinds):
+    """Perturb each position of four documents (29 and 9 positions end in a partial block, 3 is
+    shorter than a block, 44 is whole blocks) in turn: nothing before it in its document and
+    nothing in another document may change, not even in the last bit."""
+    layers = []
+    for kind in kinds:
+        m = sparse_layer(causal=True) if kind == "S" else MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5).double()
+        layers.append((m, None if kind == "G" else WINDOW))
+    x, cos, sin, doc = sparse_inputs(torch.Generator().manual_seed(3))
+
+    def run(inputs):
+        h = inputs
+        with torch.no_grad():
+            for m, window in layers:
+                h = h + m(h, cos, sin, doc, window=window, causal=True)
+        return h
+
+    base = run(x)
+    generator = torch.Generator().manual_seed(4)
+    checked = 0
+    for b in range(doc.shape[0]):
+        for p in range(doc.shape[1]):
+            if doc[b, p] == PAD_DOC:
+                continue
+            moved = x.clone()
+            moved[b, p] += torch.randn(24, generator=generator, dtype=torch.float64)
+            out = run(moved)
+            changed = (out != base).any(-1)
+            earlier_or_elsewhere = torch.ones_like(changed)
+            same_doc_from_p = (doc[b] == doc[b, p]) & (torch.arange(doc.shape[1]) >= p)
+            earlier_or_elsewhere[b] &= ~same_doc_from_p
+            assert not changed[earlier_or_elsewhere].any(), (kinds, b, p, changed.nonzero().tolist())
+            assert changed[b, p], "the perturbed position itself must change"
+            checked += 1
+    assert checked == int((doc != PAD_DOC).sum())
