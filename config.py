@@ -5,6 +5,7 @@ config.yaml. Unknown keys are errors; presets and --set overrides apply on top.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,51 +110,102 @@ def _coerce(value, kind, key: str):
         return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if kind is float and isinstance(value, str):   # YAML 1.1 reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if kind in (int, float, str) and type(value) is not kind:
         raise ValueError(f"{key}: expected {kind.__name__}, got {value!r}")
     return value
 
 
-def build_config(raw: dict) -> Config:
-    """Nested dict (config.yaml's shape) -> Config; unknown sections or keys are errors."""
-    sections = {}
-    for section in dataclasses.fields(Config):
-        values = dict(raw.get(section.name) or {})
-        cls = section.default_factory().__class__
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown config key(s): {', '.join(f'{section.name}.{k}' for k in unknown)}")
-        sections[section.name] = cls(**{k: _coerce(v, hints[k], f"{section.name}.{k}") for k, v in values.items()})
-    unknown = sorted(set(raw) - set(sections))
-    if unknown:
-        raise ValueError(f"unknown config section(s): {', '.join(unknown)}")
-    return Config(**sections)
+def _sections() -> dict[str, type]:
+    return {section.name: section.default_factory().__class__ for section in dataclasses.fields(Config)}
+
+
+def _unknown(kind: str, name: str, known) -> ValueError:
+    close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]}?)" if close else f" (known: {', '.join(sorted(known))})"
+    return ValueError(f"unknown config {kind} {name}{hint}")
+
+
+def _field_kind(section: str, key: str) -> type:
+    """The declared type of section.key; an unknown section or key is an error that suggests the
+    nearest known one."""
+    sections = _sections()
+    if section not in sections:
+        raise _unknown("section", section, sections)
+    hints = typing.get_type_hints(sections[section])
+    if key not in hints:
+        raise _unknown("key", f"{section}.{key}", [f"{section}.{name}" for name in hints])
+    return hints[key]
+
+
+def build_config(raw: dict, where=lambda *path: "") -> Config:
+    """Nested dict (config.yaml's shape) -> Config. An unknown section or key, or a value of the
+    wrong type, is an error prefixed by where(*path) (a file's name and line)."""
+    sections = _sections()
+    values: dict[str, dict] = {name: {} for name in sections}
+    for section, entries in raw.items():
+        if section not in sections:
+            raise ValueError(f"{where(section)}{_unknown('section', section, sections)}")
+        if entries is not None and not isinstance(entries, dict):
+            raise ValueError(f"{where(section)}{section} is not a config section (a mapping of keys)")
+        for key, value in (entries or {}).items():
+            try:
+                values[section][key] = _coerce(value, _field_kind(section, key), f"{section}.{key}")
+            except ValueError as err:
+                raise ValueError(f"{where(section, key)}{err}") from None
+    return Config(**{name: cls(**values[name]) for name, cls in sections.items()})
+
+
+def _line_in(text: str, path: tuple[str, ...]) -> int | None:
+    """The line of `path`'s last key in a YAML text, or None."""
+    node, line = yaml.compose(text), None
+    for key in path:
+        if not isinstance(node, yaml.MappingNode):
+            return line
+        for key_node, value_node in node.value:
+            if key_node.value == key:
+                node, line = value_node, key_node.start_mark.line + 1
+                break
+        else:
+            return line
+    return line
 
 
 def load_config(path: str | None, overrides: list[str], preset: str | None = None) -> Config:
-    """config.yaml, then the named preset over it, then --set overrides."""
-    raw = {}
+    """config.yaml, then the named preset over it, then --set overrides. Errors name the file and
+    line, or the --set, that caused them."""
+    raw, text = {}, ""
     if path:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        text = Path(path).read_text()
+        raw = yaml.safe_load(text) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: the config must be a mapping of sections")
+
+    def in_file(*keys):
+        line = _line_in(text, keys) if keys else None
+        return f"{path}:{line}: " if line else f"{path}: "
+
     presets = raw.pop("presets", None) or {}
+    build_config(raw, in_file)   # the file's own keys and values, each error at its line
+    for name, sections in presets.items():
+        build_config(sections or {}, lambda *keys, name=name: in_file("presets", name, *keys))
     if preset is not None:
         if preset not in presets:
             raise ValueError(f"--preset {preset!r}: {path or 'no config'} defines "
                              f"{', '.join(presets) or 'no presets'}")
         for section, values in presets[preset].items():
-            if not isinstance(raw.get(section, {}), dict) or not isinstance(values, dict):
-                raise ValueError(f"preset {preset}: {section} is not a config section")
             raw[section] = {**(raw.get(section) or {}), **values}
     for item in overrides:
         key, sep, value = item.partition("=")
         section, dot, name = key.partition(".")
         if not sep or not dot:
             raise ValueError(f"--set {item!r}: use section.key=value, e.g. train.steps=100")
-        raw.setdefault(section, {})
-        if not isinstance(raw[section], dict):
-            raise ValueError(f"--set {item!r}: {section} is not a config section")
-        raw[section][name] = yaml.safe_load(value)
+        try:
+            raw.setdefault(section, {})[name] = _coerce(yaml.safe_load(value), _field_kind(section, name), key)
+        except ValueError as err:
+            raise ValueError(f"--set {item}: {err}") from None
     return build_config(raw)

@@ -25,6 +25,8 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import torch
 
+from flight_client import Connection, parse_hosts  # noqa: F401 (the trainer's and tools' front door)
+
 # The schema's and the packer's names stay importable from here: datasets is the data layer's
 # front door for the trainer and tools; only the data machine imports schema.py alone.
 from packing import (Batch, GreedyPacker, Segment, SequenceLayout, Skipped, StreamPosition, collate,  # noqa: F401
@@ -431,26 +433,14 @@ class LocalParquetDataset(_PackedStream):
 
 
 log = logging.getLogger("mmtrain.data")
-RETRYABLE = (flight.FlightUnavailableError, flight.FlightTimedOutError, flight.FlightCancelledError)
-
-
-def parse_hosts(hosts: str | list[str], port: int) -> list[tuple[str, int]]:
-    """["a:8815", "b", "[::1]:9000"] -> [(host, port)], `port` where an entry names none."""
-    parsed = []
-    for entry in [hosts] if isinstance(hosts, str) else hosts:
-        host, sep, entry_port = entry.rpartition(":") if not entry.endswith("]") else ("", "", "")
-        if not sep or (host.count(":") and not host.startswith("[")):   # no port, or a bare IPv6 address
-            host, entry_port = entry, str(port)
-        if not entry_port.isdigit() or not host:
-            raise ValueError(f"--flight-host {entry!r}: use HOST or HOST:PORT")
-        parsed.append((host.strip("[]"), int(entry_port)))
-    return parsed
+STARTUP_TIMEOUT_S = 15.0   # the first calls to a server: no answer in this long is an error
+STARTUP_RETRIES = 2        # at start-up, a server not (yet) listening is asked this many times more
 
 
 class ArrowFlightDataset(_PackedStream):
     """Streams the given files (default: every file the servers list) from one or more Flight
-    servers (flight_server.py on the data machines), with an optional bearer token and TLS (the
-    same for every server).
+    servers (flight_server.py on the data machines), reached as `connection` says (one token
+    and TLS root certificate for every server).
 
     With several servers their listings are merged: a file listed by more than one (same name,
     rows, bytes and row groups), or advertised by a server in its endpoints' locations, is one
@@ -458,24 +448,32 @@ class ArrowFlightDataset(_PackedStream):
     fewest endpoints so far, so every server serves a balanced share; while one endpoint is read
     the next is read ahead, which keeps two servers busy at once. A read that fails goes on from
     the first row not yet delivered at the next replica, and at the same one (after a backoff)
-    when there is no other."""
+    when there is no other. Failures no retry can mend (a certificate, a token, TLS on one side
+    only) stop at once, in words."""
 
     DOWN_FOR_S = 30.0   # a server that failed is tried last for this long
 
-    def __init__(self, host: str | list[str], port: int, files: list[str] | None, layout: SequenceLayout,
+    def __init__(self, connection: Connection, files: list[str] | None, layout: SequenceLayout,
                  batch_size: int, *, shuffle: bool = True, seed: int = 0, shuffle_window: int = 16,
-                 token: str | None = None, tls_root_cert: bytes | None = None, max_retries: int = 8,
-                 retry_backoff_s: float = 0.5, read_timeout_s: float = 120.0):
+                 max_retries: int = 8, retry_backoff_s: float = 0.5, read_timeout_s: float = 120.0):
         super().__init__(layout, batch_size, shuffle, seed, shuffle_window)
         self.max_retries, self.retry_backoff_s, self.read_timeout_s = max_retries, retry_backoff_s, read_timeout_s
-        scheme = "grpc+tls" if tls_root_cert else "grpc"
-        self.locations = [f"{scheme}://{h if ':' not in h else f'[{h}]'}:{p}" for h, p in parse_hosts(host, port)]
+        self.connection = connection
+        self.locations = connection.locations
         self.location = ", ".join(self.locations)   # for messages
-        self.token, self.tls_root_cert = token, tls_root_cert
         self._clients: dict[str, flight.FlightClient] = {}
         self._down_until: dict[str, float] = {}
         self._catalog = None
         self.files = list(files) if files else self._served_files()
+
+    @classmethod
+    def configured(cls, connection: Connection, files: list[str] | None, layout: SequenceLayout, data: DataConfig,
+                   *, shuffle: bool, batch_size: int | None = None) -> "ArrowFlightDataset":
+        """With the run's data settings (order, retries, timeouts): training and predict/embed/
+        evaluate open their data alike."""
+        return cls(connection, files, layout, batch_size or data.batch_size, shuffle=shuffle, seed=data.seed,
+                   shuffle_window=data.shuffle_window, max_retries=data.max_retries,
+                   retry_backoff_s=data.retry_backoff_s, read_timeout_s=data.read_timeout_s)
 
     def __getstate__(self):
         # gRPC clients are not fork-safe: each DataLoader worker makes its own.
@@ -483,45 +481,49 @@ class ArrowFlightDataset(_PackedStream):
 
     def client(self, location: str):
         if location not in self._clients:
-            self._clients[location] = flight.FlightClient(location, tls_root_certs=self.tls_root_cert)
+            self._clients[location] = self.connection.client(location)
         return self._clients[location]
 
     @property
     def _options(self):
         """Every call carries the token and is cancelled after read_timeout_s (then retried)."""
-        headers = [(b"authorization", f"Bearer {self.token}".encode())] if self.token else []
-        return flight.FlightCallOptions(headers=headers, timeout=self.read_timeout_s)
+        return self.connection.options(self.read_timeout_s)
 
-    def _failed(self, location: str, failures: int, what: str, err: Exception, backoff: bool = True) -> None:
-        """After a retryable failure: raise once there were too many in a row, else say so and
-        (with `backoff`) wait."""
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        if failures > self.max_retries:
-            raise DataError(f"{location}: {what} failed {failures} times in a row: {reason}") from err
+    def _failed(self, location: str, failures: int, what: str, err: Exception, backoff: bool = True,
+                retries: int | None = None) -> None:
+        """After a failure: raise at once when no retry can mend it, or once there were more than
+        `retries` (default max_retries) in a row; else say so and (with `backoff`) wait."""
+        reason, retryable = self.connection.explain(location, err)
+        retries = self.max_retries if retries is None else retries
+        if not retryable:
+            raise DataError(f"{what} failed: {reason}") from err
+        if failures > retries:
+            raise DataError(f"{what} failed {failures} times in a row: {reason}") from err
         wait = min(self.retry_backoff_s * 2 ** (failures - 1), 30.0) if backoff else 0.0
-        log.warning("%s: %s failed (%s); retry %d of %d in %.1f s", location, what, type(err).__name__,
-                    failures, self.max_retries, wait)
+        log.warning("%s failed: %s; retry %d of %d in %.1f s", what, reason, failures, retries, wait)
         time.sleep(wait)
         self._clients.pop(location, None)   # reconnect
         self._down_until[location] = time.monotonic() + self.DOWN_FOR_S
 
-    def _call(self, location: str, what: str, call):
+    def _startup_call(self, location: str, what: str, call):
+        """A call made while the run starts: answered within STARTUP_TIMEOUT_S, and a server not
+        listening is asked only STARTUP_RETRIES more times, so a wrong address fails in seconds."""
+        options = self.connection.options(min(self.read_timeout_s, STARTUP_TIMEOUT_S))
         failures = 0
         while True:
             try:
-                return call(self.client(location))
-            except RETRYABLE as err:
-                failures += 1
-                self._failed(location, failures, what, err)
+                return call(self.client(location), options)
             except flight.FlightError as err:
-                raise DataError(f"{location}: {what}: {err}") from err
+                failures += 1
+                self._failed(location, failures, what, err, retries=min(STARTUP_RETRIES, self.max_retries))
 
     def _served_files(self) -> list[str]:
         files = set()
         for location in self.locations:
             try:
-                files |= {info.descriptor.path[0].decode() for info in self._call(
-                    location, "listing files", lambda client: list(client.list_flights(options=self._options)))}
+                files |= {info.descriptor.path[0].decode() for info in self._startup_call(
+                    location, f"listing the files of {location}",
+                    lambda client, options: list(client.list_flights(options=options)))}
             except DataError as err:
                 if len(self.locations) == 1:
                     raise
@@ -535,8 +537,8 @@ class ArrowFlightDataset(_PackedStream):
     def _describe(self, location: str, name: str):
         """The server's FlightInfo for a file, or why it does not serve it."""
         try:
-            return self._call(location, f"getting {name}", lambda client: client.get_flight_info(
-                flight.FlightDescriptor.for_path(name), self._options))
+            return self._startup_call(location, f"getting {name} from {location}", lambda client, options:
+                                      client.get_flight_info(flight.FlightDescriptor.for_path(name), options))
         except DataError as err:
             if "no such file" in str(err):
                 return str(err)
@@ -604,13 +606,11 @@ class ArrowFlightDataset(_PackedStream):
                     failures = 0
                     yield chunk.data
                 return
-            except RETRYABLE as err:
+            except flight.FlightError as err:
                 failures += 1
                 where = f" (replicas: {', '.join(order)})" if len(order) > 1 else ""
-                self._failed(location, failures, f"reading {name} from row {delivered}{where}", err,
+                self._failed(location, failures, f"reading {name} from row {delivered} at {location}{where}", err,
                              backoff=failures % len(order) == 0)
-            except flight.FlightError as err:
-                raise DataError(f"{location}: reading {name} failed: {err}") from err
 
     def _endpoint_reads(self, endpoints: list, first_endpoint: int, first_row: int):
         """With replicas, the next endpoint is read ahead in a thread (whole: a row group), so

@@ -22,11 +22,13 @@ client sees the replicas and may read each endpoint from either.
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import math
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
 import time
@@ -38,6 +40,7 @@ import pyarrow.dataset as pads
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 
+import flight_client  # noqa: F401 (keeps gRPC's own log quiet unless asked for)
 import schema
 from access import read_token, require_token_beyond_loopback, token_matches
 from schema import Ticket
@@ -75,6 +78,21 @@ def _handler(method):
     return wrapper
 
 
+def _why_not_bound(host: str, port: int) -> str | None:
+    """Why a server could not bind host:port, in words, or None when a plain socket can."""
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, port))
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            return (f"port {port} on {host} is already taken (another flight_server.py?): stop that process or "
+                    "choose another --port")
+        if err.errno == errno.EADDRNOTAVAIL:
+            return f"{host} is not an address of this machine: bind one of its own addresses (or 0.0.0.0 for all)"
+        return f"cannot bind {host}:{port}: {err.strerror}"
+    return None
+
+
 class SampleFlightServer(flight.FlightServerBase):
     def __init__(self, root: str | Path, host: str = "127.0.0.1", port: int = 8815,
                  batch_rows: int = 256, token: str | None = None,
@@ -87,9 +105,13 @@ class SampleFlightServer(flight.FlightServerBase):
         if not self.root.is_dir():
             raise FileNotFoundError(f"--root {root}: not a directory")
         scheme = "grpc+tls" if tls_cert else "grpc"
-        super().__init__(f"{scheme}://{host}:{port}",
-                         middleware={"auth": BearerTokenAuth(token)} if token else None,
-                         tls_certificates=[flight.CertKeyPair(tls_cert, tls_key)] if tls_cert else None)
+        try:
+            super().__init__(f"{scheme}://{host}:{port}",
+                             middleware={"auth": BearerTokenAuth(token)} if token else None,
+                             tls_certificates=[flight.CertKeyPair(tls_cert, tls_key)] if tls_cert else None)
+        except pa.ArrowException as err:   # gRPC says only "Server did not start properly"
+            raise OSError(_why_not_bound(host, port) or f"cannot serve on {host}:{port}: {err}") from None
+        self.scheme = scheme
         self.batch_rows = batch_rows
         self._lock = threading.Lock()
         self._catalog: dict[str, tuple[tuple, flight.FlightInfo | str]] = {}
@@ -333,7 +355,7 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     served = sum(1 for _ in server.list_flights(None, LOCAL_ONLY))
-    log.info("serving %d files from %s on grpc://%s:%d", served, server.root, args.host, server.port)
+    log.info("serving %d files from %s on %s://%s:%d", served, server.root, server.scheme, args.host, server.port)
     if args.peer:
         log.info("peers %s; advertised as %s", ", ".join(args.peer), server.advertised)
 

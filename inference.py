@@ -29,11 +29,12 @@ from tqdm import tqdm
 
 import datasets
 import features
-from access import read_token
+import flight_client
 from checkpoint import CheckpointCorrupt, load_checkpoint
 from config import Config, build_config
 from custom_transformer import CustomTransformer, Masks, sample_masks
 from datasets import UNKNOWN, Labels
+from flight_client import Connection
 from parallel import choose_device
 
 HIDEABLE = ("text", "audio")   # speaker and sentiment are always read with their own slot hidden
@@ -83,11 +84,8 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_argument_group("input (one of)")
     source.add_argument("--manifest", help="recordings (CSV/JSONL, as for features.py prepare)")
     source.add_argument("--data-dir", help="folder of Parquet shards on this machine")
-    source.add_argument("--flight-host", nargs="+", metavar="HOST[:PORT]",
-                        help="data machines' Flight servers (with --port, --files)")
-    parser.add_argument("--port", type=int, default=8815)
+    flight_client.add_arguments(parser, hosts_group=source)
     parser.add_argument("--files", nargs="+", help="files under --data-dir or on the server (default: all)")
-    parser.add_argument("--flight-token-file", help="file holding the server's bearer token")
     parser.add_argument("--columns", help="with --manifest: its column names, e.g. audio=path,text=transcript")
     parser.add_argument("--batch-size", type=int, help="sequences per batch (default: the run's data.batch_size)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -102,9 +100,8 @@ def open_inputs(args, trained: Trained, cleanup: contextlib.ExitStack) -> datase
     if sum(chosen) != 1:
         raise ValueError("give one input: --manifest, --data-dir or --flight-host")
     if args.flight_host:
-        token = read_token(args.flight_token_file) if args.flight_token_file else None
-        dataset = datasets.ArrowFlightDataset(args.flight_host, args.port, args.files, layout, batch_size,
-                                              shuffle=False, token=token)
+        dataset = datasets.ArrowFlightDataset.configured(Connection.from_args(args), args.files, layout, cfg.data,
+                                                         shuffle=False, batch_size=batch_size)
     else:
         if args.manifest:
             folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mmtrain-inputs-")))

@@ -37,12 +37,14 @@ from tqdm import tqdm
 
 import datasets
 import demo_corpus
+import flight_client
 import live_metrics
 from access import read_token
 from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, load_checkpoint, newest_checkpoint
 from config import (DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, build_config,  # noqa: F401 (tools use them)
                     load_config)
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts, sample_masks
+from flight_client import Connection
 from flight_server import SampleFlightServer
 import inference
 from inference import evaluate
@@ -82,10 +84,9 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
     started in this process (shut down by `cleanup`; under torchrun, one per rank). Evaluation
     files never train."""
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
-    host, port = args.flight_host, args.port
-    token = read_token(args.flight_token_file) if args.flight_token_file else None
-    tls_root_cert = Path(args.flight_tls_root_cert).read_bytes() if args.flight_tls_root_cert else None
-    if host is None:
+    if args.flight_host:
+        connection = Connection.from_args(args)
+    else:
         root = args.data_dir
         if root is None:
             if ranks.main:
@@ -93,23 +94,19 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
             barrier()
             root = DEMO_DIR / "parquet"
         server = cleanup.enter_context(SampleFlightServer(root, "127.0.0.1", 0))
-        host, port, token, tls_root_cert = "127.0.0.1", server.port, None, None
-    data = cfg.data
+        connection = Connection(("127.0.0.1",), server.port)
 
     def dataset(files, shuffle):
-        return datasets.ArrowFlightDataset(
-            host, port, files, layout, data.batch_size, shuffle=shuffle, seed=data.seed,
-            shuffle_window=data.shuffle_window, token=token, tls_root_cert=tls_root_cert,
-            max_retries=data.max_retries, retry_backoff_s=data.retry_backoff_s, read_timeout_s=data.read_timeout_s)
+        return datasets.ArrowFlightDataset.configured(connection, files, layout, cfg.data, shuffle=shuffle)
 
-    train_set = dataset(args.files, data.shuffle)
+    train_set = dataset(args.files, cfg.data.shuffle)
     if not args.eval_files:
         return train_set, None
     overlap = sorted(set(train_set.files) & set(args.eval_files))
     if args.files and overlap:
         raise ValueError(f"files both in --files and --eval-files: {', '.join(overlap)}")
     if overlap:   # every served file was listed: hold the evaluation files out
-        train_set = dataset([f for f in train_set.files if f not in overlap], data.shuffle)
+        train_set = dataset([f for f in train_set.files if f not in overlap], cfg.data.shuffle)
     return train_set, dataset(args.eval_files, False)
 
 
@@ -626,14 +623,9 @@ def train(args, cfg: Config) -> dict:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--flight-host", nargs="+", metavar="HOST[:PORT]",
-                        help="Flight server(s): several data machines are merged, files on more than one read once "
-                             "as replicas; omit for the embedded in-process server")
-    parser.add_argument("--port", type=int, default=8815, help="Flight server port (where --flight-host names none)")
+    flight_client.add_arguments(parser)   # without --flight-host: the embedded in-process server
     parser.add_argument("--files", nargs="+", help="files to train on, as the server names them (default: all)")
     parser.add_argument("--eval-files", nargs="+", help="files to evaluate on (held out of training)")
-    parser.add_argument("--flight-token-file", help="file holding the server's bearer token")
-    parser.add_argument("--flight-tls-root-cert", help="PEM certificate to trust: connect over TLS")
     parser.add_argument("--data-dir", help="without --flight-host: folder of Parquet files to serve "
                                            f"in-process (default: the demo corpus in {DEMO_DIR}, built if missing)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help=f"YAML config (default: {DEFAULT_CONFIG})")
@@ -660,6 +652,9 @@ def main(argv=None) -> int:
         return live_metrics.watch(argv[1])
     args = parse_args(argv)
     try:
+        for item in args.set:
+            if args.steps and item.replace(" ", "").startswith("train.steps=") and item.split("=", 1)[1].strip() != str(args.steps):
+                raise ValueError(f"--steps {args.steps} and --set {item} disagree: give one")
         cfg = load_config(args.config, args.set + ([f"train.steps={args.steps}"] if args.steps else []), args.preset)
     except (ValueError, OSError, yaml.YAMLError) as err:
         print(f"config error: {err}", file=sys.stderr)

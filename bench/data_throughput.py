@@ -139,7 +139,7 @@ def main() -> int:
         layout = datasets.SequenceLayout(small_cfg.data.max_seq_len, small_cfg.model.frames_per_position)
         rates = []
         for hosts in (["127.0.0.1"], ["127.0.0.1", f"127.0.0.1:{second_port}"]):
-            dataset = datasets.ArrowFlightDataset(hosts, port, names, layout, small_cfg.data.batch_size)
+            dataset = datasets.ArrowFlightDataset(datasets.Connection(tuple(hosts), port), names, layout, small_cfg.data.batch_size)
             start = time.perf_counter()
             produced = sum(b.n_positions(layout.frames_per_position) for b in dataset)
             rates.append(produced / (time.perf_counter() - start))

@@ -66,7 +66,7 @@ def main() -> int:
     demo_corpus.build(ROOT / "data" / "demo")
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     with SampleFlightServer(ROOT / "data" / "demo" / "parquet", "127.0.0.1", 0) as server:
-        dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, None, layout, cfg.data.batch_size)
+        dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None, layout, cfg.data.batch_size)
         torch.manual_seed(0)
         model = CustomTransformer(cfg.model)
         model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))

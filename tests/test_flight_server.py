@@ -117,7 +117,7 @@ def test_out_of_range_row_groups_and_symlinks_out_of_root_are_refused(served, tm
 def test_flight_dataset_delivers_every_sample_exactly_once(served):
     root, server, client = served
     names = [i.descriptor.path[0].decode() for i in client.list_flights()]
-    dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, names,
+    dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), names,
                                           datasets.SequenceLayout(400, 4), batch_size=2, seed=3)
     seen = [sid for batch in dataset for sid in batch.sample_ids]
     expected = [sid for n in names for sid in pq.read_table(root / n, columns=["sample_id"]).column(0).to_pylist()]
@@ -129,9 +129,9 @@ def test_flight_dataset_delivers_every_sample_exactly_once(served):
 
 def test_unknown_server_or_file_is_a_clear_data_error(served):
     root, server, client = served
-    dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, ["good/missing.parquet"],
+    dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), ["good/missing.parquet"],
                                           datasets.SequenceLayout(400, 4), batch_size=2)
-    with pytest.raises(datasets.DataError, match="good/missing.parquet: served by none of grpc://127.0.0.1:.*getting good/missing.parquet: .*no such file"):
+    with pytest.raises(datasets.DataError, match="good/missing.parquet: served by none of grpc://127.0.0.1:.*getting good/missing.parquet from .*no such file"):
         list(dataset)
 
 
@@ -151,11 +151,12 @@ def test_a_token_is_required_and_checked(corpus):
             _names(client, wrong)
         right = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer s3cret")])
         assert len(_names(client, right)) == len(list(root.glob("*.parquet")))
-        dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, None, datasets.SequenceLayout(400, 4),
-                                              batch_size=4, token="s3cret")
+        dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port, token="s3cret"), None,
+                                              datasets.SequenceLayout(400, 4), batch_size=4)
         assert sum(len(b.sample_ids) for b in dataset) == pq.read_table(root, columns=["sample_id"]).num_rows
-        with pytest.raises(datasets.DataError, match="listing files: .*[Uu]nauthenticated"):
-            datasets.ArrowFlightDataset("127.0.0.1", server.port, None, datasets.SequenceLayout(400, 4), 4)
+        with pytest.raises(datasets.DataError, match="refused the connection: no token was given"):
+            datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None,
+                                        datasets.SequenceLayout(400, 4), 4)
     finally:
         server.shutdown()
 
@@ -174,8 +175,9 @@ def test_tls_round_trip_with_a_self_signed_certificate(corpus, tmp_path):
                    check=True, capture_output=True, timeout=60)
     server = SampleFlightServer(root, "127.0.0.1", 0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes())
     try:
-        dataset = datasets.ArrowFlightDataset("localhost", server.port, None, datasets.SequenceLayout(400, 4),
-                                              batch_size=4, tls_root_cert=cert.read_bytes())
+        dataset = datasets.ArrowFlightDataset(datasets.Connection(("localhost",), server.port,
+                                                                  tls_root_cert=cert.read_bytes()), None,
+                                              datasets.SequenceLayout(400, 4), batch_size=4)
         assert sum(len(b.sample_ids) for b in dataset) == pq.read_table(root, columns=["sample_id"]).num_rows
         plain = flight.connect(f"grpc://127.0.0.1:{server.port}")   # no TLS: refused
         with pytest.raises(flight.FlightUnavailableError):
@@ -183,6 +185,32 @@ def test_tls_round_trip_with_a_self_signed_certificate(corpus, tmp_path):
             _names(plain)
     finally:
         server.shutdown()
+
+
+def test_the_server_names_its_scheme_and_says_when_its_port_is_taken(corpus, tmp_path):
+    root, _ = corpus
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    server = subprocess.Popen([sys.executable, "flight_server.py", "--root", str(root), "--port", "0",
+                               "--tls-cert", str(cert), "--tls-key", str(key)], cwd=ROOT, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        port = None
+        for line in server.stderr:
+            found = re.search(r"serving \d+ files .* on (\S+)://127\.0\.0\.1:(\d+)", line)
+            if found:
+                scheme, port = found.group(1), int(found.group(2))
+                break
+        assert port and scheme == "grpc+tls"
+        second = subprocess.run([sys.executable, "flight_server.py", "--root", str(root), "--port", str(port)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"port {port} on 127.0.0.1 is already taken (another flight_server.py?)" in second.stderr
+        assert "did not start properly" not in second.stderr and "add_port" not in second.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_batches_above_grpc_4mib_limit_stream(corpus, tmp_path):
@@ -239,7 +267,7 @@ def test_a_server_killed_and_restarted_mid_epoch_loses_and_repeats_nothing(corpu
     root, _ = corpus
     server = SampleFlightServer(root, "127.0.0.1", 0, batch_rows=2)
     port = server.port
-    dataset = datasets.ArrowFlightDataset("127.0.0.1", port, None, datasets.SequenceLayout(300, 4), batch_size=1,
+    dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), port), None, datasets.SequenceLayout(300, 4), batch_size=1,
                                           seed=2, retry_backoff_s=0.2, max_retries=20)
     seen, restarted = [], []
     try:
@@ -259,15 +287,17 @@ def test_a_server_killed_and_restarted_mid_epoch_loses_and_repeats_nothing(corpu
 def test_a_server_that_stays_down_is_a_clear_error_naming_it(corpus):
     root, _ = corpus
     server = SampleFlightServer(root, "127.0.0.1", 0)
-    dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, None, datasets.SequenceLayout(300, 4),
+    dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None, datasets.SequenceLayout(300, 4),
                                           batch_size=1, retry_backoff_s=0.05, max_retries=2)
-    streaming = datasets.ArrowFlightDataset("127.0.0.1", server.port, None, datasets.SequenceLayout(300, 4),
+    streaming = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None, datasets.SequenceLayout(300, 4),
                                             batch_size=1, retry_backoff_s=0.05, max_retries=2)
     streaming.endpoints()   # metadata fetched while the server was up: the reads fail instead
     server.shutdown()
-    with pytest.raises(datasets.DataError, match=f"grpc://127.0.0.1:{server.port}: getting .* failed 3 times in a row"):
+    with pytest.raises(datasets.DataError, match=f"getting .* from grpc://127.0.0.1:{server.port} failed 3 times in a "
+                                                 f"row: nothing is listening at 127.0.0.1:{server.port}"):
         list(dataset)
-    with pytest.raises(datasets.DataError, match=f"grpc://127.0.0.1:{server.port}: reading .* from row 0 failed 3 times"):
+    with pytest.raises(datasets.DataError, match=f"reading .* from row 0 at grpc://127.0.0.1:{server.port} failed 3 "
+                                                 "times in a row: nothing is listening"):
         list(streaming)
 
 
@@ -276,7 +306,7 @@ class StallingServer(SampleFlightServer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.stalled = threading.Event()
+        self.stalled, self.released = threading.Event(), threading.Event()
 
     def do_get(self, context, ticket):
         stream = super().do_get(context, ticket)
@@ -290,7 +320,7 @@ class StallingServer(SampleFlightServer):
 
         def slow():
             yield batches[0]
-            time.sleep(3)
+            self.released.wait(120)   # until the test ends: far longer than the read timeout
             yield from batches[1:]
 
         return flight.GeneratorStream(table.schema, slow())
@@ -300,12 +330,12 @@ def test_a_stalled_read_is_cancelled_and_resumed(corpus):
     root, _ = corpus
     server = StallingServer(root, "127.0.0.1", 0, batch_rows=2)
     try:
-        dataset = datasets.ArrowFlightDataset("127.0.0.1", server.port, None, datasets.SequenceLayout(300, 4),
+        dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None, datasets.SequenceLayout(300, 4),
                                               batch_size=2, retry_backoff_s=0.05, read_timeout_s=0.5)
-        started = time.time()
         seen = [sid for batch in dataset for sid in batch.sample_ids]
-        assert server.stalled.is_set() and time.time() - started < 3   # did not wait out the stall
+        assert server.stalled.is_set() and not server.released.is_set()   # did not wait out the stall
     finally:
+        server.released.set()
         server.shutdown()
     expected = pq.read_table(root, columns=["sample_id"]).column(0).to_pylist()
     assert collections.Counter(seen) == collections.Counter(expected)
@@ -374,7 +404,7 @@ def test_bad_content_is_refused_with_file_row_and_column_while_good_files_stay_s
         assert "token_ids" in invalid["bad.parquet"]
         # The trainer stops at setup with the same words, before any step (no IndexError, no NaN loss).
         with pytest.raises(datasets.DataError, match=r"bad\.parquet.*row 3 .*column token_ids"):
-            datasets.ArrowFlightDataset("127.0.0.1", server.port, ["bad.parquet"], datasets.SequenceLayout(400, 4),
+            datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), ["bad.parquet"], datasets.SequenceLayout(400, 4),
                                         2).metadata()
         # The local-file path applies the same checks.
         with pytest.raises(datasets.DataError, match=r"bad\.parquet: 2 problem\(s\) in its content"):
@@ -419,7 +449,7 @@ def test_a_server_advertises_its_peers_copies_to_a_plain_flight_client(corpus, t
         replica = flight.connect(both[1]).do_get(endpoint.ticket).read_all()
         assert replica.equals(client.do_get(endpoint.ticket).read_all())
         # our reader, told of A alone, learns of B from A's endpoints
-        ours = datasets.ArrowFlightDataset(f"127.0.0.1:{server_a.port}", 0, None, datasets.SequenceLayout(300, 4), 1)
+        ours = datasets.ArrowFlightDataset(datasets.Connection((f"127.0.0.1:{server_a.port}",)), None, datasets.SequenceLayout(300, 4), 1)
         assert {e[0]: sorted(e[2]) for e in ours.endpoints()} == {shards[0].name: both[:1], shards[1].name: sorted(both)}
     finally:
         server_a.shutdown()
@@ -430,7 +460,7 @@ def test_several_servers_merge_into_one_epoch_that_reads_each_replica_once(corpu
     (a, b), shards = two_roots(corpus, tmp_path)
     servers = [SampleFlightServer(root, "127.0.0.1", 0) for root in (a, b)]
     try:
-        dataset = datasets.ArrowFlightDataset([f"127.0.0.1:{s.port}" for s in servers], 0, None,
+        dataset = datasets.ArrowFlightDataset(datasets.Connection(tuple(f"127.0.0.1:{s.port}" for s in servers)), None,
                                               datasets.SequenceLayout(300, 4), batch_size=2, seed=3)
         assert dataset.files == sorted(s.name for s in shards)
         shared = [e for e in dataset.endpoints() if len(e[2]) == 2]
@@ -466,7 +496,7 @@ def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undel
     hosts = [f"127.0.0.1:{server_a.port}", f"127.0.0.1:{server_b.port}"]
 
     def dataset(hosts=hosts):
-        return datasets.ArrowFlightDataset(hosts, 0, None, datasets.SequenceLayout(300, 4), batch_size=1, seed=2,
+        return datasets.ArrowFlightDataset(datasets.Connection(tuple(hosts)), None, datasets.SequenceLayout(300, 4), batch_size=1, seed=2,
                                            retry_backoff_s=0.05, max_retries=4, shuffle_window=2)
 
     first = dataset()
@@ -497,14 +527,14 @@ def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undel
 def test_a_file_without_replica_on_a_dead_server_is_an_error_naming_host_and_file(corpus, tmp_path):
     (a, b), shards = two_roots(corpus, tmp_path)
     servers = [SampleFlightServer(root, "127.0.0.1", 0) for root in (a, b)]
-    dataset = datasets.ArrowFlightDataset([f"127.0.0.1:{s.port}" for s in servers], 0, None,
+    dataset = datasets.ArrowFlightDataset(datasets.Connection(tuple(f"127.0.0.1:{s.port}" for s in servers)), None,
                                           datasets.SequenceLayout(300, 4), batch_size=1, retry_backoff_s=0.01,
                                           max_retries=2, shuffle=False)
     dataset.endpoints()
     servers[0].shutdown()
     try:
-        with pytest.raises(datasets.DataError, match=f"grpc://127.0.0.1:{servers[0].port}: reading {shards[0].name} "
-                                                     "from row 0 failed 3 times in a row"):
+        with pytest.raises(datasets.DataError, match=f"reading {shards[0].name} from row 0 at "
+                                                     f"grpc://127.0.0.1:{servers[0].port} failed 3 times in a row"):
             list(dataset)
     finally:
         servers[1].shutdown()

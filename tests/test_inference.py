@@ -1,6 +1,7 @@
 """A trained model's uses: predict, embed, evaluate, export, from a checkpoint of a real run."""
 import json
 import shutil
+import subprocess
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import datasets
 import inference
 import model_trainer
 from custom_transformer import CustomTransformer, sample_masks
+from flight_server import SampleFlightServer
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +142,34 @@ def test_evaluate_gives_the_trainers_metrics_as_json(trained, tmp_path, capsys):
     expected = inference.evaluate(loaded.model, dataset, loaded.cfg, torch.device("cpu"), torch.float32)
     assert report["files"] == 1 and report["loss"] == pytest.approx(expected["loss"], rel=1e-9)
     assert {"speaker_acc", "sentiment_acc", "text_acc", "f0_cents", "unseen_speakers"} <= set(report)
+
+
+def test_evaluate_reads_a_tls_data_box_with_a_token_as_training_does(trained, tmp_path, capsys):
+    """The same flags as the trainer (token, TLS root certificate): the report equals --data-dir's."""
+    ckpt, held_out = trained
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(held_out, data)
+    cert, key, token = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "token"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    token.write_text("s3cret\n")
+    server = SampleFlightServer(data, "127.0.0.1", 0, token="s3cret", tls_cert=cert.read_bytes(),
+                                tls_key=key.read_bytes())
+    try:
+        remote = ["--flight-host", f"localhost:{server.port}", "--flight-tls-root-cert", str(cert)]
+        capsys.readouterr()
+        assert model_trainer.main(["evaluate", "--checkpoint", str(ckpt), *remote, "--flight-token-file",
+                                   str(token)]) == 0
+        over_tls = json.loads(capsys.readouterr().out)
+        assert model_trainer.main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(data)]) == 0
+        local = json.loads(capsys.readouterr().out)
+        assert over_tls["loss"] == pytest.approx(local["loss"], rel=1e-9) and over_tls["files"] == 1
+        assert model_trainer.main(["evaluate", "--checkpoint", str(ckpt), *remote]) != 0
+        assert "refused the connection: no token was given" in capsys.readouterr().err
+    finally:
+        server.shutdown()
 
 
 def test_a_checkpoint_from_before_label_maps_loads_with_a_note(trained, tmp_path, capsys):

@@ -93,7 +93,12 @@ def test_cli_reports_config_errors_without_a_traceback():
     proc = subprocess.run([sys.executable, "model_trainer.py", "--set", "model.nope=1"], cwd=ROOT,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
-    assert "config error: unknown config key(s): model.nope" in proc.stderr and "Traceback" not in proc.stderr
+    assert "config error: --set model.nope=1: unknown config key model.nope" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "model_trainer.py", "--steps", "5", "--set", "train.steps=7"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "config error: --steps 5 and --set train.steps=7 disagree: give one" in proc.stderr
 
 
 def test_end_to_end_over_flight_with_live_metrics_and_a_checkpoint_that_reloads(corpus, tmp_path):

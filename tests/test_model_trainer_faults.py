@@ -81,7 +81,7 @@ def test_a_signal_while_waiting_for_data_stops_at_once_with_a_checkpoint(corpus,
     root, _ = corpus
     server = SampleFlightServer(root, "127.0.0.1", 0)
     out = tmp_path / "run"
-    waiting = trainer(server.port, out, 400, "--set", "data.max_retries=50", "--set", "data.retry_backoff_s=2")
+    waiting = trainer(server.port, out, 400, "--set", "data.max_retries=50", "--set", "data.retry_backoff_s=30")
     try:
         assert wait_for(lambda: len(steps_logged(out)) >= 3, timeout=240)
     finally:
@@ -90,9 +90,11 @@ def test_a_signal_while_waiting_for_data_stops_at_once_with_a_checkpoint(corpus,
     last = max(m["step"] for m in steps_logged(out))
     sent = time.monotonic()
     waiting.send_signal(signal.SIGTERM)
-    assert waiting.wait(timeout=60) == 0, waiting.stderr.read()[-3000:]
-    assert time.monotonic() - sent < 3.0                    # not after the retry budget (minutes)
-    assert "asked to stop while waiting for data" in waiting.stderr.read()
+    assert waiting.wait(timeout=120) == 0, waiting.stderr.read()[-3000:]
+    # Within the first 30 s wait, not after it (about a second on a quiet machine).
+    assert time.monotonic() - sent < 25.0
+    stderr = waiting.stderr.read()
+    assert "asked to stop while waiting for data" in stderr and "retry 2 of 50" not in stderr
     assert max(m["step"] for m in steps_logged(out)) == last
     assert (out / f"ckpt-{last:08d}.pt").exists()
 
@@ -100,14 +102,16 @@ def test_a_signal_while_waiting_for_data_stops_at_once_with_a_checkpoint(corpus,
 def test_a_signal_during_setup_exits_cleanly(tmp_path):
     """The data box is down at start: the trainer retries its listing; SIGTERM ends that at once."""
     dead_port = 9   # discard: nothing listens
-    proc = trainer(dead_port, tmp_path / "run", 10, "--set", "data.max_retries=50", "--set", "data.retry_backoff_s=2")
+    proc = trainer(dead_port, tmp_path / "run", 10, "--set", "data.max_retries=50", "--set", "data.retry_backoff_s=30")
     assert wait_for(lambda: (tmp_path / "run" / "metrics.jsonl").exists(), timeout=120)
     time.sleep(1.0)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 0
-    assert time.monotonic() - sent < 3.0
-    assert "stopped before training began (signal SIGTERM during setup): nothing to save" in proc.stderr.read()
+    assert proc.wait(timeout=120) == 0
+    assert time.monotonic() - sent < 25.0   # within the first 30 s wait (about a second on a quiet machine)
+    stderr = proc.stderr.read()
+    assert "stopped before training began (signal SIGTERM during setup): nothing to save" in stderr
+    assert "retry 2 of" not in stderr
 
 
 def test_ctrl_c_with_dataloader_workers_exits_promptly(corpus, tmp_path):
@@ -121,8 +125,10 @@ def test_ctrl_c_with_dataloader_workers_exits_promptly(corpus, tmp_path):
     assert wait_for(lambda: len(steps_logged(out)) >= 3, timeout=240)
     sent = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 0, proc.stderr.read()[-3000:]
-    assert time.monotonic() - sent < 8.0, "shutdown waited on a blocked reader"
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    assert time.monotonic() - sent < 50.0, "shutdown waited on a blocked reader"   # about 5 s on a quiet machine
+    with pytest.raises(ProcessLookupError):   # nothing of the group is left: the worker went too
+        os.killpg(proc.pid, 0)
     last = max(m["step"] for m in steps_logged(out))
     assert (out / f"ckpt-{last:08d}.pt").exists()
 
