@@ -30,6 +30,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
     precision: str = "auto"          # auto | fp32 | fp16 | bf16
+    # torch CPU threads per process. 0: OMP_NUM_THREADS where set, else one per process when
+    # several share a CPU under torchrun (threads of several processes spin against each other),
+    # else torch's default (every core).
+    cpu_threads: int = 0
     checkpoint_every: int = 100
     keep_checkpoints: int = 3          # newest ckpt-*.pt kept; best.pt (lowest eval loss) is apart
     eval_every: int = 100              # steps between evaluations on --eval-files (and at the end)
@@ -63,6 +67,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be at least 1")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.warmup_steps < 0:
             raise ValueError("train.lr must be > 0, train.min_lr_ratio in [0, 1], train.warmup_steps >= 0")
+        if self.cpu_threads < 0:
+            raise ValueError("train.cpu_threads must be >= 0 (0: chosen for the machine)")
         if self.rebalance_every < 0:
             raise ValueError("train.rebalance_every must be >= 0 (0: never)")
         if self.tokens_per_step < 0:

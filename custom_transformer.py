@@ -406,8 +406,10 @@ class CustomTransformer(nn.Module):
         """Weights as safetensors, the config (and any `extra`, e.g. label maps) as JSON."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
+        weights = out_dir / "model.safetensors"
         save_file({name: tensor.detach().cpu().contiguous() for name, tensor in self.state_dict().items()},
-                  str(out_dir / "model.safetensors"))
+                  str(weights))
+        weights.chmod(0o644)   # safetensors writes 0600: a model is for others to read
         (out_dir / "config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         for name, content in (extra or {}).items():
             (out_dir / f"{name}.json").write_text(json.dumps(content, indent=2) + "\n")

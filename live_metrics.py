@@ -39,7 +39,7 @@ class MetricsServer:
         self.host, self.requested_port, self.token = host, port, token
         self._dashboard = DASHBOARD.read_bytes()
         self.port: int | None = None
-        self.run_info: dict = {"type": "run"}
+        self.run_info: dict | None = None
         self.history: collections.deque[str] = collections.deque(maxlen=HISTORY)
         self._clients: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -97,7 +97,8 @@ class MetricsServer:
 
     async def _client(self, connection):
         queue: asyncio.Queue = asyncio.Queue()   # bounded by _fan_out, so a None always fits
-        for message in [json.dumps(self.run_info), *list(self.history)[-(CLIENT_QUEUE - 2):]]:
+        known = [json.dumps(self.run_info)] if self.run_info else []   # none before the run describes itself
+        for message in [*known, *list(self.history)[-(CLIENT_QUEUE - 2):]]:
             queue.put_nowait(message)
         self._clients.add(queue)
         try:
@@ -170,8 +171,15 @@ def watch(url: str) -> int:
     return 0
 
 
+def watch_main(argv: list[str], prog: str = "live_metrics.py") -> int:
+    """The `watch` command line: one line per update of a training run's live metrics."""
+    import argparse
+    parser = argparse.ArgumentParser(prog=prog, description="Print one line per live update of a training run "
+                                     "(its first line describes the run).")
+    parser.add_argument("url", help="the run's metrics address, e.g. ws://127.0.0.1:8765 (add /?token=... when the "
+                                    "trainer was given --ws-token-file)")
+    return watch(parser.parse_args(argv).url)
+
+
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        print(__doc__, file=sys.stderr)
-        sys.exit(2)
-    sys.exit(watch(sys.argv[1]))
+    sys.exit(watch_main(sys.argv[1:]))

@@ -21,6 +21,7 @@ import math
 import os
 import random
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -52,7 +53,7 @@ from live_metrics import MetricsServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, accumulation_steps, all_ranks, barrier, choose_device,  # noqa: F401
                       clock, compute_seconds, describe_device, distribute, faster_precision, from_rank0,
                       gradient_sync, init_distributed, needs_precision_probe, peak_flops, peak_memory_gb, plan_work,
-                      unwrapped)
+                      set_cpu_threads, unwrapped)
 
 DEMO_DIR = Path("data/demo")
 
@@ -348,6 +349,8 @@ def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
         if resume_path is None and any(out_dir.glob("ckpt-*.pt")):
             raise ValueError(f"{out_dir} holds checkpoints of an earlier run: pass --resume auto to "
                              "continue it, or choose another --out")
+    if args.resume == "auto":
+        check_checkpoints_reach_rank0(out_dir, ranks)
     live = None
     if args.ws_port >= 0 and ranks.main:
         ws_token = read_token(args.ws_token_file) if args.ws_token_file else None
@@ -356,7 +359,31 @@ def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
     cleanup.callback(run.close)
     if live:
         run.say(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/")
+    where = f" on {socket.gethostname()} (the machine of rank 0)" if ranks.world > 1 else ""
+    run.say(f"checkpoints: {out_dir.resolve()}{where}")
+    if args.resume == "auto" and resume_path is None:
+        run.say(f"--resume auto: no checkpoint in {out_dir}: starting at step 0")
     return run, resume_path, saved
+
+
+def check_checkpoints_reach_rank0(out_dir: Path, ranks: Ranks) -> None:
+    """Under torchrun over several machines only rank 0 reads and writes checkpoints, on its own
+    disk. A run resumed with rank 0 on another machine than before would start afresh there:
+    every rank looks in --out, and a newer checkpoint on any other machine is an error (on all
+    ranks alike, so none waits for the others)."""
+    def newest(folder):
+        names = sorted(p.name for p in folder.glob("ckpt-*.pt")) if folder.is_dir() else []
+        return names[-1] if names else ""
+
+    seen = all_ranks((socket.gethostname(), newest(out_dir)))
+    host0, newest0 = seen[0]
+    ahead = [(rank, host, name) for rank, (host, name) in enumerate(seen) if host != host0 and name > newest0]
+    if ahead:
+        rank, host, name = ahead[0]
+        raise ValueError(f"--resume auto: {out_dir} on {host} (rank {rank}) holds {name}, but rank 0 runs on {host0}, "
+                         f"which has {newest0 or 'no checkpoint'} there: only rank 0 reads checkpoints. Start rank 0 on "
+                         f"{host} (torchrun --rdzv_backend static --node_rank 0 --master_addr {host} there), or copy "
+                         f"the checkpoints to {host0}")
 
 
 def build_model(cfg: Config, info: datasets.CorpusInfo, device: torch.device) -> CustomTransformer:
@@ -430,7 +457,10 @@ def train(args, cfg: Config) -> dict:
         ranks = init_distributed(cfg.train.device)
         seed_everything(cfg.train.seed)
         device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
+        threads, busy = set_cpu_threads(cfg.train.cpu_threads, device, ranks)
         run, resume_path, saved = open_run(args, cfg.train, ranks, cleanup)   # saved: on rank 0 only
+        if busy:
+            run.say(f"warning: {busy}")
         changed = from_rank0(architecture_changes(saved.get("config", {}).get("model", {}), cfg.model) if saved else [])
         if changed:
             raise ValueError(f"{resume_path} holds a model of another shape than this run's config: resume with "
@@ -487,9 +517,9 @@ def train(args, cfg: Config) -> dict:
         run.say(f"{len(labels.speakers)} speaker(s) by name, {len(dataset.files)} training file(s)"
                 + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
         precision = dtype_name(amp_dtype)
-        for rank, (where, dtype) in enumerate(all_ranks((describe_device(device), precision))):
-            run.say(f"process {rank}: {where} ({dtype}), {per_step[rank]} batch(es) x {batch_sizes[rank]} x "
-                    f"{cfg.data.max_seq_len} positions per step")
+        for rank, (where, dtype, cpu_threads) in enumerate(all_ranks((describe_device(device), precision, threads))):
+            run.say(f"process {rank}: {where} ({dtype}, {cpu_threads} CPU thread(s)), {per_step[rank]} batch(es) x "
+                    f"{batch_sizes[rank]} x {cfg.data.max_seq_len} positions per step")
         if not peak and device.type != "cpu":
             run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(device)}")
         start_step = run.progress.step
@@ -646,10 +676,7 @@ def main(argv=None) -> int:
     if argv[:1] and argv[0] in inference.COMMANDS:   # predict, embed, evaluate, export: a trained model's uses
         return inference.main(argv[0], argv[1:])
     if argv[:1] == ["watch"]:   # python model_trainer.py watch ws://HOST:PORT
-        if len(argv) != 2:
-            print("usage: model_trainer.py watch ws://HOST:PORT[/?token=...]", file=sys.stderr)
-            return 2
-        return live_metrics.watch(argv[1])
+        return live_metrics.watch_main(argv[1:], prog="model_trainer.py watch")
     args = parse_args(argv)
     try:
         for item in args.set:

@@ -105,6 +105,23 @@ def choose_device(requested: str = "auto", precision: str = "auto", local_rank: 
     return device, dtypes[precision]
 
 
+def set_cpu_threads(requested: int, device: torch.device, ranks: Ranks) -> tuple[int, str | None]:
+    """train.cpu_threads -> the torch threads this process uses, and a warning when the machine
+    is busier than its cores (threads then spin against other work: on a loaded 2-core machine,
+    two threads a process measured 10-57 s a step where one measured 1.6-6 s)."""
+    if requested:
+        torch.set_num_threads(requested)
+    elif "OMP_NUM_THREADS" not in os.environ and ranks.world > 1 and device.type == "cpu":
+        torch.set_num_threads(1)
+    threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if device.type == "cpu" and threads > 1 and load > cores:
+        return threads, (f"this machine's load ({load:.1f}) exceeds its {cores} cores: {threads} torch threads per "
+                         "process will spin against the other work; train.cpu_threads=1 (--set) is often "
+                         "several times faster here")
+    return threads, None
+
+
 # Dense peak FLOP/s by GPU name and autocast dtype, from the vendors' data sheets (tensor cores,
 # no sparsity). fp16 on Pascal runs its matrix products at the fp32 rate (fp32 accumulation).
 # A GPU not listed gets no MFU: "unknown" beats a guess.

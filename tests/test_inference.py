@@ -93,6 +93,7 @@ def test_export_round_trips_the_outputs_exactly(trained, tmp_path):
     ckpt, held_out = trained
     assert model_trainer.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 0
     assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.safetensors", "config.json", "labels.json"}
+    assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "export").iterdir())   # others may read them
     exported = CustomTransformer.from_pretrained(tmp_path / "export")
     original = inference.load_trained(ckpt, torch.device("cpu")).model
     batch = next(iter(datasets.LocalParquetDataset([held_out], datasets.SequenceLayout(256, 4), 2, shuffle=False)))

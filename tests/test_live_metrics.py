@@ -112,6 +112,27 @@ def test_the_watch_command_prints_one_line_per_update():
     assert lines[1].startswith("step      1  loss 1.0000") and lines[2].startswith("step      2  loss 0.5000")
 
 
+def test_a_watcher_that_connects_before_the_run_describes_itself_waits_for_the_description():
+    with MetricsServer("127.0.0.1", 0) as server:
+        watcher = subprocess.Popen([sys.executable, "model_trainer.py", "watch", f"ws://127.0.0.1:{server.port}"],
+                                   cwd=ROOT, stdout=subprocess.PIPE, text=True)
+        assert wait_for(lambda: len(server._clients) == 1, timeout=120)
+        server.publish({"type": "run", "parameters": 1234, "device": "cpu", "precision": "float32", "files": 3,
+                        "start_step": 0, "steps": 9})
+        first = watcher.stdout.readline().strip()
+    assert watcher.wait(timeout=30) == 0
+    assert first == "run: 1,234 parameters on cpu (float32), 3 files, steps 0..9"
+
+
+def test_watch_help_is_a_usage_text():
+    proc = subprocess.run([sys.executable, "model_trainer.py", "watch", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "usage: model_trainer.py watch" in proc.stdout and "Traceback" not in proc.stderr
+    proc = subprocess.run([sys.executable, "model_trainer.py", "watch"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2 and "the following arguments are required: url" in proc.stderr
+
+
 @contextlib.contextmanager
 def browser_tab(browser: str, profile):
     """A tab of headless Chromium, driven over the DevTools protocol (a WebSocket, so the

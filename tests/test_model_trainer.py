@@ -528,6 +528,31 @@ def test_resuming_with_another_model_shape_names_the_settings_that_restore_it(co
     assert "holds a model of another shape than this run's config: resume with --set model.layer_pattern=LS" in err
 
 
+def test_resume_auto_says_what_it_found(corpus, tmp_path, capsys):
+    root, _ = corpus
+    out = tmp_path / "run"
+    flags = ["--data-dir", str(root), "--out", str(out), "--ws-port", "-1", "--steps", "2", *set_flags(TINY)]
+    assert model_trainer.main(flags + ["--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert f"--resume auto: no checkpoint in {out}: starting at step 0" in err
+    assert f"checkpoints: {out.resolve()}" in err
+    assert model_trainer.main(flags[:5] + ["3", *flags[6:], "--resume", "auto"]) == 0
+    assert f"resumed from {out / 'ckpt-00000002.pt'} at step 2" in capsys.readouterr().err
+
+
+def test_resume_auto_refuses_when_another_machine_holds_newer_checkpoints(tmp_path, monkeypatch):
+    """Several machines under torchrun: rank 0 reads checkpoints from its own disk only."""
+    (tmp_path / "ckpt-00000005.pt").write_bytes(b"")
+    seen = [("box-a", "ckpt-00000005.pt"), ("box-a", ""), ("box-b", "ckpt-00000020.pt"), ("box-b", "")]
+    monkeypatch.setattr(model_trainer, "all_ranks", lambda value: seen)
+    with pytest.raises(ValueError, match=r"--resume auto: .* on box-b \(rank 2\) holds ckpt-00000020.pt, but rank 0 "
+                                         r"runs on box-a, which has ckpt-00000005.pt there: only rank 0 reads "
+                                         r"checkpoints. Start rank 0 on box-b"):
+        model_trainer.check_checkpoints_reach_rank0(tmp_path, model_trainer.Ranks())
+    seen[2] = ("box-b", "ckpt-00000004.pt")   # older: rank 0 has the newest
+    model_trainer.check_checkpoints_reach_rank0(tmp_path, model_trainer.Ranks())
+
+
 def test_the_trainer_reads_from_several_data_servers(corpus, tmp_path):
     root, shards = corpus
     halves = tmp_path / "a", tmp_path / "b"

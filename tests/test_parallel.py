@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import model_trainer
 import parallel
@@ -70,7 +71,7 @@ def test_auto_shares_measure_a_slow_card_and_give_it_less(corpus, tmp_path):
     per_step, sizes = (json.loads(x) for x in re.search(r"-> batches (\[.*\]) of (\[.*\]) sequences", proc.stderr).groups())
     assert sizes[1] == 1 and sizes[0] <= 2 and per_step[1] == 1
     assert per_step[0] * sizes[0] >= 2 * per_step[1] * sizes[1]   # about 5 (sleeps), less where the real compute counts
-    assert f"process 0: cpu (float32), {per_step[0]} batch(es) x {sizes[0]} x" in proc.stderr
+    assert f"process 0: cpu (float32, 1 CPU thread(s)), {per_step[0]} batch(es) x {sizes[0]} x" in proc.stderr
     run = next(m for m in messages if m["type"] == "run")
     assert run["batches_per_step_by_process"] == per_step and run["batch_size_by_process"] == sizes
     assert len([m for m in messages if m["type"] == "step"]) == 4
@@ -111,3 +112,23 @@ def test_the_faster_precision_is_measured_on_the_card(monkeypatch):
     monkeypatch.setattr(parallel, "measure_speed", lambda model, probe, masks, device, dtype: measured[dtype])
     assert parallel.faster_precision(model, layout, 1, torch.device("cpu"))[0] == torch.float32
     assert not parallel.needs_precision_probe(torch.device("cpu"), "auto")
+
+
+def test_cpu_threads_one_per_process_under_torchrun_and_a_warning_when_the_machine_is_busy(monkeypatch):
+    before = torch.get_num_threads()
+    cpu = torch.device("cpu")
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(parallel.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        torch.set_num_threads(2)
+        assert parallel.set_cpu_threads(0, cpu, parallel.Ranks()) == (2, None)               # alone: torch's default
+        assert parallel.set_cpu_threads(0, cpu, parallel.Ranks(1, 2, 1)) == (1, None)        # torchrun on CPU: one each
+        torch.set_num_threads(2)
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        assert parallel.set_cpu_threads(0, cpu, parallel.Ranks(1, 2, 1)) == (2, None)        # the user's choice holds
+        monkeypatch.setattr(parallel.os, "getloadavg", lambda: (3.0 * (parallel.os.cpu_count() or 1), 0.0, 0.0))
+        threads, warning = parallel.set_cpu_threads(2, cpu, parallel.Ranks())
+        assert threads == 2 and "exceeds its" in warning and "train.cpu_threads=1" in warning
+        assert parallel.set_cpu_threads(1, cpu, parallel.Ranks()) == (1, None)               # one thread: nothing to say
+    finally:
+        torch.set_num_threads(before)
