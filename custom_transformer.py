@@ -135,6 +135,8 @@ class Layout:
     sentiment_index: torch.Tensor   # (segments,)
     text_index: torch.Tensor        # (tokens,)
     audio_index: torch.Tensor       # (frames / k,)
+    content_index: torch.Tensor     # (text + audio positions,): every segment's content, in order
+    content_segment: torch.Tensor   # (text + audio positions,): the segment each belongs to
     positions: torch.Tensor         # (rows, length) running through each document
     doc: torch.Tensor               # (rows, length), PAD_DOC on padding
 
@@ -169,10 +171,12 @@ def layout(batch: Batch, frames_per_position: int) -> Layout:
     doc_start = doc_start.scatter_reduce(0, batch.segment_doc, seg_start, "amin")
     positions = torch.zeros(batch.n_rows * length, dtype=torch.long, device=seg_len.device)
     positions[flat_position] = flat_position % length - doc_start[batch.segment_doc[position_seg]]
+    content = position_offset >= 2   # after the speaker and sentiment slots
     return Layout(
         n_rows=batch.n_rows, length=length, speaker_index=base, sentiment_index=base + 1,
         text_index=base[token_seg] + 2 + token_offset,
         audio_index=base[audio_seg] + 2 + batch.n_tokens[audio_seg] + audio_offset,
+        content_index=flat_position[content], content_segment=position_seg[content],
         positions=positions.view(batch.n_rows, length), doc=doc.view(batch.n_rows, length))
 
 
@@ -220,6 +224,7 @@ class Outputs:
     """The model's reading of a batch (CustomTransformer.infer)."""
     grid: Layout
     hidden: torch.Tensor             # (rows * length, d_model): the encoder's output at every position
+    speaker_vectors: torch.Tensor    # (segments, d_model): what the speaker head reads (enrolment's vectors)
     speaker_logits: torch.Tensor     # (segments, n_speakers)
     sentiment_logits: torch.Tensor   # (segments, 3)
     text_logits: torch.Tensor        # (tokens, vocab_size)
@@ -248,6 +253,9 @@ class CustomTransformer(nn.Module):
         self.text_head = nn.Linear(d, cfg.vocab_size)
         self.mel_head = nn.Linear(d, k * N_MELS)
         self.prosody_head = nn.Linear(d, k * PROSODY_FEATURES)
+        # Who speaks and how they feel are read from the whole segment, as speaker models pool
+        # an utterance (x-vector statistics: the mean and spread of its positions), not from one slot.
+        self.segment_pool = nn.Linear(2 * d, d)
         self.speaker_head = nn.Linear(d, cfg.n_speakers)
         self.sentiment_head = nn.Linear(d, N_SENTIMENTS)
         if cfg.speaker_embedding_dim:
@@ -387,6 +395,23 @@ class CustomTransformer(nn.Module):
         mel, prosody = self.normalised_features(batch)
         return grid, mel, prosody, self.encode(self.embed(batch, grid, masks, mel, prosody), grid)
 
+    def segment_vectors(self, grid: Layout, hidden: torch.Tensor) -> torch.Tensor:
+        """(segments, d): each segment's statistics (mean and standard deviation over its text
+        and audio positions, in fp32), projected: what the label heads add to their slot."""
+        n_segments, width = len(grid.speaker_index), hidden.shape[1]
+        values = hidden[grid.content_index].float()
+        count = torch.zeros(n_segments, device=hidden.device).index_add_(
+            0, grid.content_segment, torch.ones_like(values[:, 0])).clamp_min(1.0)[:, None]
+        mean = values.new_zeros(n_segments, width).index_add_(0, grid.content_segment, values) / count
+        square = values.new_zeros(n_segments, width).index_add_(0, grid.content_segment, values.square()) / count
+        std = (square - mean.square()).clamp_min(1e-6).sqrt()
+        return self.segment_pool(torch.cat([mean, std], -1).to(hidden.dtype))
+
+    def label_inputs(self, grid: Layout, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> what the speaker and the sentiment head read, one row per segment."""
+        pooled = self.segment_vectors(grid, hidden)
+        return hidden[grid.speaker_index] + pooled, hidden[grid.sentiment_index] + pooled
+
     @torch.no_grad()
     def infer(self, batch: Batch, masks: Masks) -> Outputs:
         """What the model reads into every slot, hidden or not, on the data's own scales."""
@@ -395,9 +420,10 @@ class CustomTransformer(nn.Module):
         f0_mean, f0_std, energy_mean, energy_std = self.prosody_stats.float()
         mel = self.mel_head(audio).float().view(-1, N_MELS) * self.mel_std + self.mel_mean
         prosody = self.prosody_head(audio).float().view(-1, PROSODY_FEATURES)
-        return Outputs(grid=grid, hidden=hidden,
-                       speaker_logits=self.speaker_head(hidden[grid.speaker_index]).float(),
-                       sentiment_logits=self.sentiment_head(hidden[grid.sentiment_index]).float(),
+        speaker_in, sentiment_in = self.label_inputs(grid, hidden)
+        return Outputs(grid=grid, hidden=hidden, speaker_vectors=speaker_in.float(),
+                       speaker_logits=self.speaker_head(speaker_in).float(),
+                       sentiment_logits=self.sentiment_head(sentiment_in).float(),
                        text_logits=self.text_head(hidden[grid.text_index]).float(), mel=mel,
                        f0_hz=torch.exp(prosody[:, 0] * f0_std + f0_mean), voicing=torch.sigmoid(prosody[:, 1]),
                        energy=prosody[:, 2] * energy_std + energy_mean)
@@ -445,22 +471,24 @@ class CustomTransformer(nn.Module):
 
         # Every head runs every step, on no rows when nothing of its kind is hidden: its loss is
         # then an exact zero that still reaches its weights, as DDP expects of every parameter.
-        def classify(name, head, index, target):
+        def classify(name, head, inputs, target):   # inputs(selected): the head's input rows
             selected = targets[name]
-            logits = head(hidden[index[selected]]).float()
+            logits = head(inputs(selected)).float()
             if selected.any():
                 metrics[f"{name}_acc"] = (logits.argmax(-1) == target[selected]).float().mean().detach()
                 return F.cross_entropy(logits, target[selected], reduction="sum")
             return logits.sum()
 
-        sums["text"] = classify("text", self.text_head, grid.text_index, batch.token_ids)
-        sums["speaker"] = classify("speaker", self.speaker_head, grid.speaker_index, batch.speaker_id)
-        sums["sentiment"] = classify("sentiment", self.sentiment_head, grid.sentiment_index, batch.sentiment)
+        speaker_in, sentiment_in = self.label_inputs(grid, hidden)
+        sums["text"] = classify("text", self.text_head, lambda chosen: hidden[grid.text_index[chosen]], batch.token_ids)
+        sums["speaker"] = classify("speaker", self.speaker_head, lambda chosen: speaker_in[chosen], batch.speaker_id)
+        sums["sentiment"] = classify("sentiment", self.sentiment_head, lambda chosen: sentiment_in[chosen],
+                                     batch.sentiment)
         vectors = self._speaker_vectors(batch)
         sums["speaker_embedding"] = hidden.new_zeros(())
         if vectors is not None:
             selected = targets["speaker_embedding"]
-            predicted = self.speaker_vector_head(hidden[grid.speaker_index[selected]]).float()
+            predicted = self.speaker_vector_head(speaker_in[selected]).float()
             sums["speaker_embedding"] = (1 - F.cosine_similarity(predicted, vectors[selected], dim=-1)).sum()
 
         frame_hidden = targets["frames"]

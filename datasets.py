@@ -266,6 +266,7 @@ class _PackedStream(torch.utils.data.IterableDataset):
         for segment in segments:
             local = segment.speaker_id
             if local != UNKNOWN:
+                segment.speaker_name = self._speaker_names[file].get(local)
                 segment.speaker_id = int(mapping[local]) if local < len(mapping) else UNKNOWN
                 if segment.speaker_id == UNKNOWN:
                     self.unseen_speakers[self._speaker_names[file].get(local, f"id {local}")] += 1

@@ -3,6 +3,7 @@
     python model_trainer.py predict  --checkpoint runs/X/best.pt --manifest new.jsonl --out predictions.jsonl
     python model_trainer.py embed    --checkpoint C --data-dir D --out vectors.parquet [--per-position]
     python model_trainer.py evaluate --checkpoint C --data-dir D [--files a.parquet ...]
+    python model_trainer.py enroll   --checkpoint C --manifest speakers.jsonl --out C2   # speakers by name
     python model_trainer.py export   --checkpoint C --out DIR
 
 Inputs: --manifest (recordings, prepared here with the model's own feature settings and split
@@ -14,11 +15,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import itertools
 import json
 import math
 import sys
 import tempfile
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,10 +32,11 @@ from tqdm import tqdm
 import datasets
 import features
 import flight_client
-from checkpoint import CheckpointCorrupt, load_checkpoint
+from checkpoint import CheckpointCorrupt, load_checkpoint, write_atomically
 from config import Config, build_config
 from custom_transformer import CustomTransformer, Masks, sample_masks
 from datasets import UNKNOWN, Labels
+from enrolment import Enrolment, enrol
 from flight_client import Connection
 from parallel import choose_device
 
@@ -47,6 +50,7 @@ class Trained:
     cfg: Config
     labels: Labels
     source: str
+    enrolment: Enrolment | None = None   # speakers named by cosine score (model_trainer.py enroll)
 
 
 def load_trained(path: str | Path, device: torch.device) -> Trained:
@@ -54,8 +58,11 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
     path = Path(path)
     if path.is_dir():
         model = CustomTransformer.from_pretrained(path)
-        cfg = replace(Config(), model=model.cfg)
+        # The run's data settings (its sequence length: how long documents are cut), where exported with them.
+        data = json.loads((path / "data.json").read_text()) if (path / "data.json").exists() else None
+        cfg = replace(Config(), model=model.cfg, **({"data": datasets.DataConfig(**data)} if data else {}))
         labels = Labels(**json.loads((path / "labels.json").read_text()))
+        enrolled = json.loads((path / "enrolment.json").read_text()) if (path / "enrolment.json").exists() else None
     else:
         try:
             state = load_checkpoint(path)
@@ -66,14 +73,20 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
             raise CheckpointCorrupt(f"{path}: not a training checkpoint (it lacks {', '.join(lacking)})")
         cfg = build_config(state["config"])
         model = CustomTransformer(cfg.model)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:
+            raise ValueError(f"{path}: its weights do not fit this version's model (written by an earlier version "
+                             f"of mmtrain?): {str(err).splitlines()[1].strip() if len(str(err).splitlines()) > 1 else err}"
+                             ) from None
         if "labels" not in state:
             print(f"note: {path} was written before speaker names were kept in checkpoints: speakers are "
                   f"reported by id (speaker-0, speaker-1, ...) in the numbering of the run's training files",
                   file=sys.stderr)
         labels = (Labels(**state["labels"]) if "labels" in state
                   else Labels([f"speaker-{i}" for i in range(cfg.model.n_speakers)]))
-    return Trained(model.to(device).eval(), cfg, labels, str(path))
+        enrolled = state.get("enrolment")
+    return Trained(model.to(device).eval(), cfg, labels, str(path), Enrolment.from_state(enrolled) if enrolled else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,10 +145,27 @@ def input_segments(dataset, filled: set[str] | None = None, chars_per_second: fl
         yield position, segment
 
 
+def document_sequences(items, layout: datasets.SequenceLayout):
+    """Sequences to read answers from: each document is packed on its own (a long one cut at the
+    same places whatever came before it), and its pieces share a sequence with other documents
+    only whole. Attention never crosses documents, so a segment's answer depends on its own
+    document alone, not on the input's order or path (--manifest, --data-dir, a server)."""
+    row, used = [], 0
+    for _, document in itertools.groupby(items, key=lambda item: item[1].doc_id):
+        for _, piece in datasets.pack_sequences(document, layout):
+            need = sum(layout.positions(segment) for segment in piece)
+            if row and used + need > layout.max_seq_len:
+                yield row
+                row, used = [], 0
+            row, used = row + piece, used + need
+    if row:
+        yield row
+
+
 def input_batches(dataset, segments):
     layout = dataset.layout
     group = []
-    for _, sequence in datasets.pack_sequences(segments, layout):
+    for sequence in document_sequences(segments, layout):
         group.append(sequence)
         if len(group) == dataset.batch_size:
             yield datasets.collate(group, layout), [s for seq in group for s in seq]
@@ -212,6 +242,8 @@ def predict(args) -> int:
             outputs = trained.model.infer(batch.to(device), masks.to(device))
             sentiment = outputs.sentiment_logits.softmax(-1).cpu()
             speaker = outputs.speaker_logits.softmax(-1).cpu()
+            if trained.enrolment:
+                nearest, scores = trained.enrolment.score(outputs.speaker_vectors.cpu().numpy())
             text_ids = outputs.text_logits.argmax(-1).cpu()
             token_end = np.cumsum(batch.n_tokens.numpy())
             frame_end = np.cumsum(batch.n_frames.numpy())
@@ -221,12 +253,23 @@ def predict(args) -> int:
                 record["sentiment"] = {"label": max(probabilities, key=probabilities.get),
                                        "probabilities": probabilities,
                                        "given": labels.sentiments[segment.sentiment] if segment.sentiment != UNKNOWN else None}
-                best = int(speaker[i].argmax())
-                confident = float(speaker[i, best]) >= args.speaker_threshold and best < len(labels.speakers)
-                record["speaker"] = {"label": labels.speakers[best] if confident else "unknown",
-                                     "probability": round(float(speaker[i, best]), 4),
-                                     "best_match": labels.speakers[best] if best < len(labels.speakers) else None,
-                                     "given": labels.speakers[segment.speaker_id] if segment.speaker_id != UNKNOWN else None}
+                given = segment.speaker_name or (labels.speakers[segment.speaker_id]
+                                                 if segment.speaker_id != UNKNOWN else None)
+                if trained.enrolment:   # the nearest enrolled speaker by cosine score, unknown below the threshold
+                    match = trained.enrolment.speakers[nearest[i]]
+                    threshold = (trained.enrolment.threshold if args.speaker_threshold is None
+                                 else args.speaker_threshold)
+                    record["speaker"] = {"label": match if scores[i] >= threshold else "unknown",
+                                         "score": round(float(scores[i]), 4), "threshold": round(threshold, 4),
+                                         "best_match": match, "given": given}
+                else:   # not enrolled: the speaker head's probability
+                    best = int(speaker[i].argmax())
+                    threshold = 0.5 if args.speaker_threshold is None else args.speaker_threshold
+                    confident = float(speaker[i, best]) >= threshold and best < len(labels.speakers)
+                    record["speaker"] = {"label": labels.speakers[best] if confident else "unknown",
+                                         "probability": round(float(speaker[i, best]), 4),
+                                         "best_match": labels.speakers[best] if best < len(labels.speakers) else None,
+                                         "given": given}
                 if byte_tokens and ("text" in hide or segment.sample_id in filled):
                     tokens = text_ids[token_end[i] - len(segment.token_ids):token_end[i]]
                     record["text"] = {"read": tokenizer.decode(tokens.tolist()),
@@ -256,7 +299,9 @@ def embed(args) -> int:
         dataset = open_inputs(args, trained, cleanup)
         for batch, segments in tqdm(input_batches(dataset, input_segments(dataset)), desc="embed",
                                     unit="batch", disable=None):
-            outputs = trained.model.infer(batch.to(device), hiding(batch, set(), k).to(device))
+            # Labels the input gives would be read back from the vector: hidden unless asked for.
+            hidden_slots = set() if args.with_labels else {"speaker", "sentiment"}
+            outputs = trained.model.infer(batch.to(device), hiding(batch, hidden_slots, k).to(device))
             lengths = datasets.segment_positions(batch.n_tokens, batch.n_frames, k).tolist()
             starts = outputs.grid.speaker_index.cpu().tolist()   # each segment's first position
             hidden = outputs.hidden.float().cpu()
@@ -285,6 +330,43 @@ def embed(args) -> int:
     return 0
 
 
+def speaker_vectors(trained: Trained, dataset, device) -> tuple[np.ndarray, list]:
+    """(segments, d) vectors the speaker head reads, every label hidden, and the segments."""
+    k = trained.cfg.model.frames_per_position
+    vectors, segments_out = [], []
+    for batch, segments in tqdm(input_batches(dataset, input_segments(dataset)), desc="vectors", unit="batch",
+                                disable=None):
+        outputs = trained.model.infer(batch.to(device), hiding(batch, {"speaker", "sentiment"}, k).to(device))
+        vectors.append(outputs.speaker_vectors.cpu().numpy())
+        segments_out += segments
+    return (np.concatenate(vectors) if vectors else np.zeros((0, trained.cfg.model.d_model))), segments_out
+
+
+def enroll(args) -> int:
+    """Speakers by enrolment: the checkpoint gains each named speaker's centroid (added to those
+    it has), and `predict` names speakers by cosine score."""
+    device, _ = choose_device(args.device)
+    trained = load_trained(args.checkpoint, device)
+    if Path(args.checkpoint).is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint}: enroll into a checkpoint file (ckpt-*.pt, best.pt), "
+                         "then export it")
+    with contextlib.ExitStack() as cleanup:
+        vectors, segments = speaker_vectors(trained, open_inputs(args, trained, cleanup), device)
+    named = [i for i, segment in enumerate(segments) if segment.speaker_name]
+    if not named:
+        raise ValueError("no segment of the input names its speaker: enrolment needs labelled recordings")
+    enrolment = enrol(vectors[named], [segments[i].speaker_name for i in named], trained.enrolment)
+    state = load_checkpoint(Path(args.checkpoint))
+    write_atomically(Path(args.out), {**state, "enrolment": enrolment.state_dict()})
+    counts = collections.Counter(segments[i].speaker_name for i in named)
+    calibration = enrolment.calibration
+    print(f"enrolled {len(counts)} speaker(s) from {len(named)} segment(s) ({', '.join(f'{n} {c}' for n, c in counts.items())}); "
+          f"{len(enrolment.speakers)} in all; unknown below a cosine score of {enrolment.threshold:.3f}"
+          + (f" (equal error rate {calibration['equal_error_rate']:.3f} on {calibration['trials']} held-out segment(s))"
+             if calibration else "") + f": {args.out}", file=sys.stderr)
+    return 0
+
+
 def evaluate_command(args) -> int:
     device, _ = choose_device(args.device)
     trained = load_trained(args.checkpoint, device)
@@ -298,8 +380,9 @@ def evaluate_command(args) -> int:
 
 def export(args) -> int:
     trained = load_trained(args.checkpoint, torch.device("cpu"))
-    trained.model.export(args.out, {"labels": trained.labels.state_dict()})
-    print(f"exported {trained.source} to {args.out}: model.safetensors, config.json, labels.json "
+    trained.model.export(args.out, {"labels": trained.labels.state_dict(), "data": asdict(trained.cfg.data),
+                                    **({"enrolment": trained.enrolment.state_dict()} if trained.enrolment else {})})
+    print(f"exported {trained.source} to {args.out}: model.safetensors, config.json, labels.json, data.json "
           f"(CustomTransformer.from_pretrained({str(args.out)!r}))", file=sys.stderr)
     return 0
 
@@ -317,13 +400,20 @@ def main(command: str, argv: list[str]) -> int:
         parser.add_argument("--hide", nargs="+", choices=HIDEABLE, default=[],
                             help="also read these from the rest where the input has them (default: text is read "
                                  "where the input lacks it; speaker and sentiment are always read)")
-        parser.add_argument("--speaker-threshold", type=float, default=0.5,
-                            help="below this probability the speaker is reported as unknown")
+        parser.add_argument("--speaker-threshold", type=float,
+                            help="below this the speaker is reported as unknown: a cosine score where speakers are "
+                                 "enrolled (default: the enrolment's calibrated threshold), else a probability of the "
+                                 "speaker head (default 0.5)")
         parser.add_argument("--chars-per-second", type=float, default=14.0,
                             help="for a segment without text: how many characters to read from its audio")
+    elif command == "enroll":
+        parser.add_argument("--out", required=True, help="the checkpoint with the speakers enrolled (may be --checkpoint)")
     elif command == "embed":
         parser.add_argument("--out", required=True, help="Parquet: sample_id, doc_id, vector")
         parser.add_argument("--per-position", action="store_true", help="also every position's vector (OUT.positions.parquet)")
+        parser.add_argument("--with-labels", action="store_true",
+                            help="let the input's speaker and sentiment labels into the vectors (default: vectors "
+                                 "from the audio and text alone)")
     args = parser.parse_args(argv)
     try:
         return COMMANDS[command](args)
@@ -332,4 +422,4 @@ def main(command: str, argv: list[str]) -> int:
         return 1
 
 
-COMMANDS = {"predict": predict, "embed": embed, "evaluate": evaluate_command, "export": export}
+COMMANDS = {"predict": predict, "embed": embed, "enroll": enroll, "evaluate": evaluate_command, "export": export}

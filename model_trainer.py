@@ -4,7 +4,7 @@
     python model_trainer.py --flight-host A:8815 B:8815          # several data machines
     python model_trainer.py                      # embedded default: demo corpus, in-process server
     python model_trainer.py watch ws://127.0.0.1:8765   # one line per live update
-    python model_trainer.py predict|embed|evaluate|export --checkpoint C ...   # use a trained model
+    python model_trainer.py predict|embed|enroll|evaluate|export --checkpoint C ...   # use a trained model
 
 Without --flight-host the trainer builds the demo corpus if it is missing, starts the Flight
 server in this process on 127.0.0.1 and reads through it: the same client/server path as two

@@ -33,6 +33,7 @@ class Segment:
     token_start_frame: np.ndarray | None = None   # alignment: each token's first audio frame
     valence: float = math.nan                # NaN when absent
     arousal: float = math.nan
+    speaker_name: str | None = None          # the file's name for the speaker, once mapped to a run's ids
 
 
 def _offsets(column: pa.Array) -> np.ndarray:

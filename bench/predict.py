@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from common import ROOT, header, save
+from common import ROOT, header, logistic_regression, save
 
 import demo_corpus  # noqa: E402 (path set by common)
 import model_trainer  # noqa: E402
@@ -43,20 +43,6 @@ def segment_features(files) -> tuple[np.ndarray, list[dict]]:
             labels.append({"sample_id": row["sample_id"], "speaker": speakers.get(row["speaker_id"]),
                            "sentiment": row["sentiment"], "text": row["text"]})
     return np.stack(rows), labels
-
-
-def logistic_regression(x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-3, steps: int = 3000):
-    """Multinomial logistic regression by full-batch gradient descent on standardised inputs."""
-    mean, std = x.mean(0), x.std(0) + 1e-6
-    z = np.hstack([(x - mean) / std, np.ones((len(x), 1))])
-    w = np.zeros((z.shape[1], classes))
-    onehot = np.eye(classes)[y]
-    for _ in range(steps):
-        logits = z @ w
-        p = np.exp(logits - logits.max(1, keepdims=True))
-        p /= p.sum(1, keepdims=True)
-        w -= 0.5 * (z.T @ (p - onehot) / len(z) + l2 * w)
-    return lambda xs: (np.hstack([(xs - mean) / std, np.ones((len(xs), 1))]) @ w).argmax(1)
 
 
 def cer(read: str, truth: str) -> tuple[int, int]:

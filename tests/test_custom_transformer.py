@@ -8,6 +8,7 @@ import torch
 import datasets
 from attention import PAD_DOC
 from custom_transformer import CustomTransformer, Masks, ModelConfig, layout, sample_masks
+from packing import segment_positions
 
 TINY = ModelConfig(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
                    qk_rope_head_dim=4, v_head_dim=8, ffn_hidden=64, layer_pattern="LG", window=6,
@@ -213,10 +214,31 @@ def test_total_loss_is_the_configured_weighted_sum():
     grid = layout(batch, 4)
     hidden = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid)
     targets = masks.speaker & batch.has_speaker_embedding
-    predicted = model.speaker_vector_head(hidden[grid.speaker_index[targets]])
+    speaker_in, _ = model.label_inputs(grid, hidden)
+    predicted = model.speaker_vector_head(speaker_in[targets])
     manual = (1 - torch.nn.functional.cosine_similarity(predicted, batch.speaker_embedding[targets], dim=-1)).mean()
     torch.testing.assert_close(metrics["loss_speaker_embedding"], manual.detach())
     assert {"f0_cents", "voicing_acc", "speaker_acc", "sentiment_acc", "accuracy"} <= set(metrics)
+
+
+def test_label_heads_read_their_slot_and_the_statistics_of_the_whole_segment():
+    """Against a loop over segments: the slot's output plus the projected mean and standard
+    deviation of the segment's text and audio positions (its two label slots left out)."""
+    _, batch = make_batch()
+    torch.manual_seed(0)
+    model = CustomTransformer(TINY).double()
+    masks = sample_masks(batch, TINY, torch.Generator().manual_seed(1))
+    grid = layout(batch, 4)
+    hidden = torch.randn(grid.n_rows * grid.length, TINY.d_model, dtype=torch.float64)
+    speaker_in, sentiment_in = model.label_inputs(grid, hidden)
+    lengths = segment_positions(batch.n_tokens, batch.n_frames, 4).tolist()
+    for i, (start, n) in enumerate(zip(grid.speaker_index.tolist(), lengths)):
+        content = hidden[start + 2:start + n]
+        stats = torch.cat([content.mean(0), content.std(0, unbiased=False)])
+        pooled = model.segment_pool(stats)
+        torch.testing.assert_close(speaker_in[i], hidden[start] + pooled)
+        torch.testing.assert_close(sentiment_in[i], hidden[start + 1] + pooled)
+    assert len(lengths) == len(speaker_in) > 3 and masks.speaker.numel() == len(lengths)
 
 
 def test_speaker_embedding_size_mismatch_names_the_setting():

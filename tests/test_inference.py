@@ -4,12 +4,14 @@ import shutil
 import subprocess
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 import checkpoint
 import datasets
+import features
 import inference
 import model_trainer
 from custom_transformer import CustomTransformer, sample_masks
@@ -79,6 +81,95 @@ def test_predict_reads_labels_by_name_and_text_from_audio(corpus, trained, tmp_p
     assert all(f == 0.0 or 30 < f < 1000 for f in record["audio"]["f0_hz"])
 
 
+def test_predict_answers_the_same_whatever_the_input_path_and_keeps_a_given_name(corpus, trained, tmp_path):
+    """The same recordings through --manifest (prepared in manifest order) and through --data-dir
+    (prepared by the user, documents in hashed order, other row groups): the same answers. A
+    speaker name training never saw is still reported as given."""
+    ckpt, _ = trained
+    manifest, rows = manifest_of(corpus[0], tmp_path, 24)
+    entries = [json.loads(line) for line in manifest.read_text().splitlines()]
+    entries[3]["speaker"] = "someone-new"
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    features.prepare(manifest, tmp_path / "prepared", max_positions=256, rows_per_group=3)
+    answers = {}
+    for name, source in (("manifest", ["--manifest", str(manifest)]),
+                         ("data-dir", ["--data-dir", str(tmp_path / "prepared")])):
+        out = tmp_path / f"{name}.jsonl"
+        assert model_trainer.main(["predict", "--checkpoint", str(ckpt), *source, "--out", str(out)]) == 0
+        answers[name] = {r["sample_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(answers["manifest"]) == set(answers["data-dir"]) and len(answers["manifest"]) == 24
+    assert [r["sample_id"] for r in answers["manifest"].values()] != list(answers["data-dir"])   # another order
+    for sample_id, ours in answers["manifest"].items():
+        theirs = answers["data-dir"][sample_id]
+        for task in ("speaker", "sentiment"):
+            assert ours[task]["label"] == theirs[task]["label"], sample_id
+        for label, p in ours["sentiment"]["probabilities"].items():
+            assert p == pytest.approx(theirs["sentiment"]["probabilities"][label], abs=2e-4)
+    new = f"{entries[3]['doc_id']}/{entries[3]['segment_index']:05d}"
+    assert answers["manifest"][new]["speaker"]["given"] == answers["data-dir"][new]["speaker"]["given"] == "someone-new"
+
+
+def test_embed_vectors_come_from_audio_and_text_unless_labels_are_asked_for(trained, tmp_path):
+    ckpt, held_out = trained
+    labelled, unlabelled = tmp_path / "labelled", tmp_path / "unlabelled"
+    for folder in (labelled, unlabelled):
+        folder.mkdir()
+    shutil.copy(held_out, labelled)
+    table = pq.read_table(held_out)
+    blank = table.set_column(table.schema.get_field_index("speaker_id"), "speaker_id",
+                             pa.array([-1] * table.num_rows, pa.int32()))
+    blank = blank.set_column(blank.schema.get_field_index("sentiment"), "sentiment",
+                             pa.array([-1] * table.num_rows, pa.int8()))
+    pq.write_table(blank, unlabelled / held_out.name)
+
+    def vectors(folder, *flags):
+        out = tmp_path / f"{folder.name}{''.join(flags)}.parquet"
+        assert model_trainer.main(["embed", "--checkpoint", str(ckpt), "--data-dir", str(folder), "--out", str(out),
+                                   *flags]) == 0
+        return np.stack(pq.read_table(out).column("vector").to_pylist())
+
+    np.testing.assert_array_equal(vectors(labelled), vectors(unlabelled))   # the labels do not reach the vectors
+    assert not np.allclose(vectors(labelled, "--with-labels"), vectors(unlabelled, "--with-labels"))
+
+
+def test_enroll_names_speakers_by_cosine_score_and_adds_new_ones(corpus, trained, tmp_path, capsys):
+    ckpt, held_out = trained
+    root, shards = corpus
+    enrolled = tmp_path / "enrolled.pt"
+    data = tmp_path / "train"
+    data.mkdir()
+    for shard in shards[:-1]:
+        shutil.copy(shard, data)
+    assert model_trainer.main(["enroll", "--checkpoint", str(ckpt), "--data-dir", str(data), "--out", str(enrolled)]) == 0
+    assert "unknown below a cosine score of" in capsys.readouterr().err
+    state = checkpoint.load_checkpoint(enrolled)["enrolment"]
+    assert sorted(state["speakers"]) == sorted(checkpoint.load_checkpoint(ckpt)["labels"]["speakers"])
+    # A newcomer, from a few labelled recordings, without retraining.
+    manifest, rows = manifest_of(root, tmp_path, 4)
+    entries = [{**json.loads(line), "speaker": "newcomer"} for line in manifest.read_text().splitlines()]
+    manifest.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    again = tmp_path / "again.pt"
+    assert model_trainer.main(["enroll", "--checkpoint", str(enrolled), "--manifest", str(manifest),
+                               "--out", str(again)]) == 0
+    grown = checkpoint.load_checkpoint(again)["enrolment"]
+    assert grown["speakers"][0] == "newcomer" and set(grown["speakers"][1:]) == set(state["speakers"])
+    assert grown["threshold"] == state["threshold"] and grown["centroids"][1:] == state["centroids"]
+    out = tmp_path / "p.jsonl"
+    assert model_trainer.main(["predict", "--checkpoint", str(again), "--manifest", str(manifest), "--out",
+                               str(out)]) == 0
+    for record in map(json.loads, out.read_text().splitlines()):
+        speaker = record["speaker"]
+        assert speaker["best_match"] in grown["speakers"] and speaker["given"] == "newcomer"
+        assert (speaker["label"] == "unknown") == (speaker["score"] < speaker["threshold"] == grown["threshold"])
+    # The same answers from the exported model.
+    assert model_trainer.main(["export", "--checkpoint", str(again), "--out", str(tmp_path / "export")]) == 0
+    exported = tmp_path / "exported.jsonl"
+    assert model_trainer.main(["predict", "--checkpoint", str(tmp_path / "export"), "--manifest", str(manifest),
+                               "--out", str(exported)]) == 0
+    assert [r["speaker"] for r in map(json.loads, exported.read_text().splitlines())] == \
+        [r["speaker"] for r in map(json.loads, out.read_text().splitlines())]
+
+
 def test_predict_reports_what_a_user_gets_wrong(trained, tmp_path, capsys):
     ckpt, _ = trained
     assert model_trainer.main(["predict", "--checkpoint", str(tmp_path / "nope.pt"), "--data-dir", str(tmp_path),
@@ -92,7 +183,8 @@ def test_predict_reports_what_a_user_gets_wrong(trained, tmp_path, capsys):
 def test_export_round_trips_the_outputs_exactly(trained, tmp_path):
     ckpt, held_out = trained
     assert model_trainer.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 0
-    assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.safetensors", "config.json", "labels.json"}
+    assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.safetensors", "config.json", "labels.json",
+                                                                "data.json"}
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "export").iterdir())   # others may read them
     exported = CustomTransformer.from_pretrained(tmp_path / "export")
     original = inference.load_trained(ckpt, torch.device("cpu")).model
