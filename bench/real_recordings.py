@@ -16,7 +16,9 @@ Table: majority class; multinomial logistic regression on each segment's log-mel
 standard deviation and mean log-F0 (161 numbers, the "filterbank" baseline); a linear probe
 (the same regression) on `embed` vectors; `predict`; speaker and sentiment accuracy on held-out
 segments, unseen speakers flagged `unknown` and known ones flagged wrongly; at each step count
-of --curve and --steps (the learning curve).
+of --curve and --steps (the learning curve). `predict` runs twice: with the speaker head's
+probability (unknown below 0.5), and after `enroll` of the training speakers (cosine score
+against their centroids, unknown below the calibrated threshold).
 """
 from __future__ import annotations
 
@@ -257,7 +259,11 @@ def main() -> int:
         test_vectors, test_order = embedded(checkpoint, test_dir, work / "embed-test.parquet")
         probe = accuracies(train_vectors[[train_order[r["sample_id"]] for r in train_labels]], train_labels,
                            test_vectors[[test_order[r["sample_id"]] for r in test_labels]], test_labels, known)
-        curve[step] = (probe, predicted(checkpoint, test_dir, work / "predict.jsonl", test_labels, known))
+        enrolled = work / "enrolled.pt"
+        assert model_trainer.main(["enroll", "--checkpoint", str(checkpoint), "--data-dir", str(train_dir), "--out",
+                                   str(enrolled)]) == 0
+        curve[step] = (probe, predicted(checkpoint, test_dir, work / "predict.jsonl", test_labels, known),
+                       predicted(enrolled, test_dir, work / "predict-enrolled.jsonl", test_labels, known))
 
     speakers = {name: sum(r["speaker"] == name for r in train_labels) for name in known}
     unseen_count = sum(r["speaker"] not in known for r in test_labels)
@@ -272,12 +278,13 @@ def main() -> int:
              f"{'known flagged':>13}",
              f"{'majority class':<44} {majority['speaker']:>8.3f} {majority['sentiment']:>9.3f}",
              f"{'logistic regression on filterbank stats':<44} {baseline['speaker']:>8.3f} {baseline['sentiment']:>9.3f}"]
-    for step, (probe, ours) in curve.items():
-        lines += [f"{f'linear probe on embed, {step} steps':<44} {probe['speaker']:>8.3f} {probe['sentiment']:>9.3f}",
-                  f"{f'predict, {step} steps':<44} {ours['speaker']:>8.3f} {ours['sentiment']:>9.3f} "
-                  f"{ours['unseen_flagged']:>14.3f} {ours['known_flagged']:>13.3f}"]
+    for step, (probe, *answers) in curve.items():
+        lines.append(f"{f'linear probe on embed, {step} steps':<44} {probe['speaker']:>8.3f} {probe['sentiment']:>9.3f}")
+        for how, ours in zip(("speaker head", "enrolled"), answers):
+            lines.append(f"{f'predict ({how}), {step} steps':<44} {ours['speaker']:>8.3f} {ours['sentiment']:>9.3f} "
+                         f"{ours['unseen_flagged']:>14.3f} {ours['known_flagged']:>13.3f}")
     if curve:
-        probe, ours = curve[max(curve)]
+        probe, _, ours = curve[max(curve)]
         lines += ["", f"probe / baseline: speaker {probe['speaker'] / baseline['speaker']:.2f}x, sentiment "
                       f"{probe['sentiment'] / baseline['sentiment']:.2f}x; predict / baseline: speaker "
                       f"{ours['speaker'] / baseline['speaker']:.2f}x (nearest speaker regardless of unknown: "
