@@ -11,6 +11,7 @@ manifest gives token ids.
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import functools
 import hashlib
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import soundfile
 import torch
@@ -383,12 +385,10 @@ def sample_rows(entry: dict, cfg: FeatureConfig, speaker_ids: dict[str, int], ma
     unit_tokens = (np.ones(len(units), np.int64) if token_ids is not None
                    else np.array([len(ch.encode("utf-8")) for ch in units], np.int64))
     total = 2 + int(unit_tokens.sum()) + tokens_per_piece + -(-n_frames // frames_per_position)
-    cuts = []
+    cuts, spread = [], False
     if total > max_positions:
-        if units and starts is None:
-            return (f"{entry['audio']}: {total} positions exceed --max-positions {max_positions} and its text has no "
-                    f"alignment (char_start_s / token_start_s) to split it by: give one, cut the recording "
-                    f"(start_s/end_s), or train with data.max_seq_len >= {total}")
+        if units and starts is None:   # no alignment: the text is spread over the voiced time, words whole
+            starts, spread = spread_over_voice(units, feats["voicing"], token_ids is None), True
         token_frames = np.repeat(np.asarray(starts or [], np.int64), unit_tokens) if units else np.zeros(0, np.int64)
         cuts = silence_cuts(feats["energy"], np.sort(token_frames), tokens_per_piece, max_positions,
                             frames_per_position)
@@ -399,15 +399,17 @@ def sample_rows(entry: dict, cfg: FeatureConfig, speaker_ids: dict[str, int], ma
     for piece, (first, end) in enumerate(zip(bounds, bounds[1:])):
         chosen = ([i for i, start in enumerate(starts) if first <= start < end] if starts is not None
                   else list(range(len(units))))
+        aligned = starts is not None and not spread   # a spread is no alignment: only the text's share
         if token_ids is not None:
             piece_tokens = [token_ids[i] for i in chosen]
-            piece_starts = [starts[i] - first for i in chosen] if starts is not None else None
+            piece_starts = [starts[i] - first for i in chosen] if aligned else None
             piece_text = text
         elif text is not None:
             piece_text = "".join(units[i] for i in chosen)
+            piece_text = piece_text.strip() if spread else piece_text
             piece_tokens = tokenizer.encode(piece_text)
             piece_starts = (tokenizer.token_starts(piece_text, [starts[i] - first for i in chosen], end - first - 1)
-                            if starts is not None else None)
+                            if aligned else None)
         else:
             piece_text, piece_tokens, piece_starts = None, [], None
         suffix = f".{piece:03d}" if len(bounds) > 2 else ""
@@ -416,9 +418,24 @@ def sample_rows(entry: dict, cfg: FeatureConfig, speaker_ids: dict[str, int], ma
                      "token_ids": np.asarray(piece_tokens, dtype=np.int32),
                      "speaker_id": speaker_ids[entry["speaker"]] if entry["speaker"] is not None else schema.UNKNOWN,
                      "sentiment": entry["sentiment"], "valence": entry["valence"], "arousal": entry["arousal"],
-                     "token_start_frame": piece_starts,
+                     "token_start_frame": piece_starts, "text_spread": spread,
                      **{name: values[first:end] for name, values in feats.items()}})
     return rows
+
+
+def spread_over_voice(units: list, voicing: np.ndarray, words: bool) -> list[int]:
+    """Approximate start frames for text without an alignment: the units (characters, or tokens)
+    laid over the voiced frames in order, each word starting where its first character falls
+    (so a cut at a silence never splits a word)."""
+    voiced = np.flatnonzero(voicing >= 0.5)
+    if len(voiced) == 0:
+        voiced = np.arange(len(voicing))
+    starts = [int(voiced[min(len(voiced) - 1, i * len(voiced) // max(1, len(units)))]) for i in range(len(units))]
+    if words:
+        for i in range(1, len(units)):
+            if not units[i - 1].isspace() and not units[i].isspace():
+                starts[i] = starts[i - 1]
+    return starts
 
 
 class Progress:
@@ -487,16 +504,22 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
     extract = functools.partial(sample_rows, cfg=cfg, speaker_ids=speaker_ids, max_positions=max_positions,
                                 frames_per_position=frames_per_position)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    shards, skipped, split = [], 0, 0
+    shards, skipped, split, spread = [], 0, 0, 0
+    summary = Summary()
+    started = time.monotonic()
+    # Named after the manifest, so that two prepare calls never write files of the same name
+    # (one server root may hold both), and a rerun of one finds its own shards.
+    stem = f"{Path(manifest).stem}-{hashlib.sha256(str(Path(manifest).resolve()).encode()).hexdigest()[:6]}"
     progress = Progress(len(entries), "features", log)
     try:
         for index in range(0, len(entries), rows_per_shard):
             chunk = entries[index:index + rows_per_shard]
-            path = out_dir / f"shard-{index // rows_per_shard:05d}.parquet"
+            path = out_dir / f"{stem}-{index // rows_per_shard:05d}.parquet"
             recipe = hashlib.sha256(json.dumps([chunk, metadata, max_positions, frames_per_position],
                                                sort_keys=True).encode()).hexdigest()
             if _finished(path, recipe):
                 shards.append(path)
+                summary.add_file(path)
                 progress.update(len(chunk))
                 continue
             rows = []
@@ -506,8 +529,10 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
                     log(f"skipped: {result}")
                     skipped += 1
                 else:
-                    rows += result
                     split += len(result) > 1
+                    spread += any(row.pop("text_spread") for row in result)
+                    rows += result
+            summary.add_rows(rows, speaker_ids)
             if rows:
                 schema.write_samples(path, rows, {**metadata, "recipe": recipe}, rows_per_group=rows_per_group)
                 shards.append(path)
@@ -516,12 +541,55 @@ def prepare(manifest: str | Path, out_dir: str | Path, rows_per_shard: int = 409
         if pool:
             pool.terminate()
     if split:
-        log(f"{split} recording(s) longer than {max_positions} positions were split at silences")
+        log(f"{split} recording(s) longer than {max_positions} positions were split at silences"
+            + (f"; {spread} of them had text without an alignment, spread over the pieces in proportion to voiced "
+               "time at word boundaries (approximate, so kept without an alignment)" if spread else ""))
     if skipped:
         log(f"{skipped} of {len(entries)} entries skipped (see above)")
     if not shards:
         raise ValueError(f"{manifest}: nothing written: none of its {len(entries)} entries could be used")
+    log(summary.describe(len(shards), out_dir, skipped, time.monotonic() - started))
     return shards
+
+
+class Summary:
+    """What prepare wrote, in a user's terms: segments, hours, speakers, labels missing."""
+
+    def __init__(self):
+        self.segments, self.frames, self.no_text, self.no_speaker, self.no_sentiment = 0, 0, 0, 0, 0
+        self.speakers: collections.Counter = collections.Counter()
+
+    def add_rows(self, rows: list[dict], speaker_ids: dict[str, int]) -> None:
+        names = {i: name for name, i in speaker_ids.items()}
+        for row in rows:
+            self._add(len(row["mel"]), len(row["token_ids"]) > 0, names.get(row["speaker_id"]), row["sentiment"])
+
+    def add_file(self, path: Path) -> None:   # a shard an earlier run finished
+        names = {i: n for n, i in schema.read_metadata(pq.read_schema(path), str(path)).get("speakers", {}).items()}
+        table = pq.read_table(path, columns=["mel", "token_ids", "speaker_id", "sentiment"])
+        frames = pc.list_value_length(table.column("mel")).to_pylist()
+        tokens = pc.list_value_length(table.column("token_ids")).to_pylist()
+        for n, t, speaker, sentiment in zip(frames, tokens, table.column("speaker_id").to_pylist(),
+                                            table.column("sentiment").to_pylist()):
+            self._add(n, t > 0, names.get(speaker), sentiment)
+
+    def _add(self, frames: int, has_text: bool, speaker: str | None, sentiment: int) -> None:
+        self.segments += 1
+        self.frames += frames
+        self.no_text += not has_text
+        self.no_speaker += speaker is None
+        self.no_sentiment += sentiment == schema.UNKNOWN
+        if speaker is not None:
+            self.speakers[speaker] += 1
+
+    def describe(self, shards: int, out_dir: Path, skipped: int, seconds: float) -> str:
+        hours = self.frames / 100 / 3600
+        listed = ", ".join(f"{name} {count}" for name, count in self.speakers.most_common(12))
+        more = f" and {len(self.speakers) - 12} more" if len(self.speakers) > 12 else ""
+        return (f"wrote {self.segments} segment(s), {hours:.2f} h of audio, in {shards} shard(s) to {out_dir} in "
+                f"{seconds:.0f} s; {len(self.speakers)} speaker(s): {listed or 'none named'}{more}; without text "
+                f"{self.no_text}, without speaker {self.no_speaker}, without sentiment {self.no_sentiment}; "
+                f"skipped {skipped} entr{'y' if skipped == 1 else 'ies'}")
 
 
 def _finished(path: Path, recipe: str) -> bool:

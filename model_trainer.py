@@ -66,13 +66,27 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.devic
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                                   fused=device.type == "cuda")
 
-    def schedule(step: int) -> float:  # linear warmup, cosine decay to a floor
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
 
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """The learning rate at `step` as a share of train.lr: linear warmup, cosine decay to a floor."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def schedule_change(saved_train: dict, cfg: TrainConfig, step: int) -> str | None:
+    """How resuming with other steps or rates changes the learning rate at `step`, in words."""
+    keys = ("steps", "lr", "warmup_steps", "min_lr_ratio")
+    if not saved_train or all(saved_train.get(key, getattr(cfg, key)) == getattr(cfg, key) for key in keys):
+        return None
+    before = dataclasses.replace(cfg, **{key: saved_train[key] for key in keys if key in saved_train})
+    old, new = before.lr * lr_factor(step, before), cfg.lr * lr_factor(step, cfg)
+    return (f"the checkpoint's run planned {before.steps} steps at lr {before.lr:g}; this one {cfg.steps} at lr "
+            f"{cfg.lr:g}: the schedule is recomputed, so the learning rate at step {step} goes from {old:.3g} to "
+            f"{new:.3g}" + (" (keep train.steps to finish the old schedule)" if before.steps != cfg.steps else ""))
 
 
 
@@ -318,7 +332,9 @@ class Run:
         self.publish({"type": "eval", "step": step, "best": best, **results})
         unseen = results["unseen_speakers"]
         self.say(f"eval at step {step}: loss {results['loss']:.4f}, masked-token accuracy "
-                 f"{results.get('text_acc', float('nan')):.3f}" + ("  (best so far: best.pt)" if best else "")
+                 f"{results.get('text_acc', float('nan')):.3f}, speaker {results.get('speaker_acc', float('nan')):.3f}, "
+                 f"sentiment {results.get('sentiment_acc', float('nan')):.3f}"
+                 + ("  (best so far: best.pt)" if best else "")
                  + (f"; {sum(unseen.values())} segment(s) of speakers unseen in training ({', '.join(unseen)}) "
                     "were not scored for speaker" if unseen else ""))
 
@@ -505,6 +521,10 @@ def train(args, cfg: Config) -> dict:
             run.checkpointer.load(saved)
             run.last_checkpoint = (run.progress.step, resume_path)
             run.say(f"resumed from {resume_path} at step {run.progress.step}")
+            change = schedule_change(saved.get("config", {}).get("train", {}) if saved else {}, cfg.train,
+                                     run.progress.step)
+            if change:
+                run.say(f"note: {change}")
 
         # A resumed epoch finishes with the work it was dealt by; this run's applies from the next.
         epoch = dataset.epoch

@@ -342,21 +342,54 @@ def test_long_recordings_are_split_at_silences_keeping_the_alignment(tmp_path):
     assert datasets.validate_file(shards[0]) == []
 
 
-def test_a_long_row_whose_text_cannot_be_split_is_reported_with_the_setting_that_fits(tmp_path):
+def test_a_long_transcribed_recording_without_alignment_is_kept_with_its_words_spread_over_the_pieces(tmp_path):
+    """A recorded call with its transcript (no timings): split at silences, every word in one
+    piece, in order, the pieces' text in proportion to their voiced time; no alignment claimed."""
     rng = np.random.default_rng(24)
-    signal, _ = speech_with_pauses(rng, ["a"] * 8)
+    words = ["one", "two", "three", "four", "five", "six", "seven", "eight"]
+    signal, _ = speech_with_pauses(rng, words)
     write_wav(tmp_path / "long.wav", signal, SR)
     write_wav(tmp_path / "short.wav", signal[:SR // 2], SR)
-    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "long.wav", "text": "no alignment here"}) + "\n"
+    text = " ".join(words)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "long.wav", "text": text}) + "\n"
                                       + json.dumps({"audio": "short.wav"}) + "\n"
                                       + json.dumps({"audio": "long.wav", "doc_id": "audio-only"}) + "\n")
     logged = []
     shards = features.prepare(tmp_path / "m.jsonl", tmp_path / "out", max_positions=100, log=logged.append)
-    assert any(re.search(r"long\.wav: \d+ positions exceed --max-positions 100 and its text has no alignment.*"
-                         r"data\.max_seq_len >= \d+", line) for line in logged), logged
+    assert any("had text without an alignment, spread over the pieces in proportion to voiced time" in line
+               for line in logged), logged
     rows = datasets.pq.read_table(shards).to_pylist()
-    assert sorted({r["doc_id"] for r in rows}) == ["audio-only", "short.wav"]
+    talk = [r for r in rows if r["doc_id"] == "long.wav"]
+    assert len(talk) >= 2 and " ".join(r["text"] for r in talk).split() == words   # whole words, in order
+    assert all(r["token_start_frame"] is None for r in talk)                        # approximate: no alignment
+    assert sum(len(r["f0_hz"]) for r in talk) == 1 + len(signal) // 160
+    for row in talk:   # about 1 word per second of speech in each piece
+        seconds = len(row["f0_hz"]) / 100
+        assert abs(len(row["text"].split()) - seconds) <= 1.5, (row["text"], seconds)
     assert sum(r["doc_id"] == "audio-only" for r in rows) >= 2         # unlabelled audio splits freely
+    assert datasets.validate_file(shards[0]) == []
+
+
+def test_prepare_sums_up_what_it_wrote_and_two_manifests_never_share_a_shard_name(tmp_path):
+    rng = np.random.default_rng(25)
+    signal, _ = speech_with_pauses(rng, ["a", "b"])
+    write_wav(tmp_path / "a.wav", signal, SR)
+    entries = [{"audio": "a.wav", "text": "hi", "speaker": "ann", "sentiment": "positive"},
+               {"audio": "a.wav", "speaker": "bob", "doc_id": "d2"}, {"audio": "a.wav", "doc_id": "d3"},
+               {"audio": "missing.wav"}]
+    (tmp_path / "first.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    (tmp_path / "second.jsonl").write_text(json.dumps(entries[0]) + "\n")
+    logged = []
+    first = features.prepare(tmp_path / "first.jsonl", tmp_path / "one", log=logged.append)
+    second = features.prepare(tmp_path / "second.jsonl", tmp_path / "two", log=logged.append)
+    assert not {p.name for p in first} & {p.name for p in second}
+    summary = [line for line in logged if line.startswith("wrote 3 segment(s)")][0]
+    hours = 3 * (1 + len(signal) // 160) / 100 / 3600
+    assert f"{hours:.2f} h of audio, in 1 shard(s)" in summary and "2 speaker(s): ann 1, bob 1" in summary
+    assert "without text 2, without speaker 1, without sentiment 2; skipped 1 entry" in summary
+    logged.clear()
+    assert features.prepare(tmp_path / "first.jsonl", tmp_path / "one", log=logged.append) == first   # a rerun
+    assert any(line.startswith("wrote 3 segment(s)") and "ann 1, bob 1" in line for line in logged)
 
 
 def test_a_manifest_sorted_by_speaker_does_not_give_batches_of_one_speaker(tmp_path):

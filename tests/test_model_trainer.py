@@ -531,13 +531,25 @@ def test_resuming_with_another_model_shape_names_the_settings_that_restore_it(co
 def test_resume_auto_says_what_it_found(corpus, tmp_path, capsys):
     root, _ = corpus
     out = tmp_path / "run"
-    flags = ["--data-dir", str(root), "--out", str(out), "--ws-port", "-1", "--steps", "2", *set_flags(TINY)]
-    assert model_trainer.main(flags + ["--resume", "auto"]) == 0
+    settings = TINY + ["train.warmup_steps=1"]
+
+    def flags(steps):
+        return ["--data-dir", str(root), "--out", str(out), "--ws-port", "-1", "--steps", str(steps),
+                *set_flags(settings), "--resume", "auto"]
+
+    assert model_trainer.main(flags(2)) == 0
     err = capsys.readouterr().err
     assert f"--resume auto: no checkpoint in {out}: starting at step 0" in err
     assert f"checkpoints: {out.resolve()}" in err
-    assert model_trainer.main(flags[:5] + ["3", *flags[6:], "--resume", "auto"]) == 0
-    assert f"resumed from {out / 'ckpt-00000002.pt'} at step 2" in capsys.readouterr().err
+    assert model_trainer.main(flags(3)) == 0
+    err = capsys.readouterr().err
+    assert f"resumed from {out / 'ckpt-00000002.pt'} at step 2" in err
+    cfg = model_trainer.load_config(str(model_trainer.DEFAULT_CONFIG), settings, "tiny")   # the change, in numbers
+    before, after = (c.lr * model_trainer.lr_factor(2, c) for c in (dataclasses.replace(cfg.train, steps=2),
+                                                                   dataclasses.replace(cfg.train, steps=3)))
+    assert (f"note: the checkpoint's run planned 2 steps at lr {cfg.train.lr:g}; this one 3 at lr {cfg.train.lr:g}: "
+            f"the schedule is recomputed, so the learning rate at step 2 goes from {before:.3g} to {after:.3g}") in err
+    assert before != after
 
 
 def test_resume_auto_refuses_when_another_machine_holds_newer_checkpoints(tmp_path, monkeypatch):
