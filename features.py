@@ -632,7 +632,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"wrote {len(shards)} shard(s) to {args.out}")
+    print("\n".join(str(path) for path in shards))   # the summary went to stderr; stdout lists the shards
     return 0
 
 

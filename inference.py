@@ -330,16 +330,49 @@ def embed(args) -> int:
     return 0
 
 
-def speaker_vectors(trained: Trained, dataset, device) -> tuple[np.ndarray, list]:
-    """(segments, d) vectors the speaker head reads, every label hidden, and the segments."""
-    k = trained.cfg.model.frames_per_position
+def speaker_vectors(model: CustomTransformer, dataset, device, per_speaker: int | None = None
+                    ) -> tuple[np.ndarray, list]:
+    """(segments, d) vectors the speaker head reads, every label hidden, and their segments, in
+    the input's order; with `per_speaker`, reading stops once every speaker the input names has
+    that many (a long corpus is not read whole to enrol its speakers)."""
+    k = model.cfg.frames_per_position
     vectors, segments_out = [], []
-    for batch, segments in tqdm(input_batches(dataset, input_segments(dataset)), desc="vectors", unit="batch",
-                                disable=None):
-        outputs = trained.model.infer(batch.to(device), hiding(batch, {"speaker", "sentiment"}, k).to(device))
+    named = collections.Counter()
+    wanted = {name for names in dataset.file_speakers().values() for name in (names or {})}
+    for batch, segments in tqdm(input_batches(dataset, input_segments(dataset)), desc="speaker vectors",
+                                unit="batch", disable=None):
+        outputs = model.infer(batch.to(device), hiding(batch, {"speaker", "sentiment"}, k).to(device))
         vectors.append(outputs.speaker_vectors.cpu().numpy())
         segments_out += segments
-    return (np.concatenate(vectors) if vectors else np.zeros((0, trained.cfg.model.d_model))), segments_out
+        named.update(segment.speaker_name for segment in segments if segment.speaker_name)
+        if per_speaker and wanted and all(named[name] >= per_speaker for name in wanted):
+            break
+    return (np.concatenate(vectors) if vectors else np.zeros((0, model.cfg.d_model))), segments_out
+
+
+def enrol_speakers(model: CustomTransformer, dataset, device, previous: Enrolment | None = None,
+                   per_speaker: int | None = None) -> tuple[Enrolment, collections.Counter]:
+    """The speakers the input names, enrolled (added to `previous`); -> it and the segments per speaker."""
+    was_training = model.training
+    model.eval()
+    try:
+        vectors, segments = speaker_vectors(model, dataset, device, per_speaker)
+    finally:
+        model.train(was_training)
+    named = [i for i, segment in enumerate(segments) if segment.speaker_name]
+    if not named:
+        raise ValueError("no segment of the input names its speaker: enrolment needs labelled recordings")
+    names = [segments[i].speaker_name for i in named]
+    return enrol(vectors[named], names, previous), collections.Counter(names)
+
+
+def describe_enrolment(enrolment: Enrolment, counts: collections.Counter) -> str:
+    calibration = enrolment.calibration
+    return (f"enrolled {len(counts)} speaker(s) from {sum(counts.values())} segment(s) "
+            f"({', '.join(f'{n} {c}' for n, c in counts.most_common(12))}{' ...' if len(counts) > 12 else ''}); "
+            f"{len(enrolment.speakers)} in all; unknown below a cosine score of {enrolment.threshold:.3f}"
+            + (f" (equal error rate {calibration['equal_error_rate']:.3f} on {calibration['trials']} held-out "
+               f"segment(s))" if calibration else ""))
 
 
 def enroll(args) -> int:
@@ -351,19 +384,11 @@ def enroll(args) -> int:
         raise ValueError(f"--checkpoint {args.checkpoint}: enroll into a checkpoint file (ckpt-*.pt, best.pt), "
                          "then export it")
     with contextlib.ExitStack() as cleanup:
-        vectors, segments = speaker_vectors(trained, open_inputs(args, trained, cleanup), device)
-    named = [i for i, segment in enumerate(segments) if segment.speaker_name]
-    if not named:
-        raise ValueError("no segment of the input names its speaker: enrolment needs labelled recordings")
-    enrolment = enrol(vectors[named], [segments[i].speaker_name for i in named], trained.enrolment)
+        enrolment, counts = enrol_speakers(trained.model, open_inputs(args, trained, cleanup), device,
+                                           trained.enrolment)
     state = load_checkpoint(Path(args.checkpoint))
     write_atomically(Path(args.out), {**state, "enrolment": enrolment.state_dict()})
-    counts = collections.Counter(segments[i].speaker_name for i in named)
-    calibration = enrolment.calibration
-    print(f"enrolled {len(counts)} speaker(s) from {len(named)} segment(s) ({', '.join(f'{n} {c}' for n, c in counts.items())}); "
-          f"{len(enrolment.speakers)} in all; unknown below a cosine score of {enrolment.threshold:.3f}"
-          + (f" (equal error rate {calibration['equal_error_rate']:.3f} on {calibration['trials']} held-out segment(s))"
-             if calibration else "") + f": {args.out}", file=sys.stderr)
+    print(f"{describe_enrolment(enrolment, counts)}: {args.out}", file=sys.stderr)
     return 0
 
 

@@ -339,6 +339,40 @@ class Run:
                     "were not scored for speaker" if unseen else ""))
 
 
+class Enrolled:
+    """The checkpoint piece that holds the training speakers' enrolment (empty until the run ends)."""
+
+    def __init__(self):
+        self.state: dict = {}
+
+    def state_dict(self) -> dict:
+        return self.state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+
+ENROL_PER_SPEAKER = 256   # segments read per training speaker to enrol them at the end of a run
+
+
+def enrol_training_speakers(model, dataset, parallel_mode: str, ranks: Ranks, device, say) -> dict:
+    """Rank 0 enrols the speakers of the training files (predict then names speakers by cosine
+    score and says unknown below a calibrated threshold); the others wait for its result. Under
+    FSDP the model's forward is collective, so the user enrols with `model_trainer.py enroll`."""
+    state = {}
+    if parallel_mode == "fsdp" and ranks.world > 1:
+        say("speakers not enrolled (FSDP): run model_trainer.py enroll --checkpoint CKPT with the training files")
+    elif ranks.main:
+        try:
+            enrolment, counts = inference.enrol_speakers(model, dataset, device,
+                                                         per_speaker=ENROL_PER_SPEAKER)
+            state = enrolment.state_dict()
+            say(inference.describe_enrolment(enrolment, counts))
+        except ValueError as err:   # no speaker names in the training files
+            say(f"speakers not enrolled: {err}")
+    return from_rank0(state)
+
+
 def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
              ) -> tuple[Run, Path | None, dict | None]:
     """The run folder and live metrics (first, so that a busy port or a folder that cannot be
@@ -510,8 +544,10 @@ def train(args, cfg: Config) -> dict:
         # One loss scale for all: a rank in fp16 (a P40) scales, so every rank scales alike, or the
         # summed gradients would mix scaled and unscaled ones.
         scaler = torch.amp.GradScaler(device.type, enabled=any(all_ranks(amp_dtype == torch.float16)))
+        enrolled = Enrolled()
         run.checkpointer = Checkpointer(run.out_dir, cfg.train.keep_checkpoints, ranks, model, optimizer,
-                                        pieces={"scheduler": scheduler, "scaler": scaler, "labels": labels},
+                                        pieces={"scheduler": scheduler, "scaler": scaler, "labels": labels,
+                                                "enrolment": enrolled},
                                         per_rank={"rng": GlobalRNG(), "data": dataset},
                                         progress=run.progress, extra={"config": asdict(cfg)})
         if eval_set is not None:
@@ -637,6 +673,8 @@ def train(args, cfg: Config) -> dict:
                 final = done == cfg.train.steps or result.stop
                 if eval_set is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                     run.evaluate()
+                if done == cfg.train.steps:   # the last checkpoint names the training speakers by enrolment
+                    enrolled.state = enrol_training_speakers(model, dataset, cfg.train.parallel, ranks, device, run.say)
                 if done % cfg.train.checkpoint_every == 0 or final:
                     last_path = run.checkpoint(final=final) or last_path
                 if result.stop:

@@ -63,9 +63,9 @@ def test_predict_reads_labels_by_name_and_text_from_audio(corpus, trained, tmp_p
         assert set(probabilities) == {"negative", "neutral", "positive"} and abs(sum(probabilities.values()) - 1) < 1e-3
         assert record["sentiment"]["label"] == max(probabilities, key=probabilities.get)
         assert record["sentiment"]["given"] == ["negative", "neutral", "positive"][row["sentiment"]]
-        assert record["speaker"]["best_match"] in names
+        assert record["speaker"]["best_match"] in names   # the run enrolled its training speakers at its end
         assert record["speaker"]["label"] in names + ["unknown"]
-        assert (record["speaker"]["label"] == "unknown") == (record["speaker"]["probability"] < 0.5)
+        assert (record["speaker"]["label"] == "unknown") == (record["speaker"]["score"] < record["speaker"]["threshold"])
         assert record["speaker"]["given"] == (None if i in (0, 1) else row["speaker"])
         assert ("text" in record) == (i in (1, 4))             # read where the input lacks it, by default
         if i in (1, 4):
@@ -184,7 +184,7 @@ def test_export_round_trips_the_outputs_exactly(trained, tmp_path):
     ckpt, held_out = trained
     assert model_trainer.main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "export")]) == 0
     assert {p.name for p in (tmp_path / "export").iterdir()} == {"model.safetensors", "config.json", "labels.json",
-                                                                "data.json"}
+                                                                "data.json", "enrolment.json"}   # enrolled at the end
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "export").iterdir())   # others may read them
     exported = CustomTransformer.from_pretrained(tmp_path / "export")
     original = inference.load_trained(ckpt, torch.device("cpu")).model
