@@ -6,11 +6,11 @@ baseline they would try first.
 The corpus comes from Debian packages (installed by this script where it can, as root):
 human prompt recordings (asterisk-core-sounds en/es: one voice talent in two languages; fr:
 another), a LibriVox reader and a card-game speaker (pocketsphinx-testdata), and two-speaker
-conversations of voices built from recorded speakers (festival's kal, ked and slt) and formant
-voices (espeak-ng), whose sentiment is in the words and in the prosody (sox raises pitch and
-tempo for positive turns and lowers them for negative ones). Split by recording and
-conversation; one human (the card-game speaker) and one conversation voice are never seen in
-training.
+conversations of voices built from recorded speakers (festival's kal, ked, slt and the Italian
+lp) and formant voices (espeak-ng), whose sentiment is in the words and in the prosody (sox
+raises pitch and tempo for positive turns and lowers them for negative ones). Split by
+recording and conversation; one human (the card-game speaker) and one conversation voice (lp)
+are never heard in training.
 
 Table: majority class; multinomial logistic regression on each segment's log-mel mean and
 standard deviation and mean log-F0 (161 numbers, the "filterbank" baseline); a linear probe
@@ -42,13 +42,14 @@ import features  # noqa: E402 (path set by common)
 import model_trainer  # noqa: E402
 
 PACKAGES = ["festival", "festvox-kallpc16k", "festvox-kdlpc16k", "festvox-us-slt-hts", "espeak-ng", "sox",
-            "asterisk-core-sounds-en-wav", "asterisk-core-sounds-es-wav", "asterisk-core-sounds-fr-wav",
+            "festvox-italp16k", "asterisk-core-sounds-en-wav", "asterisk-core-sounds-es-wav", "asterisk-core-sounds-fr-wav",
             "pocketsphinx-testdata"]
 SOUNDS = Path("/usr/share/asterisk/sounds")
 POCKETSPHINX = Path("/usr/share/pocketsphinx/test/data")
-FESTIVAL = {"kal": "voice_kal_diphone", "ked": "voice_ked_diphone", "slt": "voice_cmu_us_slt_arctic_hts"}
+FESTIVAL = {"kal": "voice_kal_diphone", "ked": "voice_ked_diphone", "slt": "voice_cmu_us_slt_arctic_hts",
+            "lp": "voice_lp_diphone"}   # lp: an Italian voice reading English, never heard in training
 ESPEAK = {"espeak-m1": "en+m1", "espeak-f3": "en+f3", "espeak-m5": "en-us+m5", "espeak-f5": "en+f5"}
-UNSEEN = {"cards", "espeak-f5"}
+UNSEEN = {"cards", "lp"}
 PROMPTS_PER_LANGUAGE = 140
 CONVERSATIONS, TURNS, HELD_OUT_CONVERSATIONS = 48, 6, 12
 
@@ -216,6 +217,9 @@ def predicted(checkpoint: Path, folder: Path, out: Path, test_labels: list[dict]
             "sentiment": np.mean([sentiments.index(r["sentiment"]["label"]) == truth[r["sample_id"]]["sentiment"]
                                   for r in labelled]),
             "unseen_flagged": np.mean([r["speaker"]["label"] == "unknown" for r in unseen]) if unseen else float("nan"),
+            "unseen_by_speaker": {name: float(np.mean([r["speaker"]["label"] == "unknown" for r in unseen
+                                                       if truth[r["sample_id"]]["speaker"] == name]))
+                                  for name in sorted({truth[r["sample_id"]]["speaker"] for r in unseen})},
             "known_flagged": np.mean([r["speaker"]["label"] == "unknown" for r in seen])}
 
 
@@ -285,6 +289,8 @@ def main() -> int:
                          f"{ours['unseen_flagged']:>14.3f} {ours['known_flagged']:>13.3f}")
     if curve:
         probe, _, ours = curve[max(curve)]
+        lines.append("unseen flagged by speaker (enrolled, last): " + ", ".join(
+            f"{name} {share:.2f}" for name, share in ours["unseen_by_speaker"].items()))
         lines += ["", f"probe / baseline: speaker {probe['speaker'] / baseline['speaker']:.2f}x, sentiment "
                       f"{probe['sentiment'] / baseline['sentiment']:.2f}x; predict / baseline: speaker "
                       f"{ours['speaker'] / baseline['speaker']:.2f}x (nearest speaker regardless of unknown: "
