@@ -21,77 +21,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from attention import PAD_DOC, MultiHeadLatentAttention, SparsePattern, rope_tables
+from config import ModelConfig
 from packing import Batch, segment_positions
 from schema import N_MELS, N_SENTIMENTS, UNKNOWN, CorpusInfo
 
 SPEAKER, SENTIMENT, TEXT, AUDIO = range(4)   # position kinds, each with a modality embedding
 PROSODY_FEATURES = 3                         # normalised log-F0, voicing, normalised energy
-
-
-@dataclass
-class ModelConfig:
-    d_model: int = 192
-    n_layers: int = 6
-    n_heads: int = 4
-    q_lora_rank: int = 0               # 0: full-rank query projection (as DeepSeek-V2-Lite)
-    kv_lora_rank: int = 96
-    qk_nope_head_dim: int = 32
-    qk_rope_head_dim: int = 16
-    v_head_dim: int = 32
-    ffn_hidden: int = 512
-    # L: sliding window; S: sparse global (whole-document reach at near-local cost); G: dense
-    # global (O(n^2)); the pattern repeats over n_layers
-    layer_pattern: str = "LLS"
-    window: int = 64                   # sliding-window reach in positions (L and S layers)
-    sparse_block: int = 64             # S layers: positions per compressed / selectable block
-    sparse_topk: int = 16              # S layers: key blocks each query block reads at full resolution
-    causal: bool = False               # the autoencoder attends both ways
-    rope_theta: float = 500000.0
-    norm_eps: float = 1e-5
-    frames_per_position: int = 4       # 100 mel frames/s -> 25 positions/s
-    vocab_size: int = 260
-    n_speakers: int = 64
-    activation_checkpointing: bool = False
-    # the objective: what fraction of each modality is hidden
-    text_mask_ratio: float = 0.3
-    text_span: int = 3
-    audio_mask_ratio: float = 0.3
-    audio_span: int = 4
-    speaker_drop: float = 0.3
-    sentiment_drop: float = 0.3
-    document_drop: float = 0.25        # every speaker and sentiment slot of a document hidden at once
-    speaker_embedding_dim: int = 0     # size of external speaker vectors in the data; 0: none
-    # the total loss is the weighted sum of the per-modality losses
-    weight_text: float = 1.0
-    weight_mel: float = 1.0
-    weight_f0: float = 1.0
-    weight_voicing: float = 1.0
-    weight_energy: float = 1.0
-    weight_speaker: float = 1.0
-    weight_speaker_embedding: float = 1.0
-    weight_sentiment: float = 1.0
-
-    def __post_init__(self):
-        for name in ("d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                     "v_head_dim", "ffn_hidden", "window", "sparse_block", "sparse_topk", "frames_per_position",
-                     "vocab_size", "n_speakers",
-                     "text_span", "audio_span"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"model.{name} must be at least 1")
-        for name in ("q_lora_rank", "speaker_embedding_dim"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"model.{name} must be >= 0")
-        if not self.layer_pattern or set(self.layer_pattern) - {"L", "S", "G"}:
-            raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L, S and G")
-        if self.qk_rope_head_dim % 2:
-            raise ValueError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
-        for name in ("text_mask_ratio", "audio_mask_ratio", "speaker_drop", "sentiment_drop", "document_drop"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"model.{name} must lie in [0, 1]")
-
-    def layer_kind(self, layer: int) -> str:
-        """L, S or G."""
-        return self.layer_pattern[layer % len(self.layer_pattern)]
 
 
 class FeedForward(nn.Module):

@@ -25,6 +25,7 @@ import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import torch
 
+from config import DataConfig
 from flight_client import Connection, parse_hosts  # noqa: F401 (the trainer's and tools' front door)
 
 # The schema's and the packer's names stay importable from here: datasets is the data layer's
@@ -116,29 +117,6 @@ class Prefetch:
 
 # ---------------------------------------------------------------------------------------------
 # Datasets
-
-@dataclass
-class DataConfig:
-    batch_size: int = 4          # sequences per batch (rank_shares=auto: the most, fewer where memory is short)
-    max_seq_len: int = 768       # positions per sequence
-    shuffle: bool = True         # endpoints per epoch, then sequences within a window
-    shuffle_window: int = 16     # batches whose sequences are shuffled together
-    seed: int = 0
-    num_workers: int = 0         # DataLoader workers, each with its own Flight client
-    max_retries: int = 8         # Flight failures in a row before the run stops with an error (~1.5 min of waits)
-    retry_backoff_s: float = 0.5  # first wait after a failure; doubles each time, at most 30 s
-    read_timeout_s: float = 120.0  # a Flight call still running after this is cancelled and retried
-    prefetch: int = 4            # batches read ahead in a background thread (0: none)
-
-    def __post_init__(self):
-        for name in ("batch_size", "max_seq_len", "shuffle_window"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"data.{name} must be at least 1")
-        if min(self.num_workers, self.prefetch, self.max_retries) < 0:
-            raise ValueError("data.num_workers, data.prefetch and data.max_retries must be >= 0")
-        if self.retry_backoff_s < 0 or self.read_timeout_s <= 0:
-            raise ValueError("data.retry_backoff_s must be >= 0 and data.read_timeout_s > 0")
-
 
 class _PackedStream(torch.utils.data.IterableDataset):
     """Endpoints (a file's row-group range) -> segments -> packed sequences -> batches.

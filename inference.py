@@ -33,7 +33,7 @@ import datasets
 import features
 import flight_client
 from checkpoint import CheckpointCorrupt, load_checkpoint, write_atomically
-from config import Config, build_config
+from config import Config, DataConfig, build_config
 from custom_transformer import CustomTransformer, Masks, sample_masks
 from datasets import UNKNOWN, Labels
 from enrolment import Enrolment, enrol
@@ -60,7 +60,7 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
         model = CustomTransformer.from_pretrained(path)
         # The run's data settings (its sequence length: how long documents are cut), where exported with them.
         data = json.loads((path / "data.json").read_text()) if (path / "data.json").exists() else None
-        cfg = replace(Config(), model=model.cfg, **({"data": datasets.DataConfig(**data)} if data else {}))
+        cfg = replace(Config(), model=model.cfg, **({"data": DataConfig(**data)} if data else {}))
         labels = Labels(**json.loads((path / "labels.json").read_text()))
         enrolled = json.loads((path / "enrolment.json").read_text()) if (path / "enrolment.json").exists() else None
     else:

@@ -1,4 +1,9 @@
 """Loading the configuration: errors that say where and what was meant."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 import config
@@ -40,3 +45,13 @@ def test_numbers_in_exponent_notation_are_floats_in_a_file_and_on_the_command_li
 
 def test_the_shipped_config_mirrors_the_dataclasses():
     assert config.load_config(str(config.DEFAULT_CONFIG), []) == config.Config()
+
+
+def test_the_config_loads_without_torch(tmp_path):
+    """A data machine (or any tool) reads the config with torch absent."""
+    (tmp_path / "torch.py").write_text("raise ImportError('torch is not installed here')\n")
+    root = Path(config.__file__).resolve().parent
+    proc = subprocess.run([sys.executable, "-c", "import config; print(config.load_config(str(config.DEFAULT_CONFIG), "
+                           "[], 'base').model.d_model)"], cwd=root, env={**os.environ, "PYTHONPATH": str(tmp_path)},
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "768", proc.stderr
