@@ -42,18 +42,17 @@ import flight_client
 import live_metrics
 from access import read_token
 from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, load_checkpoint, newest_checkpoint
-from config import (DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, build_config,  # noqa: F401 (tools use them)
-                    load_config)
+from config import DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, load_config
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts, sample_masks
 from flight_client import Connection
 from flight_server import SampleFlightServer
 import inference
 from inference import evaluate
 from live_metrics import MetricsServer
-from parallel import (_HELD_UNTIL_EXIT, Ranks, accumulation_steps, all_ranks, barrier, choose_device,  # noqa: F401
-                      clock, compute_seconds, describe_device, distribute, faster_precision, from_rank0,
-                      gradient_sync, init_distributed, needs_precision_probe, peak_flops, peak_memory_gb, plan_work,
-                      set_cpu_threads, unwrapped)
+from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, barrier, choose_device, clock, describe_device, distribute,
+                      from_rank0, gradient_sync, init_distributed, peak_flops, peak_memory_gb, set_cpu_threads,
+                      unwrapped)
+from planning import compute_seconds, faster_precision, needs_precision_probe, plan_work
 
 DEMO_DIR = Path("data/demo")
 

@@ -24,7 +24,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 import custom_transformer  # noqa: E402
 import model_trainer  # noqa: E402
-import parallel  # noqa: E402
+import planning  # noqa: E402
 
 RANK = int(os.environ.get("RANK", "0"))
 SPEED = float(os.environ["SIM_SPEEDS"].split(",")[RANK])
@@ -97,7 +97,7 @@ def distribute_over_the_link(model, parallel, ranks, device, compression="none")
 
 custom_transformer.CustomTransformer.forward = slow_forward
 if MOST_SEQUENCES:
-    parallel.largest_micro_batch = memory_limited
+    planning.largest_micro_batch = memory_limited
 if LINK:
     DistributedDataParallel.register_comm_hook = register_over_the_link
     model_trainer.distribute = distribute_over_the_link

@@ -20,8 +20,10 @@ import torch
 import yaml
 from websockets.sync.client import connect
 
+import config
 import datasets
 import model_trainer
+import planning
 from custom_transformer import CustomTransformer, ModelConfig, sample_masks
 from flight_server import SampleFlightServer
 from util import step_batches
@@ -80,7 +82,7 @@ def test_overrides_are_typed_and_unknown_keys_are_named():
     with pytest.raises(ValueError, match="train.steps: expected int, got 'many'"):
         model_trainer.load_config(None, ["train.steps=many"])
     with pytest.raises(ValueError, match="unknown config section"):
-        model_trainer.build_config({"optimiser": {}})
+        config.build_config({"optimiser": {}})
     with pytest.raises(ValueError, match="section.key=value"):
         model_trainer.load_config(None, ["steps=3"])
     with pytest.raises(ValueError, match="train.steps must be at least 1"):
@@ -408,10 +410,10 @@ def test_accumulated_batches_make_the_step_of_their_union(corpus):
 
 def test_tokens_per_step_sets_the_batches_accumulated_per_rank():
     cfg = model_trainer.load_config(None, ["data.batch_size=4", "data.max_seq_len=1000", "train.tokens_per_step=16000"])
-    assert model_trainer.accumulation_steps(cfg, world=1) == 4
-    assert model_trainer.accumulation_steps(cfg, world=2) == 2
-    assert model_trainer.accumulation_steps(cfg, world=8) == 1   # never fewer than one batch
-    assert model_trainer.accumulation_steps(model_trainer.load_config(None, []), world=1) == 1
+    assert planning.accumulation_steps(cfg, world=1) == 4
+    assert planning.accumulation_steps(cfg, world=2) == 2
+    assert planning.accumulation_steps(cfg, world=8) == 1   # never fewer than one batch
+    assert planning.accumulation_steps(model_trainer.load_config(None, []), world=1) == 1
     with pytest.raises(ValueError, match="train.parallel='zero'"):
         model_trainer.load_config(None, ["train.parallel=zero"])
 
