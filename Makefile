@@ -39,6 +39,7 @@ bench: demo $(VENV)/.bench-installed
 	$(PY) bench/compile_blocks.py
 	$(PY) bench/data_stall.py
 	$(PY) bench/predict.py
+	$(PY) bench/real_recordings.py
 	$(PY) bench/mixed_gpus.py
 	$(PY) bench/long_range.py
 

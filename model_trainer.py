@@ -43,7 +43,7 @@ import live_metrics
 from access import read_token
 from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, load_checkpoint, newest_checkpoint
 from config import DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, load_config
-from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts, sample_masks
+from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts
 from flight_client import Connection
 from flight_server import SampleFlightServer
 import inference
@@ -53,6 +53,7 @@ from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, barrier, choose_device
                       from_rank0, gradient_sync, init_distributed, peak_flops, peak_memory_gb, set_cpu_threads,
                       unwrapped)
 from planning import compute_seconds, faster_precision, needs_precision_probe, plan_work
+from step_feed import StepFeed
 
 DEMO_DIR = Path("data/demo")
 
@@ -122,24 +123,6 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
     if overlap:   # every served file was listed: hold the evaluation files out
         train_set = dataset([f for f in train_set.files if f not in overlap], cfg.data.shuffle)
     return train_set, dataset(args.eval_files, False)
-
-
-def batches(dataset, num_workers: int):
-    """Endless stream of batches from the dataset's epoch and recorded position on."""
-    epoch = dataset.epoch
-    while True:
-        dataset.set_epoch(epoch)   # keeps loaded positions if they belong to this epoch
-        resumed = dataset.resuming
-        # spawn, not fork: a forked worker would inherit the parent's gRPC client, which is not fork-safe
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                                             multiprocessing_context="spawn" if num_workers else None)
-        produced = 0
-        for batch in loader:
-            produced += 1
-            yield batch
-        if produced == 0 and not resumed:
-            raise datasets.DataError("the dataset produced no batches")
-        epoch += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -484,20 +467,6 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def next_batch(stream, stop_requested: StopSignals) -> tuple[datasets.Batch | None, Exception | None]:
-    """-> (the next batch, None), or (None, why there is none): a DataError (the data stayed
-    unreachable past the retry budget), or Interrupted (a signal while waiting, or a reader that
-    a signal broke, as Ctrl-C does to DataLoader workers)."""
-    try:
-        return next(stream), None
-    except (datasets.DataError, datasets.Interrupted) as err:
-        return None, err
-    except Exception:
-        if stop_requested:
-            return None, datasets.Interrupted()
-        raise
-
-
 def train(args, cfg: Config) -> dict:
     # -- Setup: signals, processes and device, run folder, data, model, optimizer, checkpoints -----
     with contextlib.ExitStack() as cleanup:
@@ -536,6 +505,7 @@ def train(args, cfg: Config) -> dict:
         # even by the rebalancer.
         per_step, batch_sizes, rebalancer = plan_work(cfg, ranks, model, device, amp_dtype, run.say)
         dataset.set_work(per_step, batch_sizes)
+        feed = StepFeed(dataset, cfg, ranks, lambda: bool(stop_requested))
         trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression)
         if ranks.world > 1:
             _HELD_UNTIL_EXIT.append(trained)
@@ -547,7 +517,7 @@ def train(args, cfg: Config) -> dict:
         run.checkpointer = Checkpointer(run.out_dir, cfg.train.keep_checkpoints, ranks, model, optimizer,
                                         pieces={"scheduler": scheduler, "scaler": scaler, "labels": labels,
                                                 "enrolment": enrolled},
-                                        per_rank={"rng": GlobalRNG(), "data": dataset},
+                                        per_rank={"rng": GlobalRNG(), "data": feed},
                                         progress=run.progress, extra={"config": asdict(cfg)})
         if eval_set is not None:
             # the model itself: with DDP that is the replica's module, which runs without collectives
@@ -562,8 +532,7 @@ def train(args, cfg: Config) -> dict:
                 run.say(f"note: {change}")
 
         # A resumed epoch finishes with the work it was dealt by; this run's applies from the next.
-        epoch = dataset.epoch
-        per_step, batch_sizes = dataset.work(epoch)
+        epoch, per_step, batch_sizes = feed.epoch, feed.per_step, feed.batch_sizes
         if dataset.work(epoch + 1) != (per_step, batch_sizes):
             run.say(f"epoch {epoch} continues with the checkpoint's work; from epoch {epoch + 1} on, processes take "
                     f"{dataset.work(epoch + 1)[0]} batch(es) of {dataset.work(epoch + 1)[1]} sequence(s) a step")
@@ -583,13 +552,8 @@ def train(args, cfg: Config) -> dict:
                      "batches_per_step": per_step[ranks.rank], "batches_per_step_by_process": per_step,
                      "batch_size_by_process": batch_sizes, "files": len(dataset.files), "config": asdict(cfg),
                      "start_step": start_step, "steps": cfg.train.steps})
-        def open_stream():   # from the consumed batches on
-            return datasets.Prefetch(batches(dataset, cfg.data.num_workers), cfg.data.prefetch,
-                                     interrupted=lambda: bool(stop_requested))
-
-        stream = open_stream()
-        cleanup.callback(lambda: stream.close())   # stop reading before the in-process server goes away
-        mask_rng = torch.Generator()
+        feed.open()
+        cleanup.callback(feed.close)   # stop reading before the in-process server goes away
         run.progress_bar = cleanup.enter_context(tqdm(
             total=cfg.train.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
             disable=not ranks.main))
@@ -600,45 +564,29 @@ def train(args, cfg: Config) -> dict:
         stop_requested.training = True
         try:
             for step in range(start_step, cfg.train.steps):
-                # 1. This rank's batches for the step (as many as the work of their epoch asks),
-                #    each with its masks (which depend on the step, batch and rank alone, so a
-                #    resumed run draws the same ones). Without data (a failure, a signal while
-                #    waiting) padding keeps this rank in step.
-                t0 = time.perf_counter()
-                micro_batches, missing, micro = [], None, 0
-                while micro < per_step[ranks.rank]:
-                    batch, missing = next_batch(stream, stop_requested) if missing is None else (None, missing)
-                    if batch is None:
-                        batch = datasets.padding_batch(dataset.layout, None)
-                    elif micro == 0 and batch.resume_from.epoch != epoch:
-                        epoch = batch.resume_from.epoch
-                        per_step, batch_sizes = dataset.work(epoch)
-                    mask_rng.manual_seed(cfg.train.seed * 1_000_003 + (step * max(per_step) + micro) * ranks.world
-                                         + ranks.rank)
-                    micro_batches.append((batch, sample_masks(batch, cfg.model, mask_rng)))
-                    micro += 1
-                data_wait = time.perf_counter() - t0
+                # 1. This rank's batches for the step, each with its masks; padding where data failed.
+                started = time.perf_counter()
+                this = feed.next_step(step)
 
                 # 2. Forward, backward, one exchange between ranks, optimizer step (or a skip).
-                result = train_step(trained, micro_batches, optimizer, scheduler, scaler, device, amp_dtype,
-                                    cfg.train.grad_clip, lambda: bool(stop_requested), abandon=missing is not None,
-                                    timed=rebalancer is not None)
+                result = train_step(trained, this.micro_batches, optimizer, scheduler, scaler, device, amp_dtype,
+                                    cfg.train.grad_clip, lambda: bool(stop_requested),
+                                    abandon=this.missing is not None, timed=rebalancer is not None)
                 if result.abandoned:   # not counted, its batches not recorded: a resume reads them again
                     last_path = run.checkpoint(final=True)
                     saved = (f"the checkpoint of step {run.last_checkpoint[0]}" + (f", {last_path}" if last_path else "")
                              if run.last_checkpoint else "nothing to save (no step had finished)")
-                    if isinstance(missing, datasets.DataError) or not result.stop:
-                        reason = missing if isinstance(missing, datasets.DataError) else \
+                    if isinstance(this.missing, datasets.DataError) or not result.stop:
+                        reason = this.missing if isinstance(this.missing, datasets.DataError) else \
                             "another process could not read its data (its error is above)"
                         raise datasets.DataError(f"{reason}\nThe run stopped with {saved}; when the data is "
                                                  f"back, continue with --resume auto")
                     run.say(f"asked to stop while waiting for data: stopped with {saved}")
                     break
-                for batch, _ in micro_batches:
-                    dataset.record(batch)
+                feed.commit(this)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                step_time = time.perf_counter() - t0
+                step_time = time.perf_counter() - started
                 progress = run.progress
                 progress.step = done = step + 1
                 progress.nonfinite_in_a_row = 0 if result.applied else progress.nonfinite_in_a_row + 1
@@ -646,10 +594,10 @@ def train(args, cfg: Config) -> dict:
 
                 # 3. Metrics: metrics.jsonl, live feed, progress bar.
                 tokens_per_s = result.positions / step_time
-                record = {"type": "step", "step": done, "epoch": batch.resume_from.epoch, "loss": result.loss,
+                record = {"type": "step", "step": done, "epoch": this.epoch, "loss": result.loss,
                           **result.metrics, "lr": result.lr, "grad_norm": result.grad_norm,
                           "tokens_per_s": tokens_per_s, "step_time_s": step_time,
-                          "data_wait_frac": data_wait / step_time, "peak_mem_gb": peak_memory_gb(device),
+                          "data_wait_frac": this.data_wait_s / step_time, "peak_mem_gb": peak_memory_gb(device),
                           "mfu": flops_per_position * tokens_per_s / (peak * ranks.world) if peak else None,
                           "skipped": not result.applied, "nonfinite_steps": progress.nonfinite_steps}
                 run.publish({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
@@ -684,19 +632,15 @@ def train(args, cfg: Config) -> dict:
                 #    better takes over from the next epoch; the stream is reopened from the
                 #    consumed batches, since it may already have read into that epoch.
                 if rebalancer is not None:
-                    rebalancer.add(sum(b.n_positions(cfg.model.frames_per_position) for b, _ in micro_batches
-                                       if not b.padding), result.compute_s)
-                    proposal = rebalancer.propose(done, per_step, batch_sizes)
+                    rebalancer.add(this.positions(cfg.model.frames_per_position), result.compute_s)
+                    proposal = rebalancer.propose(done, feed.per_step, feed.batch_sizes)
                     if proposal is not None:
                         new_per_step, new_batch_sizes, speeds = proposal
-                        stream.close(wait=True)
-                        dataset.load_state_dict(dataset.state_dict())
-                        dataset.set_work(new_per_step, new_batch_sizes, from_epoch=epoch + 1)
-                        stream = open_stream()
+                        feed.replan(new_per_step, new_batch_sizes)
                         run.say(f"step {done}: measured compute {', '.join(f'{v:,.0f}' for v in speeds)} positions/s "
-                                f"per process: from epoch {epoch + 1} on, batches {new_per_step} of "
+                                f"per process: from epoch {feed.epoch + 1} on, batches {new_per_step} of "
                                 f"{new_batch_sizes} sequences")
-                        run.publish({"type": "rebalance", "step": done, "from_epoch": epoch + 1,
+                        run.publish({"type": "rebalance", "step": done, "from_epoch": feed.epoch + 1,
                                      "positions_per_s_by_process": speeds, "batches_per_step_by_process": new_per_step,
                                      "batch_size_by_process": new_batch_sizes})
         except Exception as err:

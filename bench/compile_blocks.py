@@ -21,6 +21,7 @@ from common import ROOT, header, run_case, save
 import datasets  # noqa: E402 (path set by common)
 import demo_corpus  # noqa: E402
 import model_trainer  # noqa: E402
+import step_feed  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 
 WARMUP = 5
@@ -31,7 +32,7 @@ def case(mode: str, preset: str, steps: int) -> dict:
     files = sorted((ROOT / "data" / "demo" / "parquet").glob("*.parquet"))
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     dataset = datasets.LocalParquetDataset(files, layout, cfg.data.batch_size, seed=0)
-    stream = model_trainer.batches(dataset, 0)
+    stream = step_feed.batches(dataset, 0)
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model)
     model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))

@@ -25,6 +25,7 @@ from common import ROOT, machine, save
 import datasets  # noqa: E402 (path set by common)
 import demo_corpus  # noqa: E402
 import model_trainer  # noqa: E402
+import step_feed  # noqa: E402
 from custom_transformer import CustomTransformer, Masks, sample_masks  # noqa: E402
 
 
@@ -52,7 +53,7 @@ def train(cfg, files, info, steps: int, transform) -> CustomTransformer:
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     dataset = datasets.LocalParquetDataset(files, layout, cfg.data.batch_size, seed=cfg.data.seed)
-    stream = model_trainer.batches(dataset, 0)
+    stream = step_feed.batches(dataset, 0)
     generator = torch.Generator()
     model.train()
     for step in range(steps):

@@ -28,6 +28,7 @@ from common import ROOT, machine, save
 
 import datasets  # noqa: E402 (path set by common)
 import model_trainer  # noqa: E402
+import step_feed  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 
 BENCH_DIR = ROOT / "data" / "bench"
@@ -102,7 +103,7 @@ def consumption(preset: str, steps: int, overrides: list[str]) -> float:
     model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
     optimizer, scheduler = model_trainer.make_optimizer(model, cfg.train, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    stream = model_trainer.batches(dataset, 0)
+    stream = step_feed.batches(dataset, 0)
     positions, seconds = 0, 0.0
     for step in range(steps + 1):
         batch = next(stream)

@@ -24,6 +24,7 @@ from common import ROOT, flop_counter, header, save
 import datasets  # noqa: E402 (path set by common)
 import demo_corpus  # noqa: E402
 import model_trainer  # noqa: E402
+import step_feed  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 from flight_server import SampleFlightServer  # noqa: E402
 
@@ -71,7 +72,7 @@ def main() -> int:
         model = CustomTransformer(cfg.model)
         model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
         optimizer, _ = model_trainer.make_optimizer(model, cfg.train, torch.device("cpu"))
-        stream = datasets.Prefetch(model_trainer.batches(dataset, 0), cfg.data.prefetch)
+        stream = datasets.Prefetch(step_feed.batches(dataset, 0), cfg.data.prefetch)
         generator = torch.Generator()
 
         def step(index: int):

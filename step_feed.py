@@ -1,0 +1,129 @@
+"""The step feed: what each optimizer step of this process trains on.
+
+It owns the stream of packed batches (read ahead in a thread, or by DataLoader workers), the
+epoch's work plan (batches a step and their size, per process), padding batches where data
+failed to come (so this rank still joins the step's collectives), the masks of each batch
+(seeded by step, batch and rank alone, so a resumed run draws the same ones), what has been
+consumed, and the reopening a new work plan needs. It saves and restores itself as the other
+checkpoint pieces do (through the dataset's read position).
+
+    feed = StepFeed(dataset, cfg, ranks, stop_requested)
+    step = feed.next_step(n)      # -> Step: (batch, masks) pairs, and why data is missing if it is
+    ... train on step.micro_batches ...
+    feed.commit(step)             # recorded as consumed only once the step counted
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+import datasets
+from config import Config
+from custom_transformer import Masks, sample_masks
+from parallel import Ranks
+
+
+def batches(dataset, num_workers: int):
+    """Endless stream of batches from the dataset's epoch and recorded position on."""
+    epoch = dataset.epoch
+    while True:
+        dataset.set_epoch(epoch)   # keeps loaded positions if they belong to this epoch
+        resumed = dataset.resuming
+        # spawn, not fork: a forked worker would inherit the parent's gRPC client, which is not fork-safe
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                                             multiprocessing_context="spawn" if num_workers else None)
+        produced = 0
+        for batch in loader:
+            produced += 1
+            yield batch
+        if produced == 0 and not resumed:
+            raise datasets.DataError("the dataset produced no batches")
+        epoch += 1
+
+
+@dataclass
+class Step:
+    """This process's share of one optimizer step."""
+    micro_batches: list[tuple[datasets.Batch, Masks]]
+    missing: Exception | None   # why some batches are padding: a DataError, or Interrupted (a signal)
+    data_wait_s: float          # time spent waiting for the batches
+    epoch: int                  # the epoch the batches belong to
+
+    def positions(self, frames_per_position: int) -> int:
+        return sum(batch.n_positions(frames_per_position) for batch, _ in self.micro_batches if not batch.padding)
+
+
+class StepFeed:
+    def __init__(self, dataset, cfg: Config, ranks: Ranks, stop_requested: Callable[[], bool]):
+        self.dataset, self.cfg, self.ranks, self.stop_requested = dataset, cfg, ranks, stop_requested
+        self._stream: datasets.Prefetch | None = None
+        self._mask_rng = torch.Generator()
+        self.epoch, self.per_step, self.batch_sizes = dataset.epoch, *dataset.work(dataset.epoch)
+
+    # -- the checkpoint piece (per rank): the dataset's read position --------------------------
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state)
+        self.epoch, (self.per_step, self.batch_sizes) = self.dataset.epoch, self.dataset.work(self.dataset.epoch)
+
+    # -- the stream ----------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Start reading from the consumed batches on."""
+        self._stream = datasets.Prefetch(batches(self.dataset, self.cfg.data.num_workers), self.cfg.data.prefetch,
+                                         interrupted=self.stop_requested)
+
+    def close(self, wait: bool = False) -> None:
+        if self._stream is not None:
+            self._stream.close(wait=wait)
+
+    def _next_batch(self) -> tuple[datasets.Batch | None, Exception | None]:
+        """-> (the next batch, None), or (None, why there is none): a DataError (the data stayed
+        unreachable past the retry budget), or Interrupted (a signal while waiting, or a reader
+        that a signal broke, as Ctrl-C does to DataLoader workers)."""
+        try:
+            return next(self._stream), None
+        except (datasets.DataError, datasets.Interrupted) as err:
+            return None, err
+        except Exception:
+            if self.stop_requested():
+                return None, datasets.Interrupted()
+            raise
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def next_step(self, step: int) -> Step:
+        """This rank's batches for `step` (as many as the work of their epoch asks), each with its
+        masks. Without data (a failure, a signal while waiting) padding keeps this rank in step."""
+        started = time.perf_counter()
+        micro_batches, missing = [], None
+        while len(micro_batches) < self.per_step[self.ranks.rank]:
+            batch, missing = self._next_batch() if missing is None else (None, missing)
+            if batch is None:
+                batch = datasets.padding_batch(self.dataset.layout, None)
+            elif not micro_batches and batch.resume_from.epoch != self.epoch:
+                self.epoch = batch.resume_from.epoch
+                self.per_step, self.batch_sizes = self.dataset.work(self.epoch)
+            self._mask_rng.manual_seed(self.cfg.train.seed * 1_000_003 + (step * max(self.per_step) + len(micro_batches))
+                                       * self.ranks.world + self.ranks.rank)
+            micro_batches.append((batch, sample_masks(batch, self.cfg.model, self._mask_rng)))
+        return Step(micro_batches, missing, time.perf_counter() - started, self.epoch)
+
+    def commit(self, step: Step) -> None:
+        """The step counted: its batches are consumed (a resume starts after them)."""
+        for batch, _ in step.micro_batches:
+            self.dataset.record(batch)
+
+    def replan(self, per_step: list[int], batch_sizes: list[int]) -> None:
+        """A new work plan, from the next epoch (an epoch's data is dealt when it starts). The
+        stream may already have read into that epoch, so it is reopened from the consumed batches."""
+        self.close(wait=True)
+        self.dataset.load_state_dict(self.dataset.state_dict())
+        self.dataset.set_work(per_step, batch_sizes, from_epoch=self.epoch + 1)
+        self.open()
