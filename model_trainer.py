@@ -53,7 +53,7 @@ from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, barrier, choose_device
                       from_rank0, gradient_sync, init_distributed, peak_flops, peak_memory_gb, set_cpu_threads,
                       unwrapped)
 from planning import compute_seconds, faster_precision, needs_precision_probe, plan_work
-from step_feed import StepFeed
+from step_feed import Step, StepFeed
 
 DEMO_DIR = Path("data/demo")
 
@@ -304,6 +304,64 @@ class Run:
             self.publish({"type": "checkpoint", "step": step, "path": str(path)})
         return path
 
+    def abandon(self, missing: Exception | None, stop: bool) -> Path | None:
+        """A step some rank could not get its batches for: keep the last finished step's
+        checkpoint (-> its path); a stop asked for while waiting ends the run, data that stayed
+        away fails it."""
+        path = self.checkpoint(final=True)
+        saved = (f"the checkpoint of step {self.last_checkpoint[0]}" + (f", {path}" if path else "")
+                 if self.last_checkpoint else "nothing to save (no step had finished)")
+        if isinstance(missing, datasets.DataError) or not stop:
+            reason = missing if isinstance(missing, datasets.DataError) else \
+                "another process could not read its data (its error is above)"
+            raise datasets.DataError(f"{reason}\nThe run stopped with {saved}; when the data is back, continue "
+                                     f"with --resume auto")
+        self.say(f"asked to stop while waiting for data: stopped with {saved}")
+        return path
+
+    def after_step(self, result: StepResult, this: Step, step_time: float, s: "Session") -> int:
+        """Count the step, log its metrics (metrics.jsonl, live feed, progress bar); too many
+        non-finite steps in a row stop the run with the last good weights. -> steps done."""
+        if s.device.type == "cuda":
+            torch.cuda.synchronize(s.device)
+        progress = self.progress
+        progress.step = done = progress.step + 1
+        progress.nonfinite_in_a_row = 0 if result.applied else progress.nonfinite_in_a_row + 1
+        progress.nonfinite_steps += not result.applied
+        tokens_per_s = result.positions / step_time
+        record = {"type": "step", "step": done, "epoch": this.epoch, "loss": result.loss, **result.metrics,
+                  "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+                  "step_time_s": step_time, "data_wait_frac": this.data_wait_s / step_time,
+                  "peak_mem_gb": peak_memory_gb(s.device),
+                  "mfu": s.flops_per_position * tokens_per_s / (s.peak * s.ranks.world) if s.peak else None,
+                  "skipped": not result.applied, "nonfinite_steps": progress.nonfinite_steps}
+        self.publish({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
+        self.progress_bar.update()
+        self.progress_bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_s:.0f}",
+                                      acc=f"{result.metrics.get('accuracy', 0.0):.3f}")
+        if progress.nonfinite_in_a_row >= s.cfg.train.max_nonfinite_steps:
+            path = self.checkpoint(final=True)   # the skipped steps left the weights untouched
+            raise TrainingHalted(
+                f"{progress.nonfinite_in_a_row} steps in a row (up to step {done}) had a non-finite loss or "
+                f"gradient; stopped with checkpoint {path}. Bad data is the usual cause: check the files with "
+                f"`python schema.py FILE_OR_FOLDER ...` (it names every NaN/inf value by file, row and column); "
+                f"otherwise lower train.lr.")
+        return done
+
+    def end_of_step(self, done: int, stop: bool, s: "Session") -> Path | None:
+        """Evaluation every train.eval_every steps and at the end, the training speakers enrolled
+        for the last checkpoint, a checkpoint every train.checkpoint_every steps and at the end (or
+        a stop). -> the checkpoint written, if one was."""
+        cfg = s.cfg.train
+        last = done == cfg.steps
+        if self.evaluation is not None and (done % cfg.eval_every == 0 or last):
+            self.evaluate()
+        if last:
+            s.enrolled.state = enrol_training_speakers(s.model, s.dataset, cfg.parallel, s.ranks, s.device, self.say)
+        if done % cfg.checkpoint_every == 0 or last or stop:
+            return self.checkpoint(final=last or stop)
+        return None
+
     def evaluate(self) -> None:
         """Evaluate on --eval-files; the best evaluation loss so far is kept as best.pt."""
         step, results = self.progress.step, self.evaluation()
@@ -467,189 +525,184 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
+@dataclass
+class Session:
+    """What a run trains with, assembled by `setup`."""
+    cfg: Config
+    ranks: Ranks
+    device: torch.device
+    amp_dtype: torch.dtype
+    run: Run
+    dataset: datasets.ArrowFlightDataset
+    labels: datasets.Labels
+    model: CustomTransformer       # the model itself (under DDP, the replica's module)
+    trained: torch.nn.Module       # what trains: the model wrapped for several processes
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    feed: StepFeed
+    rebalancer: object | None
+    enrolled: Enrolled
+    flops_per_position: float
+    peak: float | None
+
+
+def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: StopSignals) -> Session:
+    """Processes and device, run folder, data, speakers, model, work per process, optimizer,
+    checkpoints (restored when resuming); the run's description on the terminal and the feed."""
+    ranks = init_distributed(cfg.train.device)
+    seed_everything(cfg.train.seed)
+    device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
+    threads, busy = set_cpu_threads(cfg.train.cpu_threads, device, ranks)
+    run, resume_path, saved = open_run(args, cfg.train, ranks, cleanup)   # saved: on rank 0 only
+    if busy:
+        run.say(f"warning: {busy}")
+    changed = from_rank0(architecture_changes(saved.get("config", {}).get("model", {}), cfg.model) if saved else [])
+    if changed:
+        raise ValueError(f"{resume_path} holds a model of another shape than this run's config: resume with "
+                         + " ".join(f"--set {item}" for item in changed) + " (or start afresh in another --out)")
+    dataset, eval_set = open_data(args, cfg, cleanup, ranks)
+    labels = run_speakers(dataset, eval_set, from_rank0(saved.get("labels") if saved else None),
+                          from_rank0(saved is not None), run.say, resume_path)
+    info = datasets.corpus_info(dataset.metadata())
+    model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
+    if needs_precision_probe(device, cfg.train.precision):
+        amp_dtype, speeds = faster_precision(model, dataset.layout, cfg.data.batch_size, device)
+        run.say(f"{describe_device(device)}: " + ", ".join(f"{dtype_name(d)} {v:,.0f}" for d, v in speeds.items())
+                + f" positions/s on a probe step: training in {dtype_name(amp_dtype)}")
+    # Uneven work per rank (train.rank_shares): by hand, or measured on every card and kept even
+    # by the rebalancer.
+    per_step, batch_sizes, rebalancer = plan_work(cfg, ranks, model, device, amp_dtype, run.say)
+    dataset.set_work(per_step, batch_sizes)
+    feed = StepFeed(dataset, cfg, ranks, lambda: bool(stop_requested))
+    trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression)
+    if ranks.world > 1:
+        _HELD_UNTIL_EXIT.append(trained)
+    optimizer, scheduler = make_optimizer(trained, cfg.train, device)
+    # One loss scale for all: a rank in fp16 (a P40) scales, so every rank scales alike, or the
+    # summed gradients would mix scaled and unscaled ones.
+    scaler = torch.amp.GradScaler(device.type, enabled=any(all_ranks(amp_dtype == torch.float16)))
+    enrolled = Enrolled()
+    run.checkpointer = Checkpointer(run.out_dir, cfg.train.keep_checkpoints, ranks, model, optimizer,
+                                    pieces={"scheduler": scheduler, "scaler": scaler, "labels": labels,
+                                            "enrolment": enrolled},
+                                    per_rank={"rng": GlobalRNG(), "data": feed},
+                                    progress=run.progress, extra={"config": asdict(cfg)})
+    if eval_set is not None:
+        # the model itself: with DDP that is the replica's module, which runs without collectives
+        run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype)
+    if from_rank0(resume_path is not None):
+        run.checkpointer.load(saved)
+        run.last_checkpoint = (run.progress.step, resume_path)
+        run.say(f"resumed from {resume_path} at step {run.progress.step}")
+        change = schedule_change(saved.get("config", {}).get("train", {}) if saved else {}, cfg.train,
+                                 run.progress.step)
+        if change:
+            run.say(f"note: {change}")
+    session = Session(cfg, ranks, device, amp_dtype, run, dataset, labels, model, trained, optimizer, scheduler,
+                      scaler, feed, rebalancer, enrolled, model.flops_per_position(cfg.data.max_seq_len),
+                      peak_flops(device, amp_dtype))
+    describe_run(session, eval_set, threads)
+    feed.open()
+    cleanup.callback(feed.close)   # stop reading before the in-process server goes away
+    run.progress_bar = cleanup.enter_context(tqdm(
+        total=cfg.train.steps, initial=run.progress.step, desc="train", unit="step", dynamic_ncols=True,
+        disable=not ranks.main))
+    return session
+
+
+def run_speakers(dataset, eval_set, saved_labels: dict | None, resumed: bool, say, resume_path) -> datasets.Labels:
+    """Speakers by name: the run's ids come from the checkpoint (new names appended) or the
+    training files; the training and evaluation files are mapped onto them by name."""
+    labels = datasets.Labels(datasets.speaker_names(dataset.metadata()))
+    if saved_labels:
+        labels = datasets.Labels(**saved_labels).extended(labels.speakers)
+    elif resumed:
+        say(f"{resume_path} holds no speaker map (written before speakers were kept by name): "
+            "numbering them from the training files, as that run did")
+    for data in filter(None, (dataset, eval_set)):
+        data.use_speakers(labels.speakers)
+    return labels
+
+
+def describe_run(s: Session, eval_set, threads: int) -> None:
+    """The run's description: on the terminal, and as the live feed's first message."""
+    cfg, run, feed = s.cfg, s.run, s.feed
+    # A resumed epoch finishes with the work it was dealt by; this run's applies from the next.
+    following = s.dataset.work(feed.epoch + 1)
+    if following != (feed.per_step, feed.batch_sizes):
+        run.say(f"epoch {feed.epoch} continues with the checkpoint's work; from epoch {feed.epoch + 1} on, processes "
+                f"take {following[0]} batch(es) of {following[1]} sequence(s) a step")
+    run.say(f"{len(s.labels.speakers)} speaker(s) by name, {len(s.dataset.files)} training file(s)"
+            + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
+    precision = dtype_name(s.amp_dtype)
+    for rank, (where, dtype, cpu_threads) in enumerate(all_ranks((describe_device(s.device), precision, threads))):
+        run.say(f"process {rank}: {where} ({dtype}, {cpu_threads} CPU thread(s)), {feed.per_step[rank]} batch(es) x "
+                f"{feed.batch_sizes[rank]} x {cfg.data.max_seq_len} positions per step")
+    if not s.peak and s.device.type != "cpu":
+        run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(s.device)}")
+    run.publish({"type": "run", "parameters": sum(p.numel() for p in s.model.parameters()), "device": str(s.device),
+                 "precision": precision, "processes": s.ranks.world,
+                 "batches_per_step": feed.per_step[s.ranks.rank], "batches_per_step_by_process": feed.per_step,
+                 "batch_size_by_process": feed.batch_sizes, "files": len(s.dataset.files), "config": asdict(cfg),
+                 "start_step": run.progress.step, "steps": cfg.train.steps})
+
+
 def train(args, cfg: Config) -> dict:
-    # -- Setup: signals, processes and device, run folder, data, model, optimizer, checkpoints -----
     with contextlib.ExitStack() as cleanup:
         # First of all, so that a signal during the slow setup still ends the run cleanly.
         stop_requested = cleanup.enter_context(StopSignals())
-        ranks = init_distributed(cfg.train.device)
-        seed_everything(cfg.train.seed)
-        device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
-        threads, busy = set_cpu_threads(cfg.train.cpu_threads, device, ranks)
-        run, resume_path, saved = open_run(args, cfg.train, ranks, cleanup)   # saved: on rank 0 only
-        if busy:
-            run.say(f"warning: {busy}")
-        changed = from_rank0(architecture_changes(saved.get("config", {}).get("model", {}), cfg.model) if saved else [])
-        if changed:
-            raise ValueError(f"{resume_path} holds a model of another shape than this run's config: resume with "
-                             + " ".join(f"--set {item}" for item in changed) + " (or start afresh in another --out)")
-        dataset, eval_set = open_data(args, cfg, cleanup, ranks)
-        # Speakers by name: the run's ids come from the checkpoint (new names appended) or the
-        # training files; evaluation files are mapped onto them by name.
-        info = datasets.corpus_info(dataset.metadata())
-        saved_labels = from_rank0(saved.get("labels") if saved else None)
-        labels = datasets.Labels(datasets.speaker_names(dataset.metadata()))
-        if saved_labels:
-            labels = datasets.Labels(**saved_labels).extended(labels.speakers)
-        elif from_rank0(saved is not None):
-            run.say(f"{resume_path} holds no speaker map (written before speakers were kept by name): "
-                    "numbering them from the training files, as that run did")
-        for data in filter(None, (dataset, eval_set)):
-            data.use_speakers(labels.speakers)
-        model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
-        if needs_precision_probe(device, cfg.train.precision):
-            amp_dtype, speeds = faster_precision(model, dataset.layout, cfg.data.batch_size, device)
-            run.say(f"{describe_device(device)}: " + ", ".join(f"{dtype_name(d)} {v:,.0f}" for d, v in speeds.items())
-                    + f" positions/s on a probe step: training in {dtype_name(amp_dtype)}")
-        # Uneven work per rank (train.rank_shares): by hand, or measured on every card and kept
-        # even by the rebalancer.
-        per_step, batch_sizes, rebalancer = plan_work(cfg, ranks, model, device, amp_dtype, run.say)
-        dataset.set_work(per_step, batch_sizes)
-        feed = StepFeed(dataset, cfg, ranks, lambda: bool(stop_requested))
-        trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression)
-        if ranks.world > 1:
-            _HELD_UNTIL_EXIT.append(trained)
-        optimizer, scheduler = make_optimizer(trained, cfg.train, device)
-        # One loss scale for all: a rank in fp16 (a P40) scales, so every rank scales alike, or the
-        # summed gradients would mix scaled and unscaled ones.
-        scaler = torch.amp.GradScaler(device.type, enabled=any(all_ranks(amp_dtype == torch.float16)))
-        enrolled = Enrolled()
-        run.checkpointer = Checkpointer(run.out_dir, cfg.train.keep_checkpoints, ranks, model, optimizer,
-                                        pieces={"scheduler": scheduler, "scaler": scaler, "labels": labels,
-                                                "enrolment": enrolled},
-                                        per_rank={"rng": GlobalRNG(), "data": feed},
-                                        progress=run.progress, extra={"config": asdict(cfg)})
-        if eval_set is not None:
-            # the model itself: with DDP that is the replica's module, which runs without collectives
-            run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype)
-        if from_rank0(resume_path is not None):
-            run.checkpointer.load(saved)
-            run.last_checkpoint = (run.progress.step, resume_path)
-            run.say(f"resumed from {resume_path} at step {run.progress.step}")
-            change = schedule_change(saved.get("config", {}).get("train", {}) if saved else {}, cfg.train,
-                                     run.progress.step)
-            if change:
-                run.say(f"note: {change}")
-
-        # A resumed epoch finishes with the work it was dealt by; this run's applies from the next.
-        epoch, per_step, batch_sizes = feed.epoch, feed.per_step, feed.batch_sizes
-        if dataset.work(epoch + 1) != (per_step, batch_sizes):
-            run.say(f"epoch {epoch} continues with the checkpoint's work; from epoch {epoch + 1} on, processes take "
-                    f"{dataset.work(epoch + 1)[0]} batch(es) of {dataset.work(epoch + 1)[1]} sequence(s) a step")
-        flops_per_position = model.flops_per_position(cfg.data.max_seq_len)
-        peak = peak_flops(device, amp_dtype)
-        run.say(f"{len(labels.speakers)} speaker(s) by name, {len(dataset.files)} training file(s)"
-                + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
-        precision = dtype_name(amp_dtype)
-        for rank, (where, dtype, cpu_threads) in enumerate(all_ranks((describe_device(device), precision, threads))):
-            run.say(f"process {rank}: {where} ({dtype}, {cpu_threads} CPU thread(s)), {per_step[rank]} batch(es) x "
-                    f"{batch_sizes[rank]} x {cfg.data.max_seq_len} positions per step")
-        if not peak and device.type != "cpu":
-            run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(device)}")
-        start_step = run.progress.step
-        run.publish({"type": "run", "parameters": sum(p.numel() for p in model.parameters()), "device": str(device),
-                     "precision": precision, "processes": ranks.world,
-                     "batches_per_step": per_step[ranks.rank], "batches_per_step_by_process": per_step,
-                     "batch_size_by_process": batch_sizes, "files": len(dataset.files), "config": asdict(cfg),
-                     "start_step": start_step, "steps": cfg.train.steps})
-        feed.open()
-        cleanup.callback(feed.close)   # stop reading before the in-process server goes away
-        run.progress_bar = cleanup.enter_context(tqdm(
-            total=cfg.train.steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
-            disable=not ranks.main))
-
-        # -- The loop -------------------------------------------------------------------------------
+        s = setup(args, cfg, cleanup, stop_requested)
+        run, feed, start_step = s.run, s.feed, s.run.progress.step
         losses, last_path = [], None
-        trained.train()
+        s.trained.train()
         stop_requested.training = True
         try:
             for step in range(start_step, cfg.train.steps):
                 # 1. This rank's batches for the step, each with its masks; padding where data failed.
                 started = time.perf_counter()
                 this = feed.next_step(step)
-
                 # 2. Forward, backward, one exchange between ranks, optimizer step (or a skip).
-                result = train_step(trained, this.micro_batches, optimizer, scheduler, scaler, device, amp_dtype,
-                                    cfg.train.grad_clip, lambda: bool(stop_requested),
-                                    abandon=this.missing is not None, timed=rebalancer is not None)
+                result = train_step(s.trained, this.micro_batches, s.optimizer, s.scheduler, s.scaler, s.device,
+                                    s.amp_dtype, cfg.train.grad_clip, lambda: bool(stop_requested),
+                                    abandon=this.missing is not None, timed=s.rebalancer is not None)
                 if result.abandoned:   # not counted, its batches not recorded: a resume reads them again
-                    last_path = run.checkpoint(final=True)
-                    saved = (f"the checkpoint of step {run.last_checkpoint[0]}" + (f", {last_path}" if last_path else "")
-                             if run.last_checkpoint else "nothing to save (no step had finished)")
-                    if isinstance(this.missing, datasets.DataError) or not result.stop:
-                        reason = this.missing if isinstance(this.missing, datasets.DataError) else \
-                            "another process could not read its data (its error is above)"
-                        raise datasets.DataError(f"{reason}\nThe run stopped with {saved}; when the data is "
-                                                 f"back, continue with --resume auto")
-                    run.say(f"asked to stop while waiting for data: stopped with {saved}")
+                    last_path = run.abandon(this.missing, result.stop) or last_path
                     break
                 feed.commit(this)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                step_time = time.perf_counter() - started
-                progress = run.progress
-                progress.step = done = step + 1
-                progress.nonfinite_in_a_row = 0 if result.applied else progress.nonfinite_in_a_row + 1
-                progress.nonfinite_steps += not result.applied
-
-                # 3. Metrics: metrics.jsonl, live feed, progress bar.
-                tokens_per_s = result.positions / step_time
-                record = {"type": "step", "step": done, "epoch": this.epoch, "loss": result.loss,
-                          **result.metrics, "lr": result.lr, "grad_norm": result.grad_norm,
-                          "tokens_per_s": tokens_per_s, "step_time_s": step_time,
-                          "data_wait_frac": this.data_wait_s / step_time, "peak_mem_gb": peak_memory_gb(device),
-                          "mfu": flops_per_position * tokens_per_s / (peak * ranks.world) if peak else None,
-                          "skipped": not result.applied, "nonfinite_steps": progress.nonfinite_steps}
-                run.publish({k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-                             for k, v in record.items()})
+                # 3. Counters, metrics, and a stop after too many non-finite steps in a row.
                 losses.append(result.loss)
-                run.progress_bar.update()
-                run.progress_bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_s:.0f}",
-                                             acc=f"{result.metrics.get('accuracy', 0.0):.3f}")
-
-                # 4. Too many non-finite steps in a row: keep the last good weights and stop.
-                if progress.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-                    last_path = run.checkpoint(final=True)   # the skipped steps left the weights untouched
-                    raise TrainingHalted(
-                        f"{progress.nonfinite_in_a_row} steps in a row (up to step {done}) had a non-finite "
-                        f"loss or gradient; stopped with checkpoint {last_path}. Bad data is the usual cause: "
-                        f"check the files with `python schema.py FILE_OR_FOLDER ...` (it names every NaN/inf "
-                        f"value by file, row and column); otherwise lower train.lr.")
-
-                # 5. Evaluation and checkpoints; a requested stop ends the run here.
-                final = done == cfg.train.steps or result.stop
-                if eval_set is not None and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
-                    run.evaluate()
-                if done == cfg.train.steps:   # the last checkpoint names the training speakers by enrolment
-                    enrolled.state = enrol_training_speakers(model, dataset, cfg.train.parallel, ranks, device, run.say)
-                if done % cfg.train.checkpoint_every == 0 or final:
-                    last_path = run.checkpoint(final=final) or last_path
+                done = run.after_step(result, this, time.perf_counter() - started, s)
+                # 4. Evaluation, the speakers' enrolment at the end, checkpoints; a requested stop.
+                last_path = run.end_of_step(done, result.stop, s) or last_path
                 if result.stop:
                     run.say(f"asked to stop: stopped after step {done}, checkpoint {last_path}")
                     break
-
-                # 6. With train.rank_shares=auto: a plan that evens out the ranks' measured compute
-                #    better takes over from the next epoch; the stream is reopened from the
-                #    consumed batches, since it may already have read into that epoch.
-                if rebalancer is not None:
-                    rebalancer.add(this.positions(cfg.model.frames_per_position), result.compute_s)
-                    proposal = rebalancer.propose(done, feed.per_step, feed.batch_sizes)
-                    if proposal is not None:
-                        new_per_step, new_batch_sizes, speeds = proposal
-                        feed.replan(new_per_step, new_batch_sizes)
-                        run.say(f"step {done}: measured compute {', '.join(f'{v:,.0f}' for v in speeds)} positions/s "
-                                f"per process: from epoch {feed.epoch + 1} on, batches {new_per_step} of "
-                                f"{new_batch_sizes} sequences")
-                        run.publish({"type": "rebalance", "step": done, "from_epoch": feed.epoch + 1,
-                                     "positions_per_s_by_process": speeds, "batches_per_step_by_process": new_per_step,
-                                     "batch_size_by_process": new_batch_sizes})
+                # 5. With train.rank_shares=auto: a plan that evens out the ranks' measured compute
+                #    better takes over from the next epoch.
+                if s.rebalancer is not None:
+                    rebalance(s, this, result, done)
         except Exception as err:
             run.publish({"type": "failed", "step": run.progress.step, "error": f"{type(err).__name__}: {err}"})
             raise
         run.publish({"type": "finished", "step": start_step + len(losses),
                      "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                      "checkpoint": str(last_path) if last_path else None})
-    return {"losses": losses, "checkpoint": last_path, "main": ranks.main}
+    return {"losses": losses, "checkpoint": last_path, "main": s.ranks.main}
+
+
+def rebalance(s: Session, this: Step, result: StepResult, done: int) -> None:
+    s.rebalancer.add(this.positions(s.cfg.model.frames_per_position), result.compute_s)
+    proposal = s.rebalancer.propose(done, s.feed.per_step, s.feed.batch_sizes)
+    if proposal is None:
+        return
+    per_step, batch_sizes, speeds = proposal
+    s.feed.replan(per_step, batch_sizes)
+    s.run.say(f"step {done}: measured compute {', '.join(f'{v:,.0f}' for v in speeds)} positions/s per process: "
+              f"from epoch {s.feed.epoch + 1} on, batches {per_step} of {batch_sizes} sequences")
+    s.run.publish({"type": "rebalance", "step": done, "from_epoch": s.feed.epoch + 1,
+                   "positions_per_s_by_process": speeds, "batches_per_step_by_process": per_step,
+                   "batch_size_by_process": batch_sizes})
 
 
 def parse_args(argv=None):
