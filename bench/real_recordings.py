@@ -38,7 +38,8 @@ import pyarrow.parquet as pq
 
 from common import ROOT, header, logistic_regression, save
 
-import features  # noqa: E402 (path set by common)
+import checkpoint  # noqa: E402 (path set by common)
+import features  # noqa: E402
 import model_trainer  # noqa: E402
 
 PACKAGES = ["festival", "festvox-kallpc16k", "festvox-kdlpc16k", "festvox-us-slt-hts", "espeak-ng", "sox",
@@ -256,17 +257,21 @@ def main() -> int:
     train_seconds = time.perf_counter() - started
     curve = {}
     for step in steps:
-        checkpoint = run / f"ckpt-{step:08d}.pt"
-        if not checkpoint.exists():
+        saved = run / f"ckpt-{step:08d}.pt"
+        if not saved.exists():
             continue
-        train_vectors, train_order = embedded(checkpoint, train_dir, work / "embed-train.parquet")
-        test_vectors, test_order = embedded(checkpoint, test_dir, work / "embed-test.parquet")
+        train_vectors, train_order = embedded(saved, train_dir, work / "embed-train.parquet")
+        test_vectors, test_order = embedded(saved, test_dir, work / "embed-test.parquet")
         probe = accuracies(train_vectors[[train_order[r["sample_id"]] for r in train_labels]], train_labels,
                            test_vectors[[test_order[r["sample_id"]] for r in test_labels]], test_labels, known)
-        enrolled = work / "enrolled.pt"
-        assert model_trainer.main(["enroll", "--checkpoint", str(checkpoint), "--data-dir", str(train_dir), "--out",
+        # The speaker head alone (the run's last checkpoint is enrolled: that is taken out here),
+        # then the training speakers enrolled from the training files.
+        head, enrolled = work / "head.pt", work / "enrolled.pt"
+        checkpoint.write_atomically(head, {k: v for k, v in checkpoint.load_checkpoint(saved).items()
+                                           if k != "enrolment"})
+        assert model_trainer.main(["enroll", "--checkpoint", str(head), "--data-dir", str(train_dir), "--out",
                                    str(enrolled)]) == 0
-        curve[step] = (probe, predicted(checkpoint, test_dir, work / "predict.jsonl", test_labels, known),
+        curve[step] = (probe, predicted(head, test_dir, work / "predict.jsonl", test_labels, known),
                        predicted(enrolled, test_dir, work / "predict-enrolled.jsonl", test_labels, known))
 
     speakers = {name: sum(r["speaker"] == name for r in train_labels) for name in known}
