@@ -16,14 +16,11 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import random
 import signal
-import socket
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -40,20 +37,19 @@ import datasets
 import demo_corpus
 import flight_client
 import live_metrics
-from access import read_token
-from checkpoint import Checkpointer, CheckpointWriteError, GlobalRNG, load_checkpoint, newest_checkpoint
+from checkpoint import Checkpointer, GlobalRNG
 from config import DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, load_config
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts
 from flight_client import Connection
 from flight_server import SampleFlightServer
 import inference
 from inference import evaluate
-from live_metrics import MetricsServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, barrier, choose_device, clock, describe_device, distribute,
-                      from_rank0, gradient_sync, init_distributed, peak_flops, peak_memory_gb, set_cpu_threads,
+                      from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads,
                       unwrapped)
 from planning import compute_seconds, faster_precision, needs_precision_probe, plan_work
-from step_feed import Step, StepFeed
+from step_feed import Step, StepFeed, StepResult
+from training_run import Enrolled, Meter, Run, TrainingHalted, enrol_training_speakers, open_run
 
 DEMO_DIR = Path("data/demo")
 
@@ -128,23 +124,6 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
 # ---------------------------------------------------------------------------------------------
 # Training
 
-class TrainingHalted(RuntimeError):
-    """Training cannot go on; a checkpoint of the last good weights was written."""
-
-
-@dataclass
-class StepResult:
-    loss: float           # over the union of every rank's batches
-    metrics: dict         # this rank's, averaged over its accumulated batches
-    grad_norm: float
-    lr: float             # the rate this step used
-    applied: bool         # False: a non-finite loss or gradient, or an abandoned step; weights untouched
-    positions: int        # sequence positions trained on, all ranks together
-    stop: bool            # some rank was asked to stop (SIGINT/SIGTERM): all stop after this step
-    abandoned: bool = False   # some rank could not get its batches: the step does not count anywhere
-    compute_s: float = 0.0    # with `timed`: this rank's forward and backward time, waits for other ranks left out
-
-
 def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_dtype, grad_clip,
                stop_requested: Callable[[], bool] = lambda: False, abandon: bool = False,
                timed: bool = False) -> StepResult:
@@ -217,265 +196,6 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
 # ---------------------------------------------------------------------------------------------
 # The run: counters, run folder, checkpoints, evaluation, metrics
 
-@dataclass
-class Progress:
-    """The run's counters, saved at the top level of every checkpoint."""
-    step: int = 0                    # optimizer steps done (skipped ones included)
-    nonfinite_steps: int = 0         # steps skipped for a NaN/inf loss or gradient, in all
-    nonfinite_in_a_row: int = 0
-    best_eval_loss: float = math.inf
-
-    def state_dict(self) -> dict:
-        return asdict(self)
-
-    def load_state_dict(self, state: dict) -> None:
-        for item in dataclasses.fields(self):
-            setattr(self, item.name, state.get(item.name, item.default))
-
-
-class Run:
-    """What a run leaves and shows: checkpoints, best.pt and metrics.jsonl in the run folder, the
-    live metrics feed, messages. Rank 0 alone writes; every rank calls `checkpoint` and
-    `evaluate`, which are collective."""
-
-    def __init__(self, out_dir: Path, ranks: Ranks, live: MetricsServer | None, on_checkpoint_error: str):
-        self.out_dir, self.ranks, self.live = out_dir, ranks, live
-        self.on_checkpoint_error = on_checkpoint_error
-        self.progress = Progress()
-        self.checkpointer: Checkpointer | None = None   # set once model and optimizer exist
-        self.evaluation = None                          # () -> metrics, with --eval-files
-        self.progress_bar = None
-        self.last_checkpoint: tuple[int, Path] | None = None   # (step, path) of the newest one written
-        self._metrics_log = open(out_dir / "metrics.jsonl", "a") if ranks.main else None
-
-    def close(self) -> None:
-        if self._metrics_log:
-            self._metrics_log.close()
-
-    def say(self, text: str) -> None:
-        """A line on the terminal, from rank 0, above the progress bar."""
-        if self.ranks.main:
-            if self.progress_bar:
-                self.progress_bar.write(text, file=sys.stderr)
-            else:
-                print(text, file=sys.stderr)
-
-    def publish(self, message: dict) -> None:
-        """To metrics.jsonl and the live feed (rank 0)."""
-        if not self.ranks.main:
-            return
-        self._metrics_log.write(json.dumps(message) + "\n")
-        self._metrics_log.flush()
-        if self.live:
-            self.live.publish(message)
-
-    def _save(self, name: str | None = None, final: bool = False) -> tuple[bool, Path | None]:
-        """Write a checkpoint; every rank learns whether rank 0 could. -> (written, the path on
-        rank 0). A failed write stops the run (CheckpointWriteError) unless
-        train.on_checkpoint_error=continue and more steps follow."""
-        path, failure = None, None
-        try:
-            path = self.checkpointer.save(name)
-        except CheckpointWriteError as err:   # rank 0 alone writes, so only it can fail here
-            failure = str(err)
-        failure = from_rank0(failure)
-        if failure is None:
-            return True, path
-        kept = (f"the last good checkpoint is {self.last_checkpoint[1]} (step {self.last_checkpoint[0]})"
-                if self.last_checkpoint else "no checkpoint of this run was written yet")
-        self.publish({"type": "checkpoint_failed", "step": self.progress.step, "error": failure})
-        if self.on_checkpoint_error == "continue" and not final:
-            self.say(f"{failure}; training goes on (train.on_checkpoint_error=continue) and tries again at the "
-                     f"next interval; {kept}")
-            return False, None
-        raise CheckpointWriteError(f"{failure}. Stopped at step {self.progress.step}; {kept}. Free some space "
-                                   f"(or choose another --out) and resume with --resume auto")
-
-    def checkpoint(self, final: bool = False) -> Path | None:
-        """ckpt-STEP.pt for the last finished step (once: a step already saved is not saved again)."""
-        step = self.progress.step
-        if self.last_checkpoint and self.last_checkpoint[0] == step:
-            return self.last_checkpoint[1]
-        if step == 0:
-            return None
-        written, path = self._save(final=final)
-        if written:
-            self.last_checkpoint = (step, path)
-            self.publish({"type": "checkpoint", "step": step, "path": str(path)})
-        return path
-
-    def abandon(self, missing: Exception | None, stop: bool) -> Path | None:
-        """A step some rank could not get its batches for: keep the last finished step's
-        checkpoint (-> its path); a stop asked for while waiting ends the run, data that stayed
-        away fails it."""
-        path = self.checkpoint(final=True)
-        saved = (f"the checkpoint of step {self.last_checkpoint[0]}" + (f", {path}" if path else "")
-                 if self.last_checkpoint else "nothing to save (no step had finished)")
-        if isinstance(missing, datasets.DataError) or not stop:
-            reason = missing if isinstance(missing, datasets.DataError) else \
-                "another process could not read its data (its error is above)"
-            raise datasets.DataError(f"{reason}\nThe run stopped with {saved}; when the data is back, continue "
-                                     f"with --resume auto")
-        self.say(f"asked to stop while waiting for data: stopped with {saved}")
-        return path
-
-    def after_step(self, result: StepResult, this: Step, step_time: float, s: "Session") -> int:
-        """Count the step, log its metrics (metrics.jsonl, live feed, progress bar); too many
-        non-finite steps in a row stop the run with the last good weights. -> steps done."""
-        if s.device.type == "cuda":
-            torch.cuda.synchronize(s.device)
-        progress = self.progress
-        progress.step = done = progress.step + 1
-        progress.nonfinite_in_a_row = 0 if result.applied else progress.nonfinite_in_a_row + 1
-        progress.nonfinite_steps += not result.applied
-        tokens_per_s = result.positions / step_time
-        record = {"type": "step", "step": done, "epoch": this.epoch, "loss": result.loss, **result.metrics,
-                  "lr": result.lr, "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
-                  "step_time_s": step_time, "data_wait_frac": this.data_wait_s / step_time,
-                  "peak_mem_gb": peak_memory_gb(s.device),
-                  "mfu": s.flops_per_position * tokens_per_s / (s.peak * s.ranks.world) if s.peak else None,
-                  "skipped": not result.applied, "nonfinite_steps": progress.nonfinite_steps}
-        self.publish({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
-        self.progress_bar.update()
-        self.progress_bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_s:.0f}",
-                                      acc=f"{result.metrics.get('accuracy', 0.0):.3f}")
-        if progress.nonfinite_in_a_row >= s.cfg.train.max_nonfinite_steps:
-            path = self.checkpoint(final=True)   # the skipped steps left the weights untouched
-            raise TrainingHalted(
-                f"{progress.nonfinite_in_a_row} steps in a row (up to step {done}) had a non-finite loss or "
-                f"gradient; stopped with checkpoint {path}. Bad data is the usual cause: check the files with "
-                f"`python schema.py FILE_OR_FOLDER ...` (it names every NaN/inf value by file, row and column); "
-                f"otherwise lower train.lr.")
-        return done
-
-    def end_of_step(self, done: int, stop: bool, s: "Session") -> Path | None:
-        """Evaluation every train.eval_every steps and at the end, the training speakers enrolled
-        for the last checkpoint, a checkpoint every train.checkpoint_every steps and at the end (or
-        a stop). -> the checkpoint written, if one was."""
-        cfg = s.cfg.train
-        last = done == cfg.steps
-        if self.evaluation is not None and (done % cfg.eval_every == 0 or last):
-            self.evaluate()
-        if last:
-            s.enrolled.state = enrol_training_speakers(s.model, s.dataset, cfg.parallel, s.ranks, s.device, self.say)
-        if done % cfg.checkpoint_every == 0 or last or stop:
-            return self.checkpoint(final=last or stop)
-        return None
-
-    def evaluate(self) -> None:
-        """Evaluate on --eval-files; the best evaluation loss so far is kept as best.pt."""
-        step, results = self.progress.step, self.evaluation()
-        best = results["loss"] < self.progress.best_eval_loss
-        if best:
-            self.progress.best_eval_loss = results["loss"]
-            self._save("best.pt")
-        self.publish({"type": "eval", "step": step, "best": best, **results})
-        unseen = results["unseen_speakers"]
-        self.say(f"eval at step {step}: loss {results['loss']:.4f}, masked-token accuracy "
-                 f"{results.get('text_acc', float('nan')):.3f}, speaker {results.get('speaker_acc', float('nan')):.3f}, "
-                 f"sentiment {results.get('sentiment_acc', float('nan')):.3f}"
-                 + ("  (best so far: best.pt)" if best else "")
-                 + (f"; {sum(unseen.values())} segment(s) of speakers unseen in training ({', '.join(unseen)}) "
-                    "were not scored for speaker" if unseen else ""))
-
-
-class Enrolled:
-    """The checkpoint piece that holds the training speakers' enrolment (empty until the run ends)."""
-
-    def __init__(self):
-        self.state: dict = {}
-
-    def state_dict(self) -> dict:
-        return self.state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.state = dict(state)
-
-
-ENROL_PER_SPEAKER = 256   # segments read per training speaker to enrol them at the end of a run
-
-
-def enrol_training_speakers(model, dataset, parallel_mode: str, ranks: Ranks, device, say) -> dict:
-    """Rank 0 enrols the speakers of the training files (predict then names speakers by cosine
-    score and says unknown below a calibrated threshold); the others wait for its result. Under
-    FSDP the model's forward is collective, so the user enrols with `model_trainer.py enroll`."""
-    state = {}
-    if parallel_mode == "fsdp" and ranks.world > 1:
-        say("speakers not enrolled (FSDP): run model_trainer.py enroll --checkpoint CKPT with the training files")
-    elif ranks.main:
-        try:
-            enrolment, counts = inference.enrol_speakers(model, dataset, device,
-                                                         per_speaker=ENROL_PER_SPEAKER)
-            state = enrolment.state_dict()
-            say(inference.describe_enrolment(enrolment, counts))
-        except ValueError as err:   # no speaker names in the training files
-            say(f"speakers not enrolled: {err}")
-    return from_rank0(state)
-
-
-def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
-             ) -> tuple[Run, Path | None, dict | None]:
-    """The run folder and live metrics (first, so that a busy port or a folder that cannot be
-    written fails before any slow work). -> the run, and on rank 0 the checkpoint to resume from
-    and its state (None: a fresh run)."""
-    out_dir, resume_path, saved = Path(args.out), None, None
-    if ranks.main:   # rank 0 alone reads and writes the run folder
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=out_dir):
-                pass
-        except OSError as err:
-            raise OSError(f"--out {out_dir}: cannot write there: {err.strerror or err}") from None
-        problems: list[str] = []
-        if args.resume == "auto":
-            resume_path, saved = newest_checkpoint(out_dir, problems) or (None, None)
-        elif args.resume:
-            resume_path = Path(args.resume)
-            saved = load_checkpoint(resume_path)
-        if resume_path is None and problems:
-            raise ValueError(f"--resume auto: none of the {len(problems)} checkpoint(s) in {out_dir} can be read:\n  "
-                             + "\n  ".join(problems) + f"\nTo start afresh, move them out of {out_dir} or choose "
-                             "another --out")
-        if resume_path is None and any(out_dir.glob("ckpt-*.pt")):
-            raise ValueError(f"{out_dir} holds checkpoints of an earlier run: pass --resume auto to "
-                             "continue it, or choose another --out")
-    if args.resume == "auto":
-        check_checkpoints_reach_rank0(out_dir, ranks)
-    live = None
-    if args.ws_port >= 0 and ranks.main:
-        ws_token = read_token(args.ws_token_file) if args.ws_token_file else None
-        live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port, ws_token))
-    run = Run(out_dir, ranks, live, cfg.on_checkpoint_error)
-    cleanup.callback(run.close)
-    if live:
-        run.say(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/")
-    where = f" on {socket.gethostname()} (the machine of rank 0)" if ranks.world > 1 else ""
-    run.say(f"checkpoints: {out_dir.resolve()}{where}")
-    if args.resume == "auto" and resume_path is None:
-        run.say(f"--resume auto: no checkpoint in {out_dir}: starting at step 0")
-    return run, resume_path, saved
-
-
-def check_checkpoints_reach_rank0(out_dir: Path, ranks: Ranks) -> None:
-    """Under torchrun over several machines only rank 0 reads and writes checkpoints, on its own
-    disk. A run resumed with rank 0 on another machine than before would start afresh there:
-    every rank looks in --out, and a newer checkpoint on any other machine is an error (on all
-    ranks alike, so none waits for the others)."""
-    def newest(folder):
-        names = sorted(p.name for p in folder.glob("ckpt-*.pt")) if folder.is_dir() else []
-        return names[-1] if names else ""
-
-    seen = all_ranks((socket.gethostname(), newest(out_dir)))
-    host0, newest0 = seen[0]
-    ahead = [(rank, host, name) for rank, (host, name) in enumerate(seen) if host != host0 and name > newest0]
-    if ahead:
-        rank, host, name = ahead[0]
-        raise ValueError(f"--resume auto: {out_dir} on {host} (rank {rank}) holds {name}, but rank 0 runs on {host0}, "
-                         f"which has {newest0 or 'no checkpoint'} there: only rank 0 reads checkpoints. Start rank 0 on "
-                         f"{host} (torchrun --rdzv_backend static --node_rank 0 --master_addr {host} there), or copy "
-                         f"the checkpoints to {host0}")
-
-
 def build_model(cfg: Config, info: datasets.CorpusInfo, device: torch.device) -> CustomTransformer:
     model = CustomTransformer(cfg.model)
     model.set_corpus_stats(info)
@@ -542,9 +262,6 @@ class Session:
     scaler: torch.amp.GradScaler
     feed: StepFeed
     rebalancer: object | None
-    enrolled: Enrolled
-    flops_per_position: float
-    peak: float | None
 
 
 def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: StopSignals) -> Session:
@@ -591,6 +308,9 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
     if eval_set is not None:
         # the model itself: with DDP that is the replica's module, which runs without collectives
         run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype)
+    run.enrolment = lambda: enrolled.load_state_dict(
+        enrol_training_speakers(model, dataset, cfg.train.parallel, ranks, device, run.say))
+    run.meter = Meter(device, model.flops_per_position(cfg.data.max_seq_len), peak_flops(device, amp_dtype))
     if from_rank0(resume_path is not None):
         run.checkpointer.load(saved)
         run.last_checkpoint = (run.progress.step, resume_path)
@@ -600,8 +320,7 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
         if change:
             run.say(f"note: {change}")
     session = Session(cfg, ranks, device, amp_dtype, run, dataset, labels, model, trained, optimizer, scheduler,
-                      scaler, feed, rebalancer, enrolled, model.flops_per_position(cfg.data.max_seq_len),
-                      peak_flops(device, amp_dtype))
+                      scaler, feed, rebalancer)
     describe_run(session, eval_set, threads)
     feed.open()
     cleanup.callback(feed.close)   # stop reading before the in-process server goes away
@@ -639,7 +358,7 @@ def describe_run(s: Session, eval_set, threads: int) -> None:
     for rank, (where, dtype, cpu_threads) in enumerate(all_ranks((describe_device(s.device), precision, threads))):
         run.say(f"process {rank}: {where} ({dtype}, {cpu_threads} CPU thread(s)), {feed.per_step[rank]} batch(es) x "
                 f"{feed.batch_sizes[rank]} x {cfg.data.max_seq_len} positions per step")
-    if not s.peak and s.device.type != "cpu":
+    if not run.meter.peak and s.device.type != "cpu":
         run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(s.device)}")
     run.publish({"type": "run", "parameters": sum(p.numel() for p in s.model.parameters()), "device": str(s.device),
                  "precision": precision, "processes": s.ranks.world,
@@ -672,9 +391,9 @@ def train(args, cfg: Config) -> dict:
                 feed.commit(this)
                 # 3. Counters, metrics, and a stop after too many non-finite steps in a row.
                 losses.append(result.loss)
-                done = run.after_step(result, this, time.perf_counter() - started, s)
+                done = run.after_step(result, this, time.perf_counter() - started)
                 # 4. Evaluation, the speakers' enrolment at the end, checkpoints; a requested stop.
-                last_path = run.end_of_step(done, result.stop, s) or last_path
+                last_path = run.end_of_step(done, result.stop) or last_path
                 if result.stop:
                     run.say(f"asked to stop: stopped after step {done}, checkpoint {last_path}")
                     break

@@ -56,6 +56,19 @@ class Step:
         return sum(batch.n_positions(frames_per_position) for batch, _ in self.micro_batches if not batch.padding)
 
 
+@dataclass
+class StepResult:
+    loss: float           # over the union of every rank's batches
+    metrics: dict         # this rank's, averaged over its accumulated batches
+    grad_norm: float
+    lr: float             # the rate this step used
+    applied: bool         # False: a non-finite loss or gradient, or an abandoned step; weights untouched
+    positions: int        # sequence positions trained on, all ranks together
+    stop: bool            # some rank was asked to stop (SIGINT/SIGTERM): all stop after this step
+    abandoned: bool = False   # some rank could not get its batches: the step does not count anywhere
+    compute_s: float = 0.0    # with `timed`: this rank's forward and backward time, waits for other ranks left out
+
+
 class StepFeed:
     def __init__(self, dataset, cfg: Config, ranks: Ranks, stop_requested: Callable[[], bool]):
         self.dataset, self.cfg, self.ranks, self.stop_requested = dataset, cfg, ranks, stop_requested

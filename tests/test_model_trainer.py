@@ -25,8 +25,12 @@ import datasets
 import model_trainer
 import planning
 import step_feed
-from custom_transformer import CustomTransformer, ModelConfig, sample_masks
+import training_run
+from checkpoint import load_checkpoint
+from config import ModelConfig
+from custom_transformer import CustomTransformer, sample_masks
 from flight_server import SampleFlightServer
+from parallel import Ranks
 from util import step_batches
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +152,7 @@ def test_end_to_end_over_flight_with_live_metrics_and_a_checkpoint_that_reloads(
 
     checkpoints = sorted(run_dir.glob("ckpt-*.pt"))
     assert [p.name for p in checkpoints] == ["ckpt-00000020.pt", "ckpt-00000040.pt"]
-    state = model_trainer.load_checkpoint(checkpoints[-1])
+    state = load_checkpoint(checkpoints[-1])
     model = CustomTransformer(ModelConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"])
     dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(256, 4), batch_size=2)
@@ -213,7 +217,7 @@ def test_nan_steps_are_skipped_and_counted(corpus, tmp_path, monkeypatch):
     steps = [m for m in read_metrics(out) if m["type"] == "step"]
     assert [m["skipped"] for m in steps] == [False, False, True, True, False, False, False, False]
     assert steps[2]["loss"] is None and steps[-1]["nonfinite_steps"] == 2
-    state = model_trainer.load_checkpoint(sorted(out.glob("ckpt-*.pt"))[-1])
+    state = load_checkpoint(sorted(out.glob("ckpt-*.pt"))[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert state["nonfinite_steps"] == 2
 
@@ -225,7 +229,7 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_checkpoint(corpus, tmp_path, mo
     assert model_trainer.main(["--data-dir", str(root), "--out", str(out), "--ws-port", "-1", "--steps", "20",
                                *set_flags(TINY + ["train.max_nonfinite_steps=3"])]) == 1
     assert "3 steps in a row (up to step 5) had a non-finite loss" in capsys.readouterr().err
-    state = model_trainer.load_checkpoint(out / "ckpt-00000005.pt")
+    state = load_checkpoint(out / "ckpt-00000005.pt")
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
@@ -261,7 +265,7 @@ def test_evaluation_on_held_out_files_keeps_the_best_checkpoint(corpus, tmp_path
     assert {"loss", "text_acc", "text_perplexity", "loss_mel", "f0_cents", "voicing_acc"} <= set(evals[0])
     assert evals[0]["best"] and abs(evals[0]["text_perplexity"] - math.exp(evals[0]["loss_text"])) < 1e-6
     best = min(evals, key=lambda m: m["loss"])
-    assert model_trainer.load_checkpoint(out / "best.pt")["step"] == best["step"]
+    assert load_checkpoint(out / "best.pt")["step"] == best["step"]
     # The held-out file never trained: no step saw its samples.
     run = next(m for m in records if m["type"] == "run")
     assert run["files"] == len(shards) - 1
@@ -313,7 +317,7 @@ def test_torchrun_two_ranks_train_on_disjoint_data_and_resume_exactly(corpus, tm
     assert [got[s] for s in range(5, steps + 1)] == [expected[s] for s in range(5, steps + 1)]
     assert expected[steps] < expected[1]
     assert not (tmp_path / "straight" / "rank-1").exists()   # rank 0 alone writes the run folder
-    state = model_trainer.load_checkpoint(straight / f"ckpt-{steps:08d}.pt")
+    state = load_checkpoint(straight / f"ckpt-{steps:08d}.pt")
     assert len(state["ranks"]) == 2 and state["config"]["train"]["parallel"] == parallel
 
     rank0, rank1 = probed(tmp_path / "probe-straight", 0), probed(tmp_path / "probe-straight", 1)
@@ -372,7 +376,7 @@ def test_three_ranks_with_uneven_shares_read_in_proportion_and_resume_exactly(co
         assert len(flat) == len(set(flat))                     # no sample twice in an epoch
     assert [probed(tmp_path / "probe-resumed", rank) for rank in range(3)] == [
         batches[0][8:], batches[1][4:], batches[2][4:]]
-    state = model_trainer.load_checkpoint(straight / f"ckpt-{steps:08d}.pt")
+    state = load_checkpoint(straight / f"ckpt-{steps:08d}.pt")
     assert [r["data"]["work"] for r in state["ranks"]] == [[[0, [2, 1, 1], [2, 2, 2]]]] * 3
     run = next(m for m in read_metrics(straight) if m["type"] == "run")
     assert run["batches_per_step_by_process"] == [2, 1, 1] and run["batch_size_by_process"] == [2, 2, 2]
@@ -487,7 +491,7 @@ def test_the_run_keeps_its_speaker_map_and_reports_unseen_eval_speakers_apart(co
                                "--ws-port", "-1", "--steps", "3", *set_flags(TINY)]) == 0
     training_names = sorted({name for s in shards[:-1] for name in
                              json.loads(pq.read_schema(s).metadata[b"mmtrain"])["speakers"]})
-    state = model_trainer.load_checkpoint(out / "ckpt-00000003.pt")
+    state = load_checkpoint(out / "ckpt-00000003.pt")
     assert state["labels"]["speakers"] == training_names and "stranger" not in training_names
     evals = [m for m in read_metrics(out) if m["type"] == "eval"]
     stranger_rows = sum(int(v) == renamed_id for v in table.column("speaker_id").to_pylist())
@@ -559,13 +563,13 @@ def test_resume_auto_refuses_when_another_machine_holds_newer_checkpoints(tmp_pa
     """Several machines under torchrun: rank 0 reads checkpoints from its own disk only."""
     (tmp_path / "ckpt-00000005.pt").write_bytes(b"")
     seen = [("box-a", "ckpt-00000005.pt"), ("box-a", ""), ("box-b", "ckpt-00000020.pt"), ("box-b", "")]
-    monkeypatch.setattr(model_trainer, "all_ranks", lambda value: seen)
+    monkeypatch.setattr(training_run, "all_ranks", lambda value: seen)
     with pytest.raises(ValueError, match=r"--resume auto: .* on box-b \(rank 2\) holds ckpt-00000020.pt, but rank 0 "
                                          r"runs on box-a, which has ckpt-00000005.pt there: only rank 0 reads "
                                          r"checkpoints. Start rank 0 on box-b"):
-        model_trainer.check_checkpoints_reach_rank0(tmp_path, model_trainer.Ranks())
+        training_run.check_checkpoints_reach_rank0(tmp_path, Ranks())
     seen[2] = ("box-b", "ckpt-00000004.pt")   # older: rank 0 has the newest
-    model_trainer.check_checkpoints_reach_rank0(tmp_path, model_trainer.Ranks())
+    training_run.check_checkpoints_reach_rank0(tmp_path, Ranks())
 
 
 def test_the_trainer_reads_from_several_data_servers(corpus, tmp_path):
