@@ -10,13 +10,11 @@ import collections
 import concurrent.futures
 import logging
 import os
-import queue
-import threading
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -36,83 +34,6 @@ from schema import (N_MELS, N_SENTIMENTS, ROW_GROUP_BYTES, SAMPLE_SCHEMA, SCHEMA
                     CorpusInfo, DataError, Labels, Ticket, corpus_info, feature_sums, read_metadata, samples_table,
                     schema_problems, skip_rows_of, speaker_names, summarise_problems, validate_file,
                     validate_table, write_samples)
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading ahead
-
-class Interrupted(Exception):
-    """The consumer of a prefetched stream was asked to stop while it waited for an item."""
-
-
-class Prefetch:
-    """Run `iterable` in a background thread, at most `depth` items ahead (0: each item is read
-    when it is asked for), so that reading and packing overlap the training step (Arrow and torch
-    release the GIL for their heavy work). Errors reach the consumer.
-
-    The consumer never waits blindly: while it waits for an item (a server down, retries backing
-    off), `interrupted()` is polled and, once true, ends the stream with Interrupted. `close()`
-    stops the thread without waiting on a read in flight (the thread is a daemon);
-    `close(wait=True)` waits for it, for a consumer that reopens the source right after."""
-
-    _DONE = object()
-
-    def __init__(self, iterable: Iterable, depth: int, interrupted: Callable[[], bool] = lambda: False):
-        self._items: queue.SimpleQueue = queue.SimpleQueue()   # unbounded: the requests below bound it
-        self._requested = threading.Semaphore(depth)           # items the producer may read ahead
-        self._stop = threading.Event()
-        self._interrupted, self._finished = interrupted, False
-        items, requested, stop, done = self._items, self._requested, self._stop, self._DONE
-
-        def produce():   # holds no reference to self, so an abandoned stream is collected and stops
-            try:
-                iterator = iter(iterable)
-                while True:
-                    while not requested.acquire(timeout=0.1):
-                        if stop.is_set():
-                            return
-                    if stop.is_set():
-                        return
-                    item = next(iterator, done)
-                    items.put((item, None))
-                    if item is done:
-                        return
-            except BaseException as err:  # noqa: BLE001 - handed to the consumer
-                items.put((done, err))
-            finally:   # an abandoned stream shuts its DataLoader workers down now, not at exit
-                getattr(iterable, "close", lambda: None)()
-
-        self._thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-        self._thread.start()
-
-    def __iter__(self) -> "Prefetch":
-        return self
-
-    def __next__(self):
-        if self._finished:
-            raise StopIteration
-        self._requested.release()
-        while True:
-            try:
-                item, err = self._items.get(timeout=0.1)
-                break
-            except queue.Empty:
-                if self._interrupted():
-                    raise Interrupted from None
-        if item is self._DONE:
-            self._finished = True
-            if err is not None:
-                raise err
-            raise StopIteration
-        return item
-
-    def close(self, wait: bool = False) -> None:
-        self._finished = True
-        self._stop.set()
-        self._thread.join(timeout=None if wait else 1.0)   # a read stalled on the network is not waited for
-
-    def __del__(self):
-        self._stop.set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, barrier, choose_device
                       from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads,
                       unwrapped)
 from planning import compute_seconds, faster_precision, needs_precision_probe, plan_work
-from step_feed import Step, StepFeed, StepResult
+from step_feed import Interrupted, Step, StepFeed, StepResult
 from training_run import Enrolled, Meter, Run, TrainingHalted, enrol_training_speakers, open_run
 
 DEMO_DIR = Path("data/demo")
@@ -234,7 +234,7 @@ class StopSignals:
     def _handle(self, number, frame):
         self.received.append(number)
         if not self.training:
-            raise datasets.Interrupted(f"signal {signal.Signals(number).name} during setup")
+            raise Interrupted(f"signal {signal.Signals(number).name} during setup")
 
     def __enter__(self) -> "StopSignals":
         self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -461,7 +461,7 @@ def main(argv=None) -> int:
         return 2
     try:
         result = train(args, cfg)
-    except datasets.Interrupted as err:
+    except Interrupted as err:
         print(f"stopped before training began ({err}): nothing to save", file=sys.stderr)
         return 0
     except (ValueError, OSError, datasets.DataError, TrainingHalted) as err:

@@ -14,9 +14,11 @@ checkpoint pieces do (through the dataset's read position).
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
@@ -24,6 +26,80 @@ import datasets
 from config import Config
 from custom_transformer import Masks, sample_masks
 from parallel import Ranks
+
+
+class Interrupted(Exception):
+    """The consumer of a prefetched stream was asked to stop while it waited for an item."""
+
+
+class Prefetch:
+    """Run `iterable` in a background thread, at most `depth` items ahead (0: each item is read
+    when it is asked for), so that reading and packing overlap the training step (Arrow and torch
+    release the GIL for their heavy work). Errors reach the consumer.
+
+    The consumer never waits blindly: while it waits for an item (a server down, retries backing
+    off), `interrupted()` is polled and, once true, ends the stream with Interrupted. `close()`
+    stops the thread without waiting on a read in flight (the thread is a daemon);
+    `close(wait=True)` waits for it, for a consumer that reopens the source right after."""
+
+    _DONE = object()
+
+    def __init__(self, iterable: Iterable, depth: int, interrupted: Callable[[], bool] = lambda: False):
+        self._items: queue.SimpleQueue = queue.SimpleQueue()   # unbounded: the requests below bound it
+        self._requested = threading.Semaphore(depth)           # items the producer may read ahead
+        self._stop = threading.Event()
+        self._interrupted, self._finished = interrupted, False
+        items, requested, stop, done = self._items, self._requested, self._stop, self._DONE
+
+        def produce():   # holds no reference to self, so an abandoned stream is collected and stops
+            try:
+                iterator = iter(iterable)
+                while True:
+                    while not requested.acquire(timeout=0.1):
+                        if stop.is_set():
+                            return
+                    if stop.is_set():
+                        return
+                    item = next(iterator, done)
+                    items.put((item, None))
+                    if item is done:
+                        return
+            except BaseException as err:  # noqa: BLE001 - handed to the consumer
+                items.put((done, err))
+            finally:   # an abandoned stream shuts its DataLoader workers down now, not at exit
+                getattr(iterable, "close", lambda: None)()
+
+        self._thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+        self._thread.start()
+
+    def __iter__(self) -> "Prefetch":
+        return self
+
+    def __next__(self):
+        if self._finished:
+            raise StopIteration
+        self._requested.release()
+        while True:
+            try:
+                item, err = self._items.get(timeout=0.1)
+                break
+            except queue.Empty:
+                if self._interrupted():
+                    raise Interrupted from None
+        if item is self._DONE:
+            self._finished = True
+            if err is not None:
+                raise err
+            raise StopIteration
+        return item
+
+    def close(self, wait: bool = False) -> None:
+        self._finished = True
+        self._stop.set()
+        self._thread.join(timeout=None if wait else 1.0)   # a read stalled on the network is not waited for
+
+    def __del__(self):
+        self._stop.set()
 
 
 def batches(dataset, num_workers: int):
@@ -72,7 +148,7 @@ class StepResult:
 class StepFeed:
     def __init__(self, dataset, cfg: Config, ranks: Ranks, stop_requested: Callable[[], bool]):
         self.dataset, self.cfg, self.ranks, self.stop_requested = dataset, cfg, ranks, stop_requested
-        self._stream: datasets.Prefetch | None = None
+        self._stream: Prefetch | None = None
         self._mask_rng = torch.Generator()
         self.epoch, self.per_step, self.batch_sizes = dataset.epoch, *dataset.work(dataset.epoch)
 
@@ -89,7 +165,7 @@ class StepFeed:
 
     def open(self) -> None:
         """Start reading from the consumed batches on."""
-        self._stream = datasets.Prefetch(batches(self.dataset, self.cfg.data.num_workers), self.cfg.data.prefetch,
+        self._stream = Prefetch(batches(self.dataset, self.cfg.data.num_workers), self.cfg.data.prefetch,
                                          interrupted=self.stop_requested)
 
     def close(self, wait: bool = False) -> None:
@@ -102,11 +178,11 @@ class StepFeed:
         that a signal broke, as Ctrl-C does to DataLoader workers)."""
         try:
             return next(self._stream), None
-        except (datasets.DataError, datasets.Interrupted) as err:
+        except (datasets.DataError, Interrupted) as err:
             return None, err
         except Exception:
             if self.stop_requested():
-                return None, datasets.Interrupted()
+                return None, Interrupted()
             raise
 
     # -- steps -------------------------------------------------------------------------------

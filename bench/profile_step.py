@@ -72,7 +72,7 @@ def main() -> int:
         model = CustomTransformer(cfg.model)
         model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
         optimizer, _ = model_trainer.make_optimizer(model, cfg.train, torch.device("cpu"))
-        stream = datasets.Prefetch(step_feed.batches(dataset, 0), cfg.data.prefetch)
+        stream = step_feed.Prefetch(step_feed.batches(dataset, 0), cfg.data.prefetch)
         generator = torch.Generator()
 
         def step(index: int):

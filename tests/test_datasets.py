@@ -161,25 +161,6 @@ def test_shards_cover_the_dataset_exactly_once_with_equal_batch_counts_per_rank(
         assert any(b < per_rank[0] for b in real_per_rank)
 
 
-def test_prefetch_keeps_order_and_passes_errors_on():
-    assert list(datasets.Prefetch(iter(range(50)), depth=3)) == list(range(50))
-
-    def failing():
-        yield 1
-        raise datasets.DataError("server gone")
-
-    got = []
-    with pytest.raises(datasets.DataError, match="server gone"):
-        for item in datasets.Prefetch(failing(), depth=2):
-            got.append(item)
-    assert got == [1]
-    stream = datasets.Prefetch(iter(range(10**6)), depth=2)
-    assert next(stream) == 0
-    stream.close()   # abandoning the stream stops the producer thread
-    import threading
-    assert wait_for(lambda: not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate()))
-
-
 def test_sequences_are_shuffled_within_windows_but_documents_stay_packed(corpus):
     _, shards = corpus
     layout = SequenceLayout(max_seq_len=300, frames_per_position=4)

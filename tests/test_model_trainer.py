@@ -238,7 +238,7 @@ def test_a_prefetching_producer_can_run_epochs_ahead_of_the_consumer(corpus):
     _, shards = corpus
     dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(300, 4), batch_size=2, seed=1)
     per_epoch = len(list(dataset))
-    stream = datasets.Prefetch(step_feed.batches(dataset, 0), depth=3 * per_epoch)
+    stream = step_feed.Prefetch(step_feed.batches(dataset, 0), depth=3 * per_epoch)
     seen = {}
     time.sleep(1.0)   # let the producer get a whole epoch ahead
     while True:
