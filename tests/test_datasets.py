@@ -8,7 +8,7 @@ import torch
 
 import datasets
 from datasets import SequenceLayout
-from util import META, make_rows, wait_for
+from util import META, make_rows
 
 
 def test_segments_are_zero_copy_views_equal_to_a_direct_read(tmp_path):
