@@ -38,6 +38,7 @@ from custom_transformer import CustomTransformer, Masks, sample_masks
 from datasets import UNKNOWN, Labels
 from enrolment import Enrolment, enrol
 from flight_client import Connection
+from manifest import parse_columns
 from parallel import choose_device
 
 HIDEABLE = ("text", "audio")   # speaker and sentiment are always read with their own slot hidden
@@ -118,7 +119,7 @@ def open_inputs(args, trained: Trained, cleanup: contextlib.ExitStack) -> datase
     else:
         if args.manifest:
             folder = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="mmtrain-inputs-")))
-            features.prepare(args.manifest, folder, columns=features.parse_columns(args.columns),
+            features.prepare(args.manifest, folder, columns=parse_columns(args.columns),
                              max_positions=cfg.data.max_seq_len, frames_per_position=cfg.model.frames_per_position,
                              mix_documents=False, log=lambda line: print(line, file=sys.stderr))
             files = sorted(folder.glob("*.parquet"))

@@ -10,6 +10,7 @@ import torch
 
 import datasets
 import features
+from manifest import parse_columns, read_manifest
 from features import AudioError, ByteTokenizer, FeatureConfig, FeatureExtractor, read_audio, write_wav, yin_pitch
 
 SR = 16000
@@ -175,10 +176,10 @@ def test_manifest_errors_name_the_entry(tmp_path):
     manifest.write_text(json.dumps({"audio": "a.wav", "text": "t", "speaker": "s", "sentiment": "happy",
                                     "doc_id": "d", "segment_index": 0}) + "\n")
     with pytest.raises(ValueError, match="entry 1: sentiment 'happy'"):
-        features.read_manifest(manifest)
+        read_manifest(manifest)
     manifest.write_text(json.dumps({"text": "t", "speaker": "s"}) + "\n")
     with pytest.raises(ValueError, match="entry 1: missing field.s. audio"):
-        features.read_manifest(manifest)
+        read_manifest(manifest)
 
 
 def test_csv_manifest_with_token_ids_and_optional_fields(tmp_path):
@@ -201,11 +202,11 @@ def test_manifest_repeats_and_partial_token_ids_are_refused(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text(json.dumps({**base, "segment_index": 0}) + "\n" + json.dumps({**base, "segment_index": 0}) + "\n")
     with pytest.raises(ValueError, match="entry 2: doc_id 'd' segment_index 0 repeats entry 1"):
-        features.read_manifest(manifest)
+        read_manifest(manifest)
     manifest.write_text(json.dumps({**base, "segment_index": 0, "token_ids": [5]}) + "\n"
                         + json.dumps({**base, "segment_index": 1}) + "\n")
     with pytest.raises(ValueError, match="1 of 2 entries give token_ids"):
-        features.read_manifest(manifest)
+        read_manifest(manifest)
 
 
 def test_character_times_become_token_start_frames(tmp_path):
@@ -222,7 +223,7 @@ def test_character_times_become_token_start_frames(tmp_path):
     entry["char_start_s"] = [0.1]
     (tmp_path / "m.jsonl").write_text(json.dumps(entry) + "\n")
     with pytest.raises(ValueError, match="char_start_s has 1 values for 3 characters"):
-        features.read_manifest(tmp_path / "m.jsonl")
+        read_manifest(tmp_path / "m.jsonl")
 
 
 def test_prepare_resumes_finished_shards_and_parallel_output_equals_serial(tmp_path, monkeypatch):
@@ -259,7 +260,7 @@ def test_labels_are_optional_and_columns_can_be_mapped(tmp_path, capsys):
                                     "u2.wav,bye,,negative,0.25\n")
     logged = []
     shards = features.prepare(tmp_path / "m.csv", tmp_path / "out", log=logged.append,
-                              columns=features.parse_columns("audio=path,text=transcript,speaker=who,sentiment=mood"))
+                              columns=parse_columns("audio=path,text=transcript,speaker=who,sentiment=mood"))
     assert any("ignoring column(s) duration" in line for line in logged)
     rows = {r["doc_id"]: r for r in datasets.pq.read_table(shards).to_pylist()}
     assert rows["u0.wav"]["speaker_id"] == 0 and rows["u0.wav"]["sentiment"] == 2
@@ -269,7 +270,7 @@ def test_labels_are_optional_and_columns_can_be_mapped(tmp_path, capsys):
     assert datasets.read_metadata(datasets.pq.read_schema(shards[0]), "x")["speakers"] == {"ann": 0}
     assert datasets.validate_file(shards[0]) == []
     with pytest.raises(ValueError, match="--columns 'colour=x'"):
-        features.parse_columns("colour=x")
+        parse_columns("colour=x")
 
 
 def test_prepare_fails_when_nothing_could_be_written_and_documents_the_manifest(tmp_path, capsys):
