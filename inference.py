@@ -34,9 +34,10 @@ import features
 import flight_client
 from checkpoint import CheckpointCorrupt, load_checkpoint, write_atomically
 from config import Config, DataConfig, build_config
-from custom_transformer import CustomTransformer, Masks, sample_masks
+from custom_transformer import CustomTransformer, Masks
 from datasets import UNKNOWN, Labels
 from enrolment import Enrolment, enrol
+from evaluation import evaluate
 from flight_client import Connection
 from manifest import parse_columns
 from parallel import choose_device
@@ -184,43 +185,6 @@ def hiding(batch: datasets.Batch, hide: set[str], k: int) -> Masks:
 
 # ---------------------------------------------------------------------------------------------
 # Commands
-
-@torch.no_grad()
-def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]:
-    """Mean metrics over the evaluation files (every rank's share), weighted by positions; the
-    same masks every time."""
-    model.eval()
-    totals: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    dataset.unseen_speakers.clear()
-    for index, batch in enumerate(dataset):
-        masks = sample_masks(batch, cfg.model, torch.Generator().manual_seed(cfg.train.seed + index)).to(device)
-        batch = batch.to(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
-            loss, metrics = model(batch, masks)   # padding batches too: FSDP ranks gather weights together
-        weight = 0 if batch.padding else batch.n_positions(cfg.model.frames_per_position)
-        for name, value in {"loss": loss, **metrics}.items():
-            totals[name] = totals.get(name, 0.0) + float(value) * weight
-            weights[name] = weights.get(name, 0.0) + weight
-    model.train()
-    unseen = collections.Counter(dataset.unseen_speakers)
-    if torch.distributed.is_initialized():
-        shares = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shares, (totals, weights, unseen))
-        totals, weights, unseen = {}, {}, collections.Counter()
-        for share_totals, share_weights, share_unseen in shares:
-            unseen.update(share_unseen)
-            for name in share_totals:
-                totals[name] = totals.get(name, 0.0) + share_totals[name]
-                weights[name] = weights.get(name, 0.0) + share_weights[name]
-    result = {name: totals[name] / weights[name] for name in totals if weights[name] > 0}
-    if "loss_text" in result:
-        result["text_perplexity"] = math.exp(min(result["loss_text"], 50.0))
-    # Speakers the training files never named cannot be scored: counted apart, by name.
-    result["unseen_speakers"] = dict(sorted(unseen.items()))
-    return result
-
-
 
 def predict(args) -> int:
     device, _ = choose_device(args.device)

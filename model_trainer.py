@@ -36,17 +36,16 @@ from tqdm import tqdm
 import datasets
 import demo_corpus
 import flight_client
+import inference
 import live_metrics
 from checkpoint import Checkpointer, GlobalRNG
 from config import DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, load_config
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts
+from evaluation import evaluate
 from flight_client import Connection
 from flight_server import SampleFlightServer
-import inference
-from inference import evaluate
-from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, barrier, choose_device, clock, describe_device, distribute,
-                      from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads,
-                      unwrapped)
+from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, autocast, barrier, choose_device, clock, describe_device,
+                      distribute, from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads, unwrapped)
 from planning import compute_seconds, faster_precision, needs_precision_probe, plan_work
 from step_feed import Interrupted, Step, StepFeed, StepResult
 from training_run import Enrolled, Meter, Run, TrainingHalted, enrol_training_speakers, open_run
@@ -154,7 +153,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
         batch, masks = batch.to(device), masks.to(device)
         with gradient_sync(model, enabled=index == len(micro_batches) - 1):
             started = clock(device) if timed else 0.0
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            with autocast(device, amp_dtype):
                 loss, metrics = model(batch, masks, denominators)
             forward_done = clock(device) if timed else 0.0
             # a padding batch (a rank out of data) steps along with the others, learning nothing

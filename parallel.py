@@ -119,6 +119,11 @@ def set_cpu_threads(requested: int, device: torch.device, ranks: Ranks) -> tuple
     return threads, None
 
 
+def autocast(device: torch.device, amp_dtype: torch.dtype):
+    """Mixed precision in `amp_dtype` where it is not fp32 (the context every forward runs in)."""
+    return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
+
+
 # Dense peak FLOP/s by GPU name and autocast dtype, from the vendors' data sheets (tensor cores,
 # no sparsity). fp16 on Pascal runs its matrix products at the fp32 rate (fp32 accumulation).
 # A GPU not listed gets no MFU: "unknown" beats a guess.

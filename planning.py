@@ -13,7 +13,7 @@ import torch
 from config import Config
 from custom_transformer import sample_masks
 from packing import SequenceLayout, full_batch
-from parallel import Ranks, all_ranks, clock, describe_device
+from parallel import Ranks, all_ranks, autocast, clock, describe_device
 
 
 def compute_seconds(forwards: list[float], backwards: list[float], world: int) -> float:
@@ -41,7 +41,7 @@ def measure_speed(model: torch.nn.Module, batch, masks, device: torch.device, am
     timings = []
     for _ in range(repeats + 1):
         started = clock(device)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+        with autocast(device, amp_dtype):
             loss, _ = model(batch, masks)
         loss.backward()
         timings.append(clock(device) - started)
@@ -80,7 +80,7 @@ def largest_micro_batch(model: torch.nn.Module, layout: SequenceLayout, most: in
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         try:
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
+            with autocast(device, amp_dtype):
                 loss, _ = model(batch, masks)
             loss.backward()
         except torch.OutOfMemoryError:

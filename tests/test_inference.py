@@ -11,6 +11,7 @@ import torch
 
 import checkpoint
 import datasets
+import evaluation
 import features
 import inference
 import model_trainer
@@ -233,7 +234,7 @@ def test_evaluate_gives_the_trainers_metrics_as_json(trained, tmp_path, capsys):
     dataset = datasets.LocalParquetDataset([data / held_out.name], datasets.SequenceLayout(
         loaded.cfg.data.max_seq_len, 4), loaded.cfg.data.batch_size, shuffle=False)
     dataset.use_speakers(loaded.labels.speakers)
-    expected = inference.evaluate(loaded.model, dataset, loaded.cfg, torch.device("cpu"), torch.float32)
+    expected = evaluation.evaluate(loaded.model, dataset, loaded.cfg, torch.device("cpu"), torch.float32)
     assert report["files"] == 1 and report["loss"] == pytest.approx(expected["loss"], rel=1e-9)
     assert {"speaker_acc", "sentiment_acc", "text_acc", "f0_cents", "unseen_speakers"} <= set(report)
 
