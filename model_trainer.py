@@ -46,7 +46,7 @@ from flight_client import Connection
 from flight_server import SampleFlightServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, autocast, barrier, choose_device, clock, describe_device,
                       distribute, from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads, unwrapped)
-from planning import compute_seconds, faster_precision, needs_precision_probe, plan_work
+from planning import compute_seconds, faster_precision, fixed_backward, needs_precision_probe, plan_work
 from step_feed import Interrupted, Step, StepFeed, StepResult
 from training_run import Enrolled, Meter, Run, TrainingHalted, enrol_training_speakers, open_run
 
@@ -291,7 +291,8 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
     per_step, batch_sizes, rebalancer = plan_work(cfg, ranks, model, device, amp_dtype, run.say)
     dataset.set_work(per_step, batch_sizes)
     feed = StepFeed(dataset, cfg, ranks, lambda: bool(stop_requested))
-    trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression)
+    trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression,
+                         fixed_backward(dataset.layout, cfg.model, device, amp_dtype))
     if ranks.world > 1:
         _HELD_UNTIL_EXIT.append(trained)
     optimizer, scheduler = make_optimizer(trained, cfg.train, device)

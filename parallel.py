@@ -9,6 +9,7 @@ import os
 import resource
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
@@ -160,10 +161,13 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def distribute(model: torch.nn.Module, parallel: str, ranks: Ranks, device: torch.device,
-               compression: str = "none") -> torch.nn.Module:
+               compression: str = "none", first_backward: Callable[[torch.nn.Module], None] | None = None
+               ) -> torch.nn.Module:
     """-> the module to train: the model itself on one process, a DDP replica or, with
     parallel="fsdp", the model sharded in place by FSDP2 (each block, then the rest). With DDP,
-    `compression` picks a communication hook for the gradients (fp16, bf16, powersgd)."""
+    `compression` picks a communication hook for the gradients (fp16, bf16, powersgd), and
+    `first_backward` (a forward and backward of the replica on a fixed batch) fixes the order of
+    the gradient buckets before training."""
     if ranks.world == 1:
         return model
     if parallel == "fsdp":
@@ -176,11 +180,15 @@ def distribute(model: torch.nn.Module, parallel: str, ranks: Ranks, device: torc
     replica = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       broadcast_buffers=False)
     # DDP rebuilds its gradient buckets once, in the order gradients became ready in the first
-    # step; a sparse layer's graph makes that order depend on the step's documents, and with 3 or
-    # more processes the bucket layout decides the order in which each gradient's parts are
-    # summed, so a resumed run (whose first step is another) would drift from the uninterrupted
-    # one in the last bits. Rebuilding in parameter order keeps it the same in every run.
-    replica.reducer._push_all_rebuilt_params()
+    # backward pass, and launches their exchanges in bucket order. Left to the first training
+    # step, a sparse layer's graph makes that order depend on the step's documents, and with 3 or
+    # more processes the bucket layout decides how each gradient's parts are summed: a resumed
+    # run would drift from the uninterrupted one in the last bits. One backward of a batch that
+    # is the same in every run and resume fixes it, in backward order: the last layers' buckets
+    # first, so each exchange starts while the backward pass goes on through the layers before.
+    if first_backward is not None:
+        first_backward(replica)
+        replica.zero_grad(set_to_none=True)
     if compression in ("fp16", "bf16"):
         replica.register_comm_hook(None, getattr(default_hooks, f"{compression}_compress_hook"))
     elif compression == "powersgd":

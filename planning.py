@@ -33,6 +33,19 @@ def probe_inputs(layout: SequenceLayout, model_cfg, sequences: int, seed: int = 
     return batch, sample_masks(batch, model_cfg, torch.Generator().manual_seed(seed))
 
 
+def fixed_backward(layout: SequenceLayout, model_cfg, device: torch.device, amp_dtype: torch.dtype):
+    """-> a forward and backward of a module on one full sequence that is the same in every run
+    (distribute's `first_backward`: it fixes DDP's gradient buckets in backward order)."""
+    batch, masks = probe_inputs(layout, model_cfg, 1)
+
+    def step(module: torch.nn.Module) -> None:
+        with autocast(device, amp_dtype):
+            loss, _ = module(batch.to(device), masks.to(device))
+        loss.backward()
+
+    return step
+
+
 def measure_speed(model: torch.nn.Module, batch, masks, device: torch.device, amp_dtype: torch.dtype,
                   repeats: int = 2) -> float:
     """This card's training speed, positions/s: forward and backward of the model itself (no

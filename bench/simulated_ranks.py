@@ -88,8 +88,8 @@ def register_over_the_link(self, state, hook):
 distribute = model_trainer.distribute
 
 
-def distribute_over_the_link(model, parallel, ranks, device, compression="none"):
-    replica = distribute(model, parallel, ranks, device, compression)
+def distribute_over_the_link(model, parallel, ranks, device, compression="none", first_backward=None):
+    replica = distribute(model, parallel, ranks, device, compression, first_backward)
     if compression == "none" and isinstance(replica, DistributedDataParallel):
         replica.register_comm_hook(None, default_hooks.allreduce_hook)   # plain all-reduce, over the link
     return replica

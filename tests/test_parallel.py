@@ -1,4 +1,4 @@
-"""Hardware and scale-out plumbing: this process's threads."""
+"""Hardware and scale-out plumbing: this process's threads, DDP's gradient buckets."""
 import torch
 
 import parallel
@@ -22,3 +22,38 @@ def test_cpu_threads_one_per_process_under_torchrun_and_a_warning_when_the_machi
         assert parallel.set_cpu_threads(1, cpu, parallel.Ranks()) == (1, None)               # one thread: nothing to say
     finally:
         torch.set_num_threads(before)
+
+
+def _bucket_order(rank: int, port: int, out: str) -> None:
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank))
+    ranks = parallel.init_distributed("cpu")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(512, 512) for _ in range(8)])   # 8 MiB
+    x = torch.randn(2, 512)
+    replica = parallel.distribute(model, "ddp", ranks, torch.device("cpu"),
+                                  first_backward=lambda module: module(x).sum().backward())
+    assert all(p.grad is None for p in model.parameters())   # the fixing pass leaves nothing behind
+    for _ in range(2):
+        replica(torch.randn(2, 512) * (rank + 1)).sum().backward()
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(replica._get_ddp_logging_data().get("rebuilt_per_bucket_param_indices", ""))
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_buckets_follow_the_backward_pass_so_exchanges_overlap_it(tmp_path):
+    """DDP launches bucket exchanges in bucket order: the first bucket must hold the last layers,
+    whose gradients the backward pass produces first."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "buckets.txt"
+    mp.spawn(_bucket_order, args=(port, str(out)), nprocs=2)
+    buckets = [[int(i) for i in bucket.split()] for bucket in out.read_text().split(",")]
+    assert len(buckets) >= 2   # DDP's first bucket is small (1 MiB), the others 25 MiB
+    flat = [i for bucket in buckets for i in bucket]
+    assert flat == sorted(flat, reverse=True) == list(range(15, -1, -1))   # last layer first, every parameter once
