@@ -41,6 +41,7 @@ bench: demo $(VENV)/.bench-installed
 	$(PY) bench/predict.py
 	$(PY) bench/real_recordings.py
 	$(PY) bench/mixed_gpus.py
+	$(PY) bench/ddp_overlap.py
 	$(PY) bench/long_range.py
 
 clean:
