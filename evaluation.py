@@ -11,7 +11,7 @@ import torch
 
 from config import Config
 from custom_transformer import sample_masks
-from parallel import autocast
+from parallel import all_ranks, autocast
 
 
 @torch.no_grad()
@@ -32,16 +32,13 @@ def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]
             totals[name] = totals.get(name, 0.0) + float(value) * weight
             weights[name] = weights.get(name, 0.0) + weight
     model.train()
-    unseen = collections.Counter(dataset.unseen_speakers)
-    if torch.distributed.is_initialized():
-        shares = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(shares, (totals, weights, unseen))
-        totals, weights, unseen = {}, {}, collections.Counter()
-        for share_totals, share_weights, share_unseen in shares:
-            unseen.update(share_unseen)
-            for name in share_totals:
-                totals[name] = totals.get(name, 0.0) + share_totals[name]
-                weights[name] = weights.get(name, 0.0) + share_weights[name]
+    shares = all_ranks((totals, weights, collections.Counter(dataset.unseen_speakers)))
+    totals, weights, unseen = {}, {}, collections.Counter()
+    for share_totals, share_weights, share_unseen in shares:
+        unseen.update(share_unseen)
+        for name in share_totals:
+            totals[name] = totals.get(name, 0.0) + share_totals[name]
+            weights[name] = weights.get(name, 0.0) + share_weights[name]
     result = {name: totals[name] / weights[name] for name in totals if weights[name] > 0}
     if "loss_text" in result:
         result["text_perplexity"] = math.exp(min(result["loss_text"], 50.0))

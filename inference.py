@@ -17,7 +17,6 @@ import collections
 import contextlib
 import itertools
 import json
-import math
 import sys
 import tempfile
 from dataclasses import asdict, dataclass, replace
@@ -39,6 +38,7 @@ from datasets import UNKNOWN, Labels
 from enrolment import Enrolment, enrol
 from evaluation import evaluate
 from flight_client import Connection
+from live_metrics import json_ready
 from manifest import parse_columns
 from parallel import choose_device
 
@@ -363,8 +363,7 @@ def evaluate_command(args) -> int:
     with contextlib.ExitStack() as cleanup:
         dataset = open_inputs(args, trained, cleanup)
         results = evaluate(trained.model, dataset, trained.cfg, device, torch.float32)
-    results = {name: (None if isinstance(v, float) and not math.isfinite(v) else v) for name, v in results.items()}
-    print(json.dumps({"checkpoint": trained.source, "files": len(dataset.files), **results}, indent=2))
+    print(json.dumps({"checkpoint": trained.source, "files": len(dataset.files), **json_ready(results)}, indent=2))
     return 0
 
 

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import http
 import json
+import math
 import sys
 import threading
 from pathlib import Path
@@ -141,6 +142,11 @@ class MetricsServer:
         if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
             self._thread.join(timeout=5)
+
+
+def json_ready(values: dict) -> dict:
+    """NaN and infinities as null: strict JSON, which every client parses."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in values.items()}
 
 
 def format_message(message: dict) -> str:

@@ -22,7 +22,7 @@ import inference
 from access import read_token
 from checkpoint import Checkpointer, CheckpointWriteError, load_checkpoint, newest_checkpoint
 from config import TrainConfig
-from live_metrics import MetricsServer
+from live_metrics import MetricsServer, json_ready
 from parallel import Ranks, all_ranks, from_rank0, peak_memory_gb
 from step_feed import Step, StepResult
 
@@ -159,7 +159,7 @@ class Run:
                   "peak_mem_gb": peak_memory_gb(meter.device),
                   "mfu": meter.flops_per_position * tokens_per_s / (meter.peak * self.ranks.world) if meter.peak else None,
                   "skipped": not result.applied, "nonfinite_steps": progress.nonfinite_steps}
-        self.publish({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()})
+        self.publish(json_ready(record))
         self.progress_bar.update()
         self.progress_bar.set_postfix(loss=f"{result.loss:.3f}", tok_s=f"{tokens_per_s:.0f}",
                                       acc=f"{result.metrics.get('accuracy', 0.0):.3f}")
