@@ -50,11 +50,6 @@ class ModelConfig:
     sentiment_drop: float = 0.3
     document_drop: float = 0.25        # every speaker and sentiment slot of a document hidden at once
     speaker_embedding_dim: int = 0     # size of external speaker vectors in the data; 0: none
-    # Speakers are scored by cosine (scale x the cosine of the segment's vector and a speaker's
-    # weights), trained with an additive margin (CosFace): tight clusters, so a voice nobody
-    # enrolled falls between them. 0: no margin.
-    speaker_scale: float = 30.0
-    speaker_margin: float = 0.2
     # the total loss is the weighted sum of the per-modality losses
     weight_text: float = 1.0
     weight_mel: float = 1.0
@@ -79,8 +74,6 @@ class ModelConfig:
             raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L, S and G")
         if self.qk_rope_head_dim % 2:
             raise ValueError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
-        if self.speaker_scale <= 0 or not 0 <= self.speaker_margin < 1:
-            raise ValueError("model.speaker_scale must be > 0 and model.speaker_margin in [0, 1)")
         for name in ("text_mask_ratio", "audio_mask_ratio", "speaker_drop", "sentiment_drop", "document_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"model.{name} must lie in [0, 1]")

@@ -191,7 +191,7 @@ class CustomTransformer(nn.Module):
         # Who speaks and how they feel are read from the whole segment, as speaker models pool
         # an utterance (x-vector statistics: the mean and spread of its positions), not from one slot.
         self.segment_pool = nn.Linear(2 * d, d)
-        self.speaker_head = nn.Linear(d, cfg.n_speakers, bias=False)   # speakers' directions (see speaker_scores)
+        self.speaker_head = nn.Linear(d, cfg.n_speakers)
         self.sentiment_head = nn.Linear(d, N_SENTIMENTS)
         if cfg.speaker_embedding_dim:
             self.speaker_vector_proj = nn.Linear(cfg.speaker_embedding_dim, d)
@@ -347,12 +347,6 @@ class CustomTransformer(nn.Module):
         pooled = self.segment_vectors(grid, hidden)
         return hidden[grid.speaker_index] + pooled, hidden[grid.sentiment_index] + pooled
 
-    def speaker_scores(self, vectors: torch.Tensor) -> torch.Tensor:
-        """(segments, n_speakers): model.speaker_scale x the cosine between each segment's speaker
-        vector and each speaker's direction."""
-        return self.cfg.speaker_scale * (F.normalize(vectors.float(), dim=-1)
-                                         @ F.normalize(self.speaker_head.weight.float(), dim=-1).T)
-
     @torch.no_grad()
     def infer(self, batch: Batch, masks: Masks) -> Outputs:
         """What the model reads into every slot, hidden or not, on the data's own scales."""
@@ -363,7 +357,7 @@ class CustomTransformer(nn.Module):
         prosody = self.prosody_head(audio).float().view(-1, PROSODY_FEATURES)
         speaker_in, sentiment_in = self.label_inputs(grid, hidden)
         return Outputs(grid=grid, hidden=hidden, speaker_vectors=speaker_in.float(),
-                       speaker_logits=self.speaker_scores(speaker_in),
+                       speaker_logits=self.speaker_head(speaker_in).float(),
                        sentiment_logits=self.sentiment_head(sentiment_in).float(),
                        text_logits=self.text_head(hidden[grid.text_index]).float(), mel=mel,
                        f0_hz=torch.exp(prosody[:, 0] * f0_std + f0_mean), voicing=torch.sigmoid(prosody[:, 1]),
@@ -412,21 +406,17 @@ class CustomTransformer(nn.Module):
 
         # Every head runs every step, on no rows when nothing of its kind is hidden: its loss is
         # then an exact zero that still reaches its weights, as DDP expects of every parameter.
-        def classify(name, head, inputs, target, margin=0.0):   # inputs(selected): the head's input rows
+        def classify(name, head, inputs, target):   # inputs(selected): the head's input rows
             selected = targets[name]
             logits = head(inputs(selected)).float()
             if selected.any():
-                truth = target[selected]
-                metrics[f"{name}_acc"] = (logits.argmax(-1) == truth).float().mean().detach()
-                if margin:   # the true class must win by `margin` (CosFace)
-                    logits = logits - margin * F.one_hot(truth, logits.shape[-1])
-                return F.cross_entropy(logits, truth, reduction="sum")
+                metrics[f"{name}_acc"] = (logits.argmax(-1) == target[selected]).float().mean().detach()
+                return F.cross_entropy(logits, target[selected], reduction="sum")
             return logits.sum()
 
         speaker_in, sentiment_in = self.label_inputs(grid, hidden)
         sums["text"] = classify("text", self.text_head, lambda chosen: hidden[grid.text_index[chosen]], batch.token_ids)
-        sums["speaker"] = classify("speaker", self.speaker_scores, lambda chosen: speaker_in[chosen], batch.speaker_id,
-                                   cfg.speaker_scale * cfg.speaker_margin)
+        sums["speaker"] = classify("speaker", self.speaker_head, lambda chosen: speaker_in[chosen], batch.speaker_id)
         sums["sentiment"] = classify("sentiment", self.sentiment_head, lambda chosen: sentiment_in[chosen],
                                      batch.sentiment)
         vectors = self._speaker_vectors(batch)
