@@ -52,7 +52,7 @@ class Trained:
     cfg: Config
     labels: Labels
     source: str
-    enrolment: Enrolment | None = None   # speakers named by cosine score (model_trainer.py enroll)
+    enrolment: Enrolment | None = None   # speakers named by enrolment score (model_trainer.py enroll)
 
 
 def load_trained(path: str | Path, device: torch.device) -> Trained:
@@ -335,7 +335,8 @@ def describe_enrolment(enrolment: Enrolment, counts: collections.Counter) -> str
     calibration = enrolment.calibration
     return (f"enrolled {len(counts)} speaker(s) from {sum(counts.values())} segment(s) "
             f"({', '.join(f'{n} {c}' for n, c in counts.most_common(12))}{' ...' if len(counts) > 12 else ''}); "
-            f"{len(enrolment.speakers)} in all; unknown below a cosine score of {enrolment.threshold:.3f}"
+            f"{len(enrolment.speakers)} in all; unknown below a score of {enrolment.threshold:.3f} (a segment's "
+            f"cosine to a speaker, in spreads from that speaker's typical one)"
             + (f" (equal error rate {calibration['equal_error_rate']:.3f} on {calibration['trials']} held-out "
                f"segment(s))" if calibration else ""))
 
@@ -390,9 +391,9 @@ def main(command: str, argv: list[str]) -> int:
                             help="also read these from the rest where the input has them (default: text is read "
                                  "where the input lacks it; speaker and sentiment are always read)")
         parser.add_argument("--speaker-threshold", type=float,
-                            help="below this the speaker is reported as unknown: a cosine score where speakers are "
-                                 "enrolled (default: the enrolment's calibrated threshold), else a probability of the "
-                                 "speaker head (default 0.5)")
+                            help="below this the speaker is reported as unknown: an enrolment score (a cosine in units "
+                                 "of the speaker's spread; default: the enrolment's calibrated threshold), else a "
+                                 "probability of the speaker head (default 0.5)")
         parser.add_argument("--chars-per-second", type=float, default=14.0,
                             help="for a segment without text: how many characters to read from its audio")
     elif command == "enroll":

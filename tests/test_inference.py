@@ -142,7 +142,7 @@ def test_enroll_names_speakers_by_cosine_score_and_adds_new_ones(corpus, trained
     for shard in shards[:-1]:
         shutil.copy(shard, data)
     assert model_trainer.main(["enroll", "--checkpoint", str(ckpt), "--data-dir", str(data), "--out", str(enrolled)]) == 0
-    assert "unknown below a cosine score of" in capsys.readouterr().err
+    assert "unknown below a score of" in capsys.readouterr().err
     state = checkpoint.load_checkpoint(enrolled)["enrolment"]
     assert sorted(state["speakers"]) == sorted(checkpoint.load_checkpoint(ckpt)["labels"]["speakers"])
     # A newcomer, from a few labelled recordings, without retraining.
