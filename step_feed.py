@@ -146,6 +146,8 @@ class StepResult:
 
 
 class StepFeed:
+    """This process's steps: see the module's docstring."""
+
     def __init__(self, dataset, cfg: Config, ranks: Ranks, stop_requested: Callable[[], bool]):
         self.dataset, self.cfg, self.ranks, self.stop_requested = dataset, cfg, ranks, stop_requested
         self._stream: Prefetch | None = None
@@ -166,7 +168,7 @@ class StepFeed:
     def open(self) -> None:
         """Start reading from the consumed batches on."""
         self._stream = Prefetch(batches(self.dataset, self.cfg.data.num_workers), self.cfg.data.prefetch,
-                                         interrupted=self.stop_requested)
+                                interrupted=self.stop_requested)
 
     def close(self, wait: bool = False) -> None:
         if self._stream is not None:
