@@ -48,7 +48,7 @@ class ModelConfig:
     audio_span: int = 4
     speaker_drop: float = 0.3
     sentiment_drop: float = 0.3
-    document_drop: float = 0.25        # every speaker and sentiment slot of a document hidden at once
+    document_drop: float = 0.5         # every speaker and sentiment slot of a document hidden at once
     speaker_embedding_dim: int = 0     # size of external speaker vectors in the data; 0: none
     # the total loss is the weighted sum of the per-modality losses
     weight_text: float = 1.0
