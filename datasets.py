@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import torch
 
 from config import DataConfig
-from flight_client import Connection, parse_hosts  # noqa: F401 (the trainer's and tools' front door)
+from flight_client import Connection
 
 # The schema's and the packer's names stay importable from here: datasets is the data layer's
 # front door for the trainer and tools; only the data machine imports schema.py alone.

@@ -220,7 +220,7 @@ def predict(args) -> int:
                                        "given": labels.sentiments[segment.sentiment] if segment.sentiment != UNKNOWN else None}
                 given = segment.speaker_name or (labels.speakers[segment.speaker_id]
                                                  if segment.speaker_id != UNKNOWN else None)
-                if trained.enrolment:   # the nearest enrolled speaker by cosine score, unknown below the threshold
+                if trained.enrolment:   # the best-scoring enrolled speaker, unknown below the threshold
                     match = trained.enrolment.speakers[nearest[i]]
                     threshold = (trained.enrolment.threshold if args.speaker_threshold is None
                                  else args.speaker_threshold)

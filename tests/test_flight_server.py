@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import datasets
+from flight_client import parse_hosts
 from flight_server import SampleFlightServer, Ticket
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -540,10 +541,10 @@ def test_a_file_without_replica_on_a_dead_server_is_an_error_naming_host_and_fil
 
 
 def test_flight_hosts_parse_with_and_without_ports():
-    assert datasets.parse_hosts(["a:9000", "b", "[::1]:7", "::1"], 8815) == [("a", 9000), ("b", 8815), ("::1", 7),
+    assert parse_hosts(["a:9000", "b", "[::1]:7", "::1"], 8815) == [("a", 9000), ("b", 8815), ("::1", 7),
                                                                              ("::1", 8815)]
     with pytest.raises(ValueError, match="--flight-host 'a:x'"):
-        datasets.parse_hosts(["a:x"], 8815)
+        parse_hosts(["a:x"], 8815)
 
 
 def test_a_peer_that_starts_later_is_advertised_once_it_answers(corpus, tmp_path, monkeypatch):
