@@ -10,23 +10,16 @@ import pytest
 import datasets
 from flight_client import Connection
 from flight_server import SampleFlightServer
+from util import self_signed_certificate
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _certificate(folder, name):
-    cert, key = folder / f"{name}.pem", folder / f"{name}-key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
-    return cert, key
 
 
 @pytest.fixture(scope="module")
 def servers(corpus, tmp_path_factory):
     """A TLS server, a plain server with a token, the TLS server's certificate and another one."""
     folder = tmp_path_factory.mktemp("tls")
-    cert, key = _certificate(folder, "server")
-    other, _ = _certificate(folder, "other")
+    cert, key = self_signed_certificate(folder, "server")
+    other, _ = self_signed_certificate(folder, "other")
     root, _ = corpus
     tls = SampleFlightServer(root, "127.0.0.1", 0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes())
     plain = SampleFlightServer(root, "127.0.0.1", 0, token="s3cret")

@@ -18,6 +18,7 @@ import pytest
 import datasets
 from flight_client import parse_hosts
 from flight_server import SampleFlightServer, Ticket
+from util import self_signed_certificate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -169,10 +170,7 @@ def test_binding_beyond_loopback_needs_a_token(corpus):
 
 def test_tls_round_trip_with_a_self_signed_certificate(corpus, tmp_path):
     root, _ = corpus
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path)
     server = SampleFlightServer(root, "127.0.0.1", 0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes())
     try:
         dataset = datasets.ArrowFlightDataset(datasets.Connection(("localhost",), server.port,
@@ -189,9 +187,7 @@ def test_tls_round_trip_with_a_self_signed_certificate(corpus, tmp_path):
 
 def test_the_server_names_its_scheme_and_says_when_its_port_is_taken(corpus, tmp_path):
     root, _ = corpus
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    cert, key = self_signed_certificate(tmp_path)
     server = subprocess.Popen([sys.executable, "flight_server.py", "--root", str(root), "--port", "0",
                                "--tls-cert", str(cert), "--tls-key", str(key)], cwd=ROOT, stderr=subprocess.PIPE,
                               text=True)

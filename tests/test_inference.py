@@ -1,7 +1,6 @@
 """A trained model's uses: predict, embed, evaluate, export, from a checkpoint of a real run."""
 import json
 import shutil
-import subprocess
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +16,7 @@ import inference
 import model_trainer
 from custom_transformer import CustomTransformer, sample_masks
 from flight_server import SampleFlightServer
+from util import self_signed_certificate
 
 
 @pytest.fixture(scope="module")
@@ -245,10 +245,7 @@ def test_evaluate_reads_a_tls_data_box_with_a_token_as_training_does(trained, tm
     data = tmp_path / "data"
     data.mkdir()
     shutil.copy(held_out, data)
-    cert, key, token = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "token"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True, timeout=60)
+    (cert, key), token = self_signed_certificate(tmp_path), tmp_path / "token"
     token.write_text("s3cret\n")
     server = SampleFlightServer(data, "127.0.0.1", 0, token="s3cret", tls_cert=cert.read_bytes(),
                                 tls_key=key.read_bytes())

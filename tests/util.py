@@ -1,5 +1,6 @@
 """Helpers shared by the tests."""
 import dataclasses
+import subprocess
 import time
 
 import numpy as np
@@ -51,3 +52,12 @@ def step_batches(shards, layout, model_cfg, sizes):
     union = datasets.collate(sequences[:start], layout)
     masks = Masks(*(torch.cat([getattr(m, f.name) for _, m in pairs]) for f in dataclasses.fields(Masks)))
     return pairs, union, masks
+
+
+def self_signed_certificate(folder, name: str = "server"):
+    """A TLS certificate for localhost and 127.0.0.1 and its key (openssl) -> their paths."""
+    cert, key = folder / f"{name}.pem", folder / f"{name}-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
