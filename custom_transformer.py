@@ -159,7 +159,8 @@ class Outputs:
     """The model's reading of a batch (CustomTransformer.infer)."""
     grid: Layout
     hidden: torch.Tensor             # (rows * length, d_model): the encoder's output at every position
-    speaker_vectors: torch.Tensor    # (segments, d_model): what the speaker head reads (enrolment's vectors)
+    segment_vectors: torch.Tensor    # (segments, d_model): mean over a segment's text and audio (embed, enrolment)
+    sentiment_inputs: torch.Tensor   # (segments, d_model): what the sentiment head reads (refit at a run's end)
     speaker_logits: torch.Tensor     # (segments, n_speakers)
     sentiment_logits: torch.Tensor   # (segments, 3)
     text_logits: torch.Tensor        # (tokens, vocab_size)
@@ -330,21 +331,23 @@ class CustomTransformer(nn.Module):
         mel, prosody = self.normalised_features(batch)
         return grid, mel, prosody, self.encode(self.embed(batch, grid, masks, mel, prosody), grid)
 
-    def segment_vectors(self, grid: Layout, hidden: torch.Tensor) -> torch.Tensor:
-        """(segments, d): each segment's statistics (mean and standard deviation over its text
-        and audio positions, in fp32), projected: what the label heads add to their slot."""
+    @staticmethod
+    def segment_moments(grid: Layout, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(segments, d) each, in fp32: the mean and standard deviation of the encoder's output
+        over each segment's text and audio positions (its label slots left out)."""
         n_segments, width = len(grid.speaker_index), hidden.shape[1]
         values = hidden[grid.content_index].float()
         count = torch.zeros(n_segments, device=hidden.device).index_add_(
             0, grid.content_segment, torch.ones_like(values[:, 0])).clamp_min(1.0)[:, None]
         mean = values.new_zeros(n_segments, width).index_add_(0, grid.content_segment, values) / count
         square = values.new_zeros(n_segments, width).index_add_(0, grid.content_segment, values.square()) / count
-        std = (square - mean.square()).clamp_min(1e-6).sqrt()
-        return self.segment_pool(torch.cat([mean, std], -1).to(hidden.dtype))
+        return mean, (square - mean.square()).clamp_min(1e-6).sqrt()
 
     def label_inputs(self, grid: Layout, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> what the speaker and the sentiment head read, one row per segment."""
-        pooled = self.segment_vectors(grid, hidden)
+        """-> what the speaker and the sentiment head read, one row per segment: its slot plus the
+        segment's statistics, projected (a label is a property of the whole segment, as x-vectors
+        pool an utterance)."""
+        pooled = self.segment_pool(torch.cat(self.segment_moments(grid, hidden), -1).to(hidden.dtype))
         return hidden[grid.speaker_index] + pooled, hidden[grid.sentiment_index] + pooled
 
     @torch.no_grad()
@@ -356,7 +359,8 @@ class CustomTransformer(nn.Module):
         mel = self.mel_head(audio).float().view(-1, N_MELS) * self.mel_std + self.mel_mean
         prosody = self.prosody_head(audio).float().view(-1, PROSODY_FEATURES)
         speaker_in, sentiment_in = self.label_inputs(grid, hidden)
-        return Outputs(grid=grid, hidden=hidden, speaker_vectors=speaker_in.float(),
+        return Outputs(grid=grid, hidden=hidden, segment_vectors=self.segment_moments(grid, hidden)[0],
+                       sentiment_inputs=sentiment_in.float(),
                        speaker_logits=self.speaker_head(speaker_in).float(),
                        sentiment_logits=self.sentiment_head(sentiment_in).float(),
                        text_logits=self.text_head(hidden[grid.text_index]).float(), mel=mel,

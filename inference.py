@@ -31,6 +31,7 @@ from tqdm import tqdm
 import datasets
 import features
 import flight_client
+import refit
 from checkpoint import CheckpointCorrupt, load_checkpoint, write_atomically
 from config import Config, DataConfig, build_config
 from custom_transformer import CustomTransformer, Masks
@@ -41,6 +42,7 @@ from flight_client import Connection
 from live_metrics import json_ready
 from manifest import parse_columns
 from parallel import choose_device
+from schema import N_SENTIMENTS, SENTIMENTS
 
 HIDEABLE = ("text", "audio")   # speaker and sentiment are always read with their own slot hidden
 
@@ -88,7 +90,13 @@ def load_trained(path: str | Path, device: torch.device) -> Trained:
         labels = (Labels(**state["labels"]) if "labels" in state
                   else Labels([f"speaker-{i}" for i in range(cfg.model.n_speakers)]))
         enrolled = state.get("enrolment")
-    return Trained(model.to(device).eval(), cfg, labels, str(path), Enrolment.from_state(enrolled) if enrolled else None)
+    enrolment = None
+    if enrolled:
+        try:
+            enrolment = Enrolment.from_state(enrolled)
+        except ValueError as err:
+            print(f"note: {path}: {err}; until then speakers are named by the speaker head", file=sys.stderr)
+    return Trained(model.to(device).eval(), cfg, labels, str(path), enrolment)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,7 +216,7 @@ def predict(args) -> int:
             sentiment = outputs.sentiment_logits.softmax(-1).cpu()
             speaker = outputs.speaker_logits.softmax(-1).cpu()
             if trained.enrolment:
-                nearest, scores = trained.enrolment.score(outputs.speaker_vectors.cpu().numpy())
+                nearest, scores = trained.enrolment.score(outputs.segment_vectors.cpu().numpy())
             text_ids = outputs.text_logits.argmax(-1).cpu()
             token_end = np.cumsum(batch.n_tokens.numpy())
             frame_end = np.cumsum(batch.n_frames.numpy())
@@ -270,15 +278,15 @@ def embed(args) -> int:
             lengths = datasets.segment_positions(batch.n_tokens, batch.n_frames, k).tolist()
             starts = outputs.grid.speaker_index.cpu().tolist()   # each segment's first position
             hidden = outputs.hidden.float().cpu()
-            for segment, start, length in zip(segments, starts, lengths):
-                vectors = hidden[start:start + length]
+            means = outputs.segment_vectors.cpu().numpy()
+            for i, (segment, start, length) in enumerate(zip(segments, starts, lengths)):
                 rows["sample_id"].append(segment.sample_id)
                 rows["doc_id"].append(segment.doc_id)
-                rows["vector"].append(vectors.mean(0).numpy())
+                rows["vector"].append(means[i])
                 if args.per_position:
                     positions["sample_id"] += [segment.sample_id] * length
                     positions["position"] += list(range(length))
-                    positions["vector"] += list(vectors.numpy())
+                    positions["vector"] += list(hidden[start:start + length].numpy())
     width = trained.cfg.model.d_model
 
     def table(columns):
@@ -295,40 +303,64 @@ def embed(args) -> int:
     return 0
 
 
-def speaker_vectors(model: CustomTransformer, dataset, device, per_speaker: int | None = None
-                    ) -> tuple[np.ndarray, list]:
-    """(segments, d) vectors the speaker head reads, every label hidden, and their segments, in
-    the input's order; with `per_speaker`, reading stops once every speaker the input names has
-    that many (a long corpus is not read whole to enrol its speakers)."""
+@dataclass
+class Readings:
+    """Segments read with every label hidden, as `predict` reads them."""
+    vectors: np.ndarray            # (segments, d): each segment's mean encoder output (enrolment's vectors)
+    sentiment_inputs: np.ndarray   # (segments, d): what the sentiment head reads
+    segments: list
+
+
+def read_segments(model: CustomTransformer, dataset, device, per_label: int | None = None) -> Readings:
+    """The input's segments in order; with `per_label`, reading stops once every speaker the
+    input names has that many and at least that many per sentiment were read (a long corpus is
+    not read whole to enrol its speakers)."""
     k = model.cfg.frames_per_position
-    vectors, segments_out = [], []
+    vectors, sentiment_inputs, segments_out = [], [], []
     named = collections.Counter()
     wanted = {name for names in dataset.file_speakers().values() for name in (names or {})}
-    for batch, segments in tqdm(input_batches(dataset, input_segments(dataset)), desc="speaker vectors",
-                                unit="batch", disable=None):
-        outputs = model.infer(batch.to(device), hiding(batch, {"speaker", "sentiment"}, k).to(device))
-        vectors.append(outputs.speaker_vectors.cpu().numpy())
-        segments_out += segments
-        named.update(segment.speaker_name for segment in segments if segment.speaker_name)
-        if per_speaker and wanted and all(named[name] >= per_speaker for name in wanted):
-            break
-    return (np.concatenate(vectors) if vectors else np.zeros((0, model.cfg.d_model))), segments_out
-
-
-def enrol_speakers(model: CustomTransformer, dataset, device, previous: Enrolment | None = None,
-                   per_speaker: int | None = None) -> tuple[Enrolment, collections.Counter]:
-    """The speakers the input names, enrolled (added to `previous`); -> it and the segments per speaker."""
     was_training = model.training
     model.eval()
     try:
-        vectors, segments = speaker_vectors(model, dataset, device, per_speaker)
+        for batch, segments in tqdm(input_batches(dataset, input_segments(dataset)), desc="reading segments",
+                                    unit="batch", disable=None):
+            outputs = model.infer(batch.to(device), hiding(batch, {"speaker", "sentiment"}, k).to(device))
+            vectors.append(outputs.segment_vectors.cpu().numpy())
+            sentiment_inputs.append(outputs.sentiment_inputs.cpu().numpy())
+            segments_out += segments
+            named.update(segment.speaker_name for segment in segments if segment.speaker_name)
+            if (per_label and all(named[name] >= per_label for name in wanted)
+                    and len(segments_out) >= per_label * N_SENTIMENTS):
+                break
     finally:
         model.train(was_training)
-    named = [i for i, segment in enumerate(segments) if segment.speaker_name]
+    empty = np.zeros((0, model.cfg.d_model), np.float32)
+    return Readings(np.concatenate(vectors) if vectors else empty,
+                    np.concatenate(sentiment_inputs) if sentiment_inputs else empty, segments_out)
+
+
+def enrol_speakers(readings: Readings, previous: Enrolment | None = None) -> tuple[Enrolment, collections.Counter]:
+    """The speakers the readings name, enrolled (added to `previous`); -> it and the segments per speaker."""
+    named = [i for i, segment in enumerate(readings.segments) if segment.speaker_name]
     if not named:
         raise ValueError("no segment of the input names its speaker: enrolment needs labelled recordings")
-    names = [segments[i].speaker_name for i in named]
-    return enrol(vectors[named], names, previous), collections.Counter(names)
+    names = [readings.segments[i].speaker_name for i in named]
+    return enrol(readings.vectors[named], names, previous), collections.Counter(names)
+
+
+def refit_sentiment_head(model: CustomTransformer, readings: Readings) -> str:
+    """The sentiment head refit on the readings' labelled segments (refit.py); -> what was done."""
+    labelled = [i for i, segment in enumerate(readings.segments) if segment.sentiment != UNKNOWN]
+    labels = np.array([readings.segments[i].sentiment for i in labelled], np.int64)
+    if not refit.enough_labels(labels):
+        return "sentiment head kept as trained (fewer than two sentiments labelled in the segments read)"
+    weight, bias = refit.fit_linear(readings.sentiment_inputs[labelled], labels, N_SENTIMENTS)
+    head = model.sentiment_head
+    with torch.no_grad():
+        head.weight.copy_(torch.as_tensor(weight, dtype=head.weight.dtype))
+        head.bias.copy_(torch.as_tensor(bias, dtype=head.bias.dtype))
+    return (f"sentiment head refit on {len(labelled)} labelled segment(s) as predict reads them "
+            f"({', '.join(f'{n} {c}' for n, c in zip(SENTIMENTS, np.bincount(labels, minlength=N_SENTIMENTS)))})")
 
 
 def describe_enrolment(enrolment: Enrolment, counts: collections.Counter) -> str:
@@ -350,8 +382,8 @@ def enroll(args) -> int:
         raise ValueError(f"--checkpoint {args.checkpoint}: enroll into a checkpoint file (ckpt-*.pt, best.pt), "
                          "then export it")
     with contextlib.ExitStack() as cleanup:
-        enrolment, counts = enrol_speakers(trained.model, open_inputs(args, trained, cleanup), device,
-                                           trained.enrolment)
+        readings = read_segments(trained.model, open_inputs(args, trained, cleanup), device)
+    enrolment, counts = enrol_speakers(readings, trained.enrolment)
     state = load_checkpoint(Path(args.checkpoint))
     write_atomically(Path(args.out), {**state, "enrolment": enrolment.state_dict()})
     print(f"{describe_enrolment(enrolment, counts)}: {args.out}", file=sys.stderr)

@@ -48,7 +48,7 @@ from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, autocast, barrier, cho
                       distribute, from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads, unwrapped)
 from planning import compute_seconds, faster_precision, fixed_backward, needs_precision_probe, plan_work
 from step_feed import Interrupted, Step, StepFeed, StepResult
-from training_run import Enrolled, Meter, Run, TrainingHalted, enrol_training_speakers, open_run
+from training_run import Enrolled, Meter, Run, TrainingHalted, finish_label_heads, open_run
 
 DEMO_DIR = Path("data/demo")
 
@@ -308,8 +308,8 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
     if eval_set is not None:
         # the model itself: with DDP that is the replica's module, which runs without collectives
         run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype)
-    run.enrolment = lambda: enrolled.load_state_dict(
-        enrol_training_speakers(model, dataset, cfg.train.parallel, ranks, device, run.say))
+    run.finish = lambda: enrolled.load_state_dict(
+        finish_label_heads(model, dataset, cfg.train.parallel, ranks, device, run.say))
     run.meter = Meter(device, model.flops_per_position(cfg.data.max_seq_len), peak_flops(device, amp_dtype))
     if from_rank0(resume_path is not None):
         run.checkpointer.load(saved)
@@ -392,7 +392,7 @@ def train(args, cfg: Config) -> dict:
                 # 3. Counters, metrics, and a stop after too many non-finite steps in a row.
                 losses.append(result.loss)
                 done = run.after_step(result, this, time.perf_counter() - started)
-                # 4. Evaluation, the speakers' enrolment at the end, checkpoints; a requested stop.
+                # 4. The label heads finished at the end, evaluation, checkpoints; a requested stop.
                 last_path = run.end_of_step(done, result.stop) or last_path
                 if result.stop:
                     run.say(f"asked to stop: stopped after step {done}, checkpoint {last_path}")

@@ -1,6 +1,7 @@
 """What a run leaves and shows: the run folder (checkpoints, best.pt, metrics.jsonl), the live
 metrics feed, messages, and the counters and pieces a checkpoint keeps; the checks a resume
-makes (which checkpoint, on which machine) and the training speakers' enrolment at the end.
+makes (which checkpoint, on which machine) and the label heads' finish at the end (the
+sentiment head refit, the training speakers enrolled).
 Rank 0 alone writes; every rank calls what is collective.
 """
 from __future__ import annotations
@@ -65,7 +66,7 @@ class Run:
         self.progress = Progress()
         self.checkpointer: Checkpointer | None = None   # set once model and optimizer exist
         self.evaluation = None                          # () -> metrics, with --eval-files
-        self.enrolment = None                           # () -> the training speakers' enrolment state
+        self.finish = None                              # () refits the label heads, enrols the speakers
         self.meter: Meter | None = None                 # what a step's throughput and MFU are computed with
         self.progress_bar = None
         self.last_checkpoint: tuple[int, Path] | None = None   # (step, path) of the newest one written
@@ -173,14 +174,14 @@ class Run:
         return done
 
     def end_of_step(self, done: int, stop: bool) -> Path | None:
-        """Evaluation every train.eval_every steps and at the end, the training speakers enrolled
-        for the last checkpoint, a checkpoint every train.checkpoint_every steps and at the end (or
-        a stop). -> the checkpoint written, if one was."""
+        """At the last step the label heads finished (sentiment refit, speakers enrolled);
+        evaluation every train.eval_every steps and at the end, a checkpoint every
+        train.checkpoint_every steps and at the end (or a stop). -> the checkpoint written, if one was."""
         cfg, last = self.cfg, done == self.cfg.steps
+        if last and self.finish is not None:
+            self.finish()
         if self.evaluation is not None and (done % cfg.eval_every == 0 or last):
             self.evaluate()
-        if last and self.enrolment is not None:
-            self.enrolment()
         if done % cfg.checkpoint_every == 0 or last or stop:
             return self.checkpoint(final=last or stop)
         return None
@@ -215,25 +216,34 @@ class Enrolled:
         self.state = dict(state)
 
 
-ENROL_PER_SPEAKER = 256   # segments read per training speaker to enrol them at the end of a run
+FINISH_PER_LABEL = 256   # segments read per training speaker (and per sentiment) at the end of a run
 
 
-def enrol_training_speakers(model, dataset, parallel_mode: str, ranks: Ranks, device, say) -> dict:
-    """Rank 0 enrols the speakers of the training files (predict then names speakers by cosine
-    score and says unknown below a calibrated threshold); the others wait for its result. Under
-    FSDP the model's forward is collective, so the user enrols with `model_trainer.py enroll`."""
-    state = {}
+def finish_label_heads(model, dataset, parallel_mode: str, ranks: Ranks, device, say) -> dict:
+    """At the end of a run rank 0 reads the training files as `predict` does, refits the
+    sentiment head on them (refit.py) and enrols their speakers (predict then names speakers by
+    cosine score and says unknown below a calibrated threshold); every rank takes the refit
+    head. -> the enrolment's state. Under FSDP the model's forward is collective: the head stays
+    as trained and the user enrols with `model_trainer.py enroll`."""
+    finished = {}
     if parallel_mode == "fsdp" and ranks.world > 1:
-        say("speakers not enrolled (FSDP): run model_trainer.py enroll --checkpoint CKPT with the training files")
+        say("sentiment head kept as trained and speakers not enrolled (FSDP): run model_trainer.py enroll "
+            "--checkpoint CKPT with the training files")
     elif ranks.main:
+        readings = inference.read_segments(model, dataset, device, per_label=FINISH_PER_LABEL)
+        say(inference.refit_sentiment_head(model, readings))
+        finished["sentiment_head"] = {name: value.detach().cpu() for name, value in
+                                      model.sentiment_head.state_dict().items()}
         try:
-            enrolment, counts = inference.enrol_speakers(model, dataset, device,
-                                                         per_speaker=ENROL_PER_SPEAKER)
-            state = enrolment.state_dict()
+            enrolment, counts = inference.enrol_speakers(readings)
+            finished["enrolment"] = enrolment.state_dict()
             say(inference.describe_enrolment(enrolment, counts))
         except ValueError as err:   # no speaker names in the training files
             say(f"speakers not enrolled: {err}")
-    return from_rank0(state)
+    finished = from_rank0(finished)
+    if "sentiment_head" in finished:
+        model.sentiment_head.load_state_dict(finished["sentiment_head"])
+    return finished.get("enrolment", {})
 
 
 def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack

@@ -1,6 +1,8 @@
 """A trained model's uses: predict, embed, evaluate, export, from a checkpoint of a real run."""
+import contextlib
 import json
 import shutil
+import types
 
 import numpy as np
 import pyarrow as pa
@@ -14,6 +16,8 @@ import evaluation
 import features
 import inference
 import model_trainer
+import refit
+import training_run
 from custom_transformer import CustomTransformer, sample_masks
 from flight_server import SampleFlightServer
 from util import self_signed_certificate
@@ -108,6 +112,22 @@ def test_predict_answers_the_same_whatever_the_input_path_and_keeps_a_given_name
             assert p == pytest.approx(theirs["sentiment"]["probabilities"][label], abs=2e-4)
     new = f"{entries[3]['doc_id']}/{entries[3]['segment_index']:05d}"
     assert answers["manifest"][new]["speaker"]["given"] == answers["data-dir"][new]["speaker"]["given"] == "someone-new"
+
+
+def test_a_finished_run_keeps_its_sentiment_head_refit_on_the_training_segments(trained, capsys):
+    ckpt, _ = trained
+    loaded = inference.load_trained(ckpt, torch.device("cpu"))
+    args = types.SimpleNamespace(manifest=None, data_dir=str(ckpt.parent.parent / "data"), flight_host=None,
+                                 files=None, columns=None, batch_size=None)
+    with contextlib.ExitStack() as cleanup:
+        readings = inference.read_segments(loaded.model, inference.open_inputs(args, loaded, cleanup),
+                                           torch.device("cpu"), per_label=training_run.FINISH_PER_LABEL)
+    labelled = [i for i, s in enumerate(readings.segments) if s.sentiment != datasets.UNKNOWN]
+    labels = np.array([readings.segments[i].sentiment for i in labelled])
+    weight, bias = refit.fit_linear(readings.sentiment_inputs[labelled], labels, 3)
+    head = loaded.model.sentiment_head
+    np.testing.assert_allclose(head.weight.detach().numpy(), weight, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(head.bias.detach().numpy(), bias, rtol=1e-4, atol=1e-5)
 
 
 def test_embed_vectors_come_from_audio_and_text_unless_labels_are_asked_for(trained, tmp_path):
@@ -219,7 +239,8 @@ def test_embed_writes_one_vector_per_segment_and_per_position_on_request(trained
                                                             direct.column("f0_hz").to_pylist())]
     assert positions.num_rows == sum(lengths)
     first = np.stack(positions.column("vector").to_pylist()[:lengths[0]])
-    np.testing.assert_allclose(first.mean(0), vectors[0], rtol=1e-5, atol=1e-6)   # a segment's vector: its mean
+    # a segment's vector: the mean over its text and audio positions (the two label slots first left out)
+    np.testing.assert_allclose(first[2:].mean(0), vectors[0], rtol=1e-5, atol=1e-6)
 
 
 def test_evaluate_gives_the_trainers_metrics_as_json(trained, tmp_path, capsys):
