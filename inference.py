@@ -375,7 +375,9 @@ def describe_enrolment(enrolment: Enrolment, counts: collections.Counter) -> str
 
 def enroll(args) -> int:
     """Speakers by enrolment: the checkpoint gains each named speaker's centroid (added to those
-    it has), and `predict` names speakers by cosine score."""
+    it has), and `predict` names speakers by cosine score. With --refit-sentiment the sentiment
+    head is refit on the input too: what a run does with its training files at its end, for a
+    checkpoint written before it (best.pt, ckpt-N.pt) or by an FSDP run."""
     device, _ = choose_device(args.device)
     trained = load_trained(args.checkpoint, device)
     if Path(args.checkpoint).is_dir():
@@ -385,6 +387,10 @@ def enroll(args) -> int:
         readings = read_segments(trained.model, open_inputs(args, trained, cleanup), device)
     enrolment, counts = enrol_speakers(readings, trained.enrolment)
     state = load_checkpoint(Path(args.checkpoint))
+    if args.refit_sentiment:
+        print(refit_sentiment_head(trained.model, readings), file=sys.stderr)
+        state["model"] = {**state["model"], **{f"sentiment_head.{name}": value.detach().cpu() for name, value
+                                                in trained.model.sentiment_head.state_dict().items()}}
     write_atomically(Path(args.out), {**state, "enrolment": enrolment.state_dict()})
     print(f"{describe_enrolment(enrolment, counts)}: {args.out}", file=sys.stderr)
     return 0
@@ -430,6 +436,10 @@ def main(command: str, argv: list[str]) -> int:
                             help="for a segment without text: how many characters to read from its audio")
     elif command == "enroll":
         parser.add_argument("--out", required=True, help="the checkpoint with the speakers enrolled (may be --checkpoint)")
+        parser.add_argument("--refit-sentiment", action="store_true",
+                            help="also refit the sentiment head on the input's labelled segments, as a run does with "
+                                 "its training files at its end (for best.pt, an earlier ckpt-N.pt or an FSDP run: "
+                                 "give the training files)")
     elif command == "embed":
         parser.add_argument("--out", required=True, help="Parquet: sample_id, doc_id, vector")
         parser.add_argument("--per-position", action="store_true", help="also every position's vector (OUT.positions.parquet)")

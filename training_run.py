@@ -223,12 +223,12 @@ def finish_label_heads(model, dataset, parallel_mode: str, ranks: Ranks, device,
     """At the end of a run rank 0 reads the training files as `predict` does, refits the
     sentiment head on them (refit.py) and enrols their speakers (predict then names speakers by
     cosine score and says unknown below a calibrated threshold); every rank takes the refit
-    head. -> the enrolment's state. Under FSDP the model's forward is collective: the head stays
-    as trained and the user enrols with `model_trainer.py enroll`."""
+    head. -> the enrolment's state. Under FSDP the model's forward is collective: the user
+    finishes the checkpoint with `model_trainer.py enroll --refit-sentiment`."""
     finished = {}
     if parallel_mode == "fsdp" and ranks.world > 1:
         say("sentiment head kept as trained and speakers not enrolled (FSDP): run model_trainer.py enroll "
-            "--checkpoint CKPT with the training files")
+            "--refit-sentiment --checkpoint CKPT with the training files")
     elif ranks.main:
         readings = inference.read_segments(model, dataset, device, per_label=FINISH_PER_LABEL)
         say(inference.refit_sentiment_head(model, readings))

@@ -16,9 +16,11 @@ Table: majority class; multinomial logistic regression on each segment's log-mel
 standard deviation and mean log-F0 (161 numbers, the "filterbank" baseline); a linear probe
 (the same regression) on `embed` vectors; `predict`; speaker and sentiment accuracy on held-out
 segments, unseen speakers flagged `unknown` and known ones flagged wrongly; at each step count
-of --curve and --steps (the learning curve). `predict` runs twice: with the speaker head's
-probability (unknown below 0.5), and after `enroll` of the training speakers (cosine score
-against their centroids, unknown below the calibrated threshold).
+of --curve and --steps (the learning curve). Each checkpoint is finished as a run finishes its
+last (`enroll --refit-sentiment` with the training files: the sentiment head refit, the
+training speakers enrolled); `predict` runs twice: with the speaker head's probability (unknown
+below 0.5), and by enrolment (cosine score against the speakers' centroids, unknown below the
+calibrated threshold).
 """
 from __future__ import annotations
 
@@ -264,13 +266,15 @@ def main() -> int:
         test_vectors, test_order = embedded(saved, test_dir, work / "embed-test.parquet")
         probe = accuracies(train_vectors[[train_order[r["sample_id"]] for r in train_labels]], train_labels,
                            test_vectors[[test_order[r["sample_id"]] for r in test_labels]], test_labels, known)
-        # The speaker head alone (the run's last checkpoint is enrolled: that is taken out here),
-        # then the training speakers enrolled from the training files.
-        head, enrolled = work / "head.pt", work / "enrolled.pt"
-        checkpoint.write_atomically(head, {k: v for k, v in checkpoint.load_checkpoint(saved).items()
+        # Every checkpoint finished as the run finishes its last (sentiment head refit, training
+        # speakers enrolled from the training files), then the speaker head alone (no enrolment).
+        bare, enrolled, head = work / "bare.pt", work / "enrolled.pt", work / "head.pt"
+        checkpoint.write_atomically(bare, {k: v for k, v in checkpoint.load_checkpoint(saved).items()
                                            if k != "enrolment"})
-        assert model_trainer.main(["enroll", "--checkpoint", str(head), "--data-dir", str(train_dir), "--out",
-                                   str(enrolled)]) == 0
+        assert model_trainer.main(["enroll", "--refit-sentiment", "--checkpoint", str(bare), "--data-dir",
+                                   str(train_dir), "--out", str(enrolled)]) == 0
+        checkpoint.write_atomically(head, {k: v for k, v in checkpoint.load_checkpoint(enrolled).items()
+                                           if k != "enrolment"})
         curve[step] = (probe, predicted(head, test_dir, work / "predict.jsonl", test_labels, known),
                        predicted(enrolled, test_dir, work / "predict-enrolled.jsonl", test_labels, known))
 

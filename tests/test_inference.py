@@ -114,20 +114,39 @@ def test_predict_answers_the_same_whatever_the_input_path_and_keeps_a_given_name
     assert answers["manifest"][new]["speaker"]["given"] == answers["data-dir"][new]["speaker"]["given"] == "someone-new"
 
 
-def test_a_finished_run_keeps_its_sentiment_head_refit_on_the_training_segments(trained, capsys):
-    ckpt, _ = trained
-    loaded = inference.load_trained(ckpt, torch.device("cpu"))
-    args = types.SimpleNamespace(manifest=None, data_dir=str(ckpt.parent.parent / "data"), flight_host=None,
-                                 files=None, columns=None, batch_size=None)
+def refit_on(loaded, folder, per_label=None):
+    """An independent refit of the checkpoint's sentiment head on the files of `folder`."""
+    args = types.SimpleNamespace(manifest=None, data_dir=str(folder), flight_host=None, files=None, columns=None,
+                                 batch_size=None)
     with contextlib.ExitStack() as cleanup:
         readings = inference.read_segments(loaded.model, inference.open_inputs(args, loaded, cleanup),
-                                           torch.device("cpu"), per_label=training_run.FINISH_PER_LABEL)
+                                           torch.device("cpu"), per_label=per_label)
     labelled = [i for i, s in enumerate(readings.segments) if s.sentiment != datasets.UNKNOWN]
     labels = np.array([readings.segments[i].sentiment for i in labelled])
-    weight, bias = refit.fit_linear(readings.sentiment_inputs[labelled], labels, 3)
+    return refit.fit_linear(readings.sentiment_inputs[labelled], labels, 3)
+
+
+def test_a_finished_run_keeps_its_sentiment_head_refit_and_enroll_refits_any_checkpoint(trained, tmp_path):
+    ckpt, _ = trained
+    data = ckpt.parent.parent / "data"
+    loaded = inference.load_trained(ckpt, torch.device("cpu"))
+    weight, bias = refit_on(loaded, data, per_label=training_run.FINISH_PER_LABEL)
     head = loaded.model.sentiment_head
     np.testing.assert_allclose(head.weight.detach().numpy(), weight, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(head.bias.detach().numpy(), bias, rtol=1e-4, atol=1e-5)
+
+    # A checkpoint whose head is not refit (here: zeroed) gets it from enroll --refit-sentiment.
+    state = checkpoint.load_checkpoint(ckpt)
+    state["model"] = {**state["model"], "sentiment_head.weight": torch.zeros_like(head.weight),
+                      "sentiment_head.bias": torch.zeros_like(head.bias)}
+    unfinished, finished = tmp_path / "unfinished.pt", tmp_path / "finished.pt"
+    checkpoint.write_atomically(unfinished, state)
+    assert model_trainer.main(["enroll", "--refit-sentiment", "--checkpoint", str(unfinished), "--data-dir",
+                               str(data), "--out", str(finished)]) == 0
+    weight, bias = refit_on(loaded, data)
+    refit_state = checkpoint.load_checkpoint(finished)["model"]
+    np.testing.assert_allclose(refit_state["sentiment_head.weight"].numpy(), weight, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(refit_state["sentiment_head.bias"].numpy(), bias, rtol=1e-4, atol=1e-5)
 
 
 def test_embed_vectors_come_from_audio_and_text_unless_labels_are_asked_for(trained, tmp_path):
