@@ -26,14 +26,9 @@ import torch
 from config import DataConfig
 from flight_client import Connection
 
-# The schema's and the packer's names stay importable from here: datasets is the data layer's
-# front door for the trainer and tools; only the data machine imports schema.py alone.
-from packing import (Batch, GreedyPacker, Segment, SequenceLayout, Skipped, StreamPosition, collate,  # noqa: F401
-                     full_batch, pack_sequences, padding_batch, segment_positions, segments_from_batch)
-from schema import (N_MELS, N_SENTIMENTS, ROW_GROUP_BYTES, SAMPLE_SCHEMA, SCHEMA_VERSION, UNKNOWN,  # noqa: F401
-                    CorpusInfo, DataError, Labels, Ticket, corpus_info, feature_sums, read_metadata, samples_table,
-                    schema_problems, skip_rows_of, speaker_names, summarise_problems, validate_file,
-                    validate_table, write_samples)
+from packing import (Batch, GreedyPacker, Segment, SequenceLayout, Skipped, StreamPosition, collate, pack_sequences,
+                     padding_batch, segment_positions, segments_from_batch)
+from schema import (UNKNOWN, DataError, Ticket, read_metadata, skip_rows_of, summarise_problems, validate_file)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,18 +31,19 @@ from tqdm import tqdm
 import datasets
 import features
 import flight_client
+import packing
 import refit
+import schema
 from checkpoint import CheckpointCorrupt, load_checkpoint, write_atomically
 from config import Config, DataConfig, build_config
 from custom_transformer import CustomTransformer, Masks
-from datasets import UNKNOWN, Labels
 from enrolment import Enrolment, enrol
 from evaluation import evaluate
 from flight_client import Connection
 from live_metrics import json_ready
 from manifest import parse_columns
 from parallel import choose_device
-from schema import N_SENTIMENTS, SENTIMENTS
+from schema import N_SENTIMENTS, SENTIMENTS, UNKNOWN, Labels
 
 HIDEABLE = ("text", "audio")   # speaker and sentiment are always read with their own slot hidden
 
@@ -117,7 +118,7 @@ def add_input_arguments(parser: argparse.ArgumentParser) -> None:
 def open_inputs(args, trained: Trained, cleanup: contextlib.ExitStack) -> datasets._PackedStream:
     """The input files as a dataset in file order, speakers mapped onto the run's by name."""
     cfg = trained.cfg
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     batch_size = args.batch_size or cfg.data.batch_size
     chosen = [bool(args.manifest), bool(args.data_dir), bool(args.flight_host)]
     if sum(chosen) != 1:
@@ -155,14 +156,14 @@ def input_segments(dataset, filled: set[str] | None = None, chars_per_second: fl
         yield position, segment
 
 
-def document_sequences(items, layout: datasets.SequenceLayout):
+def document_sequences(items, layout: packing.SequenceLayout):
     """Sequences to read answers from: each document is packed on its own (a long one cut at the
     same places whatever came before it), and its pieces share a sequence with other documents
     only whole. Attention never crosses documents, so a segment's answer depends on its own
     document alone, not on the input's order or path (--manifest, --data-dir, a server)."""
     row, used = [], 0
     for _, document in itertools.groupby(items, key=lambda item: item[1].doc_id):
-        for _, piece in datasets.pack_sequences(document, layout):
+        for _, piece in packing.pack_sequences(document, layout):
             need = sum(layout.positions(segment) for segment in piece)
             if row and used + need > layout.max_seq_len:
                 yield row
@@ -178,13 +179,13 @@ def input_batches(dataset, segments):
     for sequence in document_sequences(segments, layout):
         group.append(sequence)
         if len(group) == dataset.batch_size:
-            yield datasets.collate(group, layout), [s for seq in group for s in seq]
+            yield packing.collate(group, layout), [s for seq in group for s in seq]
             group = []
     if group:
-        yield datasets.collate(group, layout), [s for seq in group for s in seq]
+        yield packing.collate(group, layout), [s for seq in group for s in seq]
 
 
-def hiding(batch: datasets.Batch, hide: set[str], k: int) -> Masks:
+def hiding(batch: packing.Batch, hide: set[str], k: int) -> Masks:
     n_segments = len(batch.n_tokens)
     return Masks(*(torch.full((n,), name in hide) for name, n in (
         ("text", len(batch.token_ids)), ("audio", len(batch.mel) // k),
@@ -275,7 +276,7 @@ def embed(args) -> int:
             # Labels the input gives would be read back from the vector: hidden unless asked for.
             hidden_slots = set() if args.with_labels else {"speaker", "sentiment"}
             outputs = trained.model.infer(batch.to(device), hiding(batch, hidden_slots, k).to(device))
-            lengths = datasets.segment_positions(batch.n_tokens, batch.n_frames, k).tolist()
+            lengths = packing.segment_positions(batch.n_tokens, batch.n_frames, k).tolist()
             starts = outputs.grid.speaker_index.cpu().tolist()   # each segment's first position
             hidden = outputs.hidden.float().cpu()
             means = outputs.segment_vectors.cpu().numpy()
@@ -449,7 +450,7 @@ def main(command: str, argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[command](args)
-    except (ValueError, OSError, datasets.DataError, features.AudioError) as err:
+    except (ValueError, OSError, schema.DataError, features.AudioError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
 

@@ -38,6 +38,8 @@ import demo_corpus
 import flight_client
 import inference
 import live_metrics
+import packing
+import schema
 from checkpoint import Checkpointer, GlobalRNG
 from config import DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, load_config
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts
@@ -93,7 +95,7 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
     """-> (training dataset, evaluation dataset or None), from the remote Flight server or one
     started in this process (shut down by `cleanup`; under torchrun, one per rank). Evaluation
     files never train."""
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     if args.flight_host:
         connection = Connection.from_args(args)
     else:
@@ -195,7 +197,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
 # ---------------------------------------------------------------------------------------------
 # The run: counters, run folder, checkpoints, evaluation, metrics
 
-def build_model(cfg: Config, info: datasets.CorpusInfo, device: torch.device) -> CustomTransformer:
+def build_model(cfg: Config, info: schema.CorpusInfo, device: torch.device) -> CustomTransformer:
     model = CustomTransformer(cfg.model)
     model.set_corpus_stats(info)
     model.to(device)
@@ -253,7 +255,7 @@ class Session:
     amp_dtype: torch.dtype
     run: Run
     dataset: datasets.ArrowFlightDataset
-    labels: datasets.Labels
+    labels: schema.Labels
     model: CustomTransformer       # the model itself (under DDP, the replica's module)
     trained: torch.nn.Module       # what trains: the model wrapped for several processes
     optimizer: torch.optim.Optimizer
@@ -280,7 +282,7 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
     dataset, eval_set = open_data(args, cfg, cleanup, ranks)
     labels = run_speakers(dataset, eval_set, from_rank0(saved.get("labels") if saved else None),
                           from_rank0(saved is not None), run.say, resume_path)
-    info = datasets.corpus_info(dataset.metadata())
+    info = schema.corpus_info(dataset.metadata())
     model = build_model(cfg, dataclasses.replace(info, n_speakers=len(labels.speakers)), device)
     if needs_precision_probe(device, cfg.train.precision):
         amp_dtype, speeds = faster_precision(model, dataset.layout, cfg.data.batch_size, device)
@@ -330,12 +332,12 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
     return session
 
 
-def run_speakers(dataset, eval_set, saved_labels: dict | None, resumed: bool, say, resume_path) -> datasets.Labels:
+def run_speakers(dataset, eval_set, saved_labels: dict | None, resumed: bool, say, resume_path) -> schema.Labels:
     """Speakers by name: the run's ids come from the checkpoint (new names appended) or the
     training files; the training and evaluation files are mapped onto them by name."""
-    labels = datasets.Labels(datasets.speaker_names(dataset.metadata()))
+    labels = schema.Labels(schema.speaker_names(dataset.metadata()))
     if saved_labels:
-        labels = datasets.Labels(**saved_labels).extended(labels.speakers)
+        labels = schema.Labels(**saved_labels).extended(labels.speakers)
     elif resumed:
         say(f"{resume_path} holds no speaker map (written before speakers were kept by name): "
             "numbering them from the training files, as that run did")
@@ -464,7 +466,7 @@ def main(argv=None) -> int:
     except Interrupted as err:
         print(f"stopped before training began ({err}): nothing to save", file=sys.stderr)
         return 0
-    except (ValueError, OSError, datasets.DataError, TrainingHalted) as err:
+    except (ValueError, OSError, schema.DataError, TrainingHalted) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     losses = result["losses"]

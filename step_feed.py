@@ -22,7 +22,8 @@ from typing import Callable, Iterable
 
 import torch
 
-import datasets
+import packing
+import schema
 from config import Config
 from custom_transformer import Masks, sample_masks
 from parallel import Ranks
@@ -116,14 +117,14 @@ def batches(dataset, num_workers: int):
             produced += 1
             yield batch
         if produced == 0 and not resumed:
-            raise datasets.DataError("the dataset produced no batches")
+            raise schema.DataError("the dataset produced no batches")
         epoch += 1
 
 
 @dataclass
 class Step:
     """This process's share of one optimizer step."""
-    micro_batches: list[tuple[datasets.Batch, Masks]]
+    micro_batches: list[tuple[packing.Batch, Masks]]
     missing: Exception | None   # why some batches are padding: a DataError, or Interrupted (a signal)
     data_wait_s: float          # time spent waiting for the batches
     epoch: int                  # the epoch the batches belong to
@@ -174,13 +175,13 @@ class StepFeed:
         if self._stream is not None:
             self._stream.close(wait=wait)
 
-    def _next_batch(self) -> tuple[datasets.Batch | None, Exception | None]:
+    def _next_batch(self) -> tuple[packing.Batch | None, Exception | None]:
         """-> (the next batch, None), or (None, why there is none): a DataError (the data stayed
         unreachable past the retry budget), or Interrupted (a signal while waiting, or a reader
         that a signal broke, as Ctrl-C does to DataLoader workers)."""
         try:
             return next(self._stream), None
-        except (datasets.DataError, Interrupted) as err:
+        except (schema.DataError, Interrupted) as err:
             return None, err
         except Exception:
             if self.stop_requested():
@@ -197,7 +198,7 @@ class StepFeed:
         while len(micro_batches) < self.per_step[self.ranks.rank]:
             batch, missing = self._next_batch() if missing is None else (None, missing)
             if batch is None:
-                batch = datasets.padding_batch(self.dataset.layout, None)
+                batch = packing.padding_batch(self.dataset.layout, None)
             elif not micro_batches and batch.resume_from.epoch != self.epoch:
                 self.epoch = batch.resume_from.epoch
                 self.per_step, self.batch_sizes = self.dataset.work(self.epoch)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-import datasets
 import inference
+import schema
 from access import read_token
 from checkpoint import Checkpointer, CheckpointWriteError, load_checkpoint, newest_checkpoint
 from config import TrainConfig
@@ -135,10 +135,10 @@ class Run:
         path = self.checkpoint(final=True)
         saved = (f"the checkpoint of step {self.last_checkpoint[0]}" + (f", {path}" if path else "")
                  if self.last_checkpoint else "nothing to save (no step had finished)")
-        if isinstance(missing, datasets.DataError) or not stop:
-            reason = missing if isinstance(missing, datasets.DataError) else \
+        if isinstance(missing, schema.DataError) or not stop:
+            reason = missing if isinstance(missing, schema.DataError) else \
                 "another process could not read its data (its error is above)"
-            raise datasets.DataError(f"{reason}\nThe run stopped with {saved}; when the data is back, continue "
+            raise schema.DataError(f"{reason}\nThe run stopped with {saved}; when the data is back, continue "
                                      f"with --resume auto")
         self.say(f"asked to stop while waiting for data: stopped with {saved}")
         return path

@@ -18,9 +18,12 @@ import torch
 
 from common import ROOT, header, run_case, save
 
+import config  # noqa: E402 (path set by common)
 import datasets  # noqa: E402 (path set by common)
 import demo_corpus  # noqa: E402
 import model_trainer  # noqa: E402
+import packing  # noqa: E402 (path set by common)
+import schema  # noqa: E402 (path set by common)
 import step_feed  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 
@@ -28,14 +31,14 @@ WARMUP = 5
 
 
 def case(mode: str, preset: str, steps: int) -> dict:
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], preset)
+    cfg = config.load_config(str(ROOT / "config.yaml"), [], preset)
     files = sorted((ROOT / "data" / "demo" / "parquet").glob("*.parquet"))
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     dataset = datasets.LocalParquetDataset(files, layout, cfg.data.batch_size, seed=0)
     stream = step_feed.batches(dataset, 0)
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model)
-    model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
+    model.set_corpus_stats(schema.corpus_info(dataset.metadata()))
     if mode == "compiled":
         model.compile_blocks()
     optimizer, scheduler = model_trainer.make_optimizer(model, cfg.train, torch.device("cpu"))

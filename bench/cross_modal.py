@@ -22,21 +22,24 @@ import torch
 
 from common import ROOT, machine, save
 
+import config  # noqa: E402 (path set by common)
 import datasets  # noqa: E402 (path set by common)
 import demo_corpus  # noqa: E402
 import model_trainer  # noqa: E402
+import packing  # noqa: E402 (path set by common)
+import schema  # noqa: E402 (path set by common)
 import step_feed  # noqa: E402
 from custom_transformer import CustomTransformer, Masks, sample_masks  # noqa: E402
 
 
-def text_only(batch: datasets.Batch) -> datasets.Batch:
+def text_only(batch: packing.Batch) -> packing.Batch:
     """The same segments with audio, prosody, speaker and sentiment removed."""
     n = len(batch.n_tokens)
     no_frames = batch.mel[:0]
     return dataclasses.replace(
         batch, mel=no_frames, f0_hz=batch.f0_hz[:0], voicing=batch.voicing[:0], energy=batch.energy[:0],
         frame_valid=batch.frame_valid[:0], n_frames=torch.zeros_like(batch.n_frames),
-        speaker_id=torch.full((n,), datasets.UNKNOWN), sentiment=torch.full((n,), datasets.UNKNOWN),
+        speaker_id=torch.full((n,), schema.UNKNOWN), sentiment=torch.full((n,), schema.UNKNOWN),
         speaker_embedding=batch.speaker_embedding[:, :0], has_speaker_embedding=torch.zeros(n, dtype=torch.bool),
         affect=torch.full((n, 2), math.nan), token_audio_position=torch.full_like(batch.token_audio_position, -1))
 
@@ -51,7 +54,7 @@ def train(cfg, files, info, steps: int, transform) -> CustomTransformer:
     model.set_corpus_stats(info)
     optimizer, scheduler = model_trainer.make_optimizer(model, cfg.train, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     dataset = datasets.LocalParquetDataset(files, layout, cfg.data.batch_size, seed=cfg.data.seed)
     stream = step_feed.batches(dataset, 0)
     generator = torch.Generator()
@@ -70,7 +73,7 @@ def train(cfg, files, info, steps: int, transform) -> CustomTransformer:
 @torch.no_grad()
 def evaluate(model, cfg, files, transform, hide_slots: bool) -> dict[str, float]:
     """Accuracies weighted by the number of hidden items, over every batch of `files`."""
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     dataset = datasets.LocalParquetDataset(files, layout, cfg.data.batch_size, shuffle=False)
     eval_cfg = dataclasses.replace(cfg.model, speaker_drop=1.0 if hide_slots else 0.0, document_drop=0.0,
                                    sentiment_drop=1.0 if hide_slots else 0.0)
@@ -97,9 +100,9 @@ def main() -> int:
     args = parser.parse_args()
     shards = demo_corpus.build(ROOT / "data" / "demo")
     train_files, eval_files = shards[:-1], shards[-1:]
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"),
+    cfg = config.load_config(str(ROOT / "config.yaml"),
                                     [f"model.text_mask_ratio={args.text_mask}", f"train.steps={args.steps}"], args.preset)
-    info = datasets.corpus_info({str(f): datasets.read_metadata(pq.read_schema(f), str(f)) for f in shards})
+    info = schema.corpus_info({str(f): schema.read_metadata(pq.read_schema(f), str(f)) for f in shards})
 
     start = time.perf_counter()
     multimodal = train(cfg, train_files, info, args.steps, None)

@@ -26,8 +26,12 @@ import torch
 
 from common import ROOT, machine, save
 
+import config  # noqa: E402 (path set by common)
 import datasets  # noqa: E402 (path set by common)
+import flight_client  # noqa: E402 (path set by common)
 import model_trainer  # noqa: E402
+import packing  # noqa: E402 (path set by common)
+import schema  # noqa: E402 (path set by common)
 import step_feed  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 
@@ -51,7 +55,7 @@ def make_files(n_files: int, rows: int) -> list:
                                 "voicing": (f0 > 0).astype(np.float32), "energy": rng.normal(size=frames).astype(np.float32),
                                 "speaker_id": int(rng.integers(8)), "sentiment": int(rng.integers(3))})
             meta = {"features": {}, "tokenizer": {"vocab_size": 260}, "speakers": {str(s): s for s in range(8)}}
-            datasets.write_samples(path, samples, meta, rows_per_group=100)
+            schema.write_samples(path, samples, meta, rows_per_group=100)
         paths.append(path)
     return paths
 
@@ -95,12 +99,12 @@ def read_flight(port: int, names: list[str], streams: int):
 
 def consumption(preset: str, steps: int, overrides: list[str]) -> float:
     """Positions per second a preset's training step consumes on this machine."""
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), overrides, preset)
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    cfg = config.load_config(str(ROOT / "config.yaml"), overrides, preset)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     files = sorted((ROOT / "data" / "demo" / "parquet").glob("*.parquet"))
     dataset = datasets.LocalParquetDataset(files, layout, cfg.data.batch_size)
     model = CustomTransformer(cfg.model)
-    model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
+    model.set_corpus_stats(schema.corpus_info(dataset.metadata()))
     optimizer, scheduler = model_trainer.make_optimizer(model, cfg.train, torch.device("cpu"))
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     stream = step_feed.batches(dataset, 0)
@@ -136,11 +140,11 @@ def main() -> int:
         local = rate(lambda: read_local(paths))
         one = rate(lambda: read_flight(port, names, 1))
         two = rate(lambda: read_flight(port, names, 2))
-        small_cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], "small")
-        layout = datasets.SequenceLayout(small_cfg.data.max_seq_len, small_cfg.model.frames_per_position)
+        small_cfg = config.load_config(str(ROOT / "config.yaml"), [], "small")
+        layout = packing.SequenceLayout(small_cfg.data.max_seq_len, small_cfg.model.frames_per_position)
         rates = []
         for hosts in (["127.0.0.1"], ["127.0.0.1", f"127.0.0.1:{second_port}"]):
-            dataset = datasets.ArrowFlightDataset(datasets.Connection(tuple(hosts), port), names, layout, small_cfg.data.batch_size)
+            dataset = datasets.ArrowFlightDataset(flight_client.Connection(tuple(hosts), port), names, layout, small_cfg.data.batch_size)
             start = time.perf_counter()
             produced = sum(b.n_positions(layout.frames_per_position) for b in dataset)
             rates.append(produced / (time.perf_counter() - start))

@@ -23,7 +23,8 @@ import torch
 
 from common import ROOT, flop_counter, header, save
 
-import model_trainer  # noqa: E402 (path set by common)
+import config  # noqa: E402
+import parallel  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 from long_context import synthetic_document  # noqa: E402
 
@@ -94,7 +95,7 @@ def main() -> int:
     n = args.positions
     lines = [*header(),
              f"{'preset / layers':<22} {'part':<14} {'formula GF':>11} {'counted GF':>11} {'ratio':>7} {'expected':>9}"]
-    base = model_trainer.load_config(str(ROOT / "config.yaml"), [], "tiny").model
+    base = config.load_config(str(ROOT / "config.yaml"), [], "tiny").model
     matmul_ratios, attention_ratios = [], []
     for pattern in ("G", "L", "S", base.layer_pattern):
         m = dataclasses.replace(base, layer_pattern=pattern)
@@ -115,7 +116,7 @@ def main() -> int:
                      f"{'-':>7} {'-':>9}   (embeddings, heads: not in the formula)")
         print("\n".join(lines[-3:]) if len(lines) > 7 else "\n".join(lines), flush=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    peak = model_trainer.peak_flops(torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32)
+    peak = parallel.peak_flops(torch.device(device), torch.bfloat16 if device == "cuda" else torch.float32)
     lines.append(f"MFU peak for this device: {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown (no listed peak: no MFU is reported)'}")
     headline = (f"FLOPs counted / expected, block matmuls: {min(matmul_ratios):.3f}..{max(matmul_ratios):.3f}; "
                 f"attention counted / expected: {min(attention_ratios):.3f}..{max(attention_ratios):.3f} (1.000 = exact)")

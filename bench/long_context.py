@@ -21,12 +21,14 @@ import torch
 
 from common import ROOT, header, peak_rss_bytes, run_case, save
 
-import datasets  # noqa: E402 (path set by common)
-import model_trainer  # noqa: E402
+import config  # noqa: E402 (path set by common)
+import packing  # noqa: E402 (path set by common)
+import parallel  # noqa: E402 (path set by common)
+import schema  # noqa: E402 (path set by common)
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 
 
-def synthetic_document(positions: int, k: int, seed: int = 0, audio: bool = True) -> datasets.Batch:
+def synthetic_document(positions: int, k: int, seed: int = 0, audio: bool = True) -> packing.Batch:
     """Segments of 20-60 tokens and 2-6 s of audio (or, without audio, 100-300 tokens), the last
     one sized to fill `positions`."""
     rng = np.random.default_rng(seed)
@@ -38,19 +40,19 @@ def synthetic_document(positions: int, k: int, seed: int = 0, audio: bool = True
             tokens, frames = positions - used - 2, 0
             need = positions - used
         f0 = np.where(rng.uniform(size=frames) < 0.7, rng.uniform(80, 300, frames), 0).astype(np.float32)
-        segments.append(datasets.Segment(
+        segments.append(packing.Segment(
             sample_id=f"long/{index}", doc_id="long", token_ids=rng.integers(4, 260, tokens).astype(np.int32),
-            mel=rng.normal(size=(frames, datasets.N_MELS)).astype(np.float16), f0_hz=f0,
+            mel=rng.normal(size=(frames, schema.N_MELS)).astype(np.float16), f0_hz=f0,
             voicing=(f0 > 0).astype(np.float32), energy=rng.normal(size=frames).astype(np.float32),
             speaker_id=int(rng.integers(8)), sentiment=int(rng.integers(3))))
         used += need
         index += 1
-    return datasets.collate([segments], datasets.SequenceLayout(positions, k))
+    return packing.collate([segments], packing.SequenceLayout(positions, k))
 
 
 def case(preset: str, positions: int, overrides: list[str]) -> dict:
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), overrides, preset)
-    device, amp_dtype = model_trainer.choose_device(cfg.train.device, cfg.train.precision)
+    cfg = config.load_config(str(ROOT / "config.yaml"), overrides, preset)
+    device, amp_dtype = parallel.choose_device(cfg.train.device, cfg.train.precision)
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model).to(device)
     batch = synthetic_document(positions, cfg.model.frames_per_position)
@@ -87,7 +89,7 @@ def main() -> int:
         preset, positions, *overrides = args.case
         print(json.dumps(case(preset, int(positions), overrides)))
         return 0
-    preset_pattern = model_trainer.load_config(str(ROOT / "config.yaml"), args.set, args.preset).model.layer_pattern
+    preset_pattern = config.load_config(str(ROOT / "config.yaml"), args.set, args.preset).model.layer_pattern
     patterns = args.patterns or [preset_pattern, "L"]
     results = {pattern: run_case(__file__, args.preset, str(args.positions), *args.set,
                                  f"model.layer_pattern={pattern}", timeout=7200) for pattern in patterns}

@@ -25,8 +25,10 @@ import torch
 
 from common import ROOT, header, save
 
-import datasets  # noqa: E402 (path set by common)
+import config  # noqa: E402
 import model_trainer  # noqa: E402
+import packing  # noqa: E402 (path set by common)
+import schema  # noqa: E402 (path set by common)
 from config import TrainConfig  # noqa: E402
 from custom_transformer import CustomTransformer, Masks  # noqa: E402
 
@@ -38,11 +40,11 @@ SEGMENT_TOKENS = 254                # + speaker and sentiment slots = 256 positi
 
 
 def documents(count: int, positions: int, distances: list[int], rng: np.random.Generator
-              ) -> tuple[datasets.Batch, Masks, torch.Tensor, torch.Tensor]:
+              ) -> tuple[packing.Batch, Masks, torch.Tensor, torch.Tensor]:
     """-> a batch of `count` documents (one a row), masks hiding their query slots, the slots'
     token indices and each slot's answer."""
     n_segments = positions // (SEGMENT_TOKENS + 2)
-    empty = np.zeros((0, datasets.N_MELS), np.float16)
+    empty = np.zeros((0, schema.N_MELS), np.float16)
     rows, slots, answers = [], [], []
     for d in range(count):
         tokens = rng.choice(FILLER, size=(n_segments, SEGMENT_TOKENS)).astype(np.int32)
@@ -54,11 +56,11 @@ def documents(count: int, positions: int, distances: list[int], rng: np.random.G
             tokens[segment, offset - 1:offset + 1] = QUERY_MARK, key
             slots.append((d * n_segments + segment) * SEGMENT_TOKENS + offset)
             answers.append(key)
-        rows.append([datasets.Segment(sample_id=f"{d}/{i}", doc_id=str(d), token_ids=row, mel=empty,
+        rows.append([packing.Segment(sample_id=f"{d}/{i}", doc_id=str(d), token_ids=row, mel=empty,
                                       f0_hz=np.zeros(0, np.float32), voicing=np.zeros(0, np.float32),
-                                      energy=np.zeros(0, np.float32), speaker_id=datasets.UNKNOWN,
-                                      sentiment=datasets.UNKNOWN) for i, row in enumerate(tokens)])
-    batch = datasets.collate(rows, datasets.SequenceLayout(positions, 4))
+                                      energy=np.zeros(0, np.float32), speaker_id=schema.UNKNOWN,
+                                      sentiment=schema.UNKNOWN) for i, row in enumerate(tokens)])
+    batch = packing.collate(rows, packing.SequenceLayout(positions, 4))
     text = torch.zeros(len(batch.token_ids), dtype=torch.bool)
     slots = torch.tensor(slots)
     text[slots] = True
@@ -68,7 +70,7 @@ def documents(count: int, positions: int, distances: list[int], rng: np.random.G
 
 
 def train_and_test(pattern: str, args, distances: list[int]) -> dict:
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [
+    cfg = config.load_config(str(ROOT / "config.yaml"), [
         f"model.layer_pattern={pattern}", "model.n_layers=2", f"model.window={args.window}",
         f"model.sparse_block={args.block}", f"model.sparse_topk={args.topk}", "model.speaker_drop=0",
         "model.sentiment_drop=0", "model.document_drop=0"], "tiny").model

@@ -6,9 +6,12 @@ the `base` preset's gradients.
     python bench/mixed_gpus.py [--steps 6] [--batch-seconds 1.5]
 
 For each profile: achieved positions/s (a full step's positions over the median step time) over
-the sum of every rank's solo positions/s, with equal shares and with train.rank_shares=auto. Solo speeds are measured by one-process runs of each
-card kind. The simulated compute per batch (sleep) dominates the real one, so that 8 processes
-on 2 cores measure the schedule rather than the contention.
+the sum of every rank's solo positions/s, with equal shares and with train.rank_shares=auto, and
+that over the ceiling: the same figure for 8 equal cards with equal shares, which loses only what
+the simulation itself costs (8 trainers on this machine's cores), so the ratio to the ceiling
+means the same on any machine. Solo speeds are measured by one-process runs of each card kind.
+Every run reads from one shared data server; a forward lasts its simulated time whatever the
+real one took, so that 8 processes on 2 cores measure the schedule rather than the contention.
 """
 from __future__ import annotations
 
@@ -22,21 +25,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+import pyarrow.flight as flight
 import torch
 
 from common import ROOT, header, save
 
+import config  # noqa: E402 (path set by common)
 import demo_corpus  # noqa: E402 (path set by common)
-import model_trainer  # noqa: E402
 from custom_transformer import CustomTransformer  # noqa: E402
 
+PORT = 18830
+CEILING = ("1:1.0, link unlimited", "equal")   # 8 equal cards: what the simulation itself loses
 FLAGS = ["--preset", "tiny", "--ws-port", "-1", "--set", "train.checkpoint_every=1000", "--set", "data.prefetch=2",
          "--set", "data.batch_size=1"]
 
 
 def base_gradient_shares() -> tuple[float, float]:
     """The `base` preset's fp32 gradient bytes, and the share PowerSGD (rank 1) sends of them."""
-    cfg = model_trainer.load_config(str(model_trainer.DEFAULT_CONFIG), [], "base")
+    cfg = config.load_config(str(config.DEFAULT_CONFIG), [], "base")
     with torch.device("meta"):
         params = list(CustomTransformer(cfg.model).parameters())
     total = sum(p.numel() for p in params)
@@ -44,7 +50,7 @@ def base_gradient_shares() -> tuple[float, float]:
     return 4.0 * total, sent / total
 
 
-def run(data: Path, out: Path, speeds: list[float], batch_seconds: float, steps: int, extra: list[str],
+def run(source: list[str], out: Path, speeds: list[float], batch_seconds: float, steps: int, extra: list[str],
         link: float = 0.0, gradient_bytes: float = 0.0, sent_share: float = 1.0, most_sequences: list[int] | None = None
         ) -> dict:
     """The trainer on len(speeds) simulated cards -> positions/s (a full step's positions over the
@@ -56,7 +62,7 @@ def run(data: Path, out: Path, speeds: list[float], batch_seconds: float, steps:
         env["SIM_MOST_SEQUENCES"] = ",".join(map(str, most_sequences))
     command = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(len(speeds))]
                if len(speeds) > 1 else [sys.executable])
-    proc = subprocess.run([*command, "bench/simulated_ranks.py", "--data-dir", str(data), "--out", str(out),
+    proc = subprocess.run([*command, "bench/simulated_ranks.py", *source, "--out", str(out),
                            "--steps", str(steps), *FLAGS, *extra], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=1800)
     if proc.returncode != 0:
@@ -76,13 +82,13 @@ def run(data: Path, out: Path, speeds: list[float], batch_seconds: float, steps:
             "positions": [m["tokens_per_s"] * m["step_time_s"] for m in steps]}
 
 
-def loss_curves(data: Path, work: Path, steps: int) -> list[str]:
+def loss_curves(source: list[str], work: Path, steps: int) -> list[str]:
     """Auto against equal shares on the 1:0.2 box, the same positions per step (tokens_per_step),
     against the noise of the data order: equal shares with another data.seed. The compute is
     barely stretched: only the losses count here."""
     speeds = [1.0, 1.0] + [0.2] * 6
     same = ["--set", "train.tokens_per_step=8192", "--set", "train.warmup_steps=5"]   # 32 sequences of 256
-    curves = {name: run(data, work / f"loss-{name}", speeds, 0.01, steps, same + extra)
+    curves = {name: run(source, work / f"loss-{name}", speeds, 0.01, steps, same + extra)
               for name, extra in (("equal", []), ("auto", ["--set", "train.rank_shares=auto"]),
                                   ("equal, data.seed=1", ["--set", "data.seed=1"]))}
     tail = slice(steps // 2, None)
@@ -113,17 +119,23 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-mixed-"))
     lines = [*header(), f"# 8 simulated cards: 2 at speed 1 and 6 slower; {args.batch_seconds} s per batch on a fast "
              f"card; base gradients {gradient_bytes / 1e6:,.0f} MB fp32, PowerSGD rank 1 sends "
-             f"{powersgd_share:.2%} of them", f"{'profile':<44} {'batches x sequences per step':<44} {'pos/s':>8} {'of solo':>8}"]
+             f"{powersgd_share:.2%} of them", f"{'profile':<44} {'batches x sequences per step':<44} {'pos/s':>8} {'of solo':>8} {'of ceiling':>10}"]
     print("\n".join(lines), flush=True)
+    data = work / "data"
+    data.mkdir()
+    for shard in shards:
+        shutil.copy(shard, data)
+    # One data server for every run, as the reference box's data machine (8 trainers each with an
+    # embedded server would spend the 2 cores on serving).
+    server = subprocess.Popen([sys.executable, str(ROOT / "flight_server.py"), "--root", str(data), "--port",
+                               str(PORT)], stderr=subprocess.DEVNULL, cwd=ROOT)
+    source = ["--flight-host", "127.0.0.1", "--port", str(PORT), "--files", *sorted(s.name for s in shards)]
     try:
-        data = work / "data"
-        data.mkdir()
-        for shard in shards:
-            shutil.copy(shard, data)
+        flight.connect(f"grpc://127.0.0.1:{PORT}").wait_for_available(timeout=60)
         solo = {}
         for speed in (1.0, 0.5, 0.2):
-            solo[speed] = run(data, work / f"solo-{speed}", [speed], args.batch_seconds, args.steps, [])["positions_per_s"]
-            lines.append(f"{'solo card at speed ' + str(speed):<44} {'-':<44} {solo[speed]:>8.0f} {'-':>8}")
+            solo[speed] = run(source, work / f"solo-{speed}", [speed], args.batch_seconds, args.steps, [])["positions_per_s"]
+            lines.append(f"{'solo card at speed ' + str(speed):<44} {'-':<44} {solo[speed]:>8.0f} {'-':>8} {'-':>10}")
             print(lines[-1], flush=True)
         cases = []
         for slow in (1.0, 0.5, 0.2):
@@ -144,21 +156,26 @@ def main() -> int:
         for name, slow, shares, extra, link, sent, most in cases:
             speeds = [1.0, 1.0] + [slow] * 6
             flags = [*extra, *(["--set", "train.rank_shares=auto"] if shares == "auto" else [])]
-            result = run(data, work / f"case-{len(results)}", speeds, args.batch_seconds, args.steps, flags, link,
+            result = run(source, work / f"case-{len(results)}", speeds, args.batch_seconds, args.steps, flags, link,
                          gradient_bytes, sent, most)
             efficiency = result["positions_per_s"] / sum(solo[s] for s in speeds)
             results[(name, shares)] = (result, efficiency)
+            ceiling = results[CEILING][1]   # the first case
             lines.append(f"{name + ', ' + shares:<44} {result['shares']:<44} {result['positions_per_s']:>8.0f} "
-                         f"{efficiency:>8.2f}")
+                         f"{efficiency:>8.2f} {efficiency / ceiling:>10.2f}")
             print(lines[-1], flush=True)
         auto_free = min(e for (name, shares), (_, e) in results.items() if "unlimited" in name and shares == "auto")
         x1 = max(e for (name, _), (_, e) in results.items() if "x1" in name)
-        lines.append(f"auto shares without link cost: worst {auto_free:.2f} of the solo sum (goal >= 0.85); "
-                     f"x1 link, best compression with accumulation: {x1:.2f} (goal >= 0.70)")
+        lines.append(f"ceiling of this simulation here (8 equal cards, equal shares): {ceiling:.2f} of the solo sum; "
+                     f"auto shares without link cost: worst {auto_free:.2f} of the solo sum, {auto_free / ceiling:.2f} "
+                     f"of the ceiling (goal >= 0.85); x1 link, best compression with accumulation: {x1:.2f}, "
+                     f"{x1 / ceiling:.2f} of the ceiling (goal >= 0.70)")
         print(lines[-1], flush=True)
-        lines += loss_curves(data, work, args.loss_steps)
+        lines += loss_curves(source, work, args.loss_steps)
         save("mixed_gpus", lines)
     finally:
+        server.terminate()
+        server.wait()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

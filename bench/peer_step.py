@@ -24,7 +24,7 @@ import torch
 
 from common import ROOT, header, run_case, save
 
-import model_trainer  # noqa: E402 (path set by common)
+import config  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 from long_context import synthetic_document  # noqa: E402
 
@@ -40,7 +40,7 @@ MODELS = {  # name -> (layer pattern or None for Llama, input)
 
 def small_config(pattern: str | None):
     overrides = [f"model.layer_pattern={pattern}"] if pattern else []
-    return model_trainer.load_config(str(ROOT / "config.yaml"), overrides, "small").model
+    return config.load_config(str(ROOT / "config.yaml"), overrides, "small").model
 
 
 def llama(n: int):

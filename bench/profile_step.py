@@ -21,9 +21,13 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from common import ROOT, flop_counter, header, save
 
+import config  # noqa: E402 (path set by common)
 import datasets  # noqa: E402 (path set by common)
 import demo_corpus  # noqa: E402
+import flight_client  # noqa: E402 (path set by common)
 import model_trainer  # noqa: E402
+import packing  # noqa: E402 (path set by common)
+import schema  # noqa: E402 (path set by common)
 import step_feed  # noqa: E402
 from custom_transformer import CustomTransformer, sample_masks  # noqa: E402
 from flight_server import SampleFlightServer  # noqa: E402
@@ -63,14 +67,14 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), args.set, args.preset)
+    cfg = config.load_config(str(ROOT / "config.yaml"), args.set, args.preset)
     demo_corpus.build(ROOT / "data" / "demo")
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     with SampleFlightServer(ROOT / "data" / "demo" / "parquet", "127.0.0.1", 0) as server:
-        dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None, layout, cfg.data.batch_size)
+        dataset = datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port), None, layout, cfg.data.batch_size)
         torch.manual_seed(0)
         model = CustomTransformer(cfg.model)
-        model.set_corpus_stats(datasets.corpus_info(dataset.metadata()))
+        model.set_corpus_stats(schema.corpus_info(dataset.metadata()))
         optimizer, _ = model_trainer.make_optimizer(model, cfg.train, torch.device("cpu"))
         stream = step_feed.Prefetch(step_feed.batches(dataset, 0), cfg.data.prefetch)
         generator = torch.Generator()

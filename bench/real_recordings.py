@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from common import ROOT, header, logistic_regression, save
 
 import checkpoint  # noqa: E402 (path set by common)
+import config  # noqa: E402 (path set by common)
 import features  # noqa: E402
 import model_trainer  # noqa: E402
 
@@ -236,7 +237,7 @@ def main() -> int:
     args = parser.parse_args()
     ensure_packages()
     work = Path(args.work)
-    cfg = model_trainer.load_config(str(model_trainer.DEFAULT_CONFIG), args.set, args.preset)
+    cfg = config.load_config(str(config.DEFAULT_CONFIG), args.set, args.preset)
     started = time.perf_counter()
     train_dir, test_dir = build(work / "corpus", cfg.data.max_seq_len)
     corpus_seconds = time.perf_counter() - started

@@ -1,7 +1,7 @@
 """model_trainer.py on simulated unequal cards, for bench/mixed_gpus.py (run under torchrun).
 
-Each rank's compute is stretched: every forward of a training step sleeps SIM_BATCH_SECONDS /
-speed per sequence of the batch, the speed taken from SIM_SPEEDS by rank (1: the fastest card);
+Each rank's compute is stretched: every forward of a training step lasts SIM_BATCH_SECONDS /
+speed per sequence of the batch (the real forward, then a sleep for the rest), the speed taken from SIM_SPEEDS by rank (1: the fastest card);
 with SIM_SPEEDS_LATER the speeds change after SIM_CHANGE_AFTER forwards (a card that throttles
 as it heats up). SIM_MOST_SEQUENCES gives each rank's largest micro-batch, as its memory would
 (24 GB against 8 GB cards); the rest of the probe is real. With SIM_LINK_BYTES_PER_S
@@ -42,11 +42,14 @@ forwards_done = 0
 
 def slow_forward(self, batch, *args, **kwargs):
     global forwards_done
+    started = time.perf_counter()
     result = forward(self, batch, *args, **kwargs)
     if torch.is_grad_enabled():   # training steps and the speed probe, not evaluation
         forwards_done += 1
         speed = SPEED_LATER if CHANGE_AFTER and forwards_done > CHANGE_AFTER else SPEED
-        time.sleep(BATCH_SECONDS * batch.n_rows / speed)
+        # The forward lasts the simulated time whatever the real one took (on a shared CPU the
+        # real forward's time depends on what the other processes do).
+        time.sleep(max(0.0, BATCH_SECONDS * batch.n_rows / speed - (time.perf_counter() - started)))
     return result
 
 

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-import datasets
+import packing
+import schema
 from attention import PAD_DOC
-from custom_transformer import CustomTransformer, Masks, ModelConfig, layout, sample_masks
+from config import ModelConfig
+from custom_transformer import CustomTransformer, Masks, layout, sample_masks
 from packing import segment_positions
 
 TINY = ModelConfig(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -18,9 +20,9 @@ TINY = ModelConfig(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_h
 def make_segment(rng, doc, index, n_tokens, n_frames):
     f0 = rng.uniform(80, 300, n_frames).astype(np.float32)
     f0[rng.uniform(size=n_frames) < 0.3] = 0
-    return datasets.Segment(
+    return packing.Segment(
         sample_id=f"{doc}/{index}", doc_id=doc, token_ids=rng.integers(4, 40, n_tokens).astype(np.int32),
-        mel=rng.normal(size=(n_frames, datasets.N_MELS)).astype(np.float16), f0_hz=f0,
+        mel=rng.normal(size=(n_frames, schema.N_MELS)).astype(np.float16), f0_hz=f0,
         voicing=(f0 > 0).astype(np.float32), energy=rng.normal(size=n_frames).astype(np.float32),
         speaker_id=int(rng.integers(5)), sentiment=int(rng.integers(3)),
         speaker_embedding=rng.normal(size=3).astype(np.float32) if index % 2 == 0 else None,
@@ -33,7 +35,7 @@ def make_batch(seed=0, k=4):
     rng = np.random.default_rng(seed)
     rows = [[make_segment(rng, "a", 0, 5, 9), make_segment(rng, "a", 1, 3, 8), make_segment(rng, "b", 0, 4, 5)],
             [make_segment(rng, "c", 0, 6, 13)]]
-    return rows, datasets.collate(rows, datasets.SequenceLayout(10_000, k))
+    return rows, packing.collate(rows, packing.SequenceLayout(10_000, k))
 
 
 def no_masks(batch, k=4):
@@ -140,7 +142,7 @@ def test_span_masks_hit_their_ratio():
     cfg = dataclasses.replace(TINY, text_mask_ratio=0.3, text_span=3)
     rng = np.random.default_rng(0)
     rows = [[make_segment(rng, str(i), 0, 400, 4) for i in range(20)]]
-    batch = datasets.collate(rows, datasets.SequenceLayout(100_000, 4))
+    batch = packing.collate(rows, packing.SequenceLayout(100_000, 4))
     masks = sample_masks(batch, cfg, torch.Generator().manual_seed(0))
     assert 0.25 < masks.text.float().mean() < 0.32
     runs = np.diff(np.flatnonzero(np.diff(np.r_[0, masks.text.numpy().astype(int), 0])))[::2]
@@ -183,9 +185,9 @@ def test_absent_modalities_are_inputs_never_targets():
     rng = np.random.default_rng(7)
     text_only = make_segment(rng, "a", 0, 6, 0)
     audio_only = make_segment(rng, "a", 1, 0, 9)
-    audio_only.speaker_id, audio_only.speaker_embedding = datasets.UNKNOWN, None
-    audio_only.sentiment, audio_only.valence, audio_only.arousal = datasets.UNKNOWN, float("nan"), float("nan")
-    batch = datasets.collate([[text_only, audio_only]], datasets.SequenceLayout(1000, 4))
+    audio_only.speaker_id, audio_only.speaker_embedding = schema.UNKNOWN, None
+    audio_only.sentiment, audio_only.valence, audio_only.arousal = schema.UNKNOWN, float("nan"), float("nan")
+    batch = packing.collate([[text_only, audio_only]], packing.SequenceLayout(1000, 4))
     assert batch.n_frames.tolist() == [0, 12] and batch.n_tokens.tolist() == [6, 0]
     masks = Masks(text=torch.ones(6, dtype=torch.bool), audio=torch.ones(3, dtype=torch.bool),
                   speaker=torch.tensor([False, True]), sentiment=torch.tensor([False, True]))
@@ -249,7 +251,7 @@ def test_speaker_embedding_size_mismatch_names_the_setting():
 
 
 def test_a_padding_batch_runs_and_carries_no_sample():
-    batch = datasets.padding_batch(datasets.SequenceLayout(100, 4), (0, 0, 0, 0))
+    batch = packing.padding_batch(packing.SequenceLayout(100, 4), (0, 0, 0, 0))
     assert batch.padding and batch.sample_ids == []
     loss, _ = CustomTransformer(TINY)(batch, sample_masks(batch, TINY, torch.Generator().manual_seed(0)))
     assert torch.isfinite(loss)

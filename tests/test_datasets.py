@@ -7,16 +7,18 @@ import pytest
 import torch
 
 import datasets
-from datasets import SequenceLayout
+import packing
+import schema
+from packing import SequenceLayout
 from util import META, make_rows
 
 
 def test_segments_are_zero_copy_views_equal_to_a_direct_read(tmp_path):
     rows = make_rows(5, np.random.default_rng(4))
-    datasets.write_samples(tmp_path / "s.parquet", rows, META, rows_per_group=5)
+    schema.write_samples(tmp_path / "s.parquet", rows, META, rows_per_group=5)
     table = pq.read_table(tmp_path / "s.parquet")
     batch = table.slice(1, 3).to_batches()[0]     # a sliced batch: offsets do not start at 0
-    segments = datasets.segments_from_batch(batch)
+    segments = packing.segments_from_batch(batch)
     direct = table.slice(1, 3).to_pylist()
     for segment, row in zip(segments, direct):
         assert segment.sample_id == row["sample_id"]
@@ -29,14 +31,14 @@ def test_packing_fills_sequences_in_order_and_skips_oversized_segments():
     rng = np.random.default_rng(5)
     rows = make_rows(20, rng)
     rows[7]["mel"] = np.zeros((400, 80), np.float16)     # 100 positions: more than fits
-    table = datasets.samples_table([{**r, "f0_hz": np.zeros(len(r["mel"]), np.float32),
+    table = schema.samples_table([{**r, "f0_hz": np.zeros(len(r["mel"]), np.float32),
                                      "voicing": np.zeros(len(r["mel"]), np.float32),
                                      "energy": np.zeros(len(r["mel"]), np.float32)} for r in rows], META)
-    segments = datasets.segments_from_batch(table.to_batches()[0])
+    segments = packing.segments_from_batch(table.to_batches()[0])
     layout = SequenceLayout(max_seq_len=24, frames_per_position=4)
     need = 2 + len(rows[7]["token_ids"]) + 400 // 4
-    skipped = datasets.Skipped()
-    packed = list(datasets.pack_sequences(enumerate(segments), layout, skipped))
+    skipped = packing.Skipped()
+    packed = list(packing.pack_sequences(enumerate(segments), layout, skipped))
     assert (skipped.segments, skipped.positions, skipped.example) == (1, need, f"doc2/1: {need} positions")
     assert skipped.positions_read == sum(layout.positions(s) for s in segments)
     sequences = [seq for _, seq in packed]
@@ -53,9 +55,9 @@ def test_packing_fills_sequences_in_order_and_skips_oversized_segments():
 
 def test_collate_pads_frames_per_segment_and_numbers_documents():
     rng = np.random.default_rng(6)
-    table = datasets.samples_table(make_rows(6, rng), META)
-    segs = datasets.segments_from_batch(table.to_batches()[0])
-    batch = datasets.collate([segs[:4], segs[4:]], SequenceLayout(1000, 4))
+    table = schema.samples_table(make_rows(6, rng), META)
+    segs = packing.segments_from_batch(table.to_batches()[0])
+    batch = packing.collate([segs[:4], segs[4:]], SequenceLayout(1000, 4))
     frames = [len(s.mel) for s in segs]
     assert batch.n_frames.tolist() == [-(-f // 4) * 4 for f in frames]
     assert int(batch.frame_valid.sum()) == sum(frames)
@@ -118,7 +120,7 @@ def test_the_batch_count_from_row_lengths_equals_the_batches_packing_yields(tmp_
         frames = max(frames, 1)
         row.update(mel=np.zeros((frames, 80), np.float16), f0_hz=np.zeros(frames, np.float32),
                    voicing=np.zeros(frames, np.float32), energy=np.zeros(frames, np.float32))
-    datasets.write_samples(tmp_path / "s.parquet", rows, META, rows_per_group=7)
+    schema.write_samples(tmp_path / "s.parquet", rows, META, rows_per_group=7)
     for batch_size in (1, 3):
         dataset = datasets.LocalParquetDataset([tmp_path / "s.parquet"], SequenceLayout(max_seq_len, 4),
                                                batch_size=batch_size, shuffle=False)
@@ -225,11 +227,11 @@ def test_speakers_are_mapped_by_name_across_separately_prepared_files(tmp_path):
         row["speaker_id"] = i % 2                      # ann 0, bob 1
     for i, row in enumerate(rows_b):
         row["speaker_id"], row["sample_id"] = i % 2, "b" + row["sample_id"]   # bob 0, cid 1
-    datasets.write_samples(tmp_path / "a.parquet", rows_a, {**META, "speakers": {"ann": 0, "bob": 1}})
-    datasets.write_samples(tmp_path / "b.parquet", rows_b, {**META, "speakers": {"bob": 0, "cid": 1}})
+    schema.write_samples(tmp_path / "a.parquet", rows_a, {**META, "speakers": {"ann": 0, "bob": 1}})
+    schema.write_samples(tmp_path / "b.parquet", rows_b, {**META, "speakers": {"bob": 0, "cid": 1}})
     dataset = datasets.LocalParquetDataset([tmp_path / "a.parquet", tmp_path / "b.parquet"], SequenceLayout(400),
                                            batch_size=2, shuffle=False)
-    assert datasets.speaker_names(dataset.metadata()) == ["ann", "bob", "cid"]
+    assert schema.speaker_names(dataset.metadata()) == ["ann", "bob", "cid"]
     dataset.use_speakers(["bob", "ann"])               # e.g. a checkpoint's order
     got = {sid: int(spk) for b in dataset for sid, spk in zip(b.sample_ids, b.speaker_id.tolist())}
     names_a, names_b = {0: "ann", 1: "bob"}, {0: "bob", 1: "cid"}
@@ -244,7 +246,7 @@ def test_segments_too_long_are_summarised_once_per_epoch_with_their_share(tmp_pa
     for row in rows[:5]:                                  # five segments of 100+ positions
         row.update(mel=np.zeros((400, 80), np.float16), f0_hz=np.zeros(400, np.float32),
                    voicing=np.zeros(400, np.float32), energy=np.zeros(400, np.float32))
-    datasets.write_samples(tmp_path / "s.parquet", rows, META)
+    schema.write_samples(tmp_path / "s.parquet", rows, META)
     layout = SequenceLayout(40, 4)
     dataset = datasets.LocalParquetDataset([tmp_path / "s.parquet"], layout, batch_size=2)
     needs = [2 + len(r["token_ids"]) + -(-len(r["mel"]) // 4) for r in rows]

@@ -4,12 +4,16 @@ import re
 import wave
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import soundfile
 import torch
 
 import datasets
 import features
+import packing
+import schema
 from manifest import parse_columns, read_manifest
 from features import AudioError, ByteTokenizer, FeatureConfig, FeatureExtractor, read_audio, write_wav, yin_pitch
 
@@ -163,12 +167,12 @@ def test_prepare_reports_bad_audio_by_path_and_writes_the_rest(tmp_path):
     shards = features.prepare(manifest, tmp_path / "out", rows_per_shard=3, rows_per_group=2, log=logged.append)
     assert any("garbage.wav" in line for line in logged) and any("empty.wav" in line for line in logged)
     assert len(shards) == 2
-    rows = [r for s in shards for r in datasets.pq.read_table(s).to_pylist()]
+    rows = [r for s in shards for r in pq.read_table(s).to_pylist()]
     assert [r["text"] for r in rows] == [f"hello {i}" for i in range(5)]
     assert [r["sentiment"] for r in rows] == [0, 1, 2, 0, 1]
     assert rows[1]["token_ids"] == ByteTokenizer().encode("hello 1")
     for shard in shards:
-        assert datasets.validate_file(shard) == []
+        assert schema.validate_file(shard) == []
 
 
 def test_manifest_errors_name_the_entry(tmp_path):
@@ -190,10 +194,10 @@ def test_csv_manifest_with_token_ids_and_optional_fields(tmp_path):
                                     "a1.wav,second,bob,neutral,d,1,5 6 7,,0.25\n"
                                     "a0.wav,first,ann,2,d,0,9 10,0.5,\n")
     shards = features.prepare(tmp_path / "m.csv", tmp_path / "out")
-    rows = datasets.pq.read_table(shards[0]).to_pylist()
+    rows = pq.read_table(shards[0]).to_pylist()
     assert [(r["text"], r["token_ids"], r["speaker_id"], r["sentiment"], r["valence"], r["arousal"]) for r in rows] == [
         ("first", [9, 10], 0, 2, 0.5, None), ("second", [5, 6, 7], 1, 1, None, 0.25)]
-    meta = datasets.read_metadata(datasets.pq.read_schema(shards[0]), "x")
+    meta = schema.read_metadata(pq.read_schema(shards[0]), "x")
     assert meta["tokenizer"] == {"name": "manifest-token-ids", "vocab_size": 11}
 
 
@@ -216,7 +220,7 @@ def test_character_times_become_token_start_frames(tmp_path):
              "segment_index": 0, "char_start_s": [0.1, 0.254, 2.0]}
     (tmp_path / "m.jsonl").write_text(json.dumps(entry) + "\n")
     shard, = features.prepare(tmp_path / "m.jsonl", tmp_path / "out")
-    row = datasets.pq.read_table(shard).to_pylist()[0]
+    row = pq.read_table(shard).to_pylist()[0]
     # BOS at 0; 'h' at frame 10; 'é' is two bytes, both at frame 25; '!' past the end -> last frame; EOS last.
     assert row["token_ids"] == ByteTokenizer().encode("hé!")
     assert row["token_start_frame"] == [0, 10, 25, 25, 100, 100]
@@ -238,7 +242,7 @@ def test_prepare_resumes_finished_shards_and_parallel_output_equals_serial(tmp_p
     serial = features.prepare(manifest, tmp_path / "serial", rows_per_shard=2)
     parallel = features.prepare(manifest, tmp_path / "parallel", rows_per_shard=2, workers=2)
     for a, b in zip(serial, parallel):
-        assert datasets.pq.read_table(a).equals(datasets.pq.read_table(b))
+        assert pq.read_table(a).equals(pq.read_table(b))
 
     # A rerun extracts nothing for finished shards, and redoes a shard whose file was damaged.
     calls = []
@@ -247,7 +251,7 @@ def test_prepare_resumes_finished_shards_and_parallel_output_equals_serial(tmp_p
     serial[1].write_bytes(b"damaged")
     again = features.prepare(manifest, tmp_path / "serial", rows_per_shard=2)
     assert again == serial and sorted(calls) == [str(tmp_path / "s2.wav"), str(tmp_path / "s3.wav")]
-    assert datasets.validate_file(serial[1]) == []
+    assert schema.validate_file(serial[1]) == []
 
 
 def test_labels_are_optional_and_columns_can_be_mapped(tmp_path, capsys):
@@ -262,13 +266,13 @@ def test_labels_are_optional_and_columns_can_be_mapped(tmp_path, capsys):
     shards = features.prepare(tmp_path / "m.csv", tmp_path / "out", log=logged.append,
                               columns=parse_columns("audio=path,text=transcript,speaker=who,sentiment=mood"))
     assert any("ignoring column(s) duration" in line for line in logged)
-    rows = {r["doc_id"]: r for r in datasets.pq.read_table(shards).to_pylist()}
+    rows = {r["doc_id"]: r for r in pq.read_table(shards).to_pylist()}
     assert rows["u0.wav"]["speaker_id"] == 0 and rows["u0.wav"]["sentiment"] == 2
     assert rows["u1.wav"]["speaker_id"] == -1 and rows["u1.wav"]["sentiment"] == -1
     assert rows["u1.wav"]["text"] is None and rows["u1.wav"]["token_ids"] == []
     assert rows["u2.wav"]["speaker_id"] == -1 and rows["u2.wav"]["sentiment"] == 0
-    assert datasets.read_metadata(datasets.pq.read_schema(shards[0]), "x")["speakers"] == {"ann": 0}
-    assert datasets.validate_file(shards[0]) == []
+    assert schema.read_metadata(pq.read_schema(shards[0]), "x")["speakers"] == {"ann": 0}
+    assert schema.validate_file(shards[0]) == []
     with pytest.raises(ValueError, match="--columns 'colour=x'"):
         parse_columns("colour=x")
 
@@ -326,11 +330,11 @@ def test_long_recordings_are_split_at_silences_keeping_the_alignment(tmp_path):
                                                   "speaker": "ann", "doc_id": "talk"}) + "\n")
     max_positions = 120   # 10 s of speech is ~250 audio positions: it needs several pieces
     shards = features.prepare(tmp_path / "m.jsonl", tmp_path / "out", max_positions=max_positions)
-    rows = datasets.pq.read_table(shards).to_pylist()
+    rows = pq.read_table(shards).to_pylist()
     assert len(rows) >= 3 and [r["sample_id"] for r in rows] == [f"talk/00000.{i:03d}" for i in range(len(rows))]
-    layout = datasets.SequenceLayout(max_positions, 4)
+    layout = packing.SequenceLayout(max_positions, 4)
     assert all(layout.positions(s) <= max_positions
-               for s in datasets.segments_from_batch(datasets.pq.read_table(shards).to_batches()[0]))
+               for s in packing.segments_from_batch(pq.read_table(shards).to_batches()[0]))
     assert "".join(r["text"] for r in rows) == text                     # no character lost or repeated
     assert sum(len(r["f0_hz"]) for r in rows) == 1 + len(signal) // 160  # no frame lost or repeated
     frame = 0
@@ -340,7 +344,7 @@ def test_long_recordings_are_split_at_silences_keeping_the_alignment(tmp_path):
     for row in rows:   # the alignment is relative to the piece, and each word starts where it is spoken
         starts_in_piece = row["token_start_frame"][1:-1]
         assert min(starts_in_piece) >= 0 and max(starts_in_piece) < len(row["f0_hz"])
-    assert datasets.validate_file(shards[0]) == []
+    assert schema.validate_file(shards[0]) == []
 
 
 def test_a_long_transcribed_recording_without_alignment_is_kept_with_its_words_spread_over_the_pieces(tmp_path):
@@ -359,7 +363,7 @@ def test_a_long_transcribed_recording_without_alignment_is_kept_with_its_words_s
     shards = features.prepare(tmp_path / "m.jsonl", tmp_path / "out", max_positions=100, log=logged.append)
     assert any("had text without an alignment, spread over the pieces in proportion to voiced time" in line
                for line in logged), logged
-    rows = datasets.pq.read_table(shards).to_pylist()
+    rows = pq.read_table(shards).to_pylist()
     talk = [r for r in rows if r["doc_id"] == "long.wav"]
     assert len(talk) >= 2 and " ".join(r["text"] for r in talk).split() == words   # whole words, in order
     assert all(r["token_start_frame"] is None for r in talk)                        # approximate: no alignment
@@ -368,7 +372,7 @@ def test_a_long_transcribed_recording_without_alignment_is_kept_with_its_words_s
         seconds = len(row["f0_hz"]) / 100
         assert abs(len(row["text"].split()) - seconds) <= 1.5, (row["text"], seconds)
     assert sum(r["doc_id"] == "audio-only" for r in rows) >= 2         # unlabelled audio splits freely
-    assert datasets.validate_file(shards[0]) == []
+    assert schema.validate_file(shards[0]) == []
 
 
 def test_prepare_sums_up_what_it_wrote_and_two_manifests_never_share_a_shard_name(tmp_path):
@@ -403,12 +407,12 @@ def test_a_manifest_sorted_by_speaker_does_not_give_batches_of_one_speaker(tmp_p
                             "segment_index": seg, "speaker": ["ann", "bob", "cid"][doc // 8]})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     shards = features.prepare(tmp_path / "m.jsonl", tmp_path / "out")
-    assert len(shards) == 1 and datasets.pq.ParquetFile(shards[0]).num_row_groups == 1   # one row group
-    order = datasets.pq.read_table(shards[0], columns=["doc_id", "segment_index"]).to_pylist()
+    assert len(shards) == 1 and pq.ParquetFile(shards[0]).num_row_groups == 1   # one row group
+    order = pq.read_table(shards[0], columns=["doc_id", "segment_index"]).to_pylist()
     docs = [r["doc_id"] for r in order]
     assert docs[::2] == docs[1::2] and [r["segment_index"] for r in order] == [0, 1] * 24   # documents stay whole
     # The smallest shuffle window (one batch): only the file's own order mixes the speakers.
-    dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(64, 4), batch_size=2, shuffle_window=1)
+    dataset = datasets.LocalParquetDataset(shards, packing.SequenceLayout(64, 4), batch_size=2, shuffle_window=1)
     first = [sid.split("/")[0] for batch in list(dataset)[:3] for sid in batch.sample_ids]
     assert first != sorted(first)
     speakers = {["ann", "bob", "cid"][int(doc[3:]) // 8] for doc in first}
@@ -421,11 +425,11 @@ def test_the_validate_command_runs_the_servers_checks(tmp_path, capsys):
     (tmp_path / "m.jsonl").write_text(json.dumps({"audio": "a.wav", "text": "ok"}) + "\n")
     shard = features.prepare(tmp_path / "m.jsonl", tmp_path / "out")[0]
     assert features.main(["validate", str(tmp_path / "out")]) == 0
-    table = datasets.pq.read_table(shard)
+    table = pq.read_table(shard)
     energy = table.column("energy").to_pylist()
     energy[0][3] = float("nan")
-    datasets.pq.write_table(table.set_column(table.schema.get_field_index("energy"), "energy",
-                                             datasets.pa.array(energy, table.schema.field("energy").type)), shard)
+    pq.write_table(table.set_column(table.schema.get_field_index("energy"), "energy",
+                                             pa.array(energy, table.schema.field("energy").type)), shard)
     capsys.readouterr()
     assert features.main(["validate", str(shard)]) == 1
     assert f"{shard}: row 0 (sample_id a.wav/00000), column energy: NaN or inf" in capsys.readouterr().out

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 import datasets
+import packing
+import schema
 from flight_client import Connection
 from flight_server import SampleFlightServer
 from util import self_signed_certificate
@@ -29,7 +31,7 @@ def servers(corpus, tmp_path_factory):
 
 
 def _open(connection):
-    return datasets.ArrowFlightDataset(connection, None, datasets.SequenceLayout(400, 4), 4, retry_backoff_s=0.01)
+    return datasets.ArrowFlightDataset(connection, None, packing.SequenceLayout(400, 4), 4, retry_backoff_s=0.01)
 
 
 def _free_port():
@@ -55,7 +57,7 @@ def test_each_start_up_failure_names_its_cause_and_fix_without_retries(servers, 
     for connection, message in cases:
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="mmtrain.data"):
-            with pytest.raises(datasets.DataError, match=message):
+            with pytest.raises(schema.DataError, match=message):
                 _open(connection)
         assert not [r for r in caplog.records if "retry" in r.getMessage()], message   # not retried like an outage
 
@@ -63,7 +65,7 @@ def test_each_start_up_failure_names_its_cause_and_fix_without_retries(servers, 
 def test_nothing_listening_is_said_after_a_few_quick_tries(caplog):
     port = _free_port()
     with caplog.at_level(logging.WARNING, logger="mmtrain.data"):
-        with pytest.raises(datasets.DataError, match=f"failed 3 times in a row: nothing is listening at "
+        with pytest.raises(schema.DataError, match=f"failed 3 times in a row: nothing is listening at "
                                                      rf"127.0.0.1:{port}: is flight_server.py running there, and "
                                                      r"with this --port\?"):
             _open(Connection(("127.0.0.1",), port))

@@ -16,8 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import datasets
+import flight_client
+import packing
+import schema
 from flight_client import parse_hosts
-from flight_server import SampleFlightServer, Ticket
+from flight_server import SampleFlightServer
+from schema import Ticket
 from util import self_signed_certificate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +52,7 @@ def test_lists_every_valid_file_with_rows_and_schema(served):
         meta = pq.ParquetFile(root / name).metadata
         assert info.total_records == meta.num_rows
         assert len(info.endpoints) == meta.num_row_groups
-        assert info.schema.remove_metadata().equals(datasets.SAMPLE_SCHEMA)
+        assert info.schema.remove_metadata().equals(schema.SAMPLE_SCHEMA)
 
 
 def test_streamed_rows_equal_a_direct_read(served):
@@ -118,21 +122,21 @@ def test_out_of_range_row_groups_and_symlinks_out_of_root_are_refused(served, tm
 def test_flight_dataset_delivers_every_sample_exactly_once(served):
     root, server, client = served
     names = [i.descriptor.path[0].decode() for i in client.list_flights()]
-    dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), names,
-                                          datasets.SequenceLayout(400, 4), batch_size=2, seed=3)
+    dataset = datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port), names,
+                                          packing.SequenceLayout(400, 4), batch_size=2, seed=3)
     seen = [sid for batch in dataset for sid in batch.sample_ids]
     expected = [sid for n in names for sid in pq.read_table(root / n, columns=["sample_id"]).column(0).to_pylist()]
     assert collections.Counter(seen) == collections.Counter(expected)
     # The same order as reading the files locally: one code path after the transport.
-    local = datasets.LocalParquetDataset([root / n for n in names], datasets.SequenceLayout(400, 4), batch_size=2, seed=3)
+    local = datasets.LocalParquetDataset([root / n for n in names], packing.SequenceLayout(400, 4), batch_size=2, seed=3)
     assert seen == [sid for batch in local for sid in batch.sample_ids]
 
 
 def test_unknown_server_or_file_is_a_clear_data_error(served):
     root, server, client = served
-    dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), ["good/missing.parquet"],
-                                          datasets.SequenceLayout(400, 4), batch_size=2)
-    with pytest.raises(datasets.DataError, match="good/missing.parquet: served by none of grpc://127.0.0.1:.*getting good/missing.parquet from .*no such file"):
+    dataset = datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port), ["good/missing.parquet"],
+                                          packing.SequenceLayout(400, 4), batch_size=2)
+    with pytest.raises(schema.DataError, match="good/missing.parquet: served by none of grpc://127.0.0.1:.*getting good/missing.parquet from .*no such file"):
         list(dataset)
 
 
@@ -152,12 +156,12 @@ def test_a_token_is_required_and_checked(corpus):
             _names(client, wrong)
         right = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer s3cret")])
         assert len(_names(client, right)) == len(list(root.glob("*.parquet")))
-        dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port, token="s3cret"), None,
-                                              datasets.SequenceLayout(400, 4), batch_size=4)
+        dataset = datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port, token="s3cret"), None,
+                                              packing.SequenceLayout(400, 4), batch_size=4)
         assert sum(len(b.sample_ids) for b in dataset) == pq.read_table(root, columns=["sample_id"]).num_rows
-        with pytest.raises(datasets.DataError, match="refused the connection: no token was given"):
-            datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None,
-                                        datasets.SequenceLayout(400, 4), 4)
+        with pytest.raises(schema.DataError, match="refused the connection: no token was given"):
+            datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port), None,
+                                        packing.SequenceLayout(400, 4), 4)
     finally:
         server.shutdown()
 
@@ -173,9 +177,9 @@ def test_tls_round_trip_with_a_self_signed_certificate(corpus, tmp_path):
     cert, key = self_signed_certificate(tmp_path)
     server = SampleFlightServer(root, "127.0.0.1", 0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes())
     try:
-        dataset = datasets.ArrowFlightDataset(datasets.Connection(("localhost",), server.port,
+        dataset = datasets.ArrowFlightDataset(flight_client.Connection(("localhost",), server.port,
                                                                   tls_root_cert=cert.read_bytes()), None,
-                                              datasets.SequenceLayout(400, 4), batch_size=4)
+                                              packing.SequenceLayout(400, 4), batch_size=4)
         assert sum(len(b.sample_ids) for b in dataset) == pq.read_table(root, columns=["sample_id"]).num_rows
         plain = flight.connect(f"grpc://127.0.0.1:{server.port}")   # no TLS: refused
         with pytest.raises(flight.FlightUnavailableError):
@@ -216,7 +220,7 @@ def test_batches_above_grpc_4mib_limit_stream(corpus, tmp_path):
              "f0_hz": np.zeros(6000, np.float32), "voicing": np.zeros(6000, np.float32),
              "energy": np.zeros(6000, np.float32), "speaker_id": 0, "sentiment": 1} for i in range(8)]
     meta = {"features": {}, "tokenizer": {"vocab_size": 260}, "speakers": {"a": 0}}
-    datasets.write_samples(tmp_path / "big.parquet", rows, meta, rows_per_group=8)
+    schema.write_samples(tmp_path / "big.parquet", rows, meta, rows_per_group=8)
     server = SampleFlightServer(tmp_path, "127.0.0.1", 0, batch_rows=8)
     try:
         client = flight.connect(f"grpc://127.0.0.1:{server.port}")
@@ -263,7 +267,7 @@ def test_a_server_killed_and_restarted_mid_epoch_loses_and_repeats_nothing(corpu
     root, _ = corpus
     server = SampleFlightServer(root, "127.0.0.1", 0, batch_rows=2)
     port = server.port
-    dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), port), None, datasets.SequenceLayout(300, 4), batch_size=1,
+    dataset = datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), port), None, packing.SequenceLayout(300, 4), batch_size=1,
                                           seed=2, retry_backoff_s=0.2, max_retries=20)
     seen, restarted = [], []
     try:
@@ -283,16 +287,16 @@ def test_a_server_killed_and_restarted_mid_epoch_loses_and_repeats_nothing(corpu
 def test_a_server_that_stays_down_is_a_clear_error_naming_it(corpus):
     root, _ = corpus
     server = SampleFlightServer(root, "127.0.0.1", 0)
-    dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None, datasets.SequenceLayout(300, 4),
+    dataset = datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port), None, packing.SequenceLayout(300, 4),
                                           batch_size=1, retry_backoff_s=0.05, max_retries=2)
-    streaming = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None, datasets.SequenceLayout(300, 4),
+    streaming = datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port), None, packing.SequenceLayout(300, 4),
                                             batch_size=1, retry_backoff_s=0.05, max_retries=2)
     streaming.endpoints()   # metadata fetched while the server was up: the reads fail instead
     server.shutdown()
-    with pytest.raises(datasets.DataError, match=f"getting .* from grpc://127.0.0.1:{server.port} failed 3 times in a "
+    with pytest.raises(schema.DataError, match=f"getting .* from grpc://127.0.0.1:{server.port} failed 3 times in a "
                                                  f"row: nothing is listening at 127.0.0.1:{server.port}"):
         list(dataset)
-    with pytest.raises(datasets.DataError, match=f"reading .* from row 0 at grpc://127.0.0.1:{server.port} failed 3 "
+    with pytest.raises(schema.DataError, match=f"reading .* from row 0 at grpc://127.0.0.1:{server.port} failed 3 "
                                                  "times in a row: nothing is listening"):
         list(streaming)
 
@@ -326,7 +330,7 @@ def test_a_stalled_read_is_cancelled_and_resumed(corpus):
     root, _ = corpus
     server = StallingServer(root, "127.0.0.1", 0, batch_rows=2)
     try:
-        dataset = datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), None, datasets.SequenceLayout(300, 4),
+        dataset = datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port), None, packing.SequenceLayout(300, 4),
                                               batch_size=2, retry_backoff_s=0.05, read_timeout_s=0.5)
         seen = [sid for batch in dataset for sid in batch.sample_ids]
         assert server.stalled.is_set() and not server.released.is_set()   # did not wait out the stall
@@ -399,12 +403,12 @@ def test_bad_content_is_refused_with_file_row_and_column_while_good_files_stay_s
         invalid = json.loads(next(iter(client.do_action(flight.Action("invalid", b"")))).body.to_pybytes())
         assert "token_ids" in invalid["bad.parquet"]
         # The trainer stops at setup with the same words, before any step (no IndexError, no NaN loss).
-        with pytest.raises(datasets.DataError, match=r"bad\.parquet.*row 3 .*column token_ids"):
-            datasets.ArrowFlightDataset(datasets.Connection(("127.0.0.1",), server.port), ["bad.parquet"], datasets.SequenceLayout(400, 4),
+        with pytest.raises(schema.DataError, match=r"bad\.parquet.*row 3 .*column token_ids"):
+            datasets.ArrowFlightDataset(flight_client.Connection(("127.0.0.1",), server.port), ["bad.parquet"], packing.SequenceLayout(400, 4),
                                         2).metadata()
         # The local-file path applies the same checks.
-        with pytest.raises(datasets.DataError, match=r"bad\.parquet: 2 problem\(s\) in its content"):
-            list(datasets.LocalParquetDataset([served_root / "bad.parquet"], datasets.SequenceLayout(400, 4), 2))
+        with pytest.raises(schema.DataError, match=r"bad\.parquet: 2 problem\(s\) in its content"):
+            list(datasets.LocalParquetDataset([served_root / "bad.parquet"], packing.SequenceLayout(400, 4), 2))
         client.close()
     finally:
         server.shutdown()
@@ -445,7 +449,7 @@ def test_a_server_advertises_its_peers_copies_to_a_plain_flight_client(corpus, t
         replica = flight.connect(both[1]).do_get(endpoint.ticket).read_all()
         assert replica.equals(client.do_get(endpoint.ticket).read_all())
         # our reader, told of A alone, learns of B from A's endpoints
-        ours = datasets.ArrowFlightDataset(datasets.Connection((f"127.0.0.1:{server_a.port}",)), None, datasets.SequenceLayout(300, 4), 1)
+        ours = datasets.ArrowFlightDataset(flight_client.Connection((f"127.0.0.1:{server_a.port}",)), None, packing.SequenceLayout(300, 4), 1)
         assert {e[0]: sorted(e[2]) for e in ours.endpoints()} == {shards[0].name: both[:1], shards[1].name: sorted(both)}
     finally:
         server_a.shutdown()
@@ -456,8 +460,8 @@ def test_several_servers_merge_into_one_epoch_that_reads_each_replica_once(corpu
     (a, b), shards = two_roots(corpus, tmp_path)
     servers = [SampleFlightServer(root, "127.0.0.1", 0) for root in (a, b)]
     try:
-        dataset = datasets.ArrowFlightDataset(datasets.Connection(tuple(f"127.0.0.1:{s.port}" for s in servers)), None,
-                                              datasets.SequenceLayout(300, 4), batch_size=2, seed=3)
+        dataset = datasets.ArrowFlightDataset(flight_client.Connection(tuple(f"127.0.0.1:{s.port}" for s in servers)), None,
+                                              packing.SequenceLayout(300, 4), batch_size=2, seed=3)
         assert dataset.files == sorted(s.name for s in shards)
         shared = [e for e in dataset.endpoints() if len(e[2]) == 2]
         assert {e[0] for e in shared} == {shards[1].name}
@@ -492,7 +496,7 @@ def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undel
     hosts = [f"127.0.0.1:{server_a.port}", f"127.0.0.1:{server_b.port}"]
 
     def dataset(hosts=hosts):
-        return datasets.ArrowFlightDataset(datasets.Connection(tuple(hosts)), None, datasets.SequenceLayout(300, 4), batch_size=1, seed=2,
+        return datasets.ArrowFlightDataset(flight_client.Connection(tuple(hosts)), None, packing.SequenceLayout(300, 4), batch_size=1, seed=2,
                                            retry_backoff_s=0.05, max_retries=4, shuffle_window=2)
 
     first = dataset()
@@ -507,7 +511,7 @@ def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undel
             if resume and index == 8:
                 break
         if resume:
-            with pytest.raises(datasets.DataError, match="leave it out of --flight-host"):
+            with pytest.raises(schema.DataError, match="leave it out of --flight-host"):
                 dataset()   # A is still down: its files cannot be listed
             resumed = dataset(hosts[1:])
             resumed.load_state_dict(first.state_dict())
@@ -523,13 +527,13 @@ def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undel
 def test_a_file_without_replica_on_a_dead_server_is_an_error_naming_host_and_file(corpus, tmp_path):
     (a, b), shards = two_roots(corpus, tmp_path)
     servers = [SampleFlightServer(root, "127.0.0.1", 0) for root in (a, b)]
-    dataset = datasets.ArrowFlightDataset(datasets.Connection(tuple(f"127.0.0.1:{s.port}" for s in servers)), None,
-                                          datasets.SequenceLayout(300, 4), batch_size=1, retry_backoff_s=0.01,
+    dataset = datasets.ArrowFlightDataset(flight_client.Connection(tuple(f"127.0.0.1:{s.port}" for s in servers)), None,
+                                          packing.SequenceLayout(300, 4), batch_size=1, retry_backoff_s=0.01,
                                           max_retries=2, shuffle=False)
     dataset.endpoints()
     servers[0].shutdown()
     try:
-        with pytest.raises(datasets.DataError, match=f"reading {shards[0].name} from row 0 at "
+        with pytest.raises(schema.DataError, match=f"reading {shards[0].name} from row 0 at "
                                                      f"grpc://127.0.0.1:{servers[0].port} failed 3 times in a row"):
             list(dataset)
     finally:

@@ -16,7 +16,9 @@ import evaluation
 import features
 import inference
 import model_trainer
+import packing
 import refit
+import schema
 import training_run
 from custom_transformer import CustomTransformer, sample_masks
 from flight_server import SampleFlightServer
@@ -121,7 +123,7 @@ def refit_on(loaded, folder, per_label=None):
     with contextlib.ExitStack() as cleanup:
         readings = inference.read_segments(loaded.model, inference.open_inputs(args, loaded, cleanup),
                                            torch.device("cpu"), per_label=per_label)
-    labelled = [i for i, s in enumerate(readings.segments) if s.sentiment != datasets.UNKNOWN]
+    labelled = [i for i, s in enumerate(readings.segments) if s.sentiment != schema.UNKNOWN]
     labels = np.array([readings.segments[i].sentiment for i in labelled])
     return refit.fit_linear(readings.sentiment_inputs[labelled], labels, 3)
 
@@ -229,7 +231,7 @@ def test_export_round_trips_the_outputs_exactly(trained, tmp_path):
     assert all(p.stat().st_mode & 0o044 == 0o044 for p in (tmp_path / "export").iterdir())   # others may read them
     exported = CustomTransformer.from_pretrained(tmp_path / "export")
     original = inference.load_trained(ckpt, torch.device("cpu")).model
-    batch = next(iter(datasets.LocalParquetDataset([held_out], datasets.SequenceLayout(256, 4), 2, shuffle=False)))
+    batch = next(iter(datasets.LocalParquetDataset([held_out], packing.SequenceLayout(256, 4), 2, shuffle=False)))
     masks = sample_masks(batch, original.cfg, torch.Generator().manual_seed(0))
     a, b = original.infer(batch, masks), exported.infer(batch, masks)
     for name in ("hidden", "speaker_logits", "sentiment_logits", "text_logits", "mel", "f0_hz", "voicing"):
@@ -271,7 +273,7 @@ def test_evaluate_gives_the_trainers_metrics_as_json(trained, tmp_path, capsys):
     assert model_trainer.main(["evaluate", "--checkpoint", str(ckpt), "--data-dir", str(data)]) == 0
     report = json.loads(capsys.readouterr().out)
     loaded = inference.load_trained(ckpt, torch.device("cpu"))
-    dataset = datasets.LocalParquetDataset([data / held_out.name], datasets.SequenceLayout(
+    dataset = datasets.LocalParquetDataset([data / held_out.name], packing.SequenceLayout(
         loaded.cfg.data.max_seq_len, 4), loaded.cfg.data.batch_size, shuffle=False)
     dataset.use_speakers(loaded.labels.speakers)
     expected = evaluation.evaluate(loaded.model, dataset, loaded.cfg, torch.device("cpu"), torch.float32)

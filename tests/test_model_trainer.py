@@ -1,7 +1,7 @@
 """The trainer: configuration, and the whole pipeline end to end (synthesizer -> features ->
 Parquet -> Flight server on 127.0.0.1 -> trainer -> WebSocket client, checkpoint, resume)."""
-import dataclasses
 import collections
+import dataclasses
 import json
 import math
 import os
@@ -23,7 +23,10 @@ from websockets.sync.client import connect
 import config
 import datasets
 import model_trainer
+import packing
+import parallel
 import planning
+import schema
 import step_feed
 import training_run
 from checkpoint import load_checkpoint
@@ -55,7 +58,7 @@ def read_metrics(run_dir):
 def test_config_yaml_mirrors_the_dataclasses_exactly():
     raw = yaml.safe_load((ROOT / "config.yaml").read_text())
     raw.pop("presets")
-    defaults = model_trainer.Config()
+    defaults = config.Config()
     assert set(raw) == {f.name for f in dataclasses.fields(defaults)}
     for section, values in raw.items():
         assert values == dataclasses.asdict(getattr(defaults, section)), section
@@ -63,37 +66,37 @@ def test_config_yaml_mirrors_the_dataclasses_exactly():
 
 def test_presets_build_and_have_their_intended_sizes():
     def parameters(preset):
-        cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], preset)
+        cfg = config.load_config(str(ROOT / "config.yaml"), [], preset)
         with torch.device("meta"):
             return cfg, sum(p.numel() for p in CustomTransformer(cfg.model).parameters())
 
-    assert parameters("small")[0] == model_trainer.Config()
+    assert parameters("small")[0] == config.Config()
     tiny_cfg, tiny = parameters("tiny")
     base_cfg, base = parameters("base")
     long_cfg, _ = parameters("long")
     assert tiny < 200_000 and 90e6 < base < 110e6
     assert long_cfg.data.max_seq_len == 262_144 and long_cfg.model.activation_checkpointing
     # every preset reaches its whole document: sparse global layers (dense G costs O(n^2) at 256k)
-    assert all("S" in cfg.model.layer_pattern for cfg in (tiny_cfg, base_cfg, long_cfg, model_trainer.Config()))
+    assert all("S" in cfg.model.layer_pattern for cfg in (tiny_cfg, base_cfg, long_cfg, config.Config()))
     with pytest.raises(ValueError, match="--preset 'huge'.*tiny, small, base, long"):
-        model_trainer.load_config(str(ROOT / "config.yaml"), [], "huge")
+        config.load_config(str(ROOT / "config.yaml"), [], "huge")
 
 
 def test_overrides_are_typed_and_unknown_keys_are_named():
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), ["train.steps=7", "model.causal=true", "train.lr=1"])
+    cfg = config.load_config(str(ROOT / "config.yaml"), ["train.steps=7", "model.causal=true", "train.lr=1"])
     assert cfg.train.steps == 7 and cfg.model.causal is True and cfg.train.lr == 1.0
     with pytest.raises(ValueError, match="model.d_modle"):
-        model_trainer.load_config(None, ["model.d_modle=3"])
+        config.load_config(None, ["model.d_modle=3"])
     with pytest.raises(ValueError, match="train.steps: expected int, got 'many'"):
-        model_trainer.load_config(None, ["train.steps=many"])
+        config.load_config(None, ["train.steps=many"])
     with pytest.raises(ValueError, match="unknown config section"):
         config.build_config({"optimiser": {}})
     with pytest.raises(ValueError, match="section.key=value"):
-        model_trainer.load_config(None, ["steps=3"])
+        config.load_config(None, ["steps=3"])
     with pytest.raises(ValueError, match="train.steps must be at least 1"):
-        model_trainer.load_config(None, ["train.steps=0"])
+        config.load_config(None, ["train.steps=0"])
     with pytest.raises(ValueError, match="data.batch_size must be at least 1"):
-        model_trainer.load_config(None, ["data.batch_size=0"])
+        config.load_config(None, ["data.batch_size=0"])
 
 
 def test_cli_reports_config_errors_without_a_traceback():
@@ -155,7 +158,7 @@ def test_end_to_end_over_flight_with_live_metrics_and_a_checkpoint_that_reloads(
     state = load_checkpoint(checkpoints[-1])
     model = CustomTransformer(ModelConfig(**state["config"]["model"]))
     model.load_state_dict(state["model"])
-    dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(256, 4), batch_size=2)
+    dataset = datasets.LocalParquetDataset(shards, packing.SequenceLayout(256, 4), batch_size=2)
     batch = next(iter(dataset))
     loss, _ = model(batch, sample_masks(batch, model.cfg, torch.Generator().manual_seed(0)))
     assert torch.isfinite(loss) and loss.item() < first
@@ -236,7 +239,7 @@ def test_too_many_nan_steps_in_a_row_stop_with_a_checkpoint(corpus, tmp_path, mo
 def test_a_prefetching_producer_can_run_epochs_ahead_of_the_consumer(corpus):
     """Recording consumed batches must not disturb the producer that already moved on."""
     _, shards = corpus
-    dataset = datasets.LocalParquetDataset(shards, datasets.SequenceLayout(300, 4), batch_size=2, seed=1)
+    dataset = datasets.LocalParquetDataset(shards, packing.SequenceLayout(300, 4), batch_size=2, seed=1)
     per_epoch = len(list(dataset))
     stream = step_feed.Prefetch(step_feed.batches(dataset, 0), depth=3 * per_epoch)
     seen = {}
@@ -382,7 +385,7 @@ def test_three_ranks_with_uneven_shares_read_in_proportion_and_resume_exactly(co
     assert run["batches_per_step_by_process"] == [2, 1, 1] and run["batch_size_by_process"] == [2, 2, 2]
 
 
-CFG_TINY = model_trainer.load_config(str(ROOT / "config.yaml"), ["data.batch_size=2"], "tiny")
+CFG_TINY = config.load_config(str(ROOT / "config.yaml"), ["data.batch_size=2"], "tiny")
 
 
 def test_accumulated_batches_make_the_step_of_their_union(corpus):
@@ -390,11 +393,11 @@ def test_accumulated_batches_make_the_step_of_their_union(corpus):
     forward over the union of their sequences: every loss term averages over the whole step."""
     _, shards = corpus
     cfg = CFG_TINY
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     pairs, union, union_masks = step_batches(shards, layout, CFG_TINY.model, [3, 1])
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model)
-    model.set_corpus_stats(datasets.corpus_info({str(s): datasets.read_metadata(pq.read_schema(s), str(s))
+    model.set_corpus_stats(schema.corpus_info({str(s): schema.read_metadata(pq.read_schema(s), str(s))
                                                  for s in shards}))
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     model.zero_grad()
@@ -414,18 +417,18 @@ def test_accumulated_batches_make_the_step_of_their_union(corpus):
 
 
 def test_tokens_per_step_sets_the_batches_accumulated_per_rank():
-    cfg = model_trainer.load_config(None, ["data.batch_size=4", "data.max_seq_len=1000", "train.tokens_per_step=16000"])
+    cfg = config.load_config(None, ["data.batch_size=4", "data.max_seq_len=1000", "train.tokens_per_step=16000"])
     assert planning.accumulation_steps(cfg, world=1) == 4
     assert planning.accumulation_steps(cfg, world=2) == 2
     assert planning.accumulation_steps(cfg, world=8) == 1   # never fewer than one batch
-    assert planning.accumulation_steps(model_trainer.load_config(None, []), world=1) == 1
+    assert planning.accumulation_steps(config.load_config(None, []), world=1) == 1
     with pytest.raises(ValueError, match="train.parallel='zero'"):
-        model_trainer.load_config(None, ["train.parallel=zero"])
+        config.load_config(None, ["train.parallel=zero"])
 
 
 def test_mfu_needs_a_known_peak():
-    assert model_trainer.peak_flops(torch.device("cpu"), torch.float32) is None
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], "base")
+    assert parallel.peak_flops(torch.device("cpu"), torch.float32) is None
+    cfg = config.load_config(str(ROOT / "config.yaml"), [], "base")
     with torch.device("meta"):
         model = CustomTransformer(cfg.model)
     block_weights = sum(m.weight.numel() for m in model.blocks.modules() if isinstance(m, torch.nn.Linear))
@@ -511,12 +514,12 @@ def test_uneven_ranks_make_the_step_of_one_process_on_the_union(corpus, tmp_path
     assert proc.returncode == 0, proc.stderr[-4000:]
     distributed = torch.load(out, weights_only=True)
     cfg = CFG_TINY
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     _, union, masks = step_batches(sorted(root.glob("*.parquet")), layout, cfg.model,
                                    {"ddp": [1, 2, 1, 2], "fsdp": [3, 1]}[parallel])
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model)
-    model.set_corpus_stats(datasets.corpus_info({str(s): datasets.read_metadata(pq.read_schema(s), str(s))
+    model.set_corpus_stats(schema.corpus_info({str(s): schema.read_metadata(pq.read_schema(s), str(s))
                                                  for s in sorted(root.glob("*.parquet"))}))
     loss, _ = model(union, masks)
     loss.backward()
@@ -551,7 +554,7 @@ def test_resume_auto_says_what_it_found(corpus, tmp_path, capsys):
     assert model_trainer.main(flags(3)) == 0
     err = capsys.readouterr().err
     assert f"resumed from {out / 'ckpt-00000002.pt'} at step 2" in err
-    cfg = model_trainer.load_config(str(model_trainer.DEFAULT_CONFIG), settings, "tiny")   # the change, in numbers
+    cfg = config.load_config(str(config.DEFAULT_CONFIG), settings, "tiny")   # the change, in numbers
     before, after = (c.lr * model_trainer.lr_factor(2, c) for c in (dataclasses.replace(cfg.train, steps=2),
                                                                    dataclasses.replace(cfg.train, steps=3)))
     assert (f"note: the checkpoint's run planned 2 steps at lr {cfg.train.lr:g}; this one 3 at lr {cfg.train.lr:g}: "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-import model_trainer
+import config
 import planning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,13 +40,13 @@ def test_compute_leaves_out_the_wait_for_other_ranks():
 
 @pytest.mark.parametrize("parallel_mode, expected", [("ddp", ([6, 2], [2, 2])), ("fsdp", ([2, 2], [6, 2]))])
 def test_a_share_multiplies_batches_under_ddp_and_batch_size_under_fsdp(parallel_mode, expected):
-    cfg = model_trainer.load_config(None, ["data.batch_size=2", "data.max_seq_len=100", "train.tokens_per_step=1600",
+    cfg = config.load_config(None, ["data.batch_size=2", "data.max_seq_len=100", "train.tokens_per_step=1600",
                                            "train.rank_shares=[3, 1]", f"train.parallel={parallel_mode}"])
     assert planning.rank_work(cfg, 2) == expected                   # 1600 / (2 x 100 x 4 shares) = 2 a share
     with pytest.raises(ValueError, match="train.rank_shares has 2 entries for 3 process"):
         planning.rank_work(cfg, 3)
     with pytest.raises(ValueError, match="auto measures each process alone"):
-        model_trainer.load_config(None, ["train.rank_shares=auto", "train.parallel=fsdp"])
+        config.load_config(None, ["train.rank_shares=auto", "train.parallel=fsdp"])
 
 
 def simulated_run(out, root, speeds, *flags, steps=4, **env):
@@ -101,7 +101,7 @@ def test_the_faster_precision_is_measured_on_the_card(monkeypatch):
     import torch
     from custom_transformer import CustomTransformer
     from packing import SequenceLayout
-    cfg = model_trainer.load_config(str(ROOT / "config.yaml"), [], "tiny")
+    cfg = config.load_config(str(ROOT / "config.yaml"), [], "tiny")
     model = CustomTransformer(cfg.model)
     layout = SequenceLayout(64, cfg.model.frames_per_position)
     chosen, speeds = planning.faster_precision(model, layout, 1, torch.device("cpu"), (torch.float32, torch.bfloat16))

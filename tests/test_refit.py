@@ -14,8 +14,8 @@ def test_fit_linear_reaches_the_penalised_optimum_on_the_vectors_own_scale():
     vectors = (centres[labels] + rng.normal(size=(300, 6)) * 1.5) * scale + 3.0
     weight, bias = refit.fit_linear(vectors, labels, 3)
 
-    # Reference: the same objective (mean cross-entropy + l2/2 |w|^2 on standardised inputs,
-    # bias free) minimised by L-BFGS in float64.
+    # Reference: the same objective (mean cross-entropy + l2/2 (|w|^2 + |b|^2) on standardised
+    # inputs) minimised by L-BFGS in float64.
     x = torch.tensor(vectors)
     z = (x - x.mean(0)) / (x.std(0, unbiased=False) + 1e-6)
     w = torch.zeros(6, 3, dtype=torch.float64, requires_grad=True)
@@ -25,7 +25,7 @@ def test_fit_linear_reaches_the_penalised_optimum_on_the_vectors_own_scale():
 
     def objective():
         optimizer.zero_grad()
-        loss = torch.nn.functional.cross_entropy(z @ w + b, target) + refit.L2 / 2 * w.square().sum()
+        loss = torch.nn.functional.cross_entropy(z @ w + b, target) + refit.L2 / 2 * (w.square().sum() + b.square().sum())
         loss.backward()
         return loss
 

@@ -13,7 +13,7 @@ import pytest
 
 import datasets
 import schema
-from datasets import SequenceLayout
+from packing import SequenceLayout
 from util import META, make_rows
 
 ROOT = Path(__file__).resolve().parents[1]

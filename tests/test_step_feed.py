@@ -3,7 +3,7 @@ import threading
 
 import pytest
 
-import datasets
+import schema
 from step_feed import Prefetch
 from util import wait_for
 
@@ -13,10 +13,10 @@ def test_prefetch_keeps_order_and_passes_errors_on():
 
     def failing():
         yield 1
-        raise datasets.DataError("server gone")
+        raise schema.DataError("server gone")
 
     got = []
-    with pytest.raises(datasets.DataError, match="server gone"):
+    with pytest.raises(schema.DataError, match="server gone"):
         for item in Prefetch(failing(), depth=2):
             got.append(item)
     assert got == [1]

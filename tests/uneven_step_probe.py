@@ -10,12 +10,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import pyarrow.parquet as pq  # noqa: E402
 import torch  # noqa: E402
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # noqa: E402
 
-import datasets  # noqa: E402
+import config  # noqa: E402
 import model_trainer  # noqa: E402
+import packing  # noqa: E402
 import parallel  # noqa: E402
+import schema  # noqa: E402
 from custom_transformer import CustomTransformer  # noqa: E402
 from util import step_batches  # noqa: E402
 
@@ -26,14 +29,14 @@ SIZES = {"ddp": [1, 2, 1, 2], "fsdp": [3, 1]}
 
 def main(corpus: str, out: str, mode: str) -> None:
     ranks = parallel.init_distributed("cpu")
-    cfg = model_trainer.load_config(str(model_trainer.DEFAULT_CONFIG), [], "tiny")
+    cfg = config.load_config(str(config.DEFAULT_CONFIG), [], "tiny")
     shards = sorted(Path(corpus).glob("*.parquet"))
-    layout = datasets.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
+    layout = packing.SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     pairs, _, _ = step_batches(shards, layout, cfg.model, SIZES[mode])
     mine = (pairs[:3] if ranks.rank == 0 else pairs[3:]) if mode == "ddp" else [pairs[ranks.rank]]
     torch.manual_seed(0)
     model = CustomTransformer(cfg.model)
-    model.set_corpus_stats(datasets.corpus_info({str(s): datasets.read_metadata(datasets.pq.read_schema(s), str(s))
+    model.set_corpus_stats(schema.corpus_info({str(s): schema.read_metadata(pq.read_schema(s), str(s))
                                                  for s in shards}))
     trained = parallel.distribute(model, mode, ranks, torch.device("cpu"))
     optimizer = torch.optim.SGD(trained.parameters(), lr=0.5)

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-import datasets
+import packing
 from custom_transformer import Masks, sample_masks
 
 
@@ -42,14 +42,14 @@ def step_batches(shards, layout, model_cfg, sizes):
     """Consecutive packed sequences as batches of the given sizes, and all of them as one batch,
     with masks drawn once per batch and concatenated for the union (rows keep their order)."""
     segments = [s for shard in shards for rb in pq.ParquetFile(shard).iter_batches()
-                for s in datasets.segments_from_batch(rb)]
-    sequences = [seq for _, seq in datasets.pack_sequences(enumerate(segments), layout)]
+                for s in packing.segments_from_batch(rb)]
+    sequences = [seq for _, seq in packing.pack_sequences(enumerate(segments), layout)]
     pairs, start = [], 0
     for i, size in enumerate(sizes):
-        batch = datasets.collate(sequences[start:start + size], layout)
+        batch = packing.collate(sequences[start:start + size], layout)
         pairs.append((batch, sample_masks(batch, model_cfg, torch.Generator().manual_seed(i))))
         start += size
-    union = datasets.collate(sequences[:start], layout)
+    union = packing.collate(sequences[:start], layout)
     masks = Masks(*(torch.cat([getattr(m, f.name) for _, m in pairs]) for f in dataclasses.fields(Masks)))
     return pairs, union, masks
 
