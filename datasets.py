@@ -8,27 +8,23 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import logging
 import os
-import time
 import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import torch
 
 from config import DataConfig
-from flight_client import Connection
+from flight_client import Connection, Servers
 
 from packing import (Batch, GreedyPacker, Segment, SequenceLayout, Skipped, StreamPosition, collate, pack_sequences,
                      padding_batch, segment_positions, segments_from_batch)
-from schema import (UNKNOWN, DataError, Ticket, read_metadata, skip_rows_of, summarise_problems, validate_file)
+from schema import UNKNOWN, DataError, read_metadata, skip_rows_of, summarise_problems, validate_file
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,39 +323,19 @@ class LocalParquetDataset(_PackedStream):
         return {f: meta.get("speakers") for f, meta in self.metadata().items()}
 
 
-log = logging.getLogger("mmtrain.data")
-STARTUP_TIMEOUT_S = 15.0   # the first calls to a server: no answer in this long is an error
-STARTUP_RETRIES = 2        # at start-up, a server not (yet) listening is asked this many times more
-
-
 class ArrowFlightDataset(_PackedStream):
     """Streams the given files (default: every file the servers list) from one or more Flight
-    servers (flight_server.py on the data machines), reached as `connection` says (one token
-    and TLS root certificate for every server).
-
-    With several servers their listings are merged: a file listed by more than one (same name,
-    rows, bytes and row groups), or advertised by a server in its endpoints' locations, is one
-    file with replicas and is read once. Each endpoint prefers the replica that has been given the
-    fewest endpoints so far, so every server serves a balanced share; while one endpoint is read
-    the next is read ahead, which keeps two servers busy at once. A read that fails goes on from
-    the first row not yet delivered at the next replica, and at the same one (after a backoff)
-    when there is no other. Failures no retry can mend (a certificate, a token, TLS on one side
-    only) stop at once, in words."""
-
-    DOWN_FOR_S = 30.0   # a server that failed is tried last for this long
+    servers (flight_server.py on the data machines), reached as `connection` says, read as one
+    (flight_client.Servers: replicas, retries, failover). While one endpoint of a replicated file
+    is read the next is read ahead, which keeps two servers busy at once."""
 
     def __init__(self, connection: Connection, files: list[str] | None, layout: SequenceLayout,
                  batch_size: int, *, shuffle: bool = True, seed: int = 0, shuffle_window: int = 16,
                  max_retries: int = 8, retry_backoff_s: float = 0.5, read_timeout_s: float = 120.0):
         super().__init__(layout, batch_size, shuffle, seed, shuffle_window)
-        self.max_retries, self.retry_backoff_s, self.read_timeout_s = max_retries, retry_backoff_s, read_timeout_s
-        self.connection = connection
+        self.servers = Servers(connection, max_retries, retry_backoff_s, read_timeout_s)
         self.locations = connection.locations
-        self.location = ", ".join(self.locations)   # for messages
-        self._clients: dict[str, flight.FlightClient] = {}
-        self._down_until: dict[str, float] = {}
-        self._catalog = None
-        self.files = list(files) if files else self._served_files()
+        self.files = list(files) if files else self.servers.served_files()
 
     @classmethod
     def configured(cls, connection: Connection, files: list[str] | None, layout: SequenceLayout, data: DataConfig,
@@ -370,142 +346,11 @@ class ArrowFlightDataset(_PackedStream):
                    shuffle_window=data.shuffle_window, max_retries=data.max_retries,
                    retry_backoff_s=data.retry_backoff_s, read_timeout_s=data.read_timeout_s)
 
-    def __getstate__(self):
-        # gRPC clients are not fork-safe: each DataLoader worker makes its own.
-        return {**self.__dict__, "_clients": {}, "_catalog": None}   # neither pickles; a worker fetches its own
-
-    def client(self, location: str):
-        if location not in self._clients:
-            self._clients[location] = self.connection.client(location)
-        return self._clients[location]
-
-    @property
-    def _options(self):
-        """Every call carries the token and is cancelled after read_timeout_s (then retried)."""
-        return self.connection.options(self.read_timeout_s)
-
-    def _failed(self, location: str, failures: int, what: str, err: Exception, backoff: bool = True,
-                retries: int | None = None) -> None:
-        """After a failure: raise at once when no retry can mend it, or once there were more than
-        `retries` (default max_retries) in a row; else say so and (with `backoff`) wait."""
-        reason, retryable = self.connection.explain(location, err)
-        retries = self.max_retries if retries is None else retries
-        if not retryable:
-            raise DataError(f"{what} failed: {reason}") from err
-        if failures > retries:
-            raise DataError(f"{what} failed {failures} times in a row: {reason}") from err
-        wait = min(self.retry_backoff_s * 2 ** (failures - 1), 30.0) if backoff else 0.0
-        log.warning("%s failed: %s; retry %d of %d in %.1f s", what, reason, failures, retries, wait)
-        time.sleep(wait)
-        self._clients.pop(location, None)   # reconnect
-        self._down_until[location] = time.monotonic() + self.DOWN_FOR_S
-
-    def _startup_call(self, location: str, what: str, call):
-        """A call made while the run starts: answered within STARTUP_TIMEOUT_S, and a server not
-        listening is asked only STARTUP_RETRIES more times, so a wrong address fails in seconds."""
-        options = self.connection.options(min(self.read_timeout_s, STARTUP_TIMEOUT_S))
-        failures = 0
-        while True:
-            try:
-                return call(self.client(location), options)
-            except flight.FlightError as err:
-                failures += 1
-                self._failed(location, failures, what, err, retries=min(STARTUP_RETRIES, self.max_retries))
-
-    def _served_files(self) -> list[str]:
-        files = set()
-        for location in self.locations:
-            try:
-                files |= {info.descriptor.path[0].decode() for info in self._startup_call(
-                    location, f"listing the files of {location}",
-                    lambda client, options: list(client.list_flights(options=options)))}
-            except DataError as err:
-                if len(self.locations) == 1:
-                    raise
-                raise DataError(f"{err} (to train on the other servers' files alone, leave it out of "
-                                "--flight-host)") from err
-        files = sorted(files)
-        if not files:
-            raise DataError(f"{self.location} serve no valid Parquet files")
-        return files
-
-    def _describe(self, location: str, name: str):
-        """The server's FlightInfo for a file, or why it does not serve it."""
-        try:
-            return self._startup_call(location, f"getting {name} from {location}", lambda client, options:
-                                      client.get_flight_info(flight.FlightDescriptor.for_path(name), options))
-        except DataError as err:
-            if "no such file" in str(err):
-                return str(err)
-            raise
-
-    def _flight_infos(self) -> dict[str, tuple[flight.FlightInfo, list[str]]]:
-        """file -> (its FlightInfo, every location that serves it), replicas checked alike."""
-        if self._catalog is None:
-            catalog = {}
-            for name in self.files:
-                answers = {location: self._describe(location, name) for location in self.locations}
-                infos = {location: info for location, info in answers.items() if not isinstance(info, str)}
-                if not infos:
-                    raise DataError(f"{name}: served by none of {self.location}: " + "; ".join(answers.values()))
-                (first, info), *others = infos.items()
-                shape = (info.total_records, info.total_bytes, len(info.endpoints))
-                for location, other in others:
-                    if (other.total_records, other.total_bytes, len(other.endpoints)) != shape:
-                        raise DataError(f"{name} differs between {first} ({info.total_records} rows, "
-                                        f"{len(info.endpoints)} row groups) and {location} ({other.total_records} rows, "
-                                        f"{len(other.endpoints)} row groups): serve one file under one name")
-                advertised = [loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
-                              for other in infos.values() for endpoint in other.endpoints for loc in endpoint.locations]
-                catalog[name] = (info, list(dict.fromkeys([*infos, *advertised])))
-            self._catalog = catalog
-        return self._catalog
-
     def endpoints(self) -> list[tuple[str, bytes, tuple[str, ...]]]:
-        """(file, ticket, locations: the preferred one first). Endpoints with one location count
-        first; each replicated endpoint then prefers the location given the fewest so far (all
-        ranks compute the same)."""
-        catalog = self._flight_infos()
-        load = collections.Counter(locations[0] for info, locations in catalog.values() if len(locations) == 1
-                                   for _ in info.endpoints)
-        endpoints = []
-        for name, (info, locations) in catalog.items():
-            for endpoint in info.endpoints:
-                preferred = min(locations, key=lambda location: (load[location], locations.index(location)))
-                if len(locations) > 1:
-                    load[preferred] += 1
-                endpoints.append((name, endpoint.ticket.ticket,
-                                  (preferred, *(location for location in locations if location != preferred))))
-        return endpoints
-
-    def _by_health(self, locations: tuple[str, ...]) -> list[str]:
-        """The endpoint's locations, those that failed lately last."""
-        now = time.monotonic()
-        return sorted(locations, key=lambda location: self._down_until.get(location, 0.0) > now)
+        return self.servers.endpoints(self.files)
 
     def read_endpoint(self, endpoint, skip_rows: int = 0, columns: tuple[str, ...] | None = None):
-        """Stream one endpoint. A lost connection or a read past `read_timeout_s` goes on from the
-        first row not yet delivered at the endpoint's next location; once every location failed
-        in turn, after a backoff; `max_retries` failures in a row are an error."""
-        name, raw, locations = endpoint
-        ticket, delivered, failures = Ticket.decode(raw), skip_rows, 0
-        order = self._by_health(locations)
-        options = self._options
-        while True:
-            location = order[failures % len(order)]
-            try:
-                request = replace(ticket, skip_rows=delivered, columns=columns or ticket.columns)
-                reader = self.client(location).do_get(flight.Ticket(request.encode()), options)
-                for chunk in reader:
-                    delivered += chunk.data.num_rows
-                    failures = 0
-                    yield chunk.data
-                return
-            except flight.FlightError as err:
-                failures += 1
-                where = f" (replicas: {', '.join(order)})" if len(order) > 1 else ""
-                self._failed(location, failures, f"reading {name} from row {delivered} at {location}{where}", err,
-                             backoff=failures % len(order) == 0)
+        return self.servers.read_endpoint(endpoint, skip_rows, columns)
 
     def _endpoint_reads(self, endpoints: list, first_endpoint: int, first_row: int):
         """With replicas, the next endpoint is read ahead in a thread (whole: a row group), so
@@ -529,8 +374,8 @@ class ArrowFlightDataset(_PackedStream):
 
     def metadata(self) -> dict[str, dict]:
         return {f"{locations[0]}/{name}": read_metadata(info.schema, name)
-                for name, (info, locations) in self._flight_infos().items()}
+                for name, (info, locations) in self.servers.catalog(self.files).items()}
 
     def file_speakers(self) -> dict[str, dict[str, int] | None]:
         return {name: read_metadata(info.schema, name).get("speakers")
-                for name, (info, _) in self._flight_infos().items()}
+                for name, (info, _) in self.servers.catalog(self.files).items()}

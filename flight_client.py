@@ -1,4 +1,5 @@
-"""Reaching the data machines: the flags every command shares, and Flight failures explained.
+"""Reaching the data machines: the flags every command shares, Flight failures explained, and
+the servers read as one (replicas, retries, failover).
 
 Torch-free (the data server uses it for its peers). A failure at start-up is explained in
 words with its fix (certificate not trusted, TLS on one side only, nothing listening, a name
@@ -8,19 +9,26 @@ being retried like an outage.
 from __future__ import annotations
 
 import argparse
+import collections
+import logging
 import os
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pyarrow.flight as flight
 
 from access import read_token
+from schema import DataError, Ticket
 
 # gRPC's own log lines (handshake traces) reach the terminal only when asked for: GRPC_VERBOSITY=INFO.
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 RETRYABLE = (flight.FlightUnavailableError, flight.FlightTimedOutError, flight.FlightCancelledError)
 PROBE_TIMEOUT_S = 5.0   # the TLS probe after a closed connection
+STARTUP_TIMEOUT_S = 15.0   # the first calls to a server: no answer in this long is an error
+STARTUP_RETRIES = 2        # at start-up, a server not (yet) listening is asked this many times more
+log = logging.getLogger("mmtrain.data")
 
 
 def add_arguments(parser: argparse.ArgumentParser, hosts_group=None) -> None:
@@ -123,6 +131,166 @@ class Connection:
             return "handshake" not in str(err).lower() and "Socket closed" not in str(err)
         finally:
             client.close()
+
+
+class Servers:
+    """The data servers as one: their listings merged, a file listed by more than one (same name,
+    rows, bytes and row groups), or advertised by a server in its endpoints' locations, is one
+    file with replicas and is read once. Each endpoint prefers the replica that has been given the
+    fewest endpoints so far, so every server serves a balanced share. A read that fails goes on
+    from the first row not yet delivered at the next replica, and at the same one (after a
+    backoff) when there is no other. Failures no retry can mend (a certificate, a token, TLS on
+    one side only) stop at once, in words."""
+
+    DOWN_FOR_S = 30.0   # a server that failed is tried last for this long
+
+    def __init__(self, connection: Connection, max_retries: int = 8, retry_backoff_s: float = 0.5,
+                 read_timeout_s: float = 120.0):
+        self.connection = connection
+        self.max_retries, self.retry_backoff_s, self.read_timeout_s = max_retries, retry_backoff_s, read_timeout_s
+        self.locations = connection.locations
+        self.location = ", ".join(self.locations)   # for messages
+        self._clients: dict[str, flight.FlightClient] = {}
+        self._down_until: dict[str, float] = {}
+        self._catalog = None
+
+    def __getstate__(self):
+        # gRPC clients are not fork-safe: each DataLoader worker makes its own.
+        return {**self.__dict__, "_clients": {}, "_catalog": None}   # neither pickles; a worker fetches its own
+
+    def client(self, location: str):
+        if location not in self._clients:
+            self._clients[location] = self.connection.client(location)
+        return self._clients[location]
+
+    @property
+    def _options(self):
+        """Every call carries the token and is cancelled after read_timeout_s (then retried)."""
+        return self.connection.options(self.read_timeout_s)
+
+    def failed(self, location: str, failures: int, what: str, err: Exception, backoff: bool = True,
+                retries: int | None = None) -> None:
+        """After a failure: raise at once when no retry can mend it, or once there were more than
+        `retries` (default max_retries) in a row; else say so and (with `backoff`) wait."""
+        reason, retryable = self.connection.explain(location, err)
+        retries = self.max_retries if retries is None else retries
+        if not retryable:
+            raise DataError(f"{what} failed: {reason}") from err
+        if failures > retries:
+            raise DataError(f"{what} failed {failures} times in a row: {reason}") from err
+        wait = min(self.retry_backoff_s * 2 ** (failures - 1), 30.0) if backoff else 0.0
+        log.warning("%s failed: %s; retry %d of %d in %.1f s", what, reason, failures, retries, wait)
+        time.sleep(wait)
+        self._clients.pop(location, None)   # reconnect
+        self._down_until[location] = time.monotonic() + self.DOWN_FOR_S
+
+    def _startup_call(self, location: str, what: str, call):
+        """A call made while the run starts: answered within STARTUP_TIMEOUT_S, and a server not
+        listening is asked only STARTUP_RETRIES more times, so a wrong address fails in seconds."""
+        options = self.connection.options(min(self.read_timeout_s, STARTUP_TIMEOUT_S))
+        failures = 0
+        while True:
+            try:
+                return call(self.client(location), options)
+            except flight.FlightError as err:
+                failures += 1
+                self.failed(location, failures, what, err, retries=min(STARTUP_RETRIES, self.max_retries))
+
+    def served_files(self) -> list[str]:
+        """Every file some server lists, sorted."""
+        files = set()
+        for location in self.locations:
+            try:
+                files |= {info.descriptor.path[0].decode() for info in self._startup_call(
+                    location, f"listing the files of {location}",
+                    lambda client, options: list(client.list_flights(options=options)))}
+            except DataError as err:
+                if len(self.locations) == 1:
+                    raise
+                raise DataError(f"{err} (to train on the other servers' files alone, leave it out of "
+                                "--flight-host)") from err
+        files = sorted(files)
+        if not files:
+            raise DataError(f"{self.location} serve no valid Parquet files")
+        return files
+
+    def _describe(self, location: str, name: str):
+        """The server's FlightInfo for a file, or why it does not serve it."""
+        try:
+            return self._startup_call(location, f"getting {name} from {location}", lambda client, options:
+                                      client.get_flight_info(flight.FlightDescriptor.for_path(name), options))
+        except DataError as err:
+            if "no such file" in str(err):
+                return str(err)
+            raise
+
+    def catalog(self, files: list[str]) -> dict[str, tuple[flight.FlightInfo, list[str]]]:
+        """file -> (its FlightInfo, every location that serves it), replicas checked alike."""
+        if self._catalog is None:
+            catalog = {}
+            for name in files:
+                answers = {location: self._describe(location, name) for location in self.locations}
+                infos = {location: info for location, info in answers.items() if not isinstance(info, str)}
+                if not infos:
+                    raise DataError(f"{name}: served by none of {self.location}: " + "; ".join(answers.values()))
+                (first, info), *others = infos.items()
+                shape = (info.total_records, info.total_bytes, len(info.endpoints))
+                for location, other in others:
+                    if (other.total_records, other.total_bytes, len(other.endpoints)) != shape:
+                        raise DataError(f"{name} differs between {first} ({info.total_records} rows, "
+                                        f"{len(info.endpoints)} row groups) and {location} ({other.total_records} rows, "
+                                        f"{len(other.endpoints)} row groups): serve one file under one name")
+                advertised = [loc.uri.decode() if isinstance(loc.uri, bytes) else str(loc.uri)
+                              for other in infos.values() for endpoint in other.endpoints for loc in endpoint.locations]
+                catalog[name] = (info, list(dict.fromkeys([*infos, *advertised])))
+            self._catalog = catalog
+        return self._catalog
+
+    def endpoints(self, files: list[str]) -> list[tuple[str, bytes, tuple[str, ...]]]:
+        """(file, ticket, locations: the preferred one first) of every endpoint of `files`. Endpoints with one location count
+        first; each replicated endpoint then prefers the location given the fewest so far (all
+        ranks compute the same)."""
+        catalog = self.catalog(files)
+        load = collections.Counter(locations[0] for info, locations in catalog.values() if len(locations) == 1
+                                   for _ in info.endpoints)
+        endpoints = []
+        for name, (info, locations) in catalog.items():
+            for endpoint in info.endpoints:
+                preferred = min(locations, key=lambda location: (load[location], locations.index(location)))
+                if len(locations) > 1:
+                    load[preferred] += 1
+                endpoints.append((name, endpoint.ticket.ticket,
+                                  (preferred, *(location for location in locations if location != preferred))))
+        return endpoints
+
+    def _by_health(self, locations: tuple[str, ...]) -> list[str]:
+        """The endpoint's locations, those that failed lately last."""
+        now = time.monotonic()
+        return sorted(locations, key=lambda location: self._down_until.get(location, 0.0) > now)
+
+    def read_endpoint(self, endpoint, skip_rows: int = 0, columns: tuple[str, ...] | None = None):
+        """Stream one endpoint. A lost connection or a read past `read_timeout_s` goes on from the
+        first row not yet delivered at the endpoint's next location; once every location failed
+        in turn, after a backoff; `max_retries` failures in a row are an error."""
+        name, raw, locations = endpoint
+        ticket, delivered, failures = Ticket.decode(raw), skip_rows, 0
+        order = self._by_health(locations)
+        options = self._options
+        while True:
+            location = order[failures % len(order)]
+            try:
+                request = replace(ticket, skip_rows=delivered, columns=columns or ticket.columns)
+                reader = self.client(location).do_get(flight.Ticket(request.encode()), options)
+                for chunk in reader:
+                    delivered += chunk.data.num_rows
+                    failures = 0
+                    yield chunk.data
+                return
+            except flight.FlightError as err:
+                failures += 1
+                where = f" (replicas: {', '.join(order)})" if len(order) > 1 else ""
+                self.failed(location, failures, f"reading {name} from row {delivered} at {location}{where}", err,
+                             backoff=failures % len(order) == 0)
 
 
 def _grpc_reason(text: str) -> str:

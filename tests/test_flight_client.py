@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import datasets
+import flight_client
 import packing
 import schema
 from flight_client import Connection
@@ -70,7 +71,7 @@ def test_nothing_listening_is_said_after_a_few_quick_tries(caplog):
                                                      r"with this --port\?"):
             _open(Connection(("127.0.0.1",), port))
     retries = [r.getMessage() for r in caplog.records if "retry" in r.getMessage()]
-    assert len(retries) == datasets.STARTUP_RETRIES < 8   # the start-up budget, not the run's
+    assert len(retries) == flight_client.STARTUP_RETRIES < 8   # the start-up budget, not the run's
 
 
 def test_trainer_against_a_tls_server_without_its_certificate(servers, tmp_path):
