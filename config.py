@@ -41,6 +41,10 @@ class ModelConfig:
     vocab_size: int = 260
     n_speakers: int = 64
     activation_checkpointing: bool = False
+    offload_checkpoints: bool = False  # the checkpoints (each block's input) kept in host memory until backward (CUDA)
+    # Mini-sequence (MsT): each block's feed-forward runs over chunks of this many positions at a
+    # time, a chunk's inner activations recomputed in backward; exact; 0: the whole row at once
+    ffn_chunk: int = 0
     # the objective: what fraction of each modality is hidden
     text_mask_ratio: float = 0.3
     text_span: int = 3
@@ -67,13 +71,16 @@ class ModelConfig:
                      "text_span", "audio_span"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1")
-        for name in ("q_lora_rank", "speaker_embedding_dim"):
+        for name in ("q_lora_rank", "speaker_embedding_dim", "ffn_chunk"):
             if getattr(self, name) < 0:
                 raise ValueError(f"model.{name} must be >= 0")
         if not self.layer_pattern or set(self.layer_pattern) - {"L", "S", "G"}:
             raise ValueError(f"model.layer_pattern {self.layer_pattern!r}: use the letters L, S and G")
         if self.qk_rope_head_dim % 2:
             raise ValueError("model.qk_rope_head_dim must be even (RoPE rotates pairs)")
+        if self.offload_checkpoints and not self.activation_checkpointing:
+            raise ValueError("model.offload_checkpoints keeps activation checkpoints in host memory: it needs "
+                             "model.activation_checkpointing=true")
         for name in ("text_mask_ratio", "audio_mask_ratio", "speaker_drop", "sentiment_drop", "document_drop"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"model.{name} must lie in [0, 1]")

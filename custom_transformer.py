@@ -9,6 +9,7 @@ learned mask embeddings, and per-modality heads reconstruct them.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -30,16 +31,60 @@ PROSODY_FEATURES = 3                         # normalised log-F0, voicing, norma
 
 
 class FeedForward(nn.Module):
-    """SwiGLU."""
+    """SwiGLU. With `chunk`, over chunks of that many positions of a row at a time, as the
+    Mini-Sequence Transformer does: a chunk's hidden activations (four of ffn_hidden numbers per
+    position) exist for one chunk at a time, and in training backward recomputes them from the
+    chunk's input instead of keeping them for the whole row."""
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, chunk: int = 0):
         super().__init__()
         self.w1 = nn.Linear(d_model, hidden, bias=False)
         self.w3 = nn.Linear(d_model, hidden, bias=False)
         self.w2 = nn.Linear(hidden, d_model, bias=False)
+        self.chunk = chunk
 
-    def forward(self, x):
+    def swiglu(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+    def forward(self, x):   # (rows, length, d_model)
+        if not self.chunk or x.shape[1] <= self.chunk:
+            return self.swiglu(x)
+        parts = x.split(self.chunk, dim=1)
+        if torch.is_grad_enabled():
+            return torch.cat([checkpoint(self.swiglu, part, use_reentrant=False) for part in parts], 1)
+        return torch.cat([self.swiglu(part) for part in parts], 1)
+
+
+class HostCheckpoints(torch.autograd.graph.saved_tensors_hooks):
+    """While active, what autograd keeps for backward of the computation graph (with activation
+    checkpointing: each block's input) is copied to pinned host memory, and back when backward
+    needs it, as Arctic Long Sequence Training offloads its checkpoints; the device then holds
+    one block's working set instead of every block's input. Tensors outside the graph (rotary
+    tables, document ids: saved by every block) and small ones stay. On a CPU nothing moves:
+    `moved` lists what would have (shape, bytes)."""
+
+    MIN_BYTES = 1 << 16
+
+    def __init__(self):
+        self.moved: list[tuple[tuple[int, ...], int]] = []
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor):
+        if not tensor.requires_grad or tensor.nbytes < self.MIN_BYTES:
+            return tensor
+        self.moved.append((tuple(tensor.shape), tensor.nbytes))
+        if tensor.device.type != "cuda":
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return tensor.device, host
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
 
 
 class Block(nn.Module):
@@ -54,7 +99,7 @@ class Block(nn.Module):
                                              cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                                              cfg.norm_eps, sparse)
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden)
+        self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.ffn_chunk)
 
     def forward(self, x, cos, sin, doc):
         x = x + self.attn(self.attn_norm(x), cos, sin, doc, self.window, self.causal)
@@ -173,6 +218,7 @@ class Outputs:
 class CustomTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.offloaded: list[tuple[tuple[int, ...], int]] = []   # what the last forward kept in host memory
         self.cfg = cfg
         d, k = cfg.d_model, cfg.frames_per_position
         self.text_embed = nn.Embedding(cfg.vocab_size, d)
@@ -317,11 +363,15 @@ class CustomTransformer(nn.Module):
 
     def encode(self, x: torch.Tensor, grid: Layout) -> torch.Tensor:
         cos, sin = rope_tables(grid.positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
-        for block in self.blocks:
-            if self.cfg.activation_checkpointing and self.training:
-                x = checkpoint(block, x, cos, sin, grid.doc, use_reentrant=False)
-            else:
-                x = block(x, cos, sin, grid.doc)
+        checkpointed = self.cfg.activation_checkpointing and self.training
+        offload = HostCheckpoints() if checkpointed and self.cfg.offload_checkpoints else contextlib.nullcontext()
+        with offload:
+            for block in self.blocks:
+                if checkpointed:
+                    x = checkpoint(block, x, cos, sin, grid.doc, use_reentrant=False)
+                else:
+                    x = block(x, cos, sin, grid.doc)
+        self.offloaded = offload.moved if isinstance(offload, HostCheckpoints) else []
         return self.norm(x).flatten(0, 1)
 
     def run(self, batch: Batch, masks: Masks) -> tuple[Layout, torch.Tensor, torch.Tensor, torch.Tensor]:

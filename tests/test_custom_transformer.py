@@ -291,3 +291,79 @@ def test_document_drop_hides_every_label_slot_of_a_document_together():
     assert seen == {True, False}
     everything = sample_masks(batch, dataclasses.replace(cfg, document_drop=1.0), torch.Generator().manual_seed(0))
     assert everything.speaker.all() and everything.sentiment.all()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_mini_sequence_feed_forward_is_exact_in_outputs_and_every_gradient(checkpointed):
+    """float64: the feed-forward over chunks of 7 positions (rows of 30 and 32: a short last
+    chunk) against the whole row at once, with and without activation checkpointing."""
+    _, batch = make_batch()
+    masks = sample_masks(batch, TINY, torch.Generator().manual_seed(1))
+    batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).double() for f in dataclasses.fields(batch)
+                                          if torch.is_tensor(getattr(batch, f.name))
+                                          and getattr(batch, f.name).is_floating_point()})
+    results = []
+    for chunk in (0, 7):
+        torch.manual_seed(0)
+        cfg = dataclasses.replace(TINY, ffn_chunk=chunk, activation_checkpointing=checkpointed)
+        model = CustomTransformer(cfg).double()
+        loss, _ = model(batch, masks)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (loss, grads), (chunked_loss, chunked_grads) = results
+    torch.testing.assert_close(chunked_loss, loss, rtol=1e-12, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(chunked_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def kept_for_backward(module, *inputs) -> int:
+    """Bytes of the tensors autograd keeps from this forward for backward (storage counted once)."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(*inputs)
+    return sum(storages.values())
+
+
+def test_mini_sequence_feed_forward_keeps_only_its_input_for_backward():
+    from custom_transformer import FeedForward
+    torch.manual_seed(0)
+    whole, chunked = FeedForward(32, 256), FeedForward(32, 256, chunk=16)
+    chunked.load_state_dict(whole.state_dict())
+    x = torch.randn(2, 128, 32, requires_grad=True)
+    # whole row: the two projections' outputs, the activation and the product, 4 x 256 numbers a
+    # position, beside the input; chunked: the input alone (each chunk's checkpoint keeps its view)
+    assert kept_for_backward(whole, x) >= 4 * 256 * 2 * 128 * 4
+    assert kept_for_backward(chunked, x) == x.numel() * 4
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(x), whole(x))
+
+
+def test_offloaded_checkpoints_are_the_blocks_inputs_and_change_no_gradient(monkeypatch):
+    """On a CPU nothing moves; what would move is each block's input, not the rotary tables or
+    document ids every block also keeps."""
+    import custom_transformer
+    monkeypatch.setattr(custom_transformer.HostCheckpoints, "MIN_BYTES", 1)
+    _, batch = make_batch()
+    masks = sample_masks(batch, TINY, torch.Generator().manual_seed(1))
+    grads = []
+    for offload in (False, True):
+        torch.manual_seed(0)
+        model = CustomTransformer(dataclasses.replace(TINY, activation_checkpointing=True,
+                                                      offload_checkpoints=offload))
+        loss, _ = model(batch, masks)
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        grid = layout(batch, TINY.frames_per_position)
+        block_input = (grid.n_rows, grid.length, TINY.d_model)
+        assert model.offloaded == ([(block_input, 4 * grid.n_rows * grid.length * TINY.d_model)] * TINY.n_layers
+                                   if offload else [])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=0, atol=0, msg=name)
+    with pytest.raises(ValueError, match="needs model.activation_checkpointing"):
+        ModelConfig(offload_checkpoints=True)
