@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from context_parallel import SequenceSlices
+
 PAD_DOC = -1         # padding positions of a row
 _OUT_OF_RANGE = -2   # positions added only to fill the last block; never equal to a real doc id
 
@@ -317,17 +319,36 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.cat([k_nope, k_pe], dim=-1), value
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc: torch.Tensor,
-                window: int | None, causal: bool) -> torch.Tensor:
+                window: int | None, causal: bool, slices: SequenceSlices | None = None) -> torch.Tensor:
         """The latent expanded into per-head keys and values. (DeepSeek's absorbed form, which
         attends in latent space, pays off only for token-by-token decoding with a cache; over
-        whole sequences it measured 1.5-2.5x slower with 2.4-3x larger attention tensors.)"""
+        whole sequences it measured 1.5-2.5x slower with 2.4-3x larger attention tensors.)
+        With `slices` (context parallelism) x is this process's slice of the rows."""
         q_nope, q_pe = self._query(x, cos, sin)
         latent, k_pe = self._latent(x)
+        if slices is not None:
+            if window is None or self.sparse:
+                raise NotImplementedError("context parallelism covers sliding-window (L) layers so far")
+            return self._sliced_window(torch.cat([q_nope, q_pe], dim=-1), latent, k_pe, cos, sin, doc, window,
+                                       causal, slices)
         k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
         q, k, value = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2)
         out = attend(q, k, value, doc, self.softmax_scale, window, causal)   # the sparse layer's window branch
         if self.sparse:
             out = self._sparse_attention(x, q, k, value, latent, k_pe, cos, sin, doc, causal, out)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+    def _sliced_window(self, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices):
+        """A sliding window over a slice of the rows: the neighbours' latent and rotated rotary
+        key for a window's reach either side (what keys and values are made from), the queries
+        padded over that halo, whose outputs are dropped."""
+        length = q.shape[1]
+        keys_from = torch.cat([latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]], dim=-1)
+        extended, doc_extended = slices.with_halo(keys_from, doc, window)
+        k, value = self._heads(*extended.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))
+        q = F.pad(q, (0, 0, 0, 0, window, window))
+        out = local_attention(q.transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2), doc_extended,
+                              self.softmax_scale, window, causal)[:, :, window:window + length]
         return self.wo(out.transpose(1, 2).flatten(2))
 
     def _sparse_attention(self, x, q, k, v, latent, k_pe, cos, sin, doc, causal, local):

@@ -1,0 +1,73 @@
+"""Context parallelism: the processes of a group each hold a contiguous slice of the same
+sequences (rows), and attention reaches across the slices through differentiable collectives.
+
+A sliding-window layer needs only a window's halo from each neighbour, and with MLA the halo is
+what the keys and values are made from: the compressed latent and the rotated rotary key
+(kv_lora_rank + qk_rope_head_dim numbers a position), not per-head keys and values. Documents
+may straddle slices: document ids travel with the halo. Gradients flow back to the slice that
+owns each halo position.
+
+Plumbing only (torch.distributed, no model): attention.py asks for halos.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+OUT_OF_RANGE = -2   # a halo position beyond the sequence's ends: never equal to a real document id
+
+
+class _GatherSlices(torch.autograd.Function):
+    """All-gather along a new leading dim; backward sums every process's gradient for the
+    gathered copies and hands each process the part for its own slice (an all-reduce: gloo has
+    no reduce-scatter, and halos are small)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group, ctx.rank = group, dist.get_rank(group)
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank], None
+
+
+@dataclass(frozen=True)
+class SequenceSlices:
+    """This process's slice of every row: positions [start, start + length) of each row, the
+    slices of the group's processes in rank order, each at least a halo long."""
+    group: object          # a torch.distributed process group (None: the default group)
+    rank: int
+    world: int
+
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(world, *tensor.shape): every process's tensor, differentiable."""
+        return _GatherSlices.apply(tensor, self.group)
+
+    def with_halo(self, values: torch.Tensor, doc: torch.Tensor, width: int
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """values (B, L, C) and doc (B, L) of this slice -> both extended by `width` positions of
+        the neighbouring slices on either side (B, width + L + width, ...); beyond the
+        sequence's ends zeros with document OUT_OF_RANGE."""
+        if values.shape[1] < width:
+            raise ValueError(f"context parallelism: a slice of {values.shape[1]} positions is shorter than the "
+                             f"window's reach ({width}); use fewer processes per sequence or longer sequences")
+        edges = torch.cat([values[:, :width], values[:, -width:]], dim=1)          # (B, 2 width, C)
+        all_edges = self.gather(edges)                                            # (world, B, 2 width, C)
+        doc_edges = torch.cat([doc[:, :width], doc[:, -width:]], dim=1)
+        doc_parts = [torch.empty_like(doc_edges) for _ in range(self.world)]
+        dist.all_gather(doc_parts, doc_edges.contiguous(), group=self.group)
+        all_doc = torch.stack(doc_parts)
+        blank = values.new_zeros(values.shape[0], width, values.shape[2])
+        blank_doc = torch.full_like(doc[:, :width], OUT_OF_RANGE)
+        left = all_edges[self.rank - 1, :, width:] if self.rank > 0 else blank
+        left_doc = all_doc[self.rank - 1, :, width:] if self.rank > 0 else blank_doc
+        right = all_edges[self.rank + 1, :, :width] if self.rank < self.world - 1 else blank
+        right_doc = all_doc[self.rank + 1, :, :width] if self.rank < self.world - 1 else blank_doc
+        return torch.cat([left, values, right], dim=1), torch.cat([left_doc, doc, right_doc], dim=1)

@@ -1,0 +1,90 @@
+"""Context parallelism: a sequence split over 2 and 4 processes (gloo) gives what one process
+gives on the whole sequence, in float64: outputs and every gradient."""
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from attention import MultiHeadLatentAttention, rope_tables
+from context_parallel import SequenceSlices
+
+ROWS, LENGTH, D_MODEL, WINDOW = 2, 48, 32, 5
+
+
+def attention_module():
+    torch.manual_seed(0)
+    return MultiHeadLatentAttention(D_MODEL, n_heads=2, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
+                                    qk_rope_head_dim=4, v_head_dim=8, norm_eps=1e-5).double()
+
+
+def inputs():
+    """x, the upstream gradient, positions and document ids: documents straddle every slice
+    boundary of 2 and 4 processes (12 or 24 positions each), one ends inside the halo."""
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(ROWS, LENGTH, D_MODEL, generator=generator, dtype=torch.float64)
+    upstream = torch.randn(ROWS, LENGTH, D_MODEL, generator=generator, dtype=torch.float64)
+    doc = torch.tensor([[0] * 10 + [1] * 17 + [2] * 3 + [3] * 18,
+                        [4] * 26 + [5] * 20 + [-1] * 2])      # the second row ends in padding
+    positions = torch.zeros_like(doc)
+    for row in range(ROWS):
+        first = 0
+        for i in range(1, LENGTH + 1):
+            if i == LENGTH or doc[row, i] != doc[row, i - 1]:
+                positions[row, first:i] = torch.arange(i - first)
+                first = i
+    return x, upstream, positions, doc
+
+
+def whole(causal):
+    module = attention_module()
+    x, upstream, positions, doc = inputs()
+    x.requires_grad_(True)
+    cos, sin = rope_tables(positions, 4, 10000.0)
+    out = module(x, cos.double(), sin.double(), doc, WINDOW, causal)
+    (out * upstream).sum().backward()
+    return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
+
+
+def _sliced(rank, world, port, causal, results):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        module = attention_module()
+        x, upstream, positions, doc = inputs()
+        size = LENGTH // world
+        part = slice(rank * size, (rank + 1) * size)
+        x_slice = x[:, part].clone().requires_grad_(True)
+        cos, sin = rope_tables(positions[:, part], 4, 10000.0)
+        out = module(x_slice, cos.double(), sin.double(), doc[:, part], WINDOW, causal,
+                     SequenceSlices(None, rank, world))
+        (out * upstream[:, part]).sum().backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+        for grad in grads.values():   # each process's share of the parameters' gradient, summed
+            torch.distributed.all_reduce(grad)
+        results[rank] = (out.detach(), x_slice.grad, grads)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sliding_window_split_over_processes_equals_one_process(world, causal):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_sliced, args=(world, port, causal, results), nprocs=world)
+    out, x_grad, grads = whole(causal)
+    torch.testing.assert_close(torch.cat([results[r][0] for r in range(world)], 1), out, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat([results[r][1] for r in range(world)], 1), x_grad, rtol=1e-12, atol=1e-12)
+    for name, grad in grads.items():
+        torch.testing.assert_close(results[0][2][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_a_slice_shorter_than_the_window_is_refused():
+    slices = SequenceSlices(None, 0, 2)
+    with pytest.raises(ValueError, match="shorter than the window's reach"):
+        slices.with_halo(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), 5)
