@@ -4,6 +4,7 @@
     python model_trainer.py --flight-host A:8815 B:8815          # several data machines
     python model_trainer.py                      # embedded default: demo corpus, in-process server
     python model_trainer.py watch ws://127.0.0.1:8765   # one line per live update
+    python model_trainer.py plan --preset base --set data.max_seq_len=262144 --cards 24,8   # what fits where
     python model_trainer.py predict|embed|enroll|evaluate|export --checkpoint C ...   # use a trained model
 
 Without --flight-host the trainer builds the demo corpus if it is missing, starts the Flight
@@ -38,6 +39,7 @@ import demo_corpus
 import flight_client
 import inference
 import live_metrics
+import memory_plan
 import packing
 import schema
 from checkpoint import Checkpointer, GlobalRNG
@@ -452,6 +454,8 @@ def main(argv=None) -> int:
         return inference.main(argv[0], argv[1:])
     if argv[:1] == ["watch"]:   # python model_trainer.py watch ws://HOST:PORT
         return live_metrics.watch_main(argv[1:], prog="model_trainer.py watch")
+    if argv[:1] == ["plan"]:    # what fits where: memory per process, measured on probe steps
+        return memory_plan.main(argv[1:])
     args = parse_args(argv)
     try:
         for item in args.set:
