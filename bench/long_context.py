@@ -77,6 +77,19 @@ def case(preset: str, positions: int, overrides: list[str]) -> dict:
                            f"top-{cfg.model.sparse_topk}, activation checkpointing {cfg.model.activation_checkpointing}"}
 
 
+def table_rows(results: dict, reference: dict, row) -> list[str]:
+    """One line per case, `row(name, result, ratio)` where ratio(key) is the result's value over
+    the reference case's (nan without one); a failed case says why."""
+    lines = []
+    for name, result in results.items():
+        if "seconds" not in result:
+            lines.append(f"{name!s:<10} {result.get('error', 'failed')}")
+            continue
+        lines.append(row(name, result, lambda key: result[key] / reference[key] if key in reference
+                         else float("nan")))
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
@@ -98,13 +111,9 @@ def main() -> int:
              f"{first.get('precision', '?')}; forward+backward of one document",
              f"{'layers':<10} {'params':>8} {'seconds':>9} {'positions/s':>12} {'peak GiB':>9} {'loss':>8} {'time x':>7}"]
     local = results.get(patterns[-1], {})
-    for pattern, r in results.items():
-        if "seconds" not in r:
-            lines.append(f"{pattern:<10} {r.get('error', 'failed')}")
-            continue
-        ratio = r["seconds"] / local["seconds"] if "seconds" in local else float("nan")
-        lines.append(f"{pattern:<10} {r['parameters'] / 1e6:>7.2f}M {r['seconds']:>9.1f} {args.positions / r['seconds']:>12,.0f} "
-                     f"{r['peak_gib']:>9.2f} {r['loss']:>8.3f} {ratio:>7.2f}")
+    lines += table_rows(results, local, lambda pattern, r, ratio: (
+        f"{pattern:<10} {r['parameters'] / 1e6:>7.2f}M {r['seconds']:>9.1f} {args.positions / r['seconds']:>12,.0f} "
+        f"{r['peak_gib']:>9.2f} {r['loss']:>8.3f} {ratio('seconds'):>7.2f}"))
     if "seconds" in results.get(patterns[0], {}) and "seconds" in local and len(patterns) > 1:
         lines.append(f"{patterns[0]} / {patterns[-1]} time: {results[patterns[0]]['seconds'] / local['seconds']:.2f} "
                      f"(goal <= 1.5 for the long preset)")

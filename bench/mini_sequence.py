@@ -13,48 +13,38 @@ Headline: the memory per position with each chunk over the whole row's, and the 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from common import ROOT, header, run_case, save
 
 import memory_plan  # noqa: E402 (path set by common)
-from long_context import case  # noqa: E402
+from long_context import table_rows  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--preset", default="base")
     parser.add_argument("--positions", type=int, default=16_384)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--chunks", type=int, nargs="+", default=[0, 4096, 1024])
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     args = parser.parse_args()
-    if args.case:
-        preset, positions, *overrides = args.case
-        print(json.dumps(case(preset, int(positions), overrides)))
-        return 0
     common = [*args.set, f"model.n_layers={args.layers}", "model.layer_pattern=L"]
-    results = {chunk: run_case(__file__, args.preset, str(args.positions), *common, f"model.ffn_chunk={chunk}",
+    timed = str(ROOT / "bench" / "long_context.py")   # its --case: one forward+backward, timed
+    results = {chunk: run_case(timed, args.preset, str(args.positions), *common, f"model.ffn_chunk={chunk}",
                                timeout=7200) for chunk in args.chunks}
     for chunk, result in results.items():
         shape = (args.layers, args.positions)
         result["tensor_bytes"] = memory_plan.probe(common, args.preset, str(ROOT / "config.yaml"),
-                                                   [f"model.ffn_chunk={chunk}"], [shape])[shape]
+                                                   [f"model.ffn_chunk={chunk}"], [shape])[shape][0]
     whole = results.get(0, {})
     first = next((r for r in results.values() if "seconds" in r), {})
     lines = [*header(), f"preset {args.preset} width, {args.layers} L layers, {args.positions:,} positions: "
              f"{first.get('description', '?')}, {first.get('precision', '?')}; forward+backward of one document",
              f"{'ffn_chunk':<10} {'seconds':>8} {'tensor GiB':>11} {'KB/position':>12} {'memory x':>9} {'time x':>7}"]
-    for chunk, r in results.items():
-        if "seconds" not in r:
-            lines.append(f"{chunk:<10} {r.get('error', 'failed')}")
-            continue
-        memory = r["tensor_bytes"] / whole["tensor_bytes"] if "seconds" in whole else float("nan")
-        time_ratio = r["seconds"] / whole["seconds"] if "seconds" in whole else float("nan")
-        lines.append(f"{chunk or 'whole':<10} {r['seconds']:>8.1f} {r['tensor_bytes'] / 2**30:>11.2f} "
-                     f"{r['tensor_bytes'] / args.positions / 1e3:>12.1f} {memory:>9.2f} {time_ratio:>7.2f}")
+    lines += table_rows(results, whole, lambda chunk, r, ratio: (
+        f"{chunk or 'whole':<10} {r['seconds']:>8.1f} {r['tensor_bytes'] / 2**30:>11.2f} "
+        f"{r['tensor_bytes'] / args.positions / 1e3:>12.1f} {ratio('tensor_bytes'):>9.2f} {ratio('seconds'):>7.2f}"))
     print("\n".join(lines))
     save(f"mini_sequence_{args.preset}_{first.get('device', 'cpu')}", lines)
     return 0
