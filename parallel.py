@@ -125,6 +125,38 @@ def autocast(device: torch.device, amp_dtype: torch.dtype):
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)
 
 
+class HostCheckpoints(torch.autograd.graph.saved_tensors_hooks):
+    """While active, what autograd keeps for backward of the computation graph (with activation
+    checkpointing: each block's input) is copied to pinned host memory, and back when backward
+    needs it, as Arctic Long Sequence Training offloads its checkpoints; the device then holds
+    one block's working set instead of every block's input. Tensors outside the graph (rotary
+    tables, document ids: saved by every block) and small ones stay. On a CPU nothing moves:
+    `moved` lists what would have (shape, bytes)."""
+
+    MIN_BYTES = 1 << 16
+
+    def __init__(self):
+        self.moved: list[tuple[tuple[int, ...], int]] = []
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, tensor: torch.Tensor):
+        if not tensor.requires_grad or tensor.nbytes < self.MIN_BYTES:
+            return tensor
+        self.moved.append((tuple(tensor.shape), tensor.nbytes))
+        if tensor.device.type != "cuda":
+            return tensor
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        return tensor.device, host
+
+    @staticmethod
+    def _unpack(packed):
+        if isinstance(packed, torch.Tensor):
+            return packed
+        device, host = packed
+        return host.to(device, non_blocking=True)
+
+
 # Dense peak FLOP/s by GPU name and autocast dtype, from the vendors' data sheets (tensor cores,
 # no sparsity). fp16 on Pascal runs its matrix products at the fp32 rate (fp32 accumulation).
 # A GPU not listed gets no MFU: "unknown" beats a guess.

@@ -347,8 +347,8 @@ def test_mini_sequence_feed_forward_keeps_only_its_input_for_backward():
 def test_offloaded_checkpoints_are_the_blocks_inputs_and_change_no_gradient(monkeypatch):
     """On a CPU nothing moves; what would move is each block's input, not the rotary tables or
     document ids every block also keeps."""
-    import custom_transformer
-    monkeypatch.setattr(custom_transformer.HostCheckpoints, "MIN_BYTES", 1)
+    import parallel
+    monkeypatch.setattr(parallel.HostCheckpoints, "MIN_BYTES", 1)
     _, batch = make_batch()
     masks = sample_masks(batch, TINY, torch.Generator().manual_seed(1))
     grads = []
