@@ -88,15 +88,26 @@ def document_runs(doc: torch.Tensor):
             start += count
 
 
-def document_attention(q, k, v, doc: torch.Tensor, scale: float, causal: bool = False) -> torch.Tensor:
+def document_attention(q, k, v, doc: torch.Tensor, scale: float, causal: bool = False, offset: int = 0
+                       ) -> torch.Tensor:
     """Global attention within each document: one unmasked SDPA call per document run, so the
-    fused kernels keep memory O(n) even for a 256k-position document. Padding outputs zeros."""
+    fused kernels keep memory O(n) even for a 256k-position document. Padding outputs zeros.
+    The queries may cover a part of the rows, positions [offset, offset + their length) (a
+    slice under context parallelism); keys, values and doc cover the whole rows."""
     out = v.new_zeros(q.shape[:3] + (v.shape[3],))
+    end = offset + q.shape[2]
     for row, start, count, doc_id in document_runs(doc):
-        if doc_id != PAD_DOC:
-            span = slice(start, start + count)
-            out[row, :, span] = _sdpa(q[row:row + 1, :, span], k[row:row + 1, :, span], v[row:row + 1, :, span],
-                                      scale, causal=causal)[0]
+        first, last = max(start, offset), min(start + count, end)
+        if doc_id == PAD_DOC or first >= last:
+            continue
+        keys = slice(start, start + count)
+        # causal with queries that start inside the run: SDPA's is_causal aligns the first query
+        # with the first key, so the offset goes into an explicit mask
+        mask = (torch.arange(first, last, device=q.device)[:, None] >= torch.arange(start, start + count, device=q.device)
+                if causal and first > start else None)
+        out[row, :, first - offset:last - offset] = _sdpa(
+            q[row:row + 1, :, first - offset:last - offset], k[row:row + 1, :, keys], v[row:row + 1, :, keys],
+            scale, mask, causal=causal and mask is None)[0]
     return out
 
 
@@ -327,10 +338,9 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_pe = self._query(x, cos, sin)
         latent, k_pe = self._latent(x)
         if slices is not None:
-            if window is None or self.sparse:
-                raise NotImplementedError("context parallelism covers sliding-window (L) layers so far")
-            return self._sliced_window(torch.cat([q_nope, q_pe], dim=-1), latent, k_pe, cos, sin, doc, window,
-                                       causal, slices)
+            if self.sparse:
+                raise NotImplementedError("context parallelism covers window (L) and global (G) layers so far")
+            return self._sliced(torch.cat([q_nope, q_pe], dim=-1), latent, k_pe, cos, sin, doc, window, causal, slices)
         k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
         q, k, value = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2)
         out = attend(q, k, value, doc, self.softmax_scale, window, causal)   # the sparse layer's window branch
@@ -338,17 +348,25 @@ class MultiHeadLatentAttention(nn.Module):
             out = self._sparse_attention(x, q, k, value, latent, k_pe, cos, sin, doc, causal, out)
         return self.wo(out.transpose(1, 2).flatten(2))
 
-    def _sliced_window(self, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices):
-        """A sliding window over a slice of the rows: the neighbours' latent and rotated rotary
-        key for a window's reach either side (what keys and values are made from), the queries
-        padded over that halo, whose outputs are dropped."""
+    def _sliced(self, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices):
+        """Attention over a slice of the rows. What keys and values are made from (the latent and
+        the rotated rotary key) comes from the other slices: a window's reach either side for a
+        window layer (the queries padded over that halo, whose outputs are dropped), every slice
+        for a global one."""
         length = q.shape[1]
         keys_from = torch.cat([latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]], dim=-1)
-        extended, doc_extended = slices.with_halo(keys_from, doc, window)
-        k, value = self._heads(*extended.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))
-        q = F.pad(q, (0, 0, 0, 0, window, window))
-        out = local_attention(q.transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2), doc_extended,
-                              self.softmax_scale, window, causal)[:, :, window:window + length]
+        if window is None:
+            keys_from = slices.gather(keys_from).transpose(0, 1).flatten(1, 2)   # (B, world * length, C)
+            doc, offset = slices.gather_ids(doc).transpose(0, 1).flatten(1, 2), slices.rank * length
+        else:
+            keys_from, doc = slices.with_halo(keys_from, doc, window)
+            q, offset = F.pad(q, (0, 0, 0, 0, window, window)), window
+        k, value = self._heads(*keys_from.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))
+        q, k, value = q.transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2)
+        if window is None:
+            out = document_attention(q, k, value, doc, self.softmax_scale, causal, offset)
+        else:
+            out = local_attention(q, k, value, doc, self.softmax_scale, window, causal)[:, :, offset:offset + length]
         return self.wo(out.transpose(1, 2).flatten(2))
 
     def _sparse_attention(self, x, q, k, v, latent, k_pe, cos, sin, doc, causal, local):

@@ -1,11 +1,11 @@
 """Context parallelism: the processes of a group each hold a contiguous slice of the same
 sequences (rows), and attention reaches across the slices through differentiable collectives.
 
-A sliding-window layer needs only a window's halo from each neighbour, and with MLA the halo is
-what the keys and values are made from: the compressed latent and the rotated rotary key
-(kv_lora_rank + qk_rope_head_dim numbers a position), not per-head keys and values. Documents
-may straddle slices: document ids travel with the halo. Gradients flow back to the slice that
-owns each halo position.
+A sliding-window layer needs only a window's halo from each neighbour, a global layer every
+slice's; with MLA what travels is what keys and values are made from: the compressed latent and
+the rotated rotary key (kv_lora_rank + qk_rope_head_dim numbers a position), not per-head keys
+and values. Documents may straddle slices: document ids travel with them. Gradients flow back
+to the slice that owns each position.
 
 Plumbing only (torch.distributed, no model): attention.py asks for halos.
 """
@@ -50,6 +50,12 @@ class SequenceSlices:
         """(world, *tensor.shape): every process's tensor, differentiable."""
         return _GatherSlices.apply(tensor, self.group)
 
+    def gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """(world, *ids.shape): every process's ids (document ids, positions: no gradient)."""
+        parts = [torch.empty_like(ids) for _ in range(self.world)]
+        dist.all_gather(parts, ids.contiguous(), group=self.group)
+        return torch.stack(parts)
+
     def with_halo(self, values: torch.Tensor, doc: torch.Tensor, width: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """values (B, L, C) and doc (B, L) of this slice -> both extended by `width` positions of
@@ -61,9 +67,7 @@ class SequenceSlices:
         edges = torch.cat([values[:, :width], values[:, -width:]], dim=1)          # (B, 2 width, C)
         all_edges = self.gather(edges)                                            # (world, B, 2 width, C)
         doc_edges = torch.cat([doc[:, :width], doc[:, -width:]], dim=1)
-        doc_parts = [torch.empty_like(doc_edges) for _ in range(self.world)]
-        dist.all_gather(doc_parts, doc_edges.contiguous(), group=self.group)
-        all_doc = torch.stack(doc_parts)
+        all_doc = self.gather_ids(doc_edges)
         blank = values.new_zeros(values.shape[0], width, values.shape[2])
         blank_doc = torch.full_like(doc[:, :width], OUT_OF_RANGE)
         left = all_edges[self.rank - 1, :, width:] if self.rank > 0 else blank

@@ -36,17 +36,17 @@ def inputs():
     return x, upstream, positions, doc
 
 
-def whole(causal):
+def whole(causal, window):
     module = attention_module()
     x, upstream, positions, doc = inputs()
     x.requires_grad_(True)
     cos, sin = rope_tables(positions, 4, 10000.0)
-    out = module(x, cos.double(), sin.double(), doc, WINDOW, causal)
+    out = module(x, cos.double(), sin.double(), doc, window, causal)
     (out * upstream).sum().backward()
     return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
 
 
-def _sliced(rank, world, port, causal, results):
+def _sliced(rank, world, port, causal, window, results):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -57,7 +57,7 @@ def _sliced(rank, world, port, causal, results):
         part = slice(rank * size, (rank + 1) * size)
         x_slice = x[:, part].clone().requires_grad_(True)
         cos, sin = rope_tables(positions[:, part], 4, 10000.0)
-        out = module(x_slice, cos.double(), sin.double(), doc[:, part], WINDOW, causal,
+        out = module(x_slice, cos.double(), sin.double(), doc[:, part], window, causal,
                      SequenceSlices(None, rank, world))
         (out * upstream[:, part]).sum().backward()
         grads = {n: p.grad.clone() for n, p in module.named_parameters()}
@@ -70,14 +70,15 @@ def _sliced(rank, world, port, causal, results):
 
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("causal", [False, True])
-def test_sliding_window_split_over_processes_equals_one_process(world, causal):
+@pytest.mark.parametrize("window", [WINDOW, None], ids=["window", "global"])
+def test_attention_split_over_processes_equals_one_process(world, causal, window):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     manager = mp.Manager()
     results = manager.dict()
-    mp.spawn(_sliced, args=(world, port, causal, results), nprocs=world)
-    out, x_grad, grads = whole(causal)
+    mp.spawn(_sliced, args=(world, port, causal, window, results), nprocs=world)
+    out, x_grad, grads = whole(causal, window)
     torch.testing.assert_close(torch.cat([results[r][0] for r in range(world)], 1), out, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(torch.cat([results[r][1] for r in range(world)], 1), x_grad, rtol=1e-12, atol=1e-12)
     for name, grad in grads.items():
