@@ -46,6 +46,19 @@ class SequenceSlices:
     rank: int
     world: int
 
+    def mine(self, tensor: torch.Tensor, fill=0) -> torch.Tensor:
+        """This process's slice of the rows (dim 1) of a tensor over whole rows, the rows padded
+        with `fill` to a multiple of the group's size."""
+        part = -(-tensor.shape[1] // self.world)
+        pad = part * self.world - tensor.shape[1]
+        if pad:
+            tensor = torch.cat([tensor, tensor.new_full((tensor.shape[0], pad, *tensor.shape[2:]), fill)], dim=1)
+        return tensor[:, self.rank * part:(self.rank + 1) * part]
+
+    def whole(self, tensor: torch.Tensor, length: int) -> torch.Tensor:
+        """Every process's slice (B, part, ...) put back into whole rows of `length`, differentiable."""
+        return self.gather(tensor).transpose(0, 1).flatten(1, 2)[:, :length]
+
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """(world, *tensor.shape): every process's tensor, differentiable."""
         return _GatherSlices.apply(tensor, self.group)

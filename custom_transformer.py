@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from attention import PAD_DOC, MultiHeadLatentAttention, SparsePattern, rope_tables
 from config import ModelConfig
+from context_parallel import SequenceSlices
 from parallel import HostCheckpoints
 from packing import Batch, segment_positions
 from schema import N_MELS, N_SENTIMENTS, UNKNOWN, CorpusInfo
@@ -70,8 +71,8 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.ffn_chunk)
 
-    def forward(self, x, cos, sin, doc):
-        x = x + self.attn(self.attn_norm(x), cos, sin, doc, self.window, self.causal)
+    def forward(self, x, cos, sin, doc, slices: SequenceSlices | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc, self.window, self.causal, slices)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -330,25 +331,32 @@ class CustomTransformer(nn.Module):
         place(grid.audio_index, audio, masks.audio, AUDIO)
         return x.view(grid.n_rows, grid.length, -1)
 
-    def encode(self, x: torch.Tensor, grid: Layout) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, grid: Layout, slices: SequenceSlices | None = None) -> torch.Tensor:
+        """The blocks over the rows (with `slices`: over this process's slice of them, the
+        output put back together on every process)."""
         cos, sin = rope_tables(grid.positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
+        doc = grid.doc
+        if slices is not None:
+            x, cos, sin, doc = slices.mine(x), slices.mine(cos), slices.mine(sin), slices.mine(doc, PAD_DOC)
         checkpointed = self.cfg.activation_checkpointing and self.training
         offload = HostCheckpoints() if checkpointed and self.cfg.offload_checkpoints else contextlib.nullcontext()
         with offload:
             for block in self.blocks:
                 if checkpointed:
-                    x = checkpoint(block, x, cos, sin, grid.doc, use_reentrant=False)
+                    x = checkpoint(block, x, cos, sin, doc, slices, use_reentrant=False)
                 else:
-                    x = block(x, cos, sin, grid.doc)
+                    x = block(x, cos, sin, doc, slices)
         self.offloaded = offload.moved if isinstance(offload, HostCheckpoints) else []
-        return self.norm(x).flatten(0, 1)
+        x = self.norm(x)
+        return (x if slices is None else slices.whole(x, grid.length)).flatten(0, 1)
 
-    def run(self, batch: Batch, masks: Masks) -> tuple[Layout, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def run(self, batch: Batch, masks: Masks, slices: SequenceSlices | None = None
+            ) -> tuple[Layout, torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> the grid, the normalised mel and prosody inputs, and the encoder's output at every
         position (rows * length, d_model)."""
         grid = layout(batch, self.cfg.frames_per_position)
         mel, prosody = self.normalised_features(batch)
-        return grid, mel, prosody, self.encode(self.embed(batch, grid, masks, mel, prosody), grid)
+        return grid, mel, prosody, self.encode(self.embed(batch, grid, masks, mel, prosody), grid, slices)
 
     @staticmethod
     def segment_moments(grid: Layout, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -411,16 +419,20 @@ class CustomTransformer(nn.Module):
         model.load_state_dict(weights)
         return model.eval()
 
-    def forward(self, batch: Batch, masks: Masks, denominators: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: Batch, masks: Masks, denominators: torch.Tensor | None = None,
+                slices: SequenceSlices | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """-> total loss and, detached: per-modality losses, accuracies, F0 error in cents.
 
         Each loss term is a sum over this batch's hidden items divided by `denominators` (in
         LOSS_TERMS order; default: this batch's own counts, i.e. a mean). Given the counts of a
         whole step over every rank (loss_counts, all-reduced), the terms of all batches add up to
-        the mean over the step's union of batches, however unevenly ranks share the work."""
+        the mean over the step's union of batches, however unevenly ranks share the work.
+
+        With `slices` (context parallelism: every process of the group given the same batch)
+        each process runs the blocks on its slice of the rows and the rest alike: the backward
+        of loss / group size, the gradients then summed over the group, is one process's."""
         cfg, k = self.cfg, self.cfg.frames_per_position
-        grid, mel, prosody, hidden = self.run(batch, masks)
+        grid, mel, prosody, hidden = self.run(batch, masks, slices)
         targets = loss_targets(batch, masks, cfg)
         local = _counts(targets)
         denominators = (local if denominators is None else denominators).to(local.device).clamp_min(1.0)

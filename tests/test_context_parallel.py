@@ -89,3 +89,61 @@ def test_a_slice_shorter_than_the_window_is_refused():
     slices = SequenceSlices(None, 0, 2)
     with pytest.raises(ValueError, match="shorter than the window's reach"):
         slices.with_halo(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), 5)
+
+
+MODEL = dict(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
+             v_head_dim=8, ffn_hidden=64, layer_pattern="LG", window=6, vocab_size=40, n_speakers=5,
+             speaker_embedding_dim=3)
+
+
+def model_step(slices=None, checkpointed=False):
+    """A float64 forward and backward of the whole model on packed documents (rows of 30 and 32
+    positions: the last slice padded); -> loss, parameter gradients (summed over the group)."""
+    import dataclasses
+
+    from config import ModelConfig
+    from custom_transformer import CustomTransformer, sample_masks
+    from test_custom_transformer import make_batch
+    cfg = ModelConfig(**MODEL, activation_checkpointing=checkpointed)
+    torch.manual_seed(0)
+    model = CustomTransformer(cfg).double()
+    _, batch = make_batch()
+    masks = sample_masks(batch, cfg, torch.Generator().manual_seed(1))
+    batch = dataclasses.replace(batch, **{f.name: getattr(batch, f.name).double() for f in dataclasses.fields(batch)
+                                          if torch.is_tensor(getattr(batch, f.name))
+                                          and getattr(batch, f.name).is_floating_point()})
+    loss, _ = model(batch, masks, slices=slices)
+    (loss / (slices.world if slices else 1)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    if slices:
+        for grad in grads.values():
+            torch.distributed.all_reduce(grad)
+    return loss.detach(), grads
+
+
+def _sliced_model(rank, world, port, checkpointed, results):
+    import os
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results[rank] = model_step(SequenceSlices(None, rank, world), checkpointed)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world,checkpointed", [(2, False), (4, True)])
+def test_the_model_split_over_processes_equals_one_process(world, checkpointed):
+    """Window and global layers, documents across slice boundaries, the loss's every term and
+    the label heads' segment statistics over the whole rows."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = mp.Manager().dict()
+    mp.spawn(_sliced_model, args=(world, port, checkpointed, results), nprocs=world)
+    loss, grads = model_step()
+    for rank in range(world):
+        torch.testing.assert_close(results[rank][0], loss, rtol=1e-12, atol=1e-12)
+    missing = [name for name, grad in grads.items() if name.startswith("blocks.") and not grad.abs().sum() > 0]
+    assert not missing, missing   # every block's weights take part (the comparison below is not vacuous)
+    for name, grad in grads.items():
+        torch.testing.assert_close(results[0][1][name], grad, rtol=1e-10, atol=1e-12, msg=name)
