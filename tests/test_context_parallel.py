@@ -6,16 +6,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from attention import MultiHeadLatentAttention, rope_tables
+from attention import MultiHeadLatentAttention, SparsePattern, rope_tables
 from context_parallel import SequenceSlices
 
 ROWS, LENGTH, D_MODEL, WINDOW = 2, 48, 32, 5
 
 
-def attention_module():
+def attention_module(sparse=None):
     torch.manual_seed(0)
     return MultiHeadLatentAttention(D_MODEL, n_heads=2, q_lora_rank=0, kv_lora_rank=16, qk_nope_head_dim=8,
-                                    qk_rope_head_dim=4, v_head_dim=8, norm_eps=1e-5).double()
+                                    qk_rope_head_dim=4, v_head_dim=8, norm_eps=1e-5, sparse=sparse).double()
 
 
 def inputs():
@@ -36,8 +36,8 @@ def inputs():
     return x, upstream, positions, doc
 
 
-def whole(causal, window):
-    module = attention_module()
+def whole(causal, window, sparse):
+    module = attention_module(sparse)
     x, upstream, positions, doc = inputs()
     x.requires_grad_(True)
     cos, sin = rope_tables(positions, 4, 10000.0)
@@ -46,43 +46,46 @@ def whole(causal, window):
     return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
 
 
-def _sliced(rank, world, port, causal, window, results):
+def _sliced(rank, world, port, window, sparse, results):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        module = attention_module()
-        x, upstream, positions, doc = inputs()
-        size = LENGTH // world
-        part = slice(rank * size, (rank + 1) * size)
-        x_slice = x[:, part].clone().requires_grad_(True)
-        cos, sin = rope_tables(positions[:, part], 4, 10000.0)
-        out = module(x_slice, cos.double(), sin.double(), doc[:, part], window, causal,
-                     SequenceSlices(None, rank, world))
-        (out * upstream[:, part]).sum().backward()
-        grads = {n: p.grad.clone() for n, p in module.named_parameters()}
-        for grad in grads.values():   # each process's share of the parameters' gradient, summed
-            torch.distributed.all_reduce(grad)
-        results[rank] = (out.detach(), x_slice.grad, grads)
+        for causal in (False, True):
+            module = attention_module(sparse)
+            x, upstream, positions, doc = inputs()
+            size = LENGTH // world
+            part = slice(rank * size, (rank + 1) * size)
+            x_slice = x[:, part].clone().requires_grad_(True)
+            cos, sin = rope_tables(positions[:, part], 4, 10000.0)
+            out = module(x_slice, cos.double(), sin.double(), doc[:, part], window, causal,
+                         SequenceSlices(None, rank, world))
+            (out * upstream[:, part]).sum().backward()
+            grads = {n: p.grad.clone() for n, p in module.named_parameters()}
+            for grad in grads.values():   # each process's share of the parameters' gradient, summed
+                torch.distributed.all_reduce(grad)
+            results[(rank, causal)] = (out.detach(), x_slice.grad, grads)
     finally:
         torch.distributed.destroy_process_group()
 
 
 @pytest.mark.parametrize("world", [2, 4])
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("window", [WINDOW, None], ids=["window", "global"])
-def test_attention_split_over_processes_equals_one_process(world, causal, window):
+@pytest.mark.parametrize("window,sparse", [(WINDOW, None), (None, None), (WINDOW, SparsePattern(4, 2))],
+                         ids=["window", "global", "sparse"])
+def test_attention_split_over_processes_equals_one_process(world, window, sparse):
+    """Bidirectional and causal; the sparse layer is computed whole on every process so far."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_sliced, args=(world, port, causal, window, results), nprocs=world)
-    out, x_grad, grads = whole(causal, window)
-    torch.testing.assert_close(torch.cat([results[r][0] for r in range(world)], 1), out, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(torch.cat([results[r][1] for r in range(world)], 1), x_grad, rtol=1e-12, atol=1e-12)
-    for name, grad in grads.items():
-        torch.testing.assert_close(results[0][2][name], grad, rtol=1e-10, atol=1e-12, msg=name)
+    results = mp.Manager().dict()
+    mp.spawn(_sliced, args=(world, port, window, sparse, results), nprocs=world)
+    for causal in (False, True):
+        out, x_grad, grads = whole(causal, window, sparse)
+        got = [results[(r, causal)] for r in range(world)]
+        torch.testing.assert_close(torch.cat([g[0] for g in got], 1), out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.cat([g[1] for g in got], 1), x_grad, rtol=1e-12, atol=1e-12)
+        for name, grad in grads.items():
+            torch.testing.assert_close(got[0][2][name], grad, rtol=1e-10, atol=1e-12, msg=f"{name}, causal {causal}")
 
 
 def test_a_slice_shorter_than_the_window_is_refused():
@@ -92,7 +95,8 @@ def test_a_slice_shorter_than_the_window_is_refused():
 
 
 MODEL = dict(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4,
-             v_head_dim=8, ffn_hidden=64, layer_pattern="LG", window=6, vocab_size=40, n_speakers=5,
+             v_head_dim=8, ffn_hidden=64, layer_pattern="LGS", window=6, sparse_block=4, sparse_topk=2,
+             vocab_size=40, n_speakers=5,
              speaker_embedding_dim=3)
 
 
@@ -133,8 +137,8 @@ def _sliced_model(rank, world, port, checkpointed, results):
 
 @pytest.mark.parametrize("world,checkpointed", [(2, False), (4, True)])
 def test_the_model_split_over_processes_equals_one_process(world, checkpointed):
-    """Window and global layers, documents across slice boundaries, the loss's every term and
-    the label heads' segment statistics over the whole rows."""
+    """Window, global and sparse layers, documents across slice boundaries, the loss's every term
+    and the label heads' segment statistics over the whole rows."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
