@@ -150,6 +150,10 @@ class TrainConfig:
     # Gradients sent between DDP processes: none | fp16 | bf16 (half the bytes) | powersgd (low
     # rank, for links of a few hundred MB/s); torch.distributed's communication hooks.
     grad_compression: str = "none"
+    # Context parallelism: this many consecutive processes under torchrun share each sequence,
+    # each running the blocks on a slice of it (attention reaches across the slices); the groups
+    # are data-parallel to each other. 1: every process its own sequences.
+    context_parallel: int = 1
     # A checkpoint that cannot be written (a full disk): stop (keeping the last good one), or go on
     # training and try again at the next interval. The last checkpoint of a run always stops.
     on_checkpoint_error: str = "stop"   # stop | continue
@@ -177,6 +181,11 @@ class TrainConfig:
         if self.rank_shares == "auto" and self.parallel == "fsdp":
             raise ValueError("train.rank_shares=auto measures each process alone, which FSDP's collective forward "
                              "does not allow: give the shares by hand with train.parallel=fsdp")
+        if self.context_parallel < 1:
+            raise ValueError("train.context_parallel must be at least 1 (1: off)")
+        if self.context_parallel > 1 and (self.parallel == "fsdp" or self.rank_shares):
+            raise ValueError("train.context_parallel works with train.parallel=ddp and equal shares (rank_shares []) "
+                             "so far")
         if self.grad_compression not in ("none", "fp16", "bf16", "powersgd"):
             raise ValueError(f"train.grad_compression={self.grad_compression!r}: use none, fp16, bf16 or powersgd")
         if self.on_checkpoint_error not in ("stop", "continue"):

@@ -67,6 +67,11 @@ class _PackedStream(torch.utils.data.IterableDataset):
         # once, and every rank still ends the epoch at the same step.
         self.work_plan: dict[int, tuple[list[int], list[int]]] = {}
 
+    def read_as(self, rank: int, world: int) -> None:
+        """Read the share of the data of `rank` among `world` (by default this process's place
+        in the process group; under context parallelism its group's among the groups)."""
+        self.rank, self.world = rank, world
+
     def set_work(self, per_step: list[int], batch_sizes: list[int], from_epoch: int = 0) -> None:
         """Uneven work per rank from epoch `from_epoch` on: rank r consumes per_step[r] batches of
         batch_sizes[r] sequences a step, so the epoch's data is dealt in that proportion."""

@@ -44,6 +44,7 @@ import packing
 import schema
 from checkpoint import Checkpointer, GlobalRNG
 from config import DEFAULT_CONFIG, Config, TrainConfig, architecture_changes, load_config
+from context_parallel import SequenceSlices
 from custom_transformer import LOSS_TERMS, CustomTransformer, loss_counts
 from evaluation import evaluate
 from flight_client import Connection
@@ -111,7 +112,10 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
         connection = Connection(("127.0.0.1",), server.port)
 
     def dataset(files, shuffle):
-        return datasets.ArrowFlightDataset.configured(connection, files, layout, cfg.data, shuffle=shuffle)
+        opened = datasets.ArrowFlightDataset.configured(connection, files, layout, cfg.data, shuffle=shuffle)
+        if ranks.context:   # a context-parallel group's processes read alike
+            opened.read_as(ranks.data_rank, ranks.data_world)
+        return opened
 
     train_set = dataset(args.files, cfg.data.shuffle)
     if not args.eval_files:
@@ -129,7 +133,7 @@ def open_data(args, cfg: Config, cleanup: contextlib.ExitStack, ranks: Ranks = R
 
 def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_dtype, grad_clip,
                stop_requested: Callable[[], bool] = lambda: False, abandon: bool = False,
-               timed: bool = False) -> StepResult:
+               timed: bool = False, context: SequenceSlices | None = None) -> StepResult:
     """Forward and backward over the accumulated (batch, masks) pairs, one exchange of gradients
     (and of the loss and the stop and abandon flags) between ranks, clip, optimizer step.
 
@@ -138,7 +142,9 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
     could not get its batches (`abandon`: its data failed, or it was stopped while waiting) joins
     with padding batches, and the step is abandoned everywhere: no update, no scheduler step.
     `stop_requested` is asked at the exchange, so a signal during the step stops after it.
-    `timed` measures this rank's compute (for re-balancing; it synchronizes the device)."""
+    `timed` measures this rank's compute (for re-balancing; it synchronizes the device). With a
+    `context` group its processes hold the same batches, each a slice of every row: counts and
+    losses exchanged between ranks are taken once per group."""
     optimizer.zero_grad(set_to_none=True)
     cfg = unwrapped(model).cfg
     # Exact averaging: every loss term is divided by its count over the whole step (all batches of
@@ -148,8 +154,10 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
     denominators = sum((loss_counts(batch, masks, cfg) for batch, masks in micro_batches if not batch.padding),
                        torch.zeros(len(LOSS_TERMS))).to(device)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    sharing = context.world if context else 1
     if world > 1:
         torch.distributed.all_reduce(denominators)
+        denominators /= sharing
     loss_sum, samples_batches, positions = torch.zeros((), device=device), 0, 0
     metric_sums: dict[str, torch.Tensor] = {}
     forwards, backwards = [], []
@@ -158,10 +166,10 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
         with gradient_sync(model, enabled=index == len(micro_batches) - 1):
             started = clock(device) if timed else 0.0
             with autocast(device, amp_dtype):
-                loss, metrics = model(batch, masks, denominators)
+                loss, metrics = model(batch, masks, denominators, **({"slices": context} if context else {}))
             forward_done = clock(device) if timed else 0.0
             # a padding batch (a rank out of data) steps along with the others, learning nothing
-            scaler.scale(loss * (0.0 if batch.padding else float(world))).backward()
+            scaler.scale(loss * (0.0 if batch.padding else float(world // sharing))).backward()
             if timed:
                 forwards.append(forward_done - started)
                 backwards.append(clock(device) - forward_done)
@@ -175,6 +183,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
     shared = torch.cat([loss_sum[None], torch.tensor(flags, device=device)])
     if world > 1:
         torch.distributed.all_reduce(shared)
+    shared[:3] /= sharing   # a group's processes each counted its batches
     mean_loss, batch_total, position_total, stops, abandons = shared.tolist()   # the union's loss
     count = max(samples_batches, 1)
     metrics = {name: float(value) / count for name, value in metric_sums.items()}
@@ -270,7 +279,7 @@ class Session:
 def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: StopSignals) -> Session:
     """Processes and device, run folder, data, speakers, model, work per process, optimizer,
     checkpoints (restored when resuming); the run's description on the terminal and the feed."""
-    ranks = init_distributed(cfg.train.device)
+    ranks = init_distributed(cfg.train.device, cfg.train.context_parallel)
     seed_everything(cfg.train.seed)
     device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, ranks.local_rank)
     threads, busy = set_cpu_threads(cfg.train.cpu_threads, device, ranks)
@@ -359,14 +368,17 @@ def describe_run(s: Session, eval_set, threads: int) -> None:
     run.say(f"{len(s.labels.speakers)} speaker(s) by name, {len(s.dataset.files)} training file(s)"
             + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
     precision = dtype_name(s.amp_dtype)
+    sharing = s.ranks.sharing
     for rank, (where, dtype, cpu_threads) in enumerate(all_ranks((describe_device(s.device), precision, threads))):
-        run.say(f"process {rank}: {where} ({dtype}, {cpu_threads} CPU thread(s)), {feed.per_step[rank]} batch(es) x "
-                f"{feed.batch_sizes[rank]} x {cfg.data.max_seq_len} positions per step")
+        group = rank // sharing   # with context parallelism: the group's share, a slice of each sequence
+        run.say(f"process {rank}: {where} ({dtype}, {cpu_threads} CPU thread(s)), {feed.per_step[group]} batch(es) x "
+                f"{feed.batch_sizes[group]} x {cfg.data.max_seq_len} positions per step"
+                + (f", slice {rank % sharing + 1} of {sharing} of each" if sharing > 1 else ""))
     if not run.meter.peak and s.device.type != "cpu":
         run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(s.device)}")
     run.publish({"type": "run", "parameters": sum(p.numel() for p in s.model.parameters()), "device": str(s.device),
                  "precision": precision, "processes": s.ranks.world,
-                 "batches_per_step": feed.per_step[s.ranks.rank], "batches_per_step_by_process": feed.per_step,
+                 "batches_per_step": feed.per_step[s.ranks.data_rank], "batches_per_step_by_process": feed.per_step,
                  "batch_size_by_process": feed.batch_sizes, "files": len(s.dataset.files), "config": asdict(cfg),
                  "start_step": run.progress.step, "steps": cfg.train.steps})
 
@@ -388,7 +400,8 @@ def train(args, cfg: Config) -> dict:
                 # 2. Forward, backward, one exchange between ranks, optimizer step (or a skip).
                 result = train_step(s.trained, this.micro_batches, s.optimizer, s.scheduler, s.scaler, s.device,
                                     s.amp_dtype, cfg.train.grad_clip, lambda: bool(stop_requested),
-                                    abandon=this.missing is not None, timed=s.rebalancer is not None)
+                                    abandon=this.missing is not None, timed=s.rebalancer is not None,
+                                    context=s.ranks.context)
                 if result.abandoned:   # not counted, its batches not recorded: a resume reads them again
                     last_path = run.abandon(this.missing, result.stop) or last_path
                     break

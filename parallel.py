@@ -8,13 +8,15 @@ import contextlib
 import os
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
+
+from context_parallel import SequenceSlices
 
 
 
@@ -24,16 +26,34 @@ class Ranks:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    context: SequenceSlices | None = None   # with context parallelism: the processes sharing its sequences
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def sharing(self) -> int:
+        """Processes that hold the same batches (a context-parallel group; 1 without)."""
+        return self.context.world if self.context else 1
 
-def init_distributed(device: str) -> Ranks:
+    @property
+    def data_rank(self) -> int:
+        """Whose share of the data this process reads: its group's place among the groups."""
+        return self.rank // self.sharing
+
+    @property
+    def data_world(self) -> int:
+        return self.world // self.sharing
+
+
+def init_distributed(device: str, context_parallel: int = 1) -> Ranks:
     """Join the process group that torchrun describes in the environment: NCCL between GPUs,
-    gloo between CPU processes (`device` is train.device)."""
+    gloo between CPU processes (`device` is train.device); with `context_parallel` > 1, also
+    the group of that many consecutive processes this one shares its sequences with."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world % context_parallel:
+        raise ValueError(f"train.context_parallel={context_parallel} does not divide the {world} process(es)")
     if world == 1:
         return Ranks()
     ranks = Ranks(int(os.environ["RANK"]), world, int(os.environ["LOCAL_RANK"]))
@@ -41,6 +61,11 @@ def init_distributed(device: str) -> Ranks:
     if on_gpu:
         torch.cuda.set_device(ranks.local_rank)
     torch.distributed.init_process_group("nccl" if on_gpu else "gloo")
+    if context_parallel > 1:
+        groups = [torch.distributed.new_group(list(range(first, first + context_parallel)))
+                  for first in range(0, world, context_parallel)]   # every process makes every group
+        ranks = replace(ranks, context=SequenceSlices(groups[ranks.rank // context_parallel],
+                                                      ranks.rank % context_parallel, context_parallel))
     return ranks
 
 

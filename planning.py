@@ -195,7 +195,7 @@ def plan_work(cfg: Config, ranks: Ranks, model: torch.nn.Module, device: torch.d
     every card's largest micro-batch (at most data.batch_size) and its speed at that size, each
     card alone before DDP hooks its gradients, and deals the step's sequences by speed."""
     if cfg.train.rank_shares != "auto":
-        return (*rank_work(cfg, ranks.world), None)
+        return (*rank_work(cfg, ranks.data_world), None)
     layout = SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
     most = largest_micro_batch(model, layout, cfg.data.batch_size, device, amp_dtype)
     probe, masks = probe_inputs(layout, cfg.model, most, cfg.train.seed)

@@ -195,7 +195,7 @@ class StepFeed:
         masks. Without data (a failure, a signal while waiting) padding keeps this rank in step."""
         started = time.perf_counter()
         micro_batches, missing = [], None
-        while len(micro_batches) < self.per_step[self.ranks.rank]:
+        while len(micro_batches) < self.per_step[self.ranks.data_rank]:
             batch, missing = self._next_batch() if missing is None else (None, missing)
             if batch is None:
                 batch = packing.padding_batch(self.dataset.layout, None)
@@ -203,7 +203,7 @@ class StepFeed:
                 self.epoch = batch.resume_from.epoch
                 self.per_step, self.batch_sizes = self.dataset.work(self.epoch)
             self._mask_rng.manual_seed(self.cfg.train.seed * 1_000_003 + (step * max(self.per_step) + len(micro_batches))
-                                       * self.ranks.world + self.ranks.rank)
+                                       * self.ranks.data_world + self.ranks.data_rank)
             micro_batches.append((batch, sample_masks(batch, self.cfg.model, self._mask_rng)))
         return Step(micro_batches, missing, time.perf_counter() - started, self.epoch)
 

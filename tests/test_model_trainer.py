@@ -298,6 +298,24 @@ def probed(probe_dir, rank):
     return [json.loads(line) for line in (probe_dir / f"rank-{rank}.jsonl").read_text().splitlines()]
 
 
+def test_context_parallel_processes_train_as_one_process_on_the_same_sequences(corpus, tmp_path):
+    """train.context_parallel=2: two processes share every sequence, a slice each; their run is
+    one process's run (the same batches, the same losses up to float32 summation order)."""
+    root, _ = corpus
+    steps = 4
+    with SampleFlightServer(root, "127.0.0.1", 0) as server:
+        torchrun(server.port, tmp_path / "one", tmp_path / "probe-one", steps, processes=1)
+        torchrun(server.port, tmp_path / "split", tmp_path / "probe-split", steps,
+                 "--set", "train.context_parallel=2", processes=2)
+    one = [(m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "one") if m["type"] == "step"]
+    split = [(m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "split") if m["type"] == "step"]
+    assert len(one) == len(split) == steps
+    # the gradient's size too: AdamW would hide a gradient scaled by the group size from the losses
+    assert [value for pair in split for value in pair] == pytest.approx([value for pair in one for value in pair],
+                                                                        rel=1e-4)
+    assert probed(tmp_path / "probe-split", 0) == probed(tmp_path / "probe-split", 1) == probed(tmp_path / "probe-one", 0)
+
+
 @pytest.mark.parametrize("parallel, workers", [("ddp", 0), ("fsdp", 1)])
 def test_torchrun_two_ranks_train_on_disjoint_data_and_resume_exactly(corpus, tmp_path, parallel, workers):
     """With a DataLoader worker too: spawned workers have no process group of their own."""
