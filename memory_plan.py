@@ -172,8 +172,9 @@ def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str
     for card in sorted(set(cards_gib), reverse=True):
         fitting = [name for name, gib in needs.items() if gib <= card * 0.9]   # a tenth left for the allocator
         say(f"a {card:g} GiB card: " + (f"fits with {fitting[0]}" if fitting else
-                                        "fits with none of these: a shorter data.max_seq_len, or context "
-                                        "parallelism (not yet in the trainer: sliding-window layers only)"))
+                                        "fits with none of these: a shorter data.max_seq_len, or several cards "
+                                        "sharing each sequence (train.context_parallel; its sparse layers are "
+                                        "still computed whole on every card, so they do not shrink)"))
     return needs
 
 
