@@ -179,9 +179,9 @@ def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str
 
 
 def describe_probe_device(cfg: Config) -> str:
-    from parallel import choose_device
+    from parallel import choose_device, dtype_name
     device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision)
-    where = f"{device.type}, {str(amp_dtype).removeprefix('torch.')}"
+    where = f"{device.type}, {dtype_name(amp_dtype)}"
     return where + ("; on a card in fp16 the per-position terms about halve" if device.type == "cpu" else "")
 
 

@@ -50,10 +50,10 @@ from evaluation import evaluate
 from flight_client import Connection
 from flight_server import SampleFlightServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, autocast, barrier, choose_device, clock, describe_device,
-                      distribute, from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads, unwrapped)
+                      distribute, dtype_name, from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads, unwrapped)
 from planning import compute_seconds, faster_precision, fixed_backward, needs_precision_probe, plan_work
 from step_feed import Interrupted, Step, StepFeed, StepResult
-from training_run import Enrolled, Meter, Run, TrainingHalted, finish_label_heads, open_run
+from training_run import Enrolled, Meter, Run, TrainingHalted, describe_run, finish_label_heads, open_run
 
 DEMO_DIR = Path("data/demo")
 
@@ -221,10 +221,6 @@ def build_model(cfg: Config, info: schema.CorpusInfo, device: torch.device) -> C
     return model
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     random.seed(seed)
@@ -355,32 +351,6 @@ def run_speakers(dataset, eval_set, saved_labels: dict | None, resumed: bool, sa
     for data in filter(None, (dataset, eval_set)):
         data.use_speakers(labels.speakers)
     return labels
-
-
-def describe_run(s: Session, eval_set, threads: int) -> None:
-    """The run's description: on the terminal, and as the live feed's first message."""
-    cfg, run, feed = s.cfg, s.run, s.feed
-    # A resumed epoch finishes with the work it was dealt by; this run's applies from the next.
-    following = s.dataset.work(feed.epoch + 1)
-    if following != (feed.per_step, feed.batch_sizes):
-        run.say(f"epoch {feed.epoch} continues with the checkpoint's work; from epoch {feed.epoch + 1} on, processes "
-                f"take {following[0]} batch(es) of {following[1]} sequence(s) a step")
-    run.say(f"{len(s.labels.speakers)} speaker(s) by name, {len(s.dataset.files)} training file(s)"
-            + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
-    precision = dtype_name(s.amp_dtype)
-    sharing = s.ranks.sharing
-    for rank, (where, dtype, cpu_threads) in enumerate(all_ranks((describe_device(s.device), precision, threads))):
-        group = rank // sharing   # with context parallelism: the group's share, a slice of each sequence
-        run.say(f"process {rank}: {where} ({dtype}, {cpu_threads} CPU thread(s)), {feed.per_step[group]} batch(es) x "
-                f"{feed.batch_sizes[group]} x {cfg.data.max_seq_len} positions per step"
-                + (f", slice {rank % sharing + 1} of {sharing} of each" if sharing > 1 else ""))
-    if not run.meter.peak and s.device.type != "cpu":
-        run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(s.device)}")
-    run.publish({"type": "run", "parameters": sum(p.numel() for p in s.model.parameters()), "device": str(s.device),
-                 "precision": precision, "processes": s.ranks.world,
-                 "batches_per_step": feed.per_step[s.ranks.data_rank], "batches_per_step_by_process": feed.per_step,
-                 "batch_size_by_process": feed.batch_sizes, "files": len(s.dataset.files), "config": asdict(cfg),
-                 "start_step": run.progress.step, "steps": cfg.train.steps})
 
 
 def train(args, cfg: Config) -> dict:

@@ -145,6 +145,10 @@ def set_cpu_threads(requested: int, device: torch.device, ranks: Ranks) -> tuple
     return threads, None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def autocast(device: torch.device, amp_dtype: torch.dtype):
     """Mixed precision in `amp_dtype` where it is not fp32 (the context every forward runs in)."""
     return torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32)

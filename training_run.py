@@ -24,7 +24,7 @@ from access import read_token
 from checkpoint import Checkpointer, CheckpointWriteError, load_checkpoint, newest_checkpoint
 from config import TrainConfig
 from live_metrics import MetricsServer, json_ready
-from parallel import Ranks, all_ranks, from_rank0, peak_memory_gb
+from parallel import Ranks, all_ranks, describe_device, dtype_name, from_rank0, peak_memory_gb
 from step_feed import Step, StepResult
 
 
@@ -307,3 +307,30 @@ def check_checkpoints_reach_rank0(out_dir: Path, ranks: Ranks) -> None:
                          f"which has {newest0 or 'no checkpoint'} there: only rank 0 reads checkpoints. Start rank 0 on "
                          f"{host} (torchrun --rdzv_backend static --node_rank 0 --master_addr {host} there), or copy "
                          f"the checkpoints to {host0}")
+
+
+def describe_run(s, eval_set, threads: int) -> None:
+    """The run's description (`s`: model_trainer's Session): on the terminal, and as the live feed's
+    first message."""
+    cfg, run, feed = s.cfg, s.run, s.feed
+    # A resumed epoch finishes with the work it was dealt by; this run's applies from the next.
+    following = s.dataset.work(feed.epoch + 1)
+    if following != (feed.per_step, feed.batch_sizes):
+        run.say(f"epoch {feed.epoch} continues with the checkpoint's work; from epoch {feed.epoch + 1} on, processes "
+                f"take {following[0]} batch(es) of {following[1]} sequence(s) a step")
+    run.say(f"{len(s.labels.speakers)} speaker(s) by name, {len(s.dataset.files)} training file(s)"
+            + (f", {len(eval_set.files)} evaluation file(s)" if eval_set else ""))
+    precision = dtype_name(s.amp_dtype)
+    sharing = s.ranks.sharing
+    for rank, (where, dtype, cpu_threads) in enumerate(all_ranks((describe_device(s.device), precision, threads))):
+        group = rank // sharing   # with context parallelism: the group's share, a slice of each sequence
+        run.say(f"process {rank}: {where} ({dtype}, {cpu_threads} CPU thread(s)), {feed.per_step[group]} batch(es) x "
+                f"{feed.batch_sizes[group]} x {cfg.data.max_seq_len} positions per step"
+                + (f", slice {rank % sharing + 1} of {sharing} of each" if sharing > 1 else ""))
+    if not run.meter.peak and s.device.type != "cpu":
+        run.say(f"MFU unknown: no peak FLOP/s listed for {torch.cuda.get_device_name(s.device)}")
+    run.publish({"type": "run", "parameters": sum(p.numel() for p in s.model.parameters()), "device": str(s.device),
+                 "precision": precision, "processes": s.ranks.world,
+                 "batches_per_step": feed.per_step[s.ranks.data_rank], "batches_per_step_by_process": feed.per_step,
+                 "batch_size_by_process": feed.batch_sizes, "files": len(s.dataset.files), "config": asdict(cfg),
+                 "start_step": run.progress.step, "steps": cfg.train.steps})
