@@ -4,11 +4,12 @@ model calibrated by probe steps on this machine, and the settings that fit each 
     python model_trainer.py plan --preset base --set data.max_seq_len=262144 [--cards 24,24,8,8,8,8,8,8]
 
 The model: bytes = parameters x 16 (fp32 weights, gradients and AdamW's two moments)
-+ positions x (layers x kept per layer + the working set of one layer). Probe steps (forward
-and backward of one sequence, each in a fresh process) at the configuration's width with one
-and two layers at two lengths measure the two per-position terms for each option: plain, the
-mini-sequence feed-forward (model.ffn_chunk), and with the checkpoints kept in host memory
-(model.offload_checkpoints: the per-layer term leaves the card). Without --cards the present
++ positions x (layers x kept per layer + the working set of the costliest layer). Probe steps
+(forward and backward of one sequence, in a fresh process per option and kind of layer) at the
+configuration's width, with one layer of each kind at two lengths and two at the shorter,
+measure the per-position terms for each option: plain, the mini-sequence feed-forward
+(model.ffn_chunk), and with the checkpoints kept in host memory (model.offload_checkpoints: the
+per-layer term leaves the card). Without --cards the present
 GPUs are planned for, measured; with it, the cards are what-ifs in GiB and the probes run on
 this machine (a CPU measures fp32: on a card in fp16 the per-position terms about halve).
 """
@@ -202,6 +203,8 @@ def main(argv: list[str]) -> int:
     else:
         import torch
         cards = [torch.cuda.get_device_properties(i).total_memory / GIB for i in range(torch.cuda.device_count())]
+        if not cards:
+            print("no GPU here: the memory per process below; give --cards 24,8 (GiB) to ask what fits them")
     print(f"plan for {cfg.data.max_seq_len:,} positions, batch {cfg.data.batch_size}, {cfg.model.n_layers} layers of "
           f"width {cfg.model.d_model}: memory per process (probe steps of 1-2 layers of each kind at "
           f"{' and '.join(map(str, probe_lengths(cfg)))} positions on this machine, {describe_probe_device(cfg)})")
