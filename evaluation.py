@@ -15,9 +15,10 @@ from parallel import all_ranks, autocast
 
 
 @torch.no_grad()
-def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]:
+def evaluate(model, dataset, cfg: Config, device, amp_dtype, sharing: int = 1) -> dict[str, float]:
     """Mean metrics over the evaluation files (every rank's share), weighted by positions; the
-    same masks every time."""
+    same masks every time. With `sharing` > 1 (context parallelism) each group of that many
+    consecutive ranks read the same share, taken once."""
     model.eval()
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
@@ -32,7 +33,7 @@ def evaluate(model, dataset, cfg: Config, device, amp_dtype) -> dict[str, float]
             totals[name] = totals.get(name, 0.0) + float(value) * weight
             weights[name] = weights.get(name, 0.0) + weight
     model.train()
-    shares = all_ranks((totals, weights, collections.Counter(dataset.unseen_speakers)))
+    shares = all_ranks((totals, weights, collections.Counter(dataset.unseen_speakers)))[::sharing]
     totals, weights, unseen = {}, {}, collections.Counter()
     for share_totals, share_weights, share_unseen in shares:
         unseen.update(share_unseen)

@@ -316,7 +316,7 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
                                     progress=run.progress, extra={"config": asdict(cfg)})
     if eval_set is not None:
         # the model itself: with DDP that is the replica's module, which runs without collectives
-        run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype)
+        run.evaluation = functools.partial(evaluate, model, eval_set, cfg, device, amp_dtype, ranks.sharing)
     run.finish = lambda: enrolled.load_state_dict(
         finish_label_heads(model, dataset, cfg.train.parallel, ranks, device, run.say))
     run.meter = Meter(device, model.flops_per_position(cfg.data.max_seq_len), peak_flops(device, amp_dtype))

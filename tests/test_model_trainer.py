@@ -301,15 +301,31 @@ def probed(probe_dir, rank):
 def test_context_parallel_processes_train_as_one_process_on_the_same_sequences(corpus, tmp_path):
     """train.context_parallel=2: two processes share every sequence, a slice each; their run is
     one process's run (the same batches, the same losses up to float32 summation order)."""
-    root, _ = corpus
+    _, shards = corpus
     steps = 4
+    root = tmp_path / "data"   # training shards, and a held-out one whose speakers training never named
+    root.mkdir()
+    for shard in shards[:-1]:
+        shutil.copy(shard, root)
+    table = pq.read_table(shards[-1])
+    meta = json.loads(table.schema.metadata[b"mmtrain"])
+    meta["speakers"] = {f"stranger-{name}": i for name, i in meta["speakers"].items()}
+    pq.write_table(table.replace_schema_metadata({**table.schema.metadata, b"mmtrain": json.dumps(meta).encode()}),
+                   root / "strangers.parquet")
+    held_out = ["--eval-files", "strangers.parquet", "--set", "train.eval_every=2"]
     with SampleFlightServer(root, "127.0.0.1", 0) as server:
-        torchrun(server.port, tmp_path / "one", tmp_path / "probe-one", steps, processes=1)
-        torchrun(server.port, tmp_path / "split", tmp_path / "probe-split", steps,
+        torchrun(server.port, tmp_path / "one", tmp_path / "probe-one", steps, *held_out, processes=1)
+        torchrun(server.port, tmp_path / "split", tmp_path / "probe-split", steps, *held_out,
                  "--set", "train.context_parallel=2", processes=2)
     one = [(m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "one") if m["type"] == "step"]
     split = [(m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "split") if m["type"] == "step"]
     assert len(one) == len(split) == steps
+    evaluations = [[(m["loss"], m["unseen_speakers"]) for m in read_metrics(tmp_path / run) if m["type"] == "eval"]
+                   for run in ("one", "split")]
+    assert len(evaluations[0]) == len(evaluations[1]) == 2
+    for (loss_one, unseen_one), (loss_split, unseen_split) in zip(*evaluations):
+        assert unseen_one and unseen_split == unseen_one   # each segment counted once
+        assert loss_split == pytest.approx(loss_one, rel=1e-4)
     # the gradient's size too: AdamW would hide a gradient scaled by the group size from the losses
     assert [value for pair in split for value in pair] == pytest.approx([value for pair in one for value in pair],
                                                                         rel=1e-4)
