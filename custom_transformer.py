@@ -370,11 +370,12 @@ class CustomTransformer(nn.Module):
         square = values.new_zeros(n_segments, width).index_add_(0, grid.content_segment, values.square()) / count
         return mean, (square - mean.square()).clamp_min(1e-6).sqrt()
 
-    def label_inputs(self, grid: Layout, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def label_inputs(self, grid: Layout, hidden: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor]
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> what the speaker and the sentiment head read, one row per segment: its slot plus the
-        segment's statistics, projected (a label is a property of the whole segment, as x-vectors
-        pool an utterance)."""
-        pooled = self.segment_pool(torch.cat(self.segment_moments(grid, hidden), -1).to(hidden.dtype))
+        segment's statistics (`segment_moments`), projected (a label is a property of the whole
+        segment, as x-vectors pool an utterance)."""
+        pooled = self.segment_pool(torch.cat(moments, -1).to(hidden.dtype))
         return hidden[grid.speaker_index] + pooled, hidden[grid.sentiment_index] + pooled
 
     @torch.no_grad()
@@ -385,8 +386,9 @@ class CustomTransformer(nn.Module):
         f0_mean, f0_std, energy_mean, energy_std = self.prosody_stats.float()
         mel = self.mel_head(audio).float().view(-1, N_MELS) * self.mel_std + self.mel_mean
         prosody = self.prosody_head(audio).float().view(-1, PROSODY_FEATURES)
-        speaker_in, sentiment_in = self.label_inputs(grid, hidden)
-        return Outputs(grid=grid, hidden=hidden, segment_vectors=self.segment_moments(grid, hidden)[0],
+        moments = self.segment_moments(grid, hidden)
+        speaker_in, sentiment_in = self.label_inputs(grid, hidden, moments)
+        return Outputs(grid=grid, hidden=hidden, segment_vectors=moments[0],
                        sentiment_inputs=sentiment_in.float(),
                        speaker_logits=self.speaker_head(speaker_in).float(),
                        sentiment_logits=self.sentiment_head(sentiment_in).float(),
@@ -449,7 +451,7 @@ class CustomTransformer(nn.Module):
                 return F.cross_entropy(logits, target[selected], reduction="sum")
             return logits.sum()
 
-        speaker_in, sentiment_in = self.label_inputs(grid, hidden)
+        speaker_in, sentiment_in = self.label_inputs(grid, hidden, self.segment_moments(grid, hidden))
         sums["text"] = classify("text", self.text_head, lambda chosen: hidden[grid.text_index[chosen]], batch.token_ids)
         sums["speaker"] = classify("speaker", self.speaker_head, lambda chosen: speaker_in[chosen], batch.speaker_id)
         sums["sentiment"] = classify("sentiment", self.sentiment_head, lambda chosen: sentiment_in[chosen],

@@ -166,7 +166,7 @@ def train_step(model, micro_batches, optimizer, scheduler, scaler, device, amp_d
         with gradient_sync(model, enabled=index == len(micro_batches) - 1):
             started = clock(device) if timed else 0.0
             with autocast(device, amp_dtype):
-                loss, metrics = model(batch, masks, denominators, **({"slices": context} if context else {}))
+                loss, metrics = model(batch, masks, denominators, slices=context)
             forward_done = clock(device) if timed else 0.0
             # a padding batch (a rank out of data) steps along with the others, learning nothing
             scaler.scale(loss * (0.0 if batch.padding else float(world // sharing))).backward()

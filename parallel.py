@@ -19,7 +19,6 @@ from torch.nn.parallel import DistributedDataParallel
 from context_parallel import SequenceSlices
 
 
-
 @dataclass(frozen=True)
 class Ranks:
     """This process's place in a torchrun job (one process: rank 0 of 1)."""

@@ -216,7 +216,7 @@ def test_total_loss_is_the_configured_weighted_sum():
     grid = layout(batch, 4)
     hidden = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid)
     targets = masks.speaker & batch.has_speaker_embedding
-    speaker_in, _ = model.label_inputs(grid, hidden)
+    speaker_in, _ = model.label_inputs(grid, hidden, model.segment_moments(grid, hidden))
     predicted = model.speaker_vector_head(speaker_in[targets])
     manual = (1 - torch.nn.functional.cosine_similarity(predicted, batch.speaker_embedding[targets], dim=-1)).mean()
     torch.testing.assert_close(metrics["loss_speaker_embedding"], manual.detach())
@@ -232,7 +232,7 @@ def test_label_heads_read_their_slot_and_the_statistics_of_the_whole_segment():
     masks = sample_masks(batch, TINY, torch.Generator().manual_seed(1))
     grid = layout(batch, 4)
     hidden = torch.randn(grid.n_rows * grid.length, TINY.d_model, dtype=torch.float64)
-    speaker_in, sentiment_in = model.label_inputs(grid, hidden)
+    speaker_in, sentiment_in = model.label_inputs(grid, hidden, model.segment_moments(grid, hidden))
     lengths = segment_positions(batch.n_tokens, batch.n_frames, 4).tolist()
     for i, (start, n) in enumerate(zip(grid.speaker_index.tolist(), lengths)):
         content = hidden[start + 2:start + n]
