@@ -203,8 +203,8 @@ def poison_losses(monkeypatch, bad_calls):
     original = CustomTransformer.forward
     calls = []
 
-    def forward(self, batch, masks, *rest):
-        loss, metrics = original(self, batch, masks, *rest)
+    def forward(self, batch, masks, *rest, **options):
+        loss, metrics = original(self, batch, masks, *rest, **options)
         calls.append(1)
         return (loss * float("nan"), metrics) if len(calls) in bad_calls else (loss, metrics)
 

@@ -144,11 +144,11 @@ def test_a_signal_stops_after_the_step_that_is_running(corpus, tmp_path, monkeyp
     root, _ = corpus
     original, calls = CustomTransformer.forward, []
 
-    def forward(self, batch, masks, *rest):   # SIGTERM arrives in the middle of step 3
+    def forward(self, batch, masks, *rest, **options):   # SIGTERM arrives in the middle of step 3
         calls.append(1)
         if len(calls) == 3:
             os.kill(os.getpid(), signal.SIGTERM)
-        return original(self, batch, masks, *rest)
+        return original(self, batch, masks, *rest, **options)
 
     monkeypatch.setattr(CustomTransformer, "forward", forward)
     out = tmp_path / "run"
