@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from context_parallel import SequenceSlices
+from context_parallel import OUT_OF_RANGE, SequenceSlices
 
 PAD_DOC = -1         # padding positions of a row
-_OUT_OF_RANGE = -2   # positions added only to fill the last block; never equal to a real doc id
 
 
 # ---------------------------------------------------------------------------------------------
@@ -132,8 +131,8 @@ def local_attention(q, k, v, doc: torch.Tensor, scale: float, window: int, causa
     def queries(t):  # (B, H, L, D) -> (B * n_blocks, H, block, D)
         return F.pad(t, (0, 0, 0, tail)).unflatten(2, (n_blocks, block)).transpose(1, 2).flatten(0, 1)
 
-    query_doc = F.pad(doc, (0, tail), value=_OUT_OF_RANGE).view(batch, n_blocks, block)
-    key_doc = F.pad(doc, (left, tail + right), value=_OUT_OF_RANGE).unfold(1, span, block)
+    query_doc = F.pad(doc, (0, tail), value=OUT_OF_RANGE).view(batch, n_blocks, block)
+    key_doc = F.pad(doc, (left, tail + right), value=OUT_OF_RANGE).unfold(1, span, block)
     band = _band(torch.arange(block, device=q.device) + left, torch.arange(span, device=q.device),
                  window, causal)
     mask = band & (query_doc[..., :, None] == key_doc[..., None, :])      # (B, n_blocks, block, span)
@@ -166,23 +165,24 @@ def pool_blocks(x: torch.Tensor, block: int, logits: torch.Tensor) -> torch.Tens
     return torch.einsum("bp,bpc->bc", weights.to(x.dtype), padded)
 
 
-def _visible_blocks(query_positions: torch.Tensor, n: int, block: int, causal: bool) -> torch.Tensor | None:
+def _visible_blocks(query_positions: torch.Tensor, n_blocks: int, block: int, causal: bool) -> torch.Tensor | None:
     """Causal: a query sees a compressed block once the block has ended, all b of its positions
     at or before the query. A document's last, partial block is never seen: were it, the query
     at the document's last position would learn that nothing follows. Bidirectional: every
     block (None)."""
     if not causal:
         return None
-    ends = (torch.arange(-(-n // block), device=query_positions.device) + 1) * block - 1
+    ends = (torch.arange(n_blocks, device=query_positions.device) + 1) * block - 1
     return ends[None, :] <= query_positions[:, None]
 
 
 def block_importance(q: torch.Tensor, compressed_k: torch.Tensor, scale: float, block: int,
-                     causal: bool) -> torch.Tensor:
+                     causal: bool, first: int = 0) -> torch.Tensor:
     """(n_query_blocks, n_blocks): the attention weight each block of b queries gives each key
     block in the compressed branch, summed over the heads. Bidirectional: summed over the
     block's queries. Causal: the block's first query alone, as a sum over later queries would
-    let them choose what earlier ones read. No gradient: it only ranks the blocks."""
+    let them choose what earlier ones read. No gradient: it only ranks the blocks. The queries
+    are the document's positions [first, first + n), `first` a multiple of b."""
     heads, n, _ = q.shape
     n_blocks = compressed_k.shape[1]
     keys = compressed_k.float().transpose(1, 2)
@@ -193,7 +193,7 @@ def block_importance(q: torch.Tensor, compressed_k: torch.Tensor, scale: float, 
             firsts = torch.arange(0, n, block, device=q.device)
             for chunk in firsts.split(rows):
                 scores = torch.matmul(q[:, chunk].float(), keys) * scale
-                visible = _visible_blocks(chunk, n, block, True)
+                visible = _visible_blocks(first + chunk, n_blocks, block, True)
                 # a query that sees no block yet gives no weight
                 parts.append(scores.masked_fill_(~visible, -math.inf).softmax(-1).nan_to_num_(0.0).sum(0))
             return torch.cat(parts)
@@ -206,33 +206,36 @@ def block_importance(q: torch.Tensor, compressed_k: torch.Tensor, scale: float, 
         return torch.cat(parts)
 
 
-def choose_blocks(importance: torch.Tensor, topk: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def choose_blocks(importance: torch.Tensor, topk: int, causal: bool, first_block: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (n_query_blocks, k) key-block indices and whether each pick is allowed: the k blocks a
     query block weighted most. Causal: only blocks before the query block (its own block and
-    the recent past are the window's)."""
+    the recent past are the window's); the query blocks are the document's from `first_block`."""
     n_query_blocks, n_blocks = importance.shape
     k = min(topk, n_blocks)
     if causal:
         earlier = torch.arange(n_blocks, device=importance.device)[None, :] < torch.arange(
-            n_query_blocks, device=importance.device)[:, None]
+            first_block, first_block + n_query_blocks, device=importance.device)[:, None]
         importance = importance.masked_fill(~earlier, -math.inf)
     chosen = importance.topk(k, dim=-1).indices.sort(-1).values
     allowed = importance.gather(-1, chosen) > -math.inf
     return chosen, allowed
 
 
-def compressed_attention(q, compressed_k, compressed_v, scale: float, block: int, causal: bool) -> torch.Tensor:
-    """(H, n, D) queries over the document's (H, n_blocks, D) pooled keys and values. Causal:
-    queries before the end of the first whole block see none and output zeros."""
+def compressed_attention(q, compressed_k, compressed_v, scale: float, block: int, causal: bool, first: int = 0
+                         ) -> torch.Tensor:
+    """(H, n, D) queries, the document's positions [first, first + n), over its (H, n_blocks, D)
+    pooled keys and values. Causal: queries before the end of the first whole block see none
+    and output zeros."""
     heads, n, _ = q.shape
     if not causal:
         return _sdpa(q[None], compressed_k[None], compressed_v[None], scale)[0]
     out = q.new_zeros(heads, n, compressed_v.shape[-1])
     n_blocks = compressed_k.shape[1]
     rows = max(block, _CHUNK_ELEMENTS // max(1, n_blocks) // block * block)
-    for start in range(block - 1, n, rows):   # the queries before that see no block yet
+    for start in range(max(0, block - 1 - first), n, rows):   # the queries before that see no block yet
         stop = min(n, start + rows)
-        visible = _visible_blocks(torch.arange(start, stop, device=q.device), n, block, True)
+        visible = _visible_blocks(torch.arange(first + start, first + stop, device=q.device), n_blocks, block, True)
         out[:, start:stop] = _sdpa(q[None, :, start:stop], compressed_k[None], compressed_v[None], scale,
                                    visible[None, None])[0]
     return out
@@ -240,24 +243,26 @@ def compressed_attention(q, compressed_k, compressed_v, scale: float, block: int
 
 def selected_attention(q, k, v, chosen: torch.Tensor, allowed: torch.Tensor, block: int, scale: float
                        ) -> torch.Tensor:
-    """Each block of b queries attends at full resolution to its chosen key blocks (one SDPA call
-    per chunk of query blocks, the chosen keys gathered); picks not allowed and the positions
-    past the document's end are masked; a query block with nothing allowed outputs zeros."""
-    heads, n, qk_dim = q.shape
-    n_blocks, picks = -(-n // block), chosen.shape[1]
-    tail = n_blocks * block - n
+    """Each block of b queries attends at full resolution to its chosen key blocks of the
+    document's keys and values (one SDPA call per chunk of query blocks, the chosen keys
+    gathered); picks not allowed and the positions past the document's end are masked; a query
+    block with nothing allowed outputs zeros. The queries (H, m, D) may be some of the
+    document's blocks, `chosen` one row each."""
+    heads, m, qk_dim = q.shape
+    n = k.shape[1]
+    n_query_blocks, n_blocks, picks = -(-m // block), -(-n // block), chosen.shape[1]
 
-    def blocks(t):   # (H, n, D) -> (n_blocks, H, block, D)
-        return F.pad(t, (0, 0, 0, tail)).view(heads, n_blocks, block, -1).transpose(0, 1)
+    def blocks(t, count):   # (H, length, D) -> (count, H, block, D)
+        return F.pad(t, (0, 0, 0, count * block - t.shape[1])).view(heads, count, block, -1).transpose(0, 1)
 
-    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+    q_blocks, k_blocks, v_blocks = blocks(q, n_query_blocks), blocks(k, n_blocks), blocks(v, n_blocks)
     present = (torch.arange(n_blocks * block, device=q.device) < n).view(n_blocks, block)
-    out = q.new_zeros(n_blocks, heads, block, v.shape[-1])
+    out = q.new_zeros(n_query_blocks, heads, block, v.shape[-1])
     some = allowed.any(-1)
-    full = tail == 0 and bool(allowed.all())   # no key to mask: the unmasked kernel
+    full = n % block == 0 and bool(allowed.all())   # no key to mask: the unmasked kernel
     chunk = max(1, _CHUNK_ELEMENTS // (heads * picks * block * max(qk_dim, v.shape[-1])))
-    for start in range(0, n_blocks, chunk):
-        rows = torch.arange(start, min(n_blocks, start + chunk), device=q.device)
+    for start in range(0, n_query_blocks, chunk):
+        rows = torch.arange(start, min(n_query_blocks, start + chunk), device=q.device)
         rows = rows[some[rows]]
         if len(rows) == 0:
             continue
@@ -266,7 +271,15 @@ def selected_attention(q, k, v, chosen: torch.Tensor, allowed: torch.Tensor, blo
         values = v_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)
         mask = (present[picked] & allowed[rows][..., None]).flatten(1)            # (r, k * block)
         out[rows] = _sdpa(q_blocks[rows], keys, values, scale, None if full else mask[:, None, None])
-    return out.transpose(0, 1).flatten(1, 2)[:, :n]
+    return out.transpose(0, 1).flatten(1, 2)[:, :m]
+
+
+def _positions(t: torch.Tensor, span: slice, dim: int, fill=0) -> torch.Tensor:
+    """Positions span.start..span.stop of t along `dim`, those outside t filled with `fill`."""
+    before, after = max(0, -span.start), max(0, span.stop - t.shape[dim])
+    inside = t.narrow(dim, span.start + before, span.stop - span.start - before - after)
+    pad = [0, 0] * (t.dim() - 1 - dim) + [before, after]
+    return F.pad(inside, pad, value=fill)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -335,64 +348,82 @@ class MultiHeadLatentAttention(nn.Module):
         attends in latent space, pays off only for token-by-token decoding with a cache; over
         whole sequences it measured 1.5-2.5x slower with 2.4-3x larger attention tensors.)
         With `slices` (context parallelism) x is this process's slice of the rows."""
-        if slices is not None and self.sparse:
-            # Exact but not yet divided: every process computes the whole rows' sparse layer
-            # and keeps its slice (no memory or time saved on this layer).
-            whole = [slices.gather(x), slices.gather_ids(cos), slices.gather_ids(sin), slices.gather_ids(doc)]
-            out = self(*(t.transpose(0, 1).flatten(1, 2) for t in whole), window, causal)
-            return out[:, slices.rank * x.shape[1]:(slices.rank + 1) * x.shape[1]]
         q_nope, q_pe = self._query(x, cos, sin)
+        q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         latent, k_pe = self._latent(x)
         if slices is not None:
-            return self._sliced(torch.cat([q_nope, q_pe], dim=-1), latent, k_pe, cos, sin, doc, window, causal, slices)
-        k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
-        q, k, value = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2)
-        out = attend(q, k, value, doc, self.softmax_scale, window, causal)   # the sparse layer's window branch
-        if self.sparse:
-            out = self._sparse_attention(x, q, k, value, latent, k_pe, cos, sin, doc, causal, out)
+            out = self._sliced(x, q, latent, k_pe, cos, sin, doc, window, causal, slices)
+        else:
+            k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
+            k, value = k.transpose(1, 2), value.transpose(1, 2)
+            out = attend(q, k, value, doc, self.softmax_scale, window, causal)   # the sparse layer's window branch
+            if self.sparse:
+                out = self._sparse_attention(x, q, 0, 0, latent, k_pe, cos, sin, k, value, doc, causal, out)
         return self.wo(out.transpose(1, 2).flatten(2))
 
-    def _sliced(self, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices):
-        """Attention over a slice of the rows. What keys and values are made from (the latent and
-        the rotated rotary key) comes from the other slices: a window's reach either side for a
-        window layer (the queries padded over that halo, whose outputs are dropped), every slice
-        for a global one."""
-        length = q.shape[1]
-        keys_from = torch.cat([latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]], dim=-1)
+    def _sliced(self, x, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices):
+        """Attention over a slice of the rows, (B, H, L, D) before the output projection. What
+        keys and values are made from (the latent and the rotary key) comes from the other
+        slices: a window's reach either side for a window layer (the queries padded over that
+        halo, whose outputs are dropped), every slice for a global or sparse layer (a sparse
+        layer pools whole documents into blocks and may pick any block of them)."""
+        length, start = q.shape[2], slices.rank * q.shape[2]
+        if window is not None and not self.sparse:
+            keys_from, doc = slices.with_halo(torch.cat([latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]], -1),
+                                              doc, window)
+            k, value = self._heads(*keys_from.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))
+            out = local_attention(F.pad(q, (0, 0, window, window)), k.transpose(1, 2), value.transpose(1, 2), doc,
+                                  self.softmax_scale, window, causal)
+            return out[:, :, window:window + length]
+        whole_latent, whole_pe = slices.whole(torch.cat([latent, k_pe], -1), slices.world * length).split(
+            [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        whole_cos, whole_sin, whole_doc = (slices.gather_ids(t).transpose(0, 1).flatten(1, 2) for t in (cos, sin, doc))
+        k, value = self._heads(whole_latent, apply_rope(whole_pe[:, :, None], whole_cos, whole_sin)[:, :, 0])
+        k, value = k.transpose(1, 2), value.transpose(1, 2)
         if window is None:
-            keys_from = slices.gather(keys_from).transpose(0, 1).flatten(1, 2)   # (B, world * length, C)
-            doc, offset = slices.gather_ids(doc).transpose(0, 1).flatten(1, 2), slices.rank * length
-        else:
-            keys_from, doc = slices.with_halo(keys_from, doc, window)
-            q, offset = F.pad(q, (0, 0, 0, 0, window, window)), window
-        k, value = self._heads(*keys_from.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1))
-        q, k, value = q.transpose(1, 2), k.transpose(1, 2), value.transpose(1, 2)
-        if window is None:
-            out = document_attention(q, k, value, doc, self.softmax_scale, causal, offset)
-        else:
-            out = local_attention(q, k, value, doc, self.softmax_scale, window, causal)[:, :, offset:offset + length]
-        return self.wo(out.transpose(1, 2).flatten(2))
+            return document_attention(q, k, value, whole_doc, self.softmax_scale, causal, start)
+        around = slice(start - window, start + length + window)   # the window branch's keys
+        out = local_attention(F.pad(q, (0, 0, window, window)), _positions(k, around, 2), _positions(value, around, 2),
+                              _positions(whole_doc, around, 1, OUT_OF_RANGE), self.softmax_scale, window, causal)
+        local = out[:, :, window:window + length]
+        # the query blocks that straddle the slice's ends rank key blocks with all their queries:
+        # a block's halo of queries from the neighbours (not differentiated: only their ranking is used)
+        block = self.sparse.block
+        halo, _ = slices.with_halo(q.detach().transpose(1, 2).flatten(2), doc, block)
+        halo = halo.unflatten(2, (q.shape[1], -1)).transpose(1, 2)
+        queries = torch.cat([halo[:, :, :block], q, halo[:, :, -block:]], 2)
+        return self._sparse_attention(x, queries, start - block, start, whole_latent, whole_pe, whole_cos, whole_sin,
+                                      k, value, whole_doc, causal, local)
 
-    def _sparse_attention(self, x, q, k, v, latent, k_pe, cos, sin, doc, causal, local):
+    def _sparse_attention(self, x, queries, queries_from, start, latent, k_pe, cos, sin, k, v, doc, causal, local):
         """The compressed and selected branches, and with them `local` (the window's output),
-        mixed per head by gates read from the input."""
-        pattern, scale = self.sparse, self.softmax_scale
-        compressed, selected = v.new_zeros(v.shape), v.new_zeros(v.shape)
-        for row, start, count, doc_id in document_runs(doc):
-            if doc_id == PAD_DOC:
+        mixed per head by gates read from the input. The outputs are for positions [start,
+        start + L) of the rows (L = x's length); `queries` (B, H, M, D) are for positions
+        [queries_from, queries_from + M), reaching past the output's ends to whole blocks of
+        each document; latent, rotary key, cos, sin, k, v and doc cover the whole rows."""
+        pattern, scale, length = self.sparse, self.softmax_scale, x.shape[1]
+        compressed, selected = local.new_zeros(local.shape), local.new_zeros(local.shape)
+        for row, run_start, count, doc_id in document_runs(doc):
+            first, last = max(run_start, start), min(run_start + count, start + length)
+            if doc_id == PAD_DOC or first >= last:
                 continue
-            span = slice(start, start + count)
+            # the document's whole query blocks that hold this output's positions
+            block_from = (first - run_start) // pattern.block * pattern.block
+            block_to = min(count, -(-(last - run_start) // pattern.block) * pattern.block)
+            span = slice(run_start, run_start + count)
             compressed_k, compressed_v = self.compress(latent[row, span], k_pe[row, span], cos[row, span],
                                                        sin[row, span])
-            queries, keys, values = q[row, :, span], k[row, :, span], v[row, :, span]
-            compressed[row, :, span] = compressed_attention(queries, compressed_k, compressed_v, scale,
-                                                            pattern.block, causal)
+            q = queries[row, :, run_start + block_from - queries_from:run_start + block_to - queries_from]
+            keys, values = k[row, :, span], v[row, :, span]
+            out_c = compressed_attention(q, compressed_k, compressed_v, scale, pattern.block, causal, block_from)
             if not causal and compressed_k.shape[1] <= pattern.topk:   # every block is chosen: the whole document
-                selected[row, :, span] = _sdpa(queries[None], keys[None], values[None], scale)[0]
-                continue
-            chosen, allowed = choose_blocks(block_importance(queries, compressed_k, scale, pattern.block, causal),
-                                            pattern.topk, causal)
-            selected[row, :, span] = selected_attention(queries, keys, values, chosen, allowed, pattern.block, scale)
+                out_s = _sdpa(q[None], keys[None], values[None], scale)[0]
+            else:
+                importance = block_importance(q, compressed_k, scale, pattern.block, causal, block_from)
+                chosen, allowed = choose_blocks(importance, pattern.topk, causal, block_from // pattern.block)
+                out_s = selected_attention(q, keys, values, chosen, allowed, pattern.block, scale)
+            kept, out = slice(first - run_start - block_from, last - run_start - block_from), slice(first - start, last - start)
+            compressed[row, :, out], selected[row, :, out] = out_c[:, kept], out_s[:, kept]
         gates = torch.sigmoid(self.gates(x)).view(*x.shape[:2], self.n_heads, 3).permute(3, 0, 2, 1)[..., None]
         return gates[0] * compressed + gates[1] * selected + gates[2] * local
 

@@ -50,8 +50,13 @@ def _sliced(rank, world, port, window, sparse, results):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    import attention
+    queried = []   # the query positions each call of the compressed branch is given
+    compressed_attention = attention.compressed_attention
+    attention.compressed_attention = lambda q, *args: queried.append(q.shape[1]) or compressed_attention(q, *args)
     try:
         for causal in (False, True):
+            queried.clear()
             module = attention_module(sparse)
             x, upstream, positions, doc = inputs()
             size = LENGTH // world
@@ -64,7 +69,7 @@ def _sliced(rank, world, port, window, sparse, results):
             grads = {n: p.grad.clone() for n, p in module.named_parameters()}
             for grad in grads.values():   # each process's share of the parameters' gradient, summed
                 torch.distributed.all_reduce(grad)
-            results[(rank, causal)] = (out.detach(), x_slice.grad, grads)
+            results[(rank, causal)] = (out.detach(), x_slice.grad, grads, sum(queried))
     finally:
         torch.distributed.destroy_process_group()
 
@@ -73,7 +78,8 @@ def _sliced(rank, world, port, window, sparse, results):
 @pytest.mark.parametrize("window,sparse", [(WINDOW, None), (None, None), (WINDOW, SparsePattern(4, 2))],
                          ids=["window", "global", "sparse"])
 def test_attention_split_over_processes_equals_one_process(world, window, sparse):
-    """Bidirectional and causal; the sparse layer is computed whole on every process so far."""
+    """Bidirectional and causal. A sparse layer's process works on its own slice's queries and
+    at most a block either side (those of the blocks that straddle its ends)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -86,6 +92,8 @@ def test_attention_split_over_processes_equals_one_process(world, window, sparse
         torch.testing.assert_close(torch.cat([g[1] for g in got], 1), x_grad, rtol=1e-12, atol=1e-12)
         for name, grad in grads.items():
             torch.testing.assert_close(got[0][2][name], grad, rtol=1e-10, atol=1e-12, msg=f"{name}, causal {causal}")
+        if sparse:
+            assert 0 < max(g[3] for g in got) <= ROWS * (LENGTH // world + 2 * sparse.block)
 
 
 def test_a_slice_shorter_than_the_window_is_refused():
