@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from context_parallel import OUT_OF_RANGE, SequenceSlices
 
@@ -151,7 +152,18 @@ class SparsePattern:
 
 
 # Elements a chunk of work may hold (~256 MiB in fp32): long documents are processed in chunks.
-_CHUNK_ELEMENTS = 1 << 26
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def chunked_from(heads: int, block: int, topk: int, head_dim: int) -> int:
+    """The document length from which each of a sparse layer's chunked computations works in
+    whole chunks, so that its memory grows as a straight line in the length: the block ranking
+    (queries x heads x n / block scores) and the selected branch (query blocks x heads x k x b
+    x head dim gathered keys). (The causal compressed branch's chunks, n / block keys a query,
+    fill from sqrt(elements x block).)"""
+    ranking = math.isqrt(_CHUNK_ELEMENTS * block // heads) + 1
+    selected = (_CHUNK_ELEMENTS // (heads * topk * block * head_dim) + 1) * block
+    return max(ranking, selected)
 
 
 def pool_blocks(x: torch.Tensor, block: int, logits: torch.Tensor) -> torch.Tensor:
@@ -267,11 +279,19 @@ def selected_attention(q, k, v, chosen: torch.Tensor, allowed: torch.Tensor, blo
         if len(rows) == 0:
             continue
         picked = chosen[rows]                                                    # (r, k)
-        keys = k_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)              # (r, H, k * block, D)
-        values = v_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)
-        mask = (present[picked] & allowed[rows][..., None]).flatten(1)            # (r, k * block)
-        out[rows] = _sdpa(q_blocks[rows], keys, values, scale, None if full else mask[:, None, None])
+        mask = None if full else (present[picked] & allowed[rows][..., None]).flatten(1)[:, None, None]
+        args = (q_blocks[rows], k_blocks, v_blocks, picked, mask, scale)
+        # the gathered keys and values (k times the document's) are gathered again in backward, not kept
+        out[rows] = checkpoint(_attend_picked, *args, use_reentrant=False) if torch.is_grad_enabled() else \
+            _attend_picked(*args)
     return out.transpose(0, 1).flatten(1, 2)[:, :m]
+
+
+def _attend_picked(q_blocks, k_blocks, v_blocks, picked, mask, scale: float) -> torch.Tensor:
+    """Query blocks (r, H, b, D) over their picked key blocks (r, k) of k_blocks (n_blocks, H, b, D)."""
+    keys = k_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)              # (r, H, k * b, D)
+    values = v_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)
+    return _sdpa(q_blocks, keys, values, scale, mask)
 
 
 def _positions(t: torch.Tensor, span: slice, dim: int, fill=0) -> torch.Tensor:
@@ -367,7 +387,7 @@ class MultiHeadLatentAttention(nn.Module):
         slices: a window's reach either side for a window layer (the queries padded over that
         halo, whose outputs are dropped), every slice for a global or sparse layer (a sparse
         layer pools whole documents into blocks and may pick any block of them)."""
-        length, start = q.shape[2], slices.rank * q.shape[2]
+        length, start = q.shape[2], slices.start
         if window is not None and not self.sparse:
             keys_from, doc = slices.with_halo(torch.cat([latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0]], -1),
                                               doc, window)
@@ -375,9 +395,9 @@ class MultiHeadLatentAttention(nn.Module):
             out = local_attention(F.pad(q, (0, 0, window, window)), k.transpose(1, 2), value.transpose(1, 2), doc,
                                   self.softmax_scale, window, causal)
             return out[:, :, window:window + length]
-        whole_latent, whole_pe = slices.whole(torch.cat([latent, k_pe], -1), slices.world * length).split(
+        whole_latent, whole_pe = slices.whole(torch.cat([latent, k_pe], -1)).split(
             [self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        whole_cos, whole_sin, whole_doc = (slices.gather_ids(t).transpose(0, 1).flatten(1, 2) for t in (cos, sin, doc))
+        whole_cos, whole_sin, whole_doc = (slices.whole_ids(t) for t in (cos, sin, doc))
         k, value = self._heads(whole_latent, apply_rope(whole_pe[:, :, None], whole_cos, whole_sin)[:, :, 0])
         k, value = k.transpose(1, 2), value.transpose(1, 2)
         if window is None:

@@ -11,7 +11,8 @@ Plumbing only (torch.distributed, no model): attention.py asks for halos.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -40,31 +41,55 @@ class _GatherSlices(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class SequenceSlices:
-    """This process's slice of every row: positions [start, start + length) of each row, the
-    slices of the group's processes in rank order, each at least a halo long."""
+    """This process's slice of every row: the group's processes hold consecutive slices in rank
+    order, in proportion to their `shares` (equal without; a faster or larger card takes a
+    longer slice), each at least a halo long. `over(length)` fixes the rows' length."""
     group: object          # a torch.distributed process group (None: the default group)
     rank: int
     world: int
+    shares: tuple[int, ...] = ()
+    length: int = 0
 
-    def mine(self, tensor: torch.Tensor, fill=0) -> torch.Tensor:
-        """This process's slice of the rows (dim 1) of a tensor over whole rows, the rows padded
-        with `fill` to a multiple of the group's size."""
-        part = -(-tensor.shape[1] // self.world)
-        pad = part * self.world - tensor.shape[1]
-        if pad:
-            tensor = torch.cat([tensor, tensor.new_full((tensor.shape[0], pad, *tensor.shape[2:]), fill)], dim=1)
-        return tensor[:, self.rank * part:(self.rank + 1) * part]
+    def over(self, length: int) -> SequenceSlices:
+        return replace(self, length=length)
 
-    def whole(self, tensor: torch.Tensor, length: int) -> torch.Tensor:
-        """Every process's slice (B, part, ...) put back into whole rows of `length`, differentiable."""
-        return self.gather(tensor).transpose(0, 1).flatten(1, 2)[:, :length]
+    @property
+    def bounds(self) -> list[int]:
+        """Where each process's slice starts, and the rows' end: world + 1 positions."""
+        shares = self.shares or (1,) * self.world
+        total = sum(shares)
+        return [round(self.length * sum(shares[:i]) / total) for i in range(self.world + 1)]
+
+    @property
+    def start(self) -> int:
+        return self.bounds[self.rank]
+
+    def mine(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This process's slice of the rows (dim 1) of a tensor over whole rows."""
+        bounds = self.bounds
+        return tensor[:, bounds[self.rank]:bounds[self.rank + 1]]
+
+    def whole(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Every process's slice (B, its length, ...) put back into whole rows, differentiable."""
+        return self._joined(self.gather(self._padded(tensor)))
+
+    def whole_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every process's slice of ids (document ids, rotary tables: no gradient), whole rows."""
+        return self._joined(self.gather_ids(self._padded(ids)))
+
+    def _padded(self, tensor: torch.Tensor) -> torch.Tensor:   # to the longest slice: gathers need one size
+        longest = max(b - a for a, b in itertools.pairwise(self.bounds))
+        return torch.cat([tensor, tensor.new_zeros(tensor.shape[0], longest - tensor.shape[1], *tensor.shape[2:])], 1)
+
+    def _joined(self, parts: torch.Tensor) -> torch.Tensor:
+        return torch.cat([part[:, :b - a] for part, (a, b) in zip(parts, itertools.pairwise(self.bounds))], 1)
 
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """(world, *tensor.shape): every process's tensor, differentiable."""
         return _GatherSlices.apply(tensor, self.group)
 
     def gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
-        """(world, *ids.shape): every process's ids (document ids, positions: no gradient)."""
+        """(world, *ids.shape): every process's ids (no gradient)."""
         parts = [torch.empty_like(ids) for _ in range(self.world)]
         dist.all_gather(parts, ids.contiguous(), group=self.group)
         return torch.stack(parts)
@@ -74,9 +99,10 @@ class SequenceSlices:
         """values (B, L, C) and doc (B, L) of this slice -> both extended by `width` positions of
         the neighbouring slices on either side (B, width + L + width, ...); beyond the
         sequence's ends zeros with document OUT_OF_RANGE."""
-        if values.shape[1] < width:
-            raise ValueError(f"context parallelism: a slice of {values.shape[1]} positions is shorter than the "
-                             f"window's reach ({width}); use fewer processes per sequence or longer sequences")
+        shortest = min(b - a for a, b in itertools.pairwise(self.bounds))
+        if shortest < width:   # every process sees it (the bounds are alike), so all stop together
+            raise ValueError(f"context parallelism: a slice of {shortest} positions is shorter than the window's "
+                             f"reach ({width}); use fewer processes per sequence or longer sequences")
         edges = torch.cat([values[:, :width], values[:, -width:]], dim=1)          # (B, 2 width, C)
         all_edges = self.gather(edges)                                            # (world, B, 2 width, C)
         doc_edges = torch.cat([doc[:, :width], doc[:, -width:]], dim=1)

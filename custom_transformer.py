@@ -337,7 +337,8 @@ class CustomTransformer(nn.Module):
         cos, sin = rope_tables(grid.positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
         doc = grid.doc
         if slices is not None:
-            x, cos, sin, doc = slices.mine(x), slices.mine(cos), slices.mine(sin), slices.mine(doc, PAD_DOC)
+            slices = slices.over(grid.length)
+            x, cos, sin, doc = slices.mine(x), slices.mine(cos), slices.mine(sin), slices.mine(doc)
         checkpointed = self.cfg.activation_checkpointing and self.training
         offload = HostCheckpoints() if checkpointed and self.cfg.offload_checkpoints else contextlib.nullcontext()
         with offload:
@@ -348,7 +349,7 @@ class CustomTransformer(nn.Module):
                     x = block(x, cos, sin, doc, slices)
         self.offloaded = offload.moved if isinstance(offload, HostCheckpoints) else []
         x = self.norm(x)
-        return (x if slices is None else slices.whole(x, grid.length)).flatten(0, 1)
+        return (x if slices is None else slices.whole(x)).flatten(0, 1)
 
     def run(self, batch: Batch, masks: Masks, slices: SequenceSlices | None = None
             ) -> tuple[Layout, torch.Tensor, torch.Tensor, torch.Tensor]:

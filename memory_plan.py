@@ -9,18 +9,24 @@ The model: bytes = parameters x 16 (fp32 weights, gradients and AdamW's two mome
 configuration's width, with one layer of each kind at two lengths and two at the shorter,
 measure the per-position terms for each option: plain, the mini-sequence feed-forward
 (model.ffn_chunk), and with the checkpoints kept in host memory (model.offload_checkpoints: the
-per-layer term leaves the card). Without --cards the present
-GPUs are planned for, measured; with it, the cards are what-ifs in GiB and the probes run on
-this machine (a CPU measures fp32: on a card in fp16 the per-position terms about halve).
+per-layer term leaves the card). With context parallelism (N processes sharing each sequence,
+train.context_parallel) a process keeps and works on its slice, positions / N, and besides holds
+what a global or sparse layer gathers from every slice (and the whole rows' output for the
+heads): a term per position of the whole rows, measured by probes of one layer of each kind split
+over two processes. Without --cards the present GPUs are planned for, measured; with it, the
+cards are what-ifs in GiB and the probes run on this machine (a CPU measures fp32: on a card in
+fp16 the per-position terms about halve).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import subprocess
 import sys
-import tempfile
-from dataclasses import dataclass
+import os
+import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from config import DEFAULT_CONFIG, Config, load_config
@@ -34,51 +40,85 @@ GIB = 2 ** 30
 class MemoryModel:
     """Bytes a process needs beyond the weights' share: per position, what each layer keeps for
     backward, and the working set of the layer being computed, for the costliest kind of layer
-    in the pattern (a sparse layer's grows with the length: its compressed branch gives every
-    query n / block keys)."""
+    in the pattern."""
     kept_per_layer: float                       # bytes per position per layer
-    working: dict[str, tuple[float, float]]     # layer kind -> bytes per position: a + b x positions
+    working: dict[str, tuple[float, float]]     # layer kind -> its working set, a x positions + c bytes
+    # Context parallelism: layer kind -> bytes per position of the whole rows that a process of
+    # the group holds besides its slice's (a global or sparse layer gathers every slice's latent
+    # and expands it into per-head keys and values; a window layer only a halo)
+    whole: dict[str, float] = field(default_factory=dict)
 
-    def working_at(self, positions: int) -> float:
-        return max(a + b * positions for a, b in self.working.values())
+    def working_bytes(self, positions: int, sharing: int = 1) -> float:
+        """The costliest layer's working set on a process holding 1/sharing of each row."""
+        mine = -(-positions // sharing)
+        return max(max(0.0, a * mine + c) + (self.whole.get(kind, 0.0) * positions if sharing > 1 else 0.0)
+                   for kind, (a, c) in self.working.items())
 
-    def activations(self, layers: int, positions: int, offloaded: bool = False) -> float:
+    def activations(self, layers: int, positions: int, offloaded: bool = False, sharing: int = 1) -> float:
         kept = self.kept_per_layer * (1 if offloaded else layers)   # offloaded: one block's input comes back at a time
-        return positions * (kept + self.working_at(positions))
+        return -(-positions // sharing) * kept + self.working_bytes(positions, sharing)
 
 
 def fit(measured: dict[str, dict[tuple[int, int], tuple[float, float]]]) -> MemoryModel:
     """{layer kind: {(layers, positions): (peak bytes, bytes kept for backward)}} of probes with
     one layer at two lengths and two layers at the first -> the model's terms. What a layer
     keeps is the difference the second layer makes to what is kept (exact: counted, not a
-    peak); a kind's working set per position is the rest of the one-layer peaks, a straight
-    line through the two lengths where it rises."""
+    peak); a kind's working set is the rest of the one-layer peaks, a straight line through the
+    two lengths. (Every branch's working set is linear in the length: long documents are
+    processed in chunks of bounded size. Measured per position it rises towards the line's
+    slope from below where fixed costs are negative, and falls towards it from above where
+    they are positive: extrapolated as a share per position, either runs away.)"""
     kept = []
-    working = {}
+    lines = {}
     for kind, probes in measured.items():
         (short, long_) = sorted(n for layers, n in probes if layers == 1)
         kept.append((probes[(2, short)][1] - probes[(1, short)][1]) / short)
-        per_position = {n: probes[(1, n)][0] / n for n in (short, long_)}
-        # A share that falls with length (fixed costs spread out) is held at the longer probe's:
-        # the plan may overestimate, never promise a fit it does not measure.
-        slope = max(0.0, (per_position[long_] - per_position[short]) / (long_ - short))
-        working[kind] = (per_position[long_] - slope * long_, slope)
+        slope = (probes[(1, long_)][0] - probes[(1, short)][0]) / (long_ - short)
+        lines[kind] = (slope, probes[(1, short)][0] - slope * short)
     kept_per_layer = max(kept)
-    return MemoryModel(kept_per_layer, {kind: (a - kept_per_layer, b) for kind, (a, b) in working.items()})
+    return MemoryModel(kept_per_layer, {kind: (a - kept_per_layer, c) for kind, (a, c) in lines.items()})
+
+
+def fit_whole(model: MemoryModel, measured: dict[str, dict[tuple[int, int], tuple[float, float]]],
+              sharing: int) -> MemoryModel:
+    """The model with its whole-row terms, from probes of one layer of each kind split over
+    `sharing` processes ({kind: {(1, positions): (the largest process's peak, kept)}}): what a
+    process holds beyond the model's prediction for its slice, per position of the whole rows."""
+    whole = {}
+    for kind, probes in measured.items():
+        (_, positions), = probes
+        mine = -(-positions // sharing)
+        a, c = model.working[kind]
+        slice_only = mine * (model.kept_per_layer + a) + c
+        whole[kind] = max(0.0, (probes[(1, positions)][0] - slice_only) / positions)
+    return MemoryModel(model.kept_per_layer, model.working, whole)
 
 
 def probe(overrides: list[str], preset: str | None, config_path: str, option: list[str],
-          shapes: list[tuple[int, int]]) -> dict[tuple[int, int], float]:
+          shapes: list[tuple[int, int]], sharing: int = 1) -> dict[tuple[int, int], float]:
     """{(layers, positions): (peak bytes above the weights and inputs of a forward+backward of
     one sequence, bytes autograd kept for backward)}, measured in a fresh process (torch's peak
     allocation on a GPU, the profiler's timeline of tensor memory on a CPU), gradients left out
-    (counted per parameter)."""
-    spec = {"overrides": [*overrides, *option], "preset": preset, "config": config_path, "shapes": shapes}
+    (counted per parameter). With `sharing` > 1: that many processes each hold a slice of the
+    sequence (context parallelism, gloo; on a CPU unless there are that many GPUs); the largest
+    process's figures."""
+    spec = {"overrides": [*overrides, *option], "preset": preset, "config": config_path, "shapes": shapes,
+            "sharing": sharing}
     command = [sys.executable, str(Path(__file__).resolve().parent / "memory_plan.py"), "--probe", json.dumps(spec)]
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
-    return {tuple(shape): tuple(values) for shape, values in json.loads(proc.stdout.strip().splitlines()[-1])}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(sharing)})
+             for rank in range(sharing)]
+    outputs = [proc.communicate(timeout=3600) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory probe failed: {(err or out).strip().splitlines()[-1:]}")
+    per_process = [{tuple(shape): tuple(values) for shape, values in json.loads(out.strip().splitlines()[-1])}
+                   for out, _ in outputs]
+    return {shape: max(p[shape] for p in per_process) for shape in per_process[0]}
 
 
 def _probe_main(spec: dict) -> list:
@@ -86,13 +126,19 @@ def _probe_main(spec: dict) -> list:
 
     from custom_transformer import CustomTransformer
     from packing import SequenceLayout
-    from parallel import choose_device
+    from parallel import choose_device, init_distributed
     from planning import probe_inputs
     measured = []
+    sharing = spec["sharing"]
+    if sharing > 1 and torch.cuda.device_count() < sharing:
+        spec["overrides"].append("train.device=cpu")
+    slices = None
     for layers, positions in spec["shapes"]:
         cfg = load_config(spec["config"], [*spec["overrides"], f"model.n_layers={layers}",
                                            f"data.max_seq_len={positions}"], spec["preset"])
-        device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision)
+        if sharing > 1 and slices is None:
+            slices = init_distributed(cfg.train.device, sharing).context
+        device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision, int(os.environ["LOCAL_RANK"]))
         torch.manual_seed(0)
         model = CustomTransformer(cfg.model).to(device)
         batch, masks = probe_inputs(SequenceLayout(positions, cfg.model.frames_per_position), cfg.model, 1)
@@ -107,7 +153,7 @@ def _probe_main(spec: dict) -> list:
         def step():
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype != torch.float32):
                 with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
-                    loss, _ = model(batch, masks)
+                    loss, _ = model(batch, masks, slices=slices)
             loss.backward()
 
         if device.type == "cuda":
@@ -115,17 +161,23 @@ def _probe_main(spec: dict) -> list:
             before = torch.cuda.memory_allocated(device)
             step()
             used = torch.cuda.max_memory_allocated(device) - before
-        else:   # the profiler's timeline of tensor memory: exact, where a process's RSS depends on its allocator
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
-                                        record_shapes=True, with_stack=True) as profiler:
+        else:   # the profiler's record of every allocation and free: exact, where a process's RSS depends on its allocator
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profiler:
                 step()
-            with tempfile.TemporaryDirectory() as folder:
-                profiler.export_memory_timeline(f"{folder}/timeline.raw.json", device="cpu")
-                _, sizes = json.loads(Path(f"{folder}/timeline.raw.json").read_text())
-            used = max(sum(size) for size in sizes) - sum(sizes[0])
+            used = max(itertools.accumulate(size for _, size in sorted(_allocations(
+                profiler.profiler.kineto_results.experimental_event_tree()))))
         gradients = sum(p.numel() * p.element_size() for p in model.parameters())
         measured.append([[layers, positions], [used - gradients, sum(kept.values())]])
     return measured
+
+
+def _allocations(events):
+    """(time, bytes allocated (+) or freed (-)) of every allocation event in a profiler's event tree."""
+    from torch._C._profiler import _EventType
+    for event in events:
+        if event.tag == _EventType.Allocation:
+            yield event.start_time_ns, event.extra_fields.alloc_size
+        yield from _allocations(event.children)
 
 
 OPTIONS = {   # name -> the settings it adds
@@ -137,9 +189,16 @@ OPTIONS = {   # name -> the settings it adds
 
 def probe_lengths(cfg: Config) -> tuple[int, int]:
     """Two lengths past the shapes' thresholds (a sparse layer selects every block of a sequence
-    shorter than top-k blocks; a window reaches past a short one), where each kind of layer's
-    memory per position has settled into its trend."""
-    short = max(2048, 2 * cfg.model.sparse_topk * cfg.model.sparse_block, 4 * cfg.model.window)
+    shorter than top-k blocks; a window reaches past a short one) and past the sparse layer's
+    chunk sizes, where each kind of layer's memory has settled into a straight line (at `base`
+    width a sparse layer's share per position measured 254, 176, 157 and 156 KB at 2k, 4k, 8k
+    and 16k positions: its block ranking fills its chunks at 9.5k)."""
+    from attention import chunked_from
+    m = cfg.model
+    short = max(2048, 2 * m.sparse_topk * m.sparse_block, 4 * m.window)
+    if "S" in m.layer_pattern:
+        short = max(short, chunked_from(m.n_heads, m.sparse_block, m.sparse_topk, m.qk_nope_head_dim + m.qk_rope_head_dim))
+    short = -(-short // 1024) * 1024
     return short, 2 * short
 
 
@@ -152,30 +211,40 @@ def parameters_of(cfg: Config) -> int:
 
 
 def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str, cards_gib: list[float],
-         say=print) -> dict[str, float]:
-    """-> GiB per process for each option at the configuration's length; says which fit which cards."""
+         say=print, sharing: int = 1) -> dict[str, float]:
+    """-> GiB per process for each option at the configuration's length (with `sharing` > 1 also
+    each option with that many processes sharing every sequence: train.context_parallel); says
+    which fit which cards."""
     positions, layers = cfg.data.max_seq_len, cfg.model.n_layers
     checkpointing = ["model.activation_checkpointing=true"]
     weights = parameters_of(cfg) * BYTES_PER_PARAMETER
     needs, models = {}, {}
     short, long_ = probe_lengths(cfg)
+    kinds = sorted(set(cfg.model.layer_pattern))
     for name, option in OPTIONS.items():
         measured_option = tuple(checkpointing + [o for o in option if "offload" not in o])   # a CPU moves nothing
         if measured_option not in models:
             models[measured_option] = fit({kind: probe(overrides, preset, config_path,
                                                        [*measured_option, f"model.layer_pattern={kind}"],
                                                        [(1, short), (2, short), (1, long_)])
-                                           for kind in sorted(set(cfg.model.layer_pattern))})
-        model = models[measured_option]
-        needs[name] = (weights + cfg.data.batch_size * model.activations(layers, positions, "offload" in name)) / GIB
-        say(f"{name:<26} {needs[name]:>8.1f} GiB   (kept {model.kept_per_layer / 1e3:.1f} KB a position and layer, "
-            f"working set {model.working_at(positions) / 1e3:.1f} KB a position)")
+                                           for kind in kinds})
+            if sharing > 1:
+                models[measured_option] = fit_whole(models[measured_option], {
+                    kind: probe(overrides, preset, config_path, [*measured_option, f"model.layer_pattern={kind}"],
+                                [(1, long_)], sharing=2) for kind in kinds}, 2)
+        models[name] = models[measured_option]
+    for split in sorted({1, sharing}):   # one card per sequence preferred: in that order
+        for name in OPTIONS:
+            model, label = models[name], name if split == 1 else f"{name}, context parallel x{split}"
+            needs[label] = (weights + cfg.data.batch_size * model.activations(layers, positions, "offload" in name,
+                                                                               split)) / GIB
+            say(f"{label:<46} {needs[label]:>7.1f} GiB   (kept {model.kept_per_layer / 1e3:.1f} KB a position and "
+                f"layer, working set {model.working_bytes(positions, split) / GIB:.2f} GiB)")
     for card in sorted(set(cards_gib), reverse=True):
         fitting = [name for name, gib in needs.items() if gib <= card * 0.9]   # a tenth left for the allocator
         say(f"a {card:g} GiB card: " + (f"fits with {fitting[0]}" if fitting else
-                                        "fits with none of these: a shorter data.max_seq_len, or several cards "
-                                        "sharing each sequence (train.context_parallel; its sparse layers are "
-                                        "still computed whole on every card, so they do not shrink)"))
+                                        "fits with none of these: a shorter data.max_seq_len, or more cards "
+                                        "sharing each sequence (--context-parallel N)"))
     return needs
 
 
@@ -196,6 +265,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--preset")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--cards", help="card memory in GiB, comma-separated (default: the GPUs present)")
+    parser.add_argument("--context-parallel", type=int, metavar="N",
+                        help="plan also for N processes sharing each sequence (default: the number of cards)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set, args.preset)
     if args.cards:
@@ -208,7 +279,7 @@ def main(argv: list[str]) -> int:
     print(f"plan for {cfg.data.max_seq_len:,} positions, batch {cfg.data.batch_size}, {cfg.model.n_layers} layers of "
           f"width {cfg.model.d_model}: memory per process (probe steps of 1-2 layers of each kind at "
           f"{' and '.join(map(str, probe_lengths(cfg)))} positions on this machine, {describe_probe_device(cfg)})")
-    plan(cfg, args.set, args.preset, args.config, cards)
+    plan(cfg, args.set, args.preset, args.config, cards, sharing=args.context_parallel or max(1, len(cards)))
     return 0
 
 

@@ -46,7 +46,7 @@ def whole(causal, window, sparse):
     return out.detach(), x.grad, {n: p.grad for n, p in module.named_parameters()}
 
 
-def _sliced(rank, world, port, window, sparse, results):
+def _sliced(rank, world, shares, port, window, sparse, results):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
@@ -59,13 +59,11 @@ def _sliced(rank, world, port, window, sparse, results):
             queried.clear()
             module = attention_module(sparse)
             x, upstream, positions, doc = inputs()
-            size = LENGTH // world
-            part = slice(rank * size, (rank + 1) * size)
-            x_slice = x[:, part].clone().requires_grad_(True)
-            cos, sin = rope_tables(positions[:, part], 4, 10000.0)
-            out = module(x_slice, cos.double(), sin.double(), doc[:, part], window, causal,
-                         SequenceSlices(None, rank, world))
-            (out * upstream[:, part]).sum().backward()
+            slices = SequenceSlices(None, rank, world, shares).over(LENGTH)
+            x_slice = slices.mine(x).clone().requires_grad_(True)
+            cos, sin = rope_tables(slices.mine(positions), 4, 10000.0)
+            out = module(x_slice, cos.double(), sin.double(), slices.mine(doc), window, causal, slices)
+            (out * slices.mine(upstream)).sum().backward()
             grads = {n: p.grad.clone() for n, p in module.named_parameters()}
             for grad in grads.values():   # each process's share of the parameters' gradient, summed
                 torch.distributed.all_reduce(grad)
@@ -74,17 +72,18 @@ def _sliced(rank, world, port, window, sparse, results):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world,shares", [(2, ()), (4, ()), (4, (1, 2, 3, 2))], ids=["2", "4", "4-unequal"])
 @pytest.mark.parametrize("window,sparse", [(WINDOW, None), (None, None), (WINDOW, SparsePattern(4, 2))],
                          ids=["window", "global", "sparse"])
-def test_attention_split_over_processes_equals_one_process(world, window, sparse):
-    """Bidirectional and causal. A sparse layer's process works on its own slice's queries and
-    at most a block either side (those of the blocks that straddle its ends)."""
+def test_attention_split_over_processes_equals_one_process(world, shares, window, sparse):
+    """Bidirectional and causal; equal slices, and slices of 6, 12, 18 and 12 positions. A
+    sparse layer's process works on its own slice's queries and at most a block either side
+    (those of the blocks that straddle its ends)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_sliced, args=(world, port, window, sparse, results), nprocs=world)
+    mp.spawn(_sliced, args=(world, shares, port, window, sparse, results), nprocs=world)
     for causal in (False, True):
         out, x_grad, grads = whole(causal, window, sparse)
         got = [results[(r, causal)] for r in range(world)]
@@ -93,11 +92,13 @@ def test_attention_split_over_processes_equals_one_process(world, window, sparse
         for name, grad in grads.items():
             torch.testing.assert_close(got[0][2][name], grad, rtol=1e-10, atol=1e-12, msg=f"{name}, causal {causal}")
         if sparse:
-            assert 0 < max(g[3] for g in got) <= ROWS * (LENGTH // world + 2 * sparse.block)
+            for rank, g in enumerate(got):
+                slices = SequenceSlices(None, rank, world, shares).over(LENGTH)
+                assert 0 < g[3] <= ROWS * (slices.bounds[rank + 1] - slices.start + 2 * sparse.block)
 
 
 def test_a_slice_shorter_than_the_window_is_refused():
-    slices = SequenceSlices(None, 0, 2)
+    slices = SequenceSlices(None, 0, 2).over(6)
     with pytest.raises(ValueError, match="shorter than the window's reach"):
         slices.with_halo(torch.zeros(1, 3, 4), torch.zeros(1, 3, dtype=torch.long), 5)
 
@@ -110,7 +111,7 @@ MODEL = dict(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_di
 
 def model_step(slices=None, checkpointed=False):
     """A float64 forward and backward of the whole model on packed documents (rows of 30 and 32
-    positions: the last slice padded); -> loss, parameter gradients (summed over the group)."""
+    positions); -> loss, parameter gradients (summed over the group)."""
     import dataclasses
 
     from config import ModelConfig
@@ -133,25 +134,25 @@ def model_step(slices=None, checkpointed=False):
     return loss.detach(), grads
 
 
-def _sliced_model(rank, world, port, checkpointed, results):
+def _sliced_model(rank, world, shares, port, checkpointed, results):
     import os
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        results[rank] = model_step(SequenceSlices(None, rank, world), checkpointed)
+        results[rank] = model_step(SequenceSlices(None, rank, world, shares), checkpointed)
     finally:
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,checkpointed", [(2, False), (4, True)])
-def test_the_model_split_over_processes_equals_one_process(world, checkpointed):
+@pytest.mark.parametrize("world,shares,checkpointed", [(2, (), False), (4, (), True), (2, (1, 3), True)])
+def test_the_model_split_over_processes_equals_one_process(world, shares, checkpointed):
     """Window, global and sparse layers, documents across slice boundaries, the loss's every term
     and the label heads' segment statistics over the whole rows."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    mp.spawn(_sliced_model, args=(world, port, checkpointed, results), nprocs=world)
+    mp.spawn(_sliced_model, args=(world, shares, port, checkpointed, results), nprocs=world)
     loss, grads = model_step()
     for rank in range(world):
         torch.testing.assert_close(results[rank][0], loss, rtol=1e-12, atol=1e-12)

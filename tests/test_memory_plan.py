@@ -1,28 +1,46 @@
 """The memory plan: its cost model recovers known terms, predicts a probe it was not fitted on
-within 10%, and says which option fits which card."""
+within a fifth (never under), and says which option fits which card."""
 import memory_plan
 import model_trainer
 from config import DEFAULT_CONFIG, load_config
 
 def test_fit_recovers_the_per_position_terms():
-    """A window layer's working set constant per position, a sparse layer's growing with length."""
+    """A window layer's working set with negative fixed costs (its share per position rises with
+    length), a sparse layer's with positive ones (its share falls): both straight lines."""
     kept = 3000.0
-    working = {"L": (50000.0, 0.0), "S": (20000.0, 4.0)}
-    measured = {kind: {(layers, n): (n * (layers * kept + a + b * n), n * (layers * kept + 700.0))
+    working = {"L": (50000.0, -2e7), "S": (60000.0, 3e8)}
+    measured = {kind: {(layers, n): (n * layers * kept + a * n + c, n * (layers * kept + 700.0))
                        for layers, n in ((1, 2048), (2, 2048), (1, 4096))}
-                for kind, (a, b) in working.items()}
+                for kind, (a, c) in working.items()}
     model = memory_plan.fit(measured)
     assert abs(model.kept_per_layer - kept) < 1e-6
-    for kind, (a, b) in working.items():
-        assert abs(model.working[kind][0] - a) < 1e-6 and abs(model.working[kind][1] - b) < 1e-9
-    assert abs(model.working_at(1000) - 50000.0) < 1e-6 and abs(model.working_at(10000) - 60000.0) < 1e-6
-    assert abs(model.activations(12, 1000) - 1000 * (12 * kept + 50000.0)) < 1e-3
-    assert abs(model.activations(12, 1000, offloaded=True) - 1000 * (kept + 50000.0)) < 1e-3
+    for kind, (a, c) in working.items():
+        assert abs(model.working[kind][0] - a) < 1e-6 and abs(model.working[kind][1] - c) < 1e-3
+    assert abs(model.working_bytes(1000) - (60000.0 * 1000 + 3e8)) < 1e-3
+    assert abs(model.activations(12, 10000) - (10000 * 12 * kept + 60000.0 * 10000 + 3e8)) < 1e-3
+    assert abs(model.activations(12, 10000, offloaded=True) - (10000 * kept + 60000.0 * 10000 + 3e8)) < 1e-3
 
 
-def test_the_fitted_model_predicts_a_longer_deeper_probe_within_a_tenth():
-    """Fitted on one and two layers of each kind at the plan's probe lengths (2,048 and 4,096
-    for `tiny`), checked on its pattern's four layers (L, S, L, S) at 16,384 positions, measured."""
+def test_fit_whole_finds_what_a_sharing_process_holds_of_the_whole_rows():
+    """Split over 2 processes a window layer holds 100 bytes a position of the whole rows besides
+    its slice's, a sparse one 900; over 4 the slice halves again, the whole-row term does not."""
+    kept, working, whole = 3000.0, {"L": (50000.0, -2e7), "S": (50000.0, 3e8)}, {"L": 100.0, "S": 900.0}
+    model = memory_plan.MemoryModel(kept, working)
+    measured = {kind: {(1, 4096): (2048 * (kept + a) + c + whole[kind] * 4096, 0.0)} for kind, (a, c) in working.items()}
+    shared = memory_plan.fit_whole(model, measured, 2)
+    assert all(abs(shared.whole[kind] - whole[kind]) < 1e-6 for kind in whole)
+    mine = 65536 // 4
+    expected = mine * 12 * kept + max(mine * a + c + whole[kind] * 65536 for kind, (a, c) in working.items())
+    assert abs(shared.activations(12, 65536, sharing=4) - expected) < 1e-3
+    assert shared.activations(12, 65536) == model.activations(12, 65536)   # one process: no whole-row term
+
+
+def test_the_fitted_model_bounds_a_longer_deeper_probe_closely():
+    """Fitted on one and two layers of each kind at the plan's probe lengths (23,552 and 47,104
+    for `tiny`; the whole-row terms on one layer split over 2 processes), checked on its
+    pattern's four layers (L, S, L, S) at 65,536 positions, measured: on one process, and on
+    the largest of 4 sharing the sequence. Never under (a plan must not promise a fit it does
+    not measure), at most a fifth over (`tiny`'s fixed costs are a large share: measured 1.15x)."""
     config = str(DEFAULT_CONFIG)
     options = ["model.activation_checkpointing=true"]
     short, long_ = memory_plan.probe_lengths(load_config(config, [], "tiny"))
@@ -30,23 +48,31 @@ def test_the_fitted_model_predicts_a_longer_deeper_probe_within_a_tenth():
                                         [(1, short), (2, short), (1, long_)]) for kind in "LS"}
     for probes in measured.values():
         assert all(peak > kept > 0 for peak, kept in probes.values()) and probes[(1, long_)] > probes[(1, short)]
-    predicted = memory_plan.fit(measured).activations(4, 16384)
-    (actual, _), = memory_plan.probe([], "tiny", config, [*options, "model.n_layers=4"], [(4, 16384)]).values()
-    assert abs(predicted - actual) <= 0.1 * actual, (predicted, actual)
+    model = memory_plan.fit(measured)
+    predicted = model.activations(4, 65536)
+    (actual, _), = memory_plan.probe([], "tiny", config, [*options, "model.n_layers=4"], [(4, 65536)]).values()
+    assert actual <= predicted <= 1.2 * actual, (predicted, actual)
+    shared = memory_plan.fit_whole(model, {kind: memory_plan.probe(
+        [], "tiny", config, [*options, f"model.layer_pattern={kind}"], [(1, long_)], sharing=2) for kind in "LS"}, 2)
+    predicted = shared.activations(4, 65536, sharing=4)
+    (actual, _), = memory_plan.probe([], "tiny", config, [*options, "model.n_layers=4"], [(4, 65536)],
+                                     sharing=4).values()
+    assert actual <= predicted <= 1.2 * actual, (predicted, actual)
+    assert actual < 0.7 * model.activations(4, 65536)   # sharing the sequence saves memory
 
 
 def test_plan_names_the_option_that_fits_each_card(monkeypatch):
     """With probes that follow a known model: kept 10 KB and working 100 KB a position and layer,
     mini-sequence 60 KB of working set."""
-    def probe(overrides, preset, config, option, shapes):
+    def probe(overrides, preset, config, option, shapes, sharing=1):
         working = 60e3 if any("ffn_chunk" in o for o in option) else 100e3
-        return {(layers, positions): (positions * (layers * 10e3 + working), positions * layers * 10e3)
-                for layers, positions in shapes}
+        return {(layers, positions): (positions / sharing * (layers * 10e3 + working) + (sharing > 1) * 5e3 * positions,
+                                      positions * layers * 10e3) for layers, positions in shapes}
 
     monkeypatch.setattr(memory_plan, "probe", probe)
     cfg = load_config(str(DEFAULT_CONFIG), ["data.max_seq_len=65536", "data.batch_size=1"], "base")
     said = []
-    needs = memory_plan.plan(cfg, [], "base", str(DEFAULT_CONFIG), [24, 8, 2], said.append)
+    needs = memory_plan.plan(cfg, [], "base", str(DEFAULT_CONFIG), [24, 8, 3, 2], said.append, sharing=8)
     weights = memory_plan.parameters_of(cfg) * memory_plan.BYTES_PER_PARAMETER
     gib = memory_plan.GIB
     assert abs(needs["plain"] - (weights + 65536 * (12 * 10e3 + 100e3)) / gib) < 1e-9
@@ -54,6 +80,8 @@ def test_plan_names_the_option_that_fits_each_card(monkeypatch):
     lines = "\n".join(said)
     assert "a 24 GiB card: fits with plain" in lines          # 15.1 GiB
     assert "a 8 GiB card: fits with mini-sequence + offload" in lines   # 5.8 GiB
+    assert abs(needs["plain, context parallel x8"] - (weights + 8192 * (12 * 10e3 + 100e3) + 65536 * 5e3) / gib) < 1e-9
+    assert "a 3 GiB card: fits with mini-sequence + offload, context parallel x8" in lines   # 2.3 GiB
     assert "a 2 GiB card: fits with none of these" in lines
 
 
