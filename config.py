@@ -141,7 +141,9 @@ class TrainConfig:
     # Work per process under torchrun, one whole number each (e.g. [3, 3, 1, 1, 1, 1, 1, 1] for two
     # fast and six slow cards): a process with share k accumulates k times the batches of share 1
     # and reads that share of the data. Empty: equal; "auto": measured at start (DDP). Losses
-    # average over the whole step exactly either way.
+    # average over the whole step exactly either way. With context_parallel > 1 a share is the
+    # length of the process's slice of its group's sequences ("auto": in proportion to each
+    # card's speed on a slice, and its free memory, measured at start; kept for the run).
     rank_shares: list | str = dataclasses.field(default_factory=list)
     # With rank_shares=auto: every this many steps the processes compare their measured compute
     # (waits for each other left out) and, where a new plan evens it out by 10% or more, take it
@@ -183,9 +185,8 @@ class TrainConfig:
                              "does not allow: give the shares by hand with train.parallel=fsdp")
         if self.context_parallel < 1:
             raise ValueError("train.context_parallel must be at least 1 (1: off)")
-        if self.context_parallel > 1 and (self.parallel == "fsdp" or self.rank_shares):
-            raise ValueError("train.context_parallel works with train.parallel=ddp and equal shares (rank_shares []) "
-                             "so far")
+        if self.context_parallel > 1 and self.parallel == "fsdp":
+            raise ValueError("train.context_parallel works with train.parallel=ddp so far")
         if self.grad_compression not in ("none", "fp16", "bf16", "powersgd"):
             raise ValueError(f"train.grad_compression={self.grad_compression!r}: use none, fp16, bf16 or powersgd")
         if self.on_checkpoint_error not in ("stop", "continue"):

@@ -50,8 +50,11 @@ class SequenceSlices:
     shares: tuple[int, ...] = ()
     length: int = 0
 
-    def over(self, length: int) -> SequenceSlices:
-        return replace(self, length=length)
+    def over(self, length: int, reach: int = 0) -> SequenceSlices:
+        """Slices of rows of `length` positions, or of the shortest rows whose every slice is at
+        least `reach` long where those are short (the caller pads its rows to `.length`)."""
+        shares = self.shares or (1,) * self.world
+        return replace(self, length=max(length, -(-(reach + 1) * sum(shares) // min(shares))))
 
     @property
     def bounds(self) -> list[int]:

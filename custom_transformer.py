@@ -336,8 +336,11 @@ class CustomTransformer(nn.Module):
         output put back together on every process)."""
         cos, sin = rope_tables(grid.positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
         doc = grid.doc
-        if slices is not None:
-            slices = slices.over(grid.length)
+        if slices is not None:   # rows too short for every slice to hold a window's reach are padded
+            slices = slices.over(grid.length, max(self.cfg.window, self.cfg.sparse_block))
+            pad = slices.length - grid.length
+            x, cos, sin = (F.pad(t, (0, 0, 0, pad)) for t in (x, cos, sin))
+            doc = F.pad(doc, (0, pad), value=PAD_DOC)
             x, cos, sin, doc = slices.mine(x), slices.mine(cos), slices.mine(sin), slices.mine(doc)
         checkpointed = self.cfg.activation_checkpointing and self.training
         offload = HostCheckpoints() if checkpointed and self.cfg.offload_checkpoints else contextlib.nullcontext()
@@ -349,7 +352,7 @@ class CustomTransformer(nn.Module):
                     x = block(x, cos, sin, doc, slices)
         self.offloaded = offload.moved if isinstance(offload, HostCheckpoints) else []
         x = self.norm(x)
-        return (x if slices is None else slices.whole(x)).flatten(0, 1)
+        return (x if slices is None else slices.whole(x)[:, :grid.length]).flatten(0, 1)
 
     def run(self, batch: Batch, masks: Masks, slices: SequenceSlices | None = None
             ) -> tuple[Layout, torch.Tensor, torch.Tensor, torch.Tensor]:

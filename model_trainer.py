@@ -51,7 +51,8 @@ from flight_client import Connection
 from flight_server import SampleFlightServer
 from parallel import (_HELD_UNTIL_EXIT, Ranks, all_ranks, autocast, barrier, choose_device, clock, describe_device,
                       distribute, dtype_name, from_rank0, gradient_sync, init_distributed, peak_flops, set_cpu_threads, unwrapped)
-from planning import compute_seconds, faster_precision, fixed_backward, needs_precision_probe, plan_work
+from planning import (compute_seconds, context_shares, faster_precision, fixed_backward, needs_precision_probe,
+                      plan_work)
 from step_feed import Interrupted, Step, StepFeed, StepResult
 from training_run import Enrolled, Meter, Run, TrainingHalted, describe_run, finish_label_heads, open_run
 
@@ -298,6 +299,12 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
     # Uneven work per rank (train.rank_shares): by hand, or measured on every card and kept even
     # by the rebalancer.
     per_step, batch_sizes, rebalancer = plan_work(cfg, ranks, model, device, amp_dtype, run.say)
+    if ranks.context:   # each process's slice of its group's sequences: by hand, measured, or equal
+        ranks = dataclasses.replace(ranks, context=dataclasses.replace(
+            ranks.context, shares=context_shares(cfg, ranks, model, device, amp_dtype, run.say)))
+        bounds = ranks.context.over(cfg.data.max_seq_len).bounds
+        run.say(f"context parallel: {ranks.sharing} processes share each sequence, slices of "
+                + ", ".join(str(b - a) for a, b in zip(bounds, bounds[1:])) + " positions of a full one")
     dataset.set_work(per_step, batch_sizes)
     feed = StepFeed(dataset, cfg, ranks, lambda: bool(stop_requested))
     trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression,

@@ -194,6 +194,8 @@ def plan_work(cfg: Config, ranks: Ranks, model: torch.nn.Module, device: torch.d
     the Rebalancer that keeps them even. Shares given by hand are taken as they are; "auto" finds
     every card's largest micro-batch (at most data.batch_size) and its speed at that size, each
     card alone before DDP hooks its gradients, and deals the step's sequences by speed."""
+    if ranks.context:   # the shares are the slices' lengths (context_shares); the groups' work is equal
+        return (*rank_work(cfg, ranks.data_world, [1] * ranks.data_world), None)
     if cfg.train.rank_shares != "auto":
         return (*rank_work(cfg, ranks.data_world), None)
     layout = SequenceLayout(cfg.data.max_seq_len, cfg.model.frames_per_position)
@@ -207,3 +209,32 @@ def plan_work(cfg: Config, ranks: Ranks, model: torch.nn.Module, device: torch.d
     say("measured per process: " + ", ".join(f"{speed:,.0f} positions/s at {m} sequence(s)" for m, speed in measured)
         + f" -> batches {per_step} of {batch_sizes} sequences")
     return per_step, batch_sizes, Rebalancer(most_sequences, total, cfg.train.rebalance_every)
+
+
+def context_shares(cfg: Config, ranks: Ranks, model: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype,
+                   say) -> tuple[int, ...]:
+    """Under context parallelism: the length of each slice of this process's group, as shares
+    (SequenceSlices.shares). By hand: train.rank_shares of the group's processes. "auto": each
+    card measured alone on one sequence of a slice's length; a card's share is the smaller of its
+    part of the group's speed and of its free memory (a CPU: speed alone), so that a card
+    neither waits for the others nor runs out first. Equal without shares."""
+    first = ranks.rank - ranks.context.rank
+    if cfg.train.rank_shares == "auto":
+        layout = SequenceLayout(max(1, cfg.data.max_seq_len // ranks.sharing), cfg.model.frames_per_position)
+        probe, masks = probe_inputs(layout, cfg.model, 1, cfg.train.seed)
+        speed = measure_speed(model, probe, masks, device, amp_dtype)
+        memory = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1.0
+        measured = all_ranks((speed, memory))[first:first + ranks.sharing]
+        speeds, memories = [s for s, _ in measured], [m for _, m in measured]
+        parts = [min(s / sum(speeds), m / sum(memories)) for s, m in zip(speeds, memories)]
+        shares = tuple(max(1, round(100 * part / max(parts))) for part in parts)
+        say("measured per process of a group: " + ", ".join(f"{s:,.0f} positions/s" for s in speeds)
+            + (", free memory " + ", ".join(f"{m / 2**30:.1f} GiB" for m in memories) if device.type == "cuda" else "")
+            + f" -> slices in shares {list(shares)}")
+        return shares
+    if not cfg.train.rank_shares:
+        return ()
+    if len(cfg.train.rank_shares) != ranks.world:
+        raise ValueError(f"train.rank_shares has {len(cfg.train.rank_shares)} entries for {ranks.world} process(es): "
+                         "give one per process (with context_parallel: its slice's share of the group's sequences)")
+    return tuple(cfg.train.rank_shares[first:first + ranks.sharing])

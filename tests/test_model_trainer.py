@@ -30,7 +30,7 @@ import schema
 import step_feed
 import training_run
 from checkpoint import load_checkpoint
-from config import ModelConfig
+from config import ModelConfig, load_config
 from custom_transformer import CustomTransformer, sample_masks
 from flight_server import SampleFlightServer
 from parallel import Ranks
@@ -299,8 +299,9 @@ def probed(probe_dir, rank):
 
 
 def test_context_parallel_processes_train_as_one_process_on_the_same_sequences(corpus, tmp_path):
-    """train.context_parallel=2: two processes share every sequence, a slice each; their run is
-    one process's run (the same batches, the same losses up to float32 summation order)."""
+    """train.context_parallel=2: two processes share every sequence, a slice each (equal, and a
+    quarter and three quarters by train.rank_shares); their run is one process's run (the same
+    batches, the same losses up to float32 summation order)."""
     _, shards = corpus
     steps = 4
     root = tmp_path / "data"   # training shards, and a held-out one whose speakers training never named
@@ -317,19 +318,25 @@ def test_context_parallel_processes_train_as_one_process_on_the_same_sequences(c
         torchrun(server.port, tmp_path / "one", tmp_path / "probe-one", steps, *held_out, processes=1)
         torchrun(server.port, tmp_path / "split", tmp_path / "probe-split", steps, *held_out,
                  "--set", "train.context_parallel=2", processes=2)
+        unequal = torchrun(server.port, tmp_path / "unequal", tmp_path / "probe-unequal", steps, *held_out,
+                           "--set", "train.context_parallel=2", "--set", "train.rank_shares=[1, 3]", processes=2)
+    length = load_config(str(ROOT / "config.yaml"), [], "tiny").data.max_seq_len
+    assert f"slices of {length // 4}, {length - length // 4} positions" in unequal.stdout + unequal.stderr
     one = [(m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "one") if m["type"] == "step"]
-    split = [(m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / "split") if m["type"] == "step"]
-    assert len(one) == len(split) == steps
-    evaluations = [[(m["loss"], m["unseen_speakers"]) for m in read_metrics(tmp_path / run) if m["type"] == "eval"]
-                   for run in ("one", "split")]
-    assert len(evaluations[0]) == len(evaluations[1]) == 2
-    for (loss_one, unseen_one), (loss_split, unseen_split) in zip(*evaluations):
-        assert unseen_one and unseen_split == unseen_one   # each segment counted once
-        assert loss_split == pytest.approx(loss_one, rel=1e-4)
-    # the gradient's size too: AdamW would hide a gradient scaled by the group size from the losses
-    assert [value for pair in split for value in pair] == pytest.approx([value for pair in one for value in pair],
-                                                                        rel=1e-4)
-    assert probed(tmp_path / "probe-split", 0) == probed(tmp_path / "probe-split", 1) == probed(tmp_path / "probe-one", 0)
+    for run in ("split", "unequal"):
+        split = [(m["loss"], m["grad_norm"]) for m in read_metrics(tmp_path / run) if m["type"] == "step"]
+        assert len(one) == len(split) == steps
+        evaluations = [[(m["loss"], m["unseen_speakers"]) for m in read_metrics(tmp_path / name) if m["type"] == "eval"]
+                       for name in ("one", run)]
+        assert len(evaluations[0]) == len(evaluations[1]) == 2
+        for (loss_one, unseen_one), (loss_split, unseen_split) in zip(*evaluations):
+            assert unseen_one and unseen_split == unseen_one   # each segment counted once
+            assert loss_split == pytest.approx(loss_one, rel=1e-4)
+        # the gradient's size too: AdamW would hide a gradient scaled by the group size from the losses
+        assert [value for pair in split for value in pair] == pytest.approx(
+            [value for pair in one for value in pair], rel=1e-4), run
+        assert probed(tmp_path / f"probe-{run}", 0) == probed(tmp_path / f"probe-{run}", 1) == probed(
+            tmp_path / "probe-one", 0)
 
 
 @pytest.mark.parametrize("parallel, workers", [("ddp", 0), ("fsdp", 1)])
