@@ -143,7 +143,7 @@ def local_attention(q, k, v, doc: torch.Tensor, scale: float, window: int, causa
 
 
 # ---------------------------------------------------------------------------------------------
-# Sparse global attention: the kernels work on one document's (H, n, D) tensors
+# Sparse global attention: every document of the rows in one pass per branch
 
 @dataclass(frozen=True)
 class SparsePattern:
@@ -151,146 +151,153 @@ class SparsePattern:
     topk: int     # key blocks each query block attends to at full resolution
 
 
-# Elements a chunk of work may hold (~256 MiB in fp32): long documents are processed in chunks.
+# Elements a chunk of work may hold (64 MiB in fp32): the blocks are processed in tiles this size.
 _CHUNK_ELEMENTS = 1 << 24
 
 
 def chunked_from(heads: int, block: int, topk: int, head_dim: int) -> int:
-    """The document length from which each of a sparse layer's chunked computations works in
-    whole chunks, so that its memory grows as a straight line in the length: the block ranking
-    (queries x heads x n / block scores) and the selected branch (query blocks x heads x k x b
-    x head dim gathered keys). (The causal compressed branch's chunks, n / block keys a query,
-    fill from sqrt(elements x block).)"""
+    """The document length from which a sparse layer's tiles are cut by size, so that its
+    memory grows as a straight line in the length: the block ranking (queries x heads x n /
+    block scores) and the selected branch (query blocks x heads x k x b x head dim gathered keys)."""
     ranking = math.isqrt(_CHUNK_ELEMENTS * block // heads) + 1
     selected = (_CHUNK_ELEMENTS // (heads * topk * block * head_dim) + 1) * block
     return max(ranking, selected)
 
 
-def pool_blocks(x: torch.Tensor, block: int, logits: torch.Tensor) -> torch.Tensor:
-    """(n, C) -> (ceil(n / block), C): each block's positions averaged with learned weights
-    (softmax of `logits` over the block's positions; the last block's over those it has)."""
-    n = x.shape[0]
-    n_blocks = -(-n // block)
-    padded = F.pad(x, (0, 0, 0, n_blocks * block - n)).view(n_blocks, block, -1)
-    present = (torch.arange(n_blocks * block, device=x.device) < n).view(n_blocks, block)
-    weights = logits.expand(n_blocks, block).masked_fill(~present, -math.inf).softmax(-1)
-    return torch.einsum("bp,bpc->bc", weights.to(x.dtype), padded)
+@dataclass(frozen=True)
+class BlockTable:
+    """The rows' documents cut into blocks of b positions from each document's start, numbered in
+    order over the flattened rows (B x L positions): a block never straddles two documents, a
+    document's last block may be partial, padding has none. Built with tensor ops on the
+    device; what tiles are cut by comes to the host in one transfer."""
+    block: int
+    places: torch.Tensor    # (G, b) flat position of each place of a block (clamped into range)
+    present: torch.Tensor   # (G, b) whether the place holds one of the document's positions
+    number: torch.Tensor    # (G,) the block's place in its document: 0, 1, ...
+    first: torch.Tensor     # (G,) its document's first block (a document's id among the blocks)
+    middle: torch.Tensor    # (G,) flat position its pooled rotary key is turned to
+    host_first: list        # first, blocks in its document and first flat position of each block
+    host_count: list
+    host_start: list
 
 
-def _visible_blocks(query_positions: torch.Tensor, n_blocks: int, block: int, causal: bool) -> torch.Tensor | None:
-    """Causal: a query sees a compressed block once the block has ended, all b of its positions
-    at or before the query. A document's last, partial block is never seen: were it, the query
-    at the document's last position would learn that nothing follows. Bidirectional: every
-    block (None)."""
-    if not causal:
-        return None
-    ends = (torch.arange(n_blocks, device=query_positions.device) + 1) * block - 1
-    return ends[None, :] <= query_positions[:, None]
+def block_table(doc: torch.Tensor, block: int) -> BlockTable:
+    """doc (B, L) -> the rows' blocks. Two host synchronisations (the number of blocks; the tile
+    table), however many documents."""
+    flat, length = doc.reshape(-1), doc.shape[1]
+    n = flat.numel()
+    index = torch.arange(n, device=doc.device)
+    new_run = torch.ones(n, dtype=torch.bool, device=doc.device)
+    new_run[1:] = (flat[1:] != flat[:-1]) | (index[1:] % length == 0)
+    run_start = torch.cummax(torch.where(new_run, index, 0), 0).values
+    next_start = torch.cat([torch.where(new_run, index, n)[1:], index.new_full((1,), n)])
+    run_end = next_start.flip(0).cummin(0).values.flip(0)
+    offset = index - run_start
+    starts = ((offset % block) == 0) & (flat != PAD_DOC)
+    begins = starts.nonzero().squeeze(1)
+    doc_start, doc_length = run_start[begins], run_end[begins] - run_start[begins]
+    number = offset[begins] // block
+    count = -(-doc_length // block)
+    first = torch.arange(len(begins), device=doc.device) - number
+    place = torch.arange(block, device=doc.device)
+    host_first, host_count, host_start = torch.stack([first, count, begins]).tolist()
+    return BlockTable(block, (begins[:, None] + place).clamp(max=n - 1),
+                      (number * block)[:, None] + place < doc_length[:, None], number, first,
+                      doc_start + torch.minimum(number * block + block // 2, doc_length - 1),
+                      host_first, host_count, host_start)
 
 
-def block_importance(q: torch.Tensor, compressed_k: torch.Tensor, scale: float, block: int,
-                     causal: bool, first: int = 0) -> torch.Tensor:
-    """(n_query_blocks, n_blocks): the attention weight each block of b queries gives each key
-    block in the compressed branch, summed over the heads. Bidirectional: summed over the
-    block's queries. Causal: the block's first query alone, as a sum over later queries would
-    let them choose what earlier ones read. No gradient: it only ranks the blocks. The queries
-    are the document's positions [first, first + n), `first` a multiple of b."""
-    heads, n, _ = q.shape
-    n_blocks = compressed_k.shape[1]
-    keys = compressed_k.float().transpose(1, 2)
-    rows = max(1, _CHUNK_ELEMENTS // max(1, heads * n_blocks))   # queries a chunk scores
-    parts = []
-    with torch.no_grad():
+def pool_blocks(x: torch.Tensor, table: BlockTable, logits: torch.Tensor) -> torch.Tensor:
+    """(N, C) over the flattened rows -> (G, C): each block's positions averaged with learned
+    weights (softmax of `logits` over the block's positions; a partial block's over those it has)."""
+    weights = logits.expand(table.places.shape).masked_fill(~table.present, -math.inf).softmax(-1)
+    return torch.einsum("gp,gpc->gc", weights.to(x.dtype), x[table.places])
+
+
+def sparse_tiles(table: BlockTable, wanted: list[int], heads: int, topk: int, head_dim: int) -> list[tuple]:
+    """Consecutive query blocks (of `wanted`, in order) cut into tiles -> (first, stop, key
+    blocks from, key blocks to, picks): a tile's keys are its documents' blocks, a contiguous
+    run; its scores (heads x its positions x its keys) and its gathered keys (its blocks x
+    heads x picks x b x head dim) stay within a chunk, one query block at least."""
+    b, tiles, i = table.block, [], 0
+    while i < len(wanted):
+        g0 = g1 = wanted[i]
+        keys_from, most = table.host_first[g0], 0
+        while True:
+            keys_to = table.host_first[g1] + table.host_count[g1]
+            picks = min(topk, max(most, table.host_count[g1]))
+            size = g1 + 1 - g0
+            if g1 > g0 and (heads * size * b * (keys_to - keys_from) > _CHUNK_ELEMENTS
+                            or size * heads * picks * b * head_dim > _CHUNK_ELEMENTS):
+                break
+            most, stop, tile_keys_to, tile_picks = max(most, table.host_count[g1]), g1 + 1, keys_to, picks
+            i += 1
+            if i == len(wanted) or wanted[i] != g1 + 1:
+                break
+            g1 += 1
+        tiles.append((g0, stop, keys_from, tile_keys_to, tile_picks))
+    return tiles
+
+
+def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tiles: list[tuple], scale: float,
+                    topk: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The compressed and the selected branch for the query blocks of `tiles`. q, k, v (H, N, D)
+    over the flattened rows; compressed keys and values (H, G, D), one per block. Compressed:
+    each query over its document's blocks (causal: the blocks that have ended at or before it;
+    a query that sees none outputs zeros). Selected: each block of b queries over the k blocks of
+    its document its queries weighted most in the compressed branch (bidirectional: summed over
+    its queries; causal: its first query's weights, and only earlier blocks, as a sum over later
+    queries would let them choose what earlier ones read), at full resolution. -> both (H, N, Dv)."""
+    b, heads = table.block, q.shape[0]
+    place = torch.arange(b, device=q.device)
+    k_blocks, v_blocks = k[:, table.places], v[:, table.places]            # (H, G, b, D)
+    where, compressed_out, selected_out = [], [], []
+    for g0, g1, k0, k1, picks in tiles:
+        places, present = table.places[g0:g1], table.present[g0:g1]         # (T, b)
+        queries = q[:, places]                                              # (H, T, b, D)
+        same = table.first[g0:g1, None] == table.first[None, k0:k1]          # (T, nk): the query block's document
         if causal:
-            firsts = torch.arange(0, n, block, device=q.device)
-            for chunk in firsts.split(rows):
-                scores = torch.matmul(q[:, chunk].float(), keys) * scale
-                visible = _visible_blocks(first + chunk, n_blocks, block, True)
-                # a query that sees no block yet gives no weight
-                parts.append(scores.masked_fill_(~visible, -math.inf).softmax(-1).nan_to_num_(0.0).sum(0))
-            return torch.cat(parts)
-        rows = max(block, rows // block * block)
-        for start in range(0, n, rows):
-            stop = min(n, start + rows)
-            weights = (torch.matmul(q[:, start:stop].float(), keys) * scale).softmax(-1)
-            weights = F.pad(weights, (0, 0, 0, -(stop - start) % block))   # whole query blocks
-            parts.append(weights.view(heads, -1, block, n_blocks).sum((0, 2)))
-        return torch.cat(parts)
-
-
-def choose_blocks(importance: torch.Tensor, topk: int, causal: bool, first_block: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (n_query_blocks, k) key-block indices and whether each pick is allowed: the k blocks a
-    query block weighted most. Causal: only blocks before the query block (its own block and
-    the recent past are the window's); the query blocks are the document's from `first_block`."""
-    n_query_blocks, n_blocks = importance.shape
-    k = min(topk, n_blocks)
-    if causal:
-        earlier = torch.arange(n_blocks, device=importance.device)[None, :] < torch.arange(
-            first_block, first_block + n_query_blocks, device=importance.device)[:, None]
-        importance = importance.masked_fill(~earlier, -math.inf)
-    chosen = importance.topk(k, dim=-1).indices.sort(-1).values
-    allowed = importance.gather(-1, chosen) > -math.inf
-    return chosen, allowed
-
-
-def compressed_attention(q, compressed_k, compressed_v, scale: float, block: int, causal: bool, first: int = 0
-                         ) -> torch.Tensor:
-    """(H, n, D) queries, the document's positions [first, first + n), over its (H, n_blocks, D)
-    pooled keys and values. Causal: queries before the end of the first whole block see none
-    and output zeros."""
-    heads, n, _ = q.shape
-    if not causal:
-        return _sdpa(q[None], compressed_k[None], compressed_v[None], scale)[0]
-    out = q.new_zeros(heads, n, compressed_v.shape[-1])
-    n_blocks = compressed_k.shape[1]
-    rows = max(block, _CHUNK_ELEMENTS // max(1, n_blocks) // block * block)
-    for start in range(max(0, block - 1 - first), n, rows):   # the queries before that see no block yet
-        stop = min(n, start + rows)
-        visible = _visible_blocks(torch.arange(first + start, first + stop, device=q.device), n_blocks, block, True)
-        out[:, start:stop] = _sdpa(q[None, :, start:stop], compressed_k[None], compressed_v[None], scale,
-                                   visible[None, None])[0]
-    return out
-
-
-def selected_attention(q, k, v, chosen: torch.Tensor, allowed: torch.Tensor, block: int, scale: float
-                       ) -> torch.Tensor:
-    """Each block of b queries attends at full resolution to its chosen key blocks of the
-    document's keys and values (one SDPA call per chunk of query blocks, the chosen keys
-    gathered); picks not allowed and the positions past the document's end are masked; a query
-    block with nothing allowed outputs zeros. The queries (H, m, D) may be some of the
-    document's blocks, `chosen` one row each."""
-    heads, m, qk_dim = q.shape
-    n = k.shape[1]
-    n_query_blocks, n_blocks, picks = -(-m // block), -(-n // block), chosen.shape[1]
-
-    def blocks(t, count):   # (H, length, D) -> (count, H, block, D)
-        return F.pad(t, (0, 0, 0, count * block - t.shape[1])).view(heads, count, block, -1).transpose(0, 1)
-
-    q_blocks, k_blocks, v_blocks = blocks(q, n_query_blocks), blocks(k, n_blocks), blocks(v, n_blocks)
-    present = (torch.arange(n_blocks * block, device=q.device) < n).view(n_blocks, block)
-    out = q.new_zeros(n_query_blocks, heads, block, v.shape[-1])
-    some = allowed.any(-1)
-    full = n % block == 0 and bool(allowed.all())   # no key to mask: the unmasked kernel
-    chunk = max(1, _CHUNK_ELEMENTS // (heads * picks * block * max(qk_dim, v.shape[-1])))
-    for start in range(0, n_query_blocks, chunk):
-        rows = torch.arange(start, min(n_query_blocks, start + chunk), device=q.device)
-        rows = rows[some[rows]]
-        if len(rows) == 0:
-            continue
-        picked = chosen[rows]                                                    # (r, k)
-        mask = None if full else (present[picked] & allowed[rows][..., None]).flatten(1)[:, None, None]
-        args = (q_blocks[rows], k_blocks, v_blocks, picked, mask, scale)
+            seen = (table.number[k0:k1] + 1) * b - 1 <= (table.number[g0:g1, None] * b + place)[..., None]
+            visible = same[:, None] & seen                                  # (T, b, nk)
+        else:
+            visible = same[:, None].expand(-1, b, -1)
+        single_document = table.host_first[g0] == table.host_first[g1 - 1] == k0
+        sees = visible.any(-1)                                              # (T, b)
+        mask = None if single_document and not causal else (visible | ~sees[..., None]).flatten(0, 1)
+        flat_queries = queries.flatten(1, 2)                                # (H, T b, D)
+        out = _sdpa(flat_queries[None], compressed_k[None, :, k0:k1], compressed_v[None, :, k0:k1], scale,
+                    None if mask is None else mask[None, None])[0]
+        compressed_out.append(out * sees.flatten()[:, None])
+        with torch.no_grad():   # which blocks each query block reads: a ranking, no gradient
+            ranking_queries = queries[:, :, 0] if causal else flat_queries
+            scores = torch.matmul(ranking_queries.float(), compressed_k[:, k0:k1].float().transpose(1, 2)) * scale
+            ranked = visible[:, 0] if causal else (visible & present[..., None]).flatten(0, 1)
+            weights = scores.masked_fill_(~ranked, -math.inf).softmax(-1).nan_to_num_(0.0)
+            importance = weights.sum(0) if causal else weights.view(heads, g1 - g0, b, -1).sum((0, 2))
+            allowed = same & (table.number[None, k0:k1] < table.number[g0:g1, None]) if causal else same
+            importance = importance.masked_fill_(~allowed, -math.inf)
+            chosen = importance.topk(min(picks, k1 - k0), dim=-1).indices.sort(-1).values
+            chosen_allowed = importance.gather(-1, chosen) > -math.inf
+        chosen = chosen + k0
+        key_mask = (table.present[chosen] & chosen_allowed[..., None]).flatten(1)   # (T, picks b)
+        args = (queries.transpose(0, 1), k_blocks, v_blocks, chosen, key_mask[:, None, None], scale)
         # the gathered keys and values (k times the document's) are gathered again in backward, not kept
-        out[rows] = checkpoint(_attend_picked, *args, use_reentrant=False) if torch.is_grad_enabled() else \
-            _attend_picked(*args)
-    return out.transpose(0, 1).flatten(1, 2)[:, :m]
+        out = checkpoint(_attend_picked, *args, use_reentrant=False) if torch.is_grad_enabled() else _attend_picked(*args)
+        some = chosen_allowed.any(-1)                                       # a query block with nothing allowed: zeros
+        selected_out.append((out * some[:, None, None, None]).transpose(0, 1).flatten(1, 2))
+        where.append(torch.where(present, places, -1).flatten())
+    places = torch.cat(where)
+    keep = places >= 0
+    def scatter(parts):   # the tiles' outputs at their positions (absent places add nothing)
+        values = torch.cat(parts, 1) * keep[:, None]
+        return v.new_zeros(heads, q.shape[1], v.shape[-1]).index_add(1, places.clamp(min=0), values)
+    return scatter(compressed_out), scatter(selected_out)
 
 
 def _attend_picked(q_blocks, k_blocks, v_blocks, picked, mask, scale: float) -> torch.Tensor:
-    """Query blocks (r, H, b, D) over their picked key blocks (r, k) of k_blocks (n_blocks, H, b, D)."""
-    keys = k_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)              # (r, H, k * b, D)
-    values = v_blocks[picked].permute(0, 2, 1, 3, 4).flatten(2, 3)
+    """Query blocks (T, H, b, D) over their picked key blocks (T, k) of k_blocks (H, G, b, D)."""
+    keys = k_blocks[:, picked].permute(1, 0, 2, 3, 4).flatten(2, 3)     # (T, H, k b, D)
+    values = v_blocks[:, picked].permute(1, 0, 2, 3, 4).flatten(2, 3)
     return _sdpa(q_blocks, keys, values, scale, mask)
 
 
@@ -363,25 +370,28 @@ class MultiHeadLatentAttention(nn.Module):
         return torch.cat([k_nope, k_pe], dim=-1), value
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, doc: torch.Tensor,
-                window: int | None, causal: bool, slices: SequenceSlices | None = None) -> torch.Tensor:
+                window: int | None, causal: bool, slices: SequenceSlices | None = None,
+                blocks: BlockTable | None = None) -> torch.Tensor:
         """The latent expanded into per-head keys and values. (DeepSeek's absorbed form, which
         attends in latent space, pays off only for token-by-token decoding with a cache; over
         whole sequences it measured 1.5-2.5x slower with 2.4-3x larger attention tensors.)
-        With `slices` (context parallelism) x is this process's slice of the rows."""
+        With `slices` (context parallelism) x is this process's slice of the rows. A sparse
+        layer cuts the (whole) rows into `blocks` (made here when not given)."""
         q_nope, q_pe = self._query(x, cos, sin)
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)
         latent, k_pe = self._latent(x)
         if slices is not None:
-            out = self._sliced(x, q, latent, k_pe, cos, sin, doc, window, causal, slices)
+            out = self._sliced(x, q, latent, k_pe, cos, sin, doc, window, causal, slices, blocks)
         else:
             k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
             k, value = k.transpose(1, 2), value.transpose(1, 2)
             out = attend(q, k, value, doc, self.softmax_scale, window, causal)   # the sparse layer's window branch
             if self.sparse:
-                out = self._sparse_attention(x, q, 0, 0, latent, k_pe, cos, sin, k, value, doc, causal, out)
+                blocks = blocks or block_table(doc, self.sparse.block)
+                out = self._sparse_attention(x, q, 0, latent, k_pe, cos, sin, k, value, blocks, causal, out)
         return self.wo(out.transpose(1, 2).flatten(2))
 
-    def _sliced(self, x, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices):
+    def _sliced(self, x, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices, blocks):
         """Attention over a slice of the rows, (B, H, L, D) before the output projection. What
         keys and values are made from (the latent and the rotary key) comes from the other
         slices: a window's reach either side for a window layer (the queries padded over that
@@ -411,48 +421,36 @@ class MultiHeadLatentAttention(nn.Module):
         block = self.sparse.block
         halo, _ = slices.with_halo(q.detach().transpose(1, 2).flatten(2), doc, block)
         halo = halo.unflatten(2, (q.shape[1], -1)).transpose(1, 2)
-        queries = torch.cat([halo[:, :, :block], q, halo[:, :, -block:]], 2)
-        return self._sparse_attention(x, queries, start - block, start, whole_latent, whole_pe, whole_cos, whole_sin,
-                                      k, value, whole_doc, causal, local)
+        queries = F.pad(torch.cat([halo[:, :, :block], q, halo[:, :, -block:]], 2),
+                        (0, 0, start - block, whole_doc.shape[1] - start - length - block))   # placed in whole rows
+        return self._sparse_attention(x, queries, start, whole_latent, whole_pe, whole_cos, whole_sin, k, value,
+                                      blocks or block_table(whole_doc, block), causal, local)
 
-    def _sparse_attention(self, x, queries, queries_from, start, latent, k_pe, cos, sin, k, v, doc, causal, local):
+    def _sparse_attention(self, x, q, start, latent, k_pe, cos, sin, k, v, blocks: BlockTable, causal, local):
         """The compressed and selected branches, and with them `local` (the window's output),
         mixed per head by gates read from the input. The outputs are for positions [start,
-        start + L) of the rows (L = x's length); `queries` (B, H, M, D) are for positions
-        [queries_from, queries_from + M), reaching past the output's ends to whole blocks of
-        each document; latent, rotary key, cos, sin, k, v and doc cover the whole rows."""
-        pattern, scale, length = self.sparse, self.softmax_scale, x.shape[1]
-        compressed, selected = local.new_zeros(local.shape), local.new_zeros(local.shape)
-        for row, run_start, count, doc_id in document_runs(doc):
-            first, last = max(run_start, start), min(run_start + count, start + length)
-            if doc_id == PAD_DOC or first >= last:
-                continue
-            # the document's whole query blocks that hold this output's positions
-            block_from = (first - run_start) // pattern.block * pattern.block
-            block_to = min(count, -(-(last - run_start) // pattern.block) * pattern.block)
-            span = slice(run_start, run_start + count)
-            compressed_k, compressed_v = self.compress(latent[row, span], k_pe[row, span], cos[row, span],
-                                                       sin[row, span])
-            q = queries[row, :, run_start + block_from - queries_from:run_start + block_to - queries_from]
-            keys, values = k[row, :, span], v[row, :, span]
-            out_c = compressed_attention(q, compressed_k, compressed_v, scale, pattern.block, causal, block_from)
-            if not causal and compressed_k.shape[1] <= pattern.topk:   # every block is chosen: the whole document
-                out_s = _sdpa(q[None], keys[None], values[None], scale)[0]
-            else:
-                importance = block_importance(q, compressed_k, scale, pattern.block, causal, block_from)
-                chosen, allowed = choose_blocks(importance, pattern.topk, causal, block_from // pattern.block)
-                out_s = selected_attention(q, keys, values, chosen, allowed, pattern.block, scale)
-            kept, out = slice(first - run_start - block_from, last - run_start - block_from), slice(first - start, last - start)
-            compressed[row, :, out], selected[row, :, out] = out_c[:, kept], out_s[:, kept]
+        start + L) of the rows (L = x's length); q, latent, rotary key, cos, sin, k, v and the
+        blocks cover the whole rows (q at least the query blocks that hold the output's positions)."""
+        pattern, length = self.sparse, x.shape[1]
+        rows, whole = q.shape[0], q.shape[2]
+        wanted = list(range(len(blocks.host_start))) if length == whole else [
+            g for g, first in enumerate(blocks.host_start)
+            if first % whole < start + length and first % whole + pattern.block > start]
+        tiles = sparse_tiles(blocks, wanted, self.n_heads, pattern.topk, q.shape[-1])
+        compressed_k, compressed_v = self.compress(latent.flatten(0, 1), k_pe.flatten(0, 1), cos.flatten(0, 1),
+                                                   sin.flatten(0, 1), blocks)
+        compressed, selected = sparse_branches(*(t.transpose(0, 1).flatten(1, 2) for t in (q, k, v)), compressed_k,
+                                               compressed_v, blocks, tiles, self.softmax_scale, pattern.topk, causal)
+        compressed, selected = (t.unflatten(1, (rows, whole)).transpose(0, 1)[:, :, start:start + length]
+                                for t in (compressed, selected))
         gates = torch.sigmoid(self.gates(x)).view(*x.shape[:2], self.n_heads, 3).permute(3, 0, 2, 1)[..., None]
         return gates[0] * compressed + gates[1] * selected + gates[2] * local
 
-    def compress(self, latent, k_pe, cos, sin):
-        """One document's latent (n, r) and unrotated rotary key (n, rope) -> its compressed keys
-        and values (H, n_blocks, D), each block's rotary key turned to the block's middle."""
-        block, n = self.sparse.block, latent.shape[0]
-        middles = ((torch.arange(-(-n // block), device=latent.device) * block) + block // 2).clamp(max=n - 1)
-        pooled_pe = pool_blocks(k_pe, block, self.pool_logits)
-        rotated_pe = apply_rope(pooled_pe[None, :, None], cos[None, middles], sin[None, middles])[0, :, 0]
-        keys, values = self._heads(pool_blocks(latent, block, self.pool_logits), rotated_pe)
+    def compress(self, latent, k_pe, cos, sin, blocks: BlockTable):
+        """The flattened rows' latent (N, r) and unrotated rotary key (N, rope) -> every block's
+        compressed keys and values (H, G, D), its rotary key turned to the block's middle."""
+        pooled = pool_blocks(torch.cat([latent, k_pe], -1), blocks, self.pool_logits)
+        pooled_latent, pooled_pe = pooled.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        rotated_pe = apply_rope(pooled_pe[None, :, None], cos[None, blocks.middle], sin[None, blocks.middle])[0, :, 0]
+        keys, values = self._heads(pooled_latent, rotated_pe)
         return keys.transpose(0, 1), values.transpose(0, 1)

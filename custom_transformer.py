@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attention import PAD_DOC, MultiHeadLatentAttention, SparsePattern, rope_tables
+from attention import PAD_DOC, BlockTable, MultiHeadLatentAttention, SparsePattern, block_table, rope_tables
 from config import ModelConfig
 from context_parallel import SequenceSlices
 from parallel import HostCheckpoints
@@ -71,8 +71,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.ffn = FeedForward(cfg.d_model, cfg.ffn_hidden, cfg.ffn_chunk)
 
-    def forward(self, x, cos, sin, doc, slices: SequenceSlices | None = None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, doc, self.window, self.causal, slices)
+    def forward(self, x, cos, sin, doc, slices: SequenceSlices | None = None, blocks: BlockTable | None = None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc, self.window, self.causal, slices,
+                          blocks if self.kind == "S" else None)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -341,15 +342,18 @@ class CustomTransformer(nn.Module):
             pad = slices.length - grid.length
             x, cos, sin = (F.pad(t, (0, 0, 0, pad)) for t in (x, cos, sin))
             doc = F.pad(doc, (0, pad), value=PAD_DOC)
+        # the sparse layers' blocks of the whole rows, made once for every sparse layer and recomputation
+        blocks = block_table(doc, self.cfg.sparse_block) if "S" in self.cfg.layer_pattern else None
+        if slices is not None:
             x, cos, sin, doc = slices.mine(x), slices.mine(cos), slices.mine(sin), slices.mine(doc)
         checkpointed = self.cfg.activation_checkpointing and self.training
         offload = HostCheckpoints() if checkpointed and self.cfg.offload_checkpoints else contextlib.nullcontext()
         with offload:
             for block in self.blocks:
                 if checkpointed:
-                    x = checkpoint(block, x, cos, sin, doc, slices, use_reentrant=False)
+                    x = checkpoint(block, x, cos, sin, doc, slices, blocks, use_reentrant=False)
                 else:
-                    x = block(x, cos, sin, doc, slices)
+                    x = block(x, cos, sin, doc, slices, blocks)
         self.offloaded = offload.moved if isinstance(offload, HostCheckpoints) else []
         x = self.norm(x)
         return (x if slices is None else slices.whole(x)[:, :grid.length]).flatten(0, 1)

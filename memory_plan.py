@@ -249,10 +249,13 @@ def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str
 
 
 def describe_probe_device(cfg: Config) -> str:
+    import torch
+
     from parallel import choose_device, dtype_name
     device, amp_dtype = choose_device(cfg.train.device, cfg.train.precision)
     where = f"{device.type}, {dtype_name(amp_dtype)}"
-    return where + ("; on a card in fp16 the per-position terms about halve" if device.type == "cpu" else "")
+    half = "; on a card in fp16 the per-position terms about halve: --set train.precision=bf16 measures half precision here"
+    return where + (half if device.type == "cpu" and amp_dtype == torch.float32 else "")
 
 
 def main(argv: list[str]) -> int:

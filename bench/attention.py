@@ -29,16 +29,17 @@ QK_DIM, V_DIM = 48, 32   # the small preset's MLA head: nope 32 + rope 16, value
 
 
 def sparse_attention(q, k, v, doc, scale, window, block, topk):
-    """An S layer's three branches (bidirectional, one document), summed with equal gates."""
+    """An S layer's three branches (bidirectional), summed with equal gates."""
+    blocks = attention.block_table(doc, block)
     queries, keys, values = q[0], k[0], v[0]
     zeros = torch.zeros(block, device=q.device)
-    compressed_k = torch.stack([attention.pool_blocks(keys[h], block, zeros) for h in range(keys.shape[0])])
-    compressed_v = torch.stack([attention.pool_blocks(values[h], block, zeros) for h in range(values.shape[0])])
-    chosen, allowed = attention.choose_blocks(
-        attention.block_importance(queries, compressed_k, scale, block, False), topk, False)
-    out = attention.compressed_attention(queries, compressed_k, compressed_v, scale, block, False)
-    out = out + attention.selected_attention(queries, keys, values, chosen, allowed, block, scale)
-    return out[None] + local_attention(q, k, v, doc, scale, window)
+    pooled = attention.pool_blocks(torch.cat([keys, values], -1).transpose(0, 1).flatten(1), blocks, zeros)
+    compressed_k, compressed_v = pooled.unflatten(1, (keys.shape[0], -1)).transpose(0, 1).split(
+        [keys.shape[-1], values.shape[-1]], -1)
+    tiles = attention.sparse_tiles(blocks, list(range(len(blocks.host_start))), keys.shape[0], topk, keys.shape[-1])
+    compressed, selected = attention.sparse_branches(queries, keys, values, compressed_k, compressed_v, blocks, tiles,
+                                                     scale, topk, False)
+    return (compressed + selected)[None] + local_attention(q, k, v, doc, scale, window)
 
 
 def case(kernel: str, n: int, window: int, heads: int, block: int = 128, topk: int = 8) -> dict:

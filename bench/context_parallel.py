@@ -3,10 +3,9 @@ process doing the same work on the same cores.
 
     python bench/context_parallel.py [--preset long] [--positions 16384] [--pattern L] [--processes 2]
 
-The preset's width with its layer pattern replaced by --pattern (the sparse layer is not divided
-yet: `L` and `G` are), one document of synthetic segments; one process with P threads against P
-processes of one thread each (gloo), each step timed after a warm-up, the median of --repeats.
-Headline: split time over one process's (goal <= 1.2).
+The preset's width with its layer pattern replaced by --pattern, one document of synthetic
+segments; one process with P threads against P processes of one thread each (gloo), each step
+timed after a warm-up, the median of --repeats. Headline: split time over one process's (goal <= 1.2).
 """
 from __future__ import annotations
 

@@ -283,18 +283,19 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk_elements, mo
     x.requires_grad_()
     expected, picks = sparse_reference(m, x_ref, cos, sin, doc, causal)
     real = doc != PAD_DOC
+    recorded = []   # the key blocks each query block was given, and which of them it may read
+    attend_picked = attention._attend_picked
+
+    def recording(q_blocks, k_blocks, v_blocks, picked, mask, scale):
+        recorded.append((picked, mask.view(*picked.shape, -1).any(-1)))
+        return attend_picked(q_blocks, k_blocks, v_blocks, picked, mask, scale)
+
+    monkeypatch.setattr(attention, "_attend_picked", recording)
     got = m(x, cos, sin, doc, window=WINDOW, causal=causal)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)
-    # the picks: the same blocks the kernels chose
-    runs = [(b, s, n) for b, s, n, d in attention.document_runs(doc) if d != PAD_DOC]
-    for (b, start, n), doc_picks in zip(runs, picks):
-        q = torch.cat(m._query(x, cos, sin), -1)[b, start:start + n].transpose(0, 1)
-        latent, k_pe = m._latent(x)
-        ck, _ = m.compress(latent[b, start:start + n], k_pe[b, start:start + n], cos[b, start:start + n],
-                           sin[b, start:start + n])
-        chosen, allowed = attention.choose_blocks(attention.block_importance(q, ck, m.softmax_scale, 4, causal), 2,
-                                                  causal)
-        assert [sorted(c[a].tolist()) for c, a in zip(chosen, allowed)] == doc_picks
+    # the picks: the same blocks of each document as the reference's
+    number = attention.block_table(doc, 4).number
+    assert [sorted(number[c[a]].tolist()) for tile in recorded for c, a in zip(*tile)] == [p for run in picks for p in run]
     # gradients of the input and of every parameter
     weights = torch.randn_like(got)
     (got[real] * weights[real]).sum().backward()
@@ -356,3 +357,42 @@ def test_causal_layers_never_see_a_later_position(kinds):
             assert changed[b, p], "the perturbed position itself must change"
             checked += 1
     assert checked == int((doc != PAD_DOC).sum())
+
+
+SYNCING = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "nonzero", "argwhere", "unique",
+           "unique_consecutive", "masked_select", "repeat_interleave"}
+
+
+class HostSyncs(torch.overrides.TorchFunctionMode):
+    """Counts the calls that need a device's values on the host (on a GPU each waits for the
+    device), boolean-mask indexing included."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        index = args[1] if name in ("__getitem__", "__setitem__") and len(args) > 1 else None
+        masks = index if isinstance(index, tuple) else (index,)
+        if name in SYNCING or any(torch.is_tensor(i) and i.dtype == torch.bool for i in masks):
+            self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_a_sparse_layer_syncs_with_the_host_a_few_times_however_many_documents(causal):
+    """Forward and backward of a sparse layer over a row of 2 documents and of 32 (lengths that
+    end in partial blocks): at most 4 host synchronisations, the same number for both."""
+    m = sparse_layer(causal, block=8, topk=2)
+    counts = []
+    for n_docs in (2, 32):
+        doc = (torch.arange(512) * n_docs // 512 + torch.arange(512) % 5 // 4)[None].clamp(max=n_docs - 1)
+        positions = torch.cat([torch.arange(int(n)) for n in torch.unique_consecutive(doc, return_counts=True)[1]])
+        cos, sin = rope_tables(positions[None], 4, 10000.0)
+        x = torch.randn(1, 512, 24, dtype=torch.float64, requires_grad=True)
+        with HostSyncs() as syncs:
+            m(x, cos.double(), sin.double(), doc, window=WINDOW, causal=causal).sum().backward()
+        counts.append(len(syncs.calls))
+        assert len(syncs.calls) <= 4, syncs.calls
+    assert counts[0] == counts[1]

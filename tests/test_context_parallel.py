@@ -51,9 +51,14 @@ def _sliced(rank, world, shares, port, window, sparse, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     import attention
-    queried = []   # the query positions each call of the compressed branch is given
-    compressed_attention = attention.compressed_attention
-    attention.compressed_attention = lambda q, *args: queried.append(q.shape[1]) or compressed_attention(q, *args)
+    queried = []   # the query positions the sparse branches are given
+    sparse_branches = attention.sparse_branches
+
+    def counting(q, k, v, compressed_k, compressed_v, table, tiles, *args):
+        queried.extend(int(table.present[g0:g1].sum()) for g0, g1, *_ in tiles)
+        return sparse_branches(q, k, v, compressed_k, compressed_v, table, tiles, *args)
+
+    attention.sparse_branches = counting
     try:
         for causal in (False, True):
             queried.clear()
