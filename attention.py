@@ -17,13 +17,13 @@ position) and the sliding window.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from context_parallel import OUT_OF_RANGE, SequenceSlices
 
@@ -176,9 +176,10 @@ class BlockTable:
     number: torch.Tensor    # (G,) the block's place in its document: 0, 1, ...
     first: torch.Tensor     # (G,) its document's first block (a document's id among the blocks)
     middle: torch.Tensor    # (G,) flat position its pooled rotary key is turned to
-    host_first: list        # first, blocks in its document and first flat position of each block
-    host_count: list
+    host_first: list        # first, blocks in its document, first flat position and its
+    host_count: list        # document's length, of each block
     host_start: list
+    host_length: list
 
 
 def block_table(doc: torch.Tensor, block: int) -> BlockTable:
@@ -200,42 +201,47 @@ def block_table(doc: torch.Tensor, block: int) -> BlockTable:
     count = -(-doc_length // block)
     first = torch.arange(len(begins), device=doc.device) - number
     place = torch.arange(block, device=doc.device)
-    host_first, host_count, host_start = torch.stack([first, count, begins]).tolist()
+    host_first, host_count, host_start, host_length = torch.stack([first, count, begins, doc_length]).tolist()
     return BlockTable(block, (begins[:, None] + place).clamp(max=n - 1),
                       (number * block)[:, None] + place < doc_length[:, None], number, first,
                       doc_start + torch.minimum(number * block + block // 2, doc_length - 1),
-                      host_first, host_count, host_start)
+                      host_first, host_count, host_start, host_length)
 
 
 def pool_blocks(x: torch.Tensor, table: BlockTable, logits: torch.Tensor) -> torch.Tensor:
     """(N, C) over the flattened rows -> (G, C): each block's positions averaged with learned
     weights (softmax of `logits` over the block's positions; a partial block's over those it has)."""
     weights = logits.expand(table.places.shape).masked_fill(~table.present, -math.inf).softmax(-1)
-    return torch.einsum("gp,gpc->gc", weights.to(x.dtype), x[table.places])
+    return torch.einsum("gp,gpc->gc", weights.to(x.dtype), _rows(x, table.places, 0))
 
 
 def sparse_tiles(table: BlockTable, wanted: list[int], heads: int, topk: int, head_dim: int) -> list[tuple]:
     """Consecutive query blocks (of `wanted`, in order) cut into tiles -> (first, stop, key
-    blocks from, key blocks to, picks): a tile's keys are its documents' blocks, a contiguous
-    run; its scores (heads x its positions x its keys) and its gathered keys (its blocks x
-    heads x picks x b x head dim) stay within a chunk, one query block at least."""
+    blocks from, key blocks to, the most blocks a document of the tile has). A tile's keys are
+    its documents' blocks, a contiguous run. A tile holds one document's blocks, or several
+    short documents whose blocks come to at most top-k together (each would attend to every
+    key of the tile: the waste stays small while the calls are few); its scores (heads x its
+    positions x its keys) and its gathered keys (its blocks x heads x picks x b x head dim)
+    stay within a chunk, one query block at least."""
     b, tiles, i = table.block, [], 0
     while i < len(wanted):
         g0 = g1 = wanted[i]
-        keys_from, most = table.host_first[g0], 0
+        keys_from = table.host_first[g0]
+        most = 0
         while True:
             keys_to = table.host_first[g1] + table.host_count[g1]
-            picks = min(topk, max(most, table.host_count[g1]))
+            deeper = max(most, table.host_count[g1])
             size = g1 + 1 - g0
-            if g1 > g0 and (heads * size * b * (keys_to - keys_from) > _CHUNK_ELEMENTS
-                            or size * heads * picks * b * head_dim > _CHUNK_ELEMENTS):
+            if g1 > g0 and ((table.host_first[g1] != table.host_first[g1 - 1] and keys_to - keys_from > topk)
+                            or heads * size * b * (keys_to - keys_from) > _CHUNK_ELEMENTS
+                            or size * heads * min(topk, deeper) * b * head_dim > _CHUNK_ELEMENTS):
                 break
-            most, stop, tile_keys_to, tile_picks = max(most, table.host_count[g1]), g1 + 1, keys_to, picks
+            most, stop, tile_keys_to = deeper, g1 + 1, keys_to
             i += 1
             if i == len(wanted) or wanted[i] != g1 + 1:
                 break
             g1 += 1
-        tiles.append((g0, stop, keys_from, tile_keys_to, tile_picks))
+        tiles.append((g0, stop, keys_from, tile_keys_to, most))
     return tiles
 
 
@@ -247,27 +253,43 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
     a query that sees none outputs zeros). Selected: each block of b queries over the k blocks of
     its document its queries weighted most in the compressed branch (bidirectional: summed over
     its queries; causal: its first query's weights, and only earlier blocks, as a sum over later
-    queries would let them choose what earlier ones read), at full resolution. -> both (H, N, Dv)."""
+    queries would let them choose what earlier ones read), at full resolution; bidirectional
+    over a document of at most k blocks: all of them, the whole document, no ranking needed.
+    -> both (H, N, Dv)."""
     b, heads = table.block, q.shape[0]
     place = torch.arange(b, device=q.device)
-    k_blocks, v_blocks = k[:, table.places], v[:, table.places]            # (H, G, b, D)
-    where, compressed_out, selected_out = [], [], []
-    for g0, g1, k0, k1, picks in tiles:
+    k_blocks, v_blocks = _rows(k, table.places, 1), _rows(v, table.places, 1)   # (H, G, b, D)
+    whole_documents = [(k0, k1) for _, _, k0, k1, most in tiles if not causal and most <= topk]
+    whole_keys = iter(zip(_pieces(k_blocks, whole_documents, 1), _pieces(v_blocks, whole_documents, 1)))
+    tile_queries = _pieces(_rows(q, table.places, 1), [(g0, g1) for g0, g1, *_ in tiles], 1)   # (H, T, b, D) each
+    # values padded to the key width once, not per tile (each tile's copy would be kept for backward)
+    padded_compressed_v = F.pad(compressed_v, (0, max(0, q.shape[-1] - v.shape[-1])))
+    where, compressed_out, whole_where, whole_out, picked = [], [], [], [], []
+    for (g0, g1, k0, k1, most), queries in zip(tiles, tile_queries):
         places, present = table.places[g0:g1], table.present[g0:g1]         # (T, b)
-        queries = q[:, places]                                              # (H, T, b, D)
+        where.append(torch.where(present, places, -1).flatten())
+        flat_queries = queries.flatten(1, 2)                                # (H, T b, D)
         same = table.first[g0:g1, None] == table.first[None, k0:k1]          # (T, nk): the query block's document
         if causal:
             seen = (table.number[k0:k1] + 1) * b - 1 <= (table.number[g0:g1, None] * b + place)[..., None]
             visible = same[:, None] & seen                                  # (T, b, nk)
         else:
             visible = same[:, None].expand(-1, b, -1)
-        single_document = table.host_first[g0] == table.host_first[g1 - 1] == k0
+        one_document = table.host_first[g0] == table.host_first[g1 - 1]
         sees = visible.any(-1)                                              # (T, b)
-        mask = None if single_document and not causal else (visible | ~sees[..., None]).flatten(0, 1)
-        flat_queries = queries.flatten(1, 2)                                # (H, T b, D)
-        out = _sdpa(flat_queries[None], compressed_k[None, :, k0:k1], compressed_v[None, :, k0:k1], scale,
-                    None if mask is None else mask[None, None])[0]
+        mask = None if one_document and not causal else (visible | ~sees[..., None]).flatten(0, 1)
+        out = _sdpa(flat_queries[None], compressed_k[None, :, k0:k1], padded_compressed_v[None, :, k0:k1], scale,
+                    None if mask is None else mask[None, None])[0, ..., :v.shape[-1]]
         compressed_out.append(out * sees.flatten()[:, None])
+        if not causal and most <= topk:   # every block of each document chosen: the whole documents
+            keys, values = (t.flatten(1, 2) for t in next(whole_keys))   # (H, nk b, D)
+            readable = (same[..., None] & table.present[None, k0:k1]).flatten(1)        # (T, nk b)
+            mask = None if one_document and table.host_length[g0] % b == 0 else \
+                readable[:, None].expand(-1, b, -1).flatten(0, 1)
+            whole_out.append(_sdpa(flat_queries[None], keys[None], values[None], scale,
+                                   None if mask is None else mask[None, None])[0])
+            whole_where.append(where[-1])
+            continue
         with torch.no_grad():   # which blocks each query block reads: a ranking, no gradient
             ranking_queries = queries[:, :, 0] if causal else flat_queries
             scores = torch.matmul(ranking_queries.float(), compressed_k[:, k0:k1].float().transpose(1, 2)) * scale
@@ -276,29 +298,84 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
             importance = weights.sum(0) if causal else weights.view(heads, g1 - g0, b, -1).sum((0, 2))
             allowed = same & (table.number[None, k0:k1] < table.number[g0:g1, None]) if causal else same
             importance = importance.masked_fill_(~allowed, -math.inf)
-            chosen = importance.topk(min(picks, k1 - k0), dim=-1).indices.sort(-1).values
+            chosen = importance.topk(min(topk, most, k1 - k0), dim=-1).indices.sort(-1).values
             chosen_allowed = importance.gather(-1, chosen) > -math.inf
         chosen = chosen + k0
-        key_mask = (table.present[chosen] & chosen_allowed[..., None]).flatten(1)   # (T, picks b)
-        args = (queries.transpose(0, 1), k_blocks, v_blocks, chosen, key_mask[:, None, None], scale)
-        # the gathered keys and values (k times the document's) are gathered again in backward, not kept
-        out = checkpoint(_attend_picked, *args, use_reentrant=False) if torch.is_grad_enabled() else _attend_picked(*args)
-        some = chosen_allowed.any(-1)                                       # a query block with nothing allowed: zeros
-        selected_out.append((out * some[:, None, None, None]).transpose(0, 1).flatten(1, 2))
-        where.append(torch.where(present, places, -1).flatten())
-    places = torch.cat(where)
-    keep = places >= 0
-    def scatter(parts):   # the tiles' outputs at their positions (absent places add nothing)
-        values = torch.cat(parts, 1) * keep[:, None]
+        key_mask = (table.present[chosen] & chosen_allowed[..., None]).flatten(1)[:, None, None]   # (T, 1, 1, picks b)
+        # a query block with nothing allowed outputs zeros, as do the places past a document's end
+        kept = present & chosen_allowed.any(-1, keepdim=True)
+        picked.append((places, kept, chosen, key_mask))
+
+    def scatter(parts, where):   # the tiles' outputs at their positions (absent places add nothing)
+        places = torch.cat(where)
+        values = torch.cat(parts, 1) * (places >= 0)[:, None]
         return v.new_zeros(heads, q.shape[1], v.shape[-1]).index_add(1, places.clamp(min=0), values)
-    return scatter(compressed_out), scatter(selected_out)
+    selected = scatter(whole_out, whole_where) if whole_out else v.new_zeros(heads, q.shape[1], v.shape[-1])
+    if picked:
+        selected = selected + _SelectedBranch.apply(q, k_blocks, v_blocks, picked, scale)
+    return scatter(compressed_out, where), selected
 
 
-def _attend_picked(q_blocks, k_blocks, v_blocks, picked, mask, scale: float) -> torch.Tensor:
-    """Query blocks (T, H, b, D) over their picked key blocks (T, k) of k_blocks (H, G, b, D)."""
-    keys = k_blocks[:, picked].permute(1, 0, 2, 3, 4).flatten(2, 3)     # (T, H, k b, D)
-    values = v_blocks[:, picked].permute(1, 0, 2, 3, 4).flatten(2, 3)
-    return _sdpa(q_blocks, keys, values, scale, mask)
+class _SelectedBranch(torch.autograd.Function):
+    """The selected branch over the tiles that pick blocks: each query block over its picked key
+    blocks. Keeps only its inputs: the gathered keys and values (k times the document's) are
+    gathered again tile by tile in backward, and every tile's gradients add into one buffer per
+    input (per-tile autograd would zero a buffer the size of every key for each tile)."""
+
+    @staticmethod
+    def forward(ctx, q, k_blocks, v_blocks, picked, scale):
+        ctx.save_for_backward(q, k_blocks, v_blocks)
+        ctx.picked, ctx.scale = picked, scale
+        ctx.autocast = (q.device.type, torch.is_autocast_enabled(q.device.type), torch.get_autocast_dtype(q.device.type))
+        out = q.new_zeros(q.shape[0], q.shape[1], v_blocks.shape[-1])
+        for places, kept, chosen, key_mask in picked:
+            tile = _picked_attention(q, k_blocks, v_blocks, places, chosen, key_mask, scale) * kept[:, None, :, None]
+            out.index_add_(1, places.flatten(), tile.transpose(0, 1).flatten(1, 2).to(out.dtype))
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k_blocks, v_blocks = ctx.saved_tensors
+        device, autocast_on, autocast_dtype = ctx.autocast
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
+        for places, kept, chosen, key_mask in ctx.picked:
+            upstream = _rows(grad, places, 1).transpose(0, 1) * kept[:, None, :, None]     # (T, H, b, Dv)
+            q_tile, k_tile, v_tile = (_rows(t, index, 1).detach().requires_grad_()
+                                      for t, index in ((q, places), (k_blocks, chosen), (v_blocks, chosen)))
+            with torch.enable_grad(), torch.autocast(device, autocast_dtype, enabled=autocast_on):
+                out = _attend(q_tile.transpose(0, 1), k_tile, v_tile, key_mask, ctx.scale)
+            dq_tile, dk_tile, dv_tile = torch.autograd.grad(out, (q_tile, k_tile, v_tile), upstream.to(out.dtype))
+            dq.index_add_(1, places.flatten(), dq_tile.flatten(1, 2).to(dq.dtype))
+            dk.index_add_(1, chosen.flatten(), dk_tile.flatten(1, 2).to(dk.dtype))
+            dv.index_add_(1, chosen.flatten(), dv_tile.flatten(1, 2).to(dv.dtype))
+        return dq, dk, dv, None, None
+
+
+def _picked_attention(q, k_blocks, v_blocks, places, chosen, key_mask, scale: float) -> torch.Tensor:
+    """A tile's query blocks (at `places` (T, b) of q (H, N, D)) over their chosen key blocks
+    (T, k) of k_blocks, v_blocks (H, G, b, D) -> (T, H, b, Dv)."""
+    return _attend(_rows(q, places, 1).transpose(0, 1), _rows(k_blocks, chosen, 1), _rows(v_blocks, chosen, 1),
+                   key_mask, scale)
+
+
+def _attend(q_blocks, k_picked, v_picked, key_mask, scale: float) -> torch.Tensor:
+    """Query blocks (T, H, b, D) over picked key blocks (H, T, k, b, D)."""
+    keys, values = (t.permute(1, 0, 2, 3, 4).flatten(2, 3) for t in (k_picked, v_picked))   # (T, H, k b, D)
+    return _sdpa(q_blocks, keys, values, scale, key_mask)
+
+
+def _pieces(t: torch.Tensor, spans: list[tuple[int, int]], dim: int) -> list[torch.Tensor]:
+    """t[a:b] along `dim` for each of the disjoint, ordered spans, through one split: its
+    backward puts the pieces' gradients together once, where each slice's would be t's size."""
+    bounds = sorted({0, t.shape[dim], *(x for span in spans for x in span)})
+    parts = dict(zip(itertools.pairwise(bounds), t.split([b - a for a, b in itertools.pairwise(bounds)], dim)))
+    return [parts[span] for span in spans]
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """t indexed along `dim` by an index tensor of any shape (index_select: its backward adds up
+    with index_add, where advanced indexing's accumulating index_put is several times slower)."""
+    return t.index_select(dim, index.flatten()).unflatten(dim, index.shape)
 
 
 def _positions(t: torch.Tensor, span: slice, dim: int, fill=0) -> torch.Tensor:

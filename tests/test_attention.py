@@ -284,18 +284,23 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk_elements, mo
     expected, picks = sparse_reference(m, x_ref, cos, sin, doc, causal)
     real = doc != PAD_DOC
     recorded = []   # the key blocks each query block was given, and which of them it may read
-    attend_picked = attention._attend_picked
+    picked_attention = attention._picked_attention
 
-    def recording(q_blocks, k_blocks, v_blocks, picked, mask, scale):
-        recorded.append((picked, mask.view(*picked.shape, -1).any(-1)))
-        return attend_picked(q_blocks, k_blocks, v_blocks, picked, mask, scale)
+    def recording(q, k_blocks, v_blocks, places, chosen, mask, scale):
+        recorded.append((chosen, mask.view(*chosen.shape, -1).any(-1)))
+        return picked_attention(q, k_blocks, v_blocks, places, chosen, mask, scale)
 
-    monkeypatch.setattr(attention, "_attend_picked", recording)
+    monkeypatch.setattr(attention, "_picked_attention", recording)
     got = m(x, cos, sin, doc, window=WINDOW, causal=causal)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)
-    # the picks: the same blocks of each document as the reference's
+    # the picks: the same blocks of each document as the reference's (bidirectional, a document
+    # of at most top-k blocks is read whole, no blocks picked)
     number = attention.block_table(doc, 4).number
-    assert [sorted(number[c[a]].tolist()) for tile in recorded for c, a in zip(*tile)] == [p for run in picks for p in run]
+    lengths = [n for _, _, n, d in attention.document_runs(doc) if d != PAD_DOC]
+    whole = [not causal and -(-n // 4) <= 2 for n in lengths]
+    assert all(p == list(range(-(-n // 4))) for run, n, w in zip(picks, lengths, whole) if w for p in run)
+    assert [sorted(number[c[a]].tolist()) for tile in recorded for c, a in zip(*tile)] == [
+        p for run, w in zip(picks, whole) if not w for p in run]
     # gradients of the input and of every parameter
     weights = torch.randn_like(got)
     (got[real] * weights[real]).sum().backward()
