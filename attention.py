@@ -13,7 +13,9 @@ over its whole document at O(n * (w + n/b + k*b)): three branches mixed by learn
 compressed one (every query attends to one pooled key per block of b positions of its document),
 a selected one (each block of b queries attends at full resolution to the k key blocks its
 queries weighted most in the compressed branch; causal: its first query, which sees no later
-position) and the sliding window.
+position) and the sliding window. All documents of the rows go through each branch together:
+a table of blocks built with tensor ops (two host transfers a forward, whatever the number of
+documents), its blocks cut into tiles of bounded size (one long document's, or short ones').
 """
 from __future__ import annotations
 

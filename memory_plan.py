@@ -13,7 +13,7 @@ per-layer term leaves the card). With context parallelism (N processes sharing e
 train.context_parallel) a process keeps and works on its slice, positions / N, and besides holds
 what a global or sparse layer gathers from every slice (and the whole rows' output for the
 heads): a term per position of the whole rows, measured by probes of one layer of each kind split
-over two processes. Without --cards the present GPUs are planned for, measured; with it, the
+over as many processes. Without --cards the present GPUs are planned for, measured; with it, the
 cards are what-ifs in GiB and the probes run on this machine (a CPU measures fp32: on a card in
 fp16 the per-position terms about halve).
 """
@@ -231,7 +231,7 @@ def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str
             if sharing > 1:
                 models[measured_option] = fit_whole(models[measured_option], {
                     kind: probe(overrides, preset, config_path, [*measured_option, f"model.layer_pattern={kind}"],
-                                [(1, long_)], sharing=2) for kind in kinds}, 2)
+                                [(1, long_)], sharing=sharing) for kind in kinds}, sharing)
         models[name] = models[measured_option]
     for split in sorted({1, sharing}):   # one card per sequence preferred: in that order
         for name in OPTIONS:

@@ -223,7 +223,7 @@ def context_shares(cfg: Config, ranks: Ranks, model: torch.nn.Module, device: to
         layout = SequenceLayout(max(1, cfg.data.max_seq_len // ranks.sharing), cfg.model.frames_per_position)
         probe, masks = probe_inputs(layout, cfg.model, 1, cfg.train.seed)
         speed = measure_speed(model, probe, masks, device, amp_dtype)
-        memory = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else 1.0
+        memory = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else speed   # a CPU: speed alone
         measured = all_ranks((speed, memory))[first:first + ranks.sharing]
         speeds, memories = [s for s, _ in measured], [m for _, m in measured]
         parts = [min(s / sum(speeds), m / sum(memories)) for s, m in zip(speeds, memories)]

@@ -1,6 +1,6 @@
 """The memory plan's cost model against measurement at full width: fitted as `plan` fits it
 (one and two layers of each kind at the plan's probe lengths; the whole-row terms from one
-layer split over two processes), then checked on the preset's pattern with more layers at a
+layer split over N processes), then checked on the preset's pattern with more layers at a
 longer sequence, on one process and on the largest of N processes sharing it (context
 parallelism, gloo).
 
@@ -39,7 +39,7 @@ def main() -> int:
                                                      [(1, short), (2, short), (1, long_)]) for kind in kinds})
     model = memory_plan.fit_whole(model, {kind: memory_plan.probe(overrides, args.preset, config,
                                                                   [f"model.layer_pattern={kind}"], [(1, long_)],
-                                                                  sharing=2) for kind in kinds}, 2)
+                                                                  sharing=args.sharing) for kind in kinds}, args.sharing)
     shape = (args.layers, args.positions)
     lines = [*header(), f"preset {args.preset} width, pattern {cfg.model.layer_pattern}, {args.layers} layers, "
              f"{args.positions:,} positions, batch 1, activation checkpointing; fitted on probes at {short:,} and "

@@ -37,7 +37,7 @@ def test_fit_whole_finds_what_a_sharing_process_holds_of_the_whole_rows():
 
 def test_the_fitted_model_predicts_a_longer_deeper_probe_within_a_tenth():
     """Fitted on one and two layers of each kind at the plan's probe lengths (23,552 and 47,104
-    for `tiny`; the whole-row terms on one layer split over 2 processes), checked on its
+    for `tiny`; the whole-row terms on one layer split over 4 processes), checked on its
     pattern's four layers (L, S, L, S) at 65,536 positions, measured: on one process, and on
     the largest of 4 sharing the sequence (measured 0.92x both; the plan leaves a tenth of each
     card for the allocator)."""
@@ -54,7 +54,7 @@ def test_the_fitted_model_predicts_a_longer_deeper_probe_within_a_tenth():
     assert abs(predicted - actual) <= 0.1 * actual, (predicted, actual)
     alone = actual
     shared = memory_plan.fit_whole(model, {kind: memory_plan.probe(
-        [], "tiny", config, [*options, f"model.layer_pattern={kind}"], [(1, long_)], sharing=2) for kind in "LS"}, 2)
+        [], "tiny", config, [*options, f"model.layer_pattern={kind}"], [(1, long_)], sharing=4) for kind in "LS"}, 4)
     predicted = shared.activations(4, 65536, sharing=4)
     (actual, _), = memory_plan.probe([], "tiny", config, [*options, "model.n_layers=4"], [(4, 65536)],
                                      sharing=4).values()

@@ -111,3 +111,24 @@ def test_the_faster_precision_is_measured_on_the_card(monkeypatch):
     monkeypatch.setattr(planning, "measure_speed", lambda model, probe, masks, device, dtype: measured[dtype])
     assert planning.faster_precision(model, layout, 1, torch.device("cpu"))[0] == torch.float32
     assert not planning.needs_precision_probe(torch.device("cpu"), "auto")
+
+
+def test_context_parallel_slices_follow_the_shares_given_or_measured(monkeypatch):
+    """A group of 4 (ranks 4-7 of 8): by hand, its processes' entries of train.rank_shares;
+    auto on CPUs, in proportion to each process's measured speed."""
+    from context_parallel import SequenceSlices
+    from parallel import Ranks
+    import torch
+    ranks = Ranks(rank=5, world=8, context=SequenceSlices(None, 1, 4))
+    cfg = config.load_config(str(ROOT / "config.yaml"), ["train.rank_shares=[1, 1, 1, 1, 3, 1, 2, 2]"], "tiny")
+    assert planning.context_shares(cfg, ranks, None, torch.device("cpu"), torch.float32, print) == (3, 1, 2, 2)
+    speeds = [1.0, 1.0, 1.0, 1.0, 3000.0, 1000.0, 1500.0, 1500.0]
+    monkeypatch.setattr(planning, "measure_speed", lambda *args: speeds[5])
+    # every process reports what this one does: (its speed, its memory or, on a CPU, its speed again)
+    monkeypatch.setattr(planning, "all_ranks", lambda value: [(s, s * value[1] / value[0]) for s in speeds])
+    said = []
+    cfg = config.load_config(str(ROOT / "config.yaml"), ["train.rank_shares=auto"], "tiny")
+    shares = planning.context_shares(cfg, ranks, torch.nn.Linear(1, 1), torch.device("cpu"), torch.float32, said.append)
+    assert shares == (100, 33, 50, 50) and "slices in shares [100, 33, 50, 50]" in said[0]
+    cfg = config.load_config(str(ROOT / "config.yaml"), [], "tiny")
+    assert planning.context_shares(cfg, ranks, None, torch.device("cpu"), torch.float32, print) == ()
