@@ -10,10 +10,10 @@ configuration's width, with one layer of each kind at two lengths and two at the
 measure the per-position terms for each option: plain, the mini-sequence feed-forward
 (model.ffn_chunk), and with the checkpoints kept in host memory (model.offload_checkpoints: the
 per-layer term leaves the card). With context parallelism (N processes sharing each sequence,
-train.context_parallel) a process keeps and works on its slice, positions / N, and besides holds
-what a global or sparse layer gathers from every slice (and the whole rows' output for the
-heads): a term per position of the whole rows, measured by probes of one layer of each kind split
-over as many processes. Without --cards the present GPUs are planned for, measured; with it, the
+train.context_parallel) a process keeps its slice's checkpoints, positions / N, and its working
+set (its slice's, what a global or sparse layer gathers from every slice, the heads' whole
+output) is a line in the rows' length, fitted on probes of one layer of each kind split over N
+processes at the two lengths. Without --cards the present GPUs are planned for, measured; with it, the
 cards are what-ifs in GiB and the probes run on this machine (a CPU measures fp32: on a card in
 fp16 the per-position terms about halve).
 """
@@ -41,22 +41,31 @@ class MemoryModel:
     """Bytes a process needs beyond the weights' share: per position, what each layer keeps for
     backward, and the working set of the layer being computed, for the costliest kind of layer
     in the pattern."""
-    kept_per_layer: float                       # bytes per position per layer
+    kept_per_layer: float                       # bytes per position (of the process's slice) per layer
     working: dict[str, tuple[float, float]]     # layer kind -> its working set, a x positions + c bytes
-    # Context parallelism: layer kind -> bytes per position of the whole rows that a process of
-    # the group holds besides its slice's (a global or sparse layer gathers every slice's latent
-    # and expands it into per-head keys and values; a window layer only a halo)
-    whole: dict[str, float] = field(default_factory=dict)
+    # Context parallelism over `sharing` processes: layer kind -> a process's working set as a
+    # line in the rows' whole length (its slice's share, and what a global or sparse layer
+    # gathers of the whole rows, and the heads' whole output)
+    shared: dict[str, tuple[float, float]] = field(default_factory=dict)
+    sharing: int = 1
 
     def working_bytes(self, positions: int, sharing: int = 1) -> float:
         """The costliest layer's working set on a process holding 1/sharing of each row."""
-        mine = -(-positions // sharing)
-        return max(max(0.0, a * mine + c) + (self.whole.get(kind, 0.0) * positions if sharing > 1 else 0.0)
-                   for kind, (a, c) in self.working.items())
+        if sharing > 1 and sharing != self.sharing:
+            raise ValueError(f"the model was fitted for {self.sharing} process(es) sharing a sequence, not {sharing}")
+        lines = self.shared if sharing > 1 else self.working
+        return max(max(0.0, a * positions + c) for a, c in lines.values())
 
     def activations(self, layers: int, positions: int, offloaded: bool = False, sharing: int = 1) -> float:
         kept = self.kept_per_layer * (1 if offloaded else layers)   # offloaded: one block's input comes back at a time
         return -(-positions // sharing) * kept + self.working_bytes(positions, sharing)
+
+
+def _line(probes: dict[tuple[int, int], tuple[float, float]]) -> tuple[float, float]:
+    """A straight line through the one-layer peaks at two lengths: (bytes a position, fixed bytes)."""
+    (short, long_) = sorted(n for layers, n in probes if layers == 1)
+    slope = (probes[(1, long_)][0] - probes[(1, short)][0]) / (long_ - short)
+    return slope, probes[(1, short)][0] - slope * short
 
 
 def fit(measured: dict[str, dict[tuple[int, int], tuple[float, float]]]) -> MemoryModel:
@@ -69,29 +78,25 @@ def fit(measured: dict[str, dict[tuple[int, int], tuple[float, float]]]) -> Memo
     slope from below where fixed costs are negative, and falls towards it from above where
     they are positive: extrapolated as a share per position, either runs away.)"""
     kept = []
-    lines = {}
-    for kind, probes in measured.items():
-        (short, long_) = sorted(n for layers, n in probes if layers == 1)
+    for probes in measured.values():
+        short = min(n for layers, n in probes if layers == 2)
         kept.append((probes[(2, short)][1] - probes[(1, short)][1]) / short)
-        slope = (probes[(1, long_)][0] - probes[(1, short)][0]) / (long_ - short)
-        lines[kind] = (slope, probes[(1, short)][0] - slope * short)
     kept_per_layer = max(kept)
-    return MemoryModel(kept_per_layer, {kind: (a - kept_per_layer, c) for kind, (a, c) in lines.items()})
+    return MemoryModel(kept_per_layer, {kind: (a - kept_per_layer, c) for kind, (a, c) in
+                                        ((kind, _line(probes)) for kind, probes in measured.items())})
 
 
-def fit_whole(model: MemoryModel, measured: dict[str, dict[tuple[int, int], tuple[float, float]]],
-              sharing: int) -> MemoryModel:
-    """The model with its whole-row terms, from probes of one layer of each kind split over
-    `sharing` processes ({kind: {(1, positions): (the largest process's peak, kept)}}): what a
-    process holds beyond the model's prediction for its slice, per position of the whole rows."""
-    whole = {}
+def fit_shared(model: MemoryModel, measured: dict[str, dict[tuple[int, int], tuple[float, float]]],
+               sharing: int) -> MemoryModel:
+    """The model for `sharing` processes sharing each sequence, from probes of one layer of each
+    kind split over that many at two lengths ({kind: {(1, positions): (the largest process's
+    peak, kept)}}): a process's working set, a straight line in the rows' length, beyond what
+    its slice keeps."""
+    shared = {}
     for kind, probes in measured.items():
-        (_, positions), = probes
-        mine = -(-positions // sharing)
-        a, c = model.working[kind]
-        slice_only = mine * (model.kept_per_layer + a) + c
-        whole[kind] = max(0.0, (probes[(1, positions)][0] - slice_only) / positions)
-    return MemoryModel(model.kept_per_layer, model.working, whole)
+        a, c = _line(probes)
+        shared[kind] = (a - model.kept_per_layer / sharing, c)
+    return MemoryModel(model.kept_per_layer, model.working, shared, sharing)
 
 
 def probe(overrides: list[str], preset: str | None, config_path: str, option: list[str],
@@ -229,9 +234,9 @@ def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str
                                                        [(1, short), (2, short), (1, long_)])
                                            for kind in kinds})
             if sharing > 1:
-                models[measured_option] = fit_whole(models[measured_option], {
+                models[measured_option] = fit_shared(models[measured_option], {
                     kind: probe(overrides, preset, config_path, [*measured_option, f"model.layer_pattern={kind}"],
-                                [(1, long_)], sharing=sharing) for kind in kinds}, sharing)
+                                [(1, short), (1, long_)], sharing=sharing) for kind in kinds}, sharing)
         models[name] = models[measured_option]
     for split in sorted({1, sharing}):   # one card per sequence preferred: in that order
         for name in OPTIONS:

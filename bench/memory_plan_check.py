@@ -1,6 +1,6 @@
 """The memory plan's cost model against measurement at full width: fitted as `plan` fits it
-(one and two layers of each kind at the plan's probe lengths; the whole-row terms from one
-layer split over N processes), then checked on the preset's pattern with more layers at a
+(one and two layers of each kind at the plan's probe lengths; under sharing, one layer of each
+kind split over N processes at the same lengths), then checked on the preset's pattern with more layers at a
 longer sequence, on one process and on the largest of N processes sharing it (context
 parallelism, gloo).
 
@@ -37,16 +37,17 @@ def main() -> int:
     kinds = sorted(set(cfg.model.layer_pattern))
     model = memory_plan.fit({kind: memory_plan.probe(overrides, args.preset, config, [f"model.layer_pattern={kind}"],
                                                      [(1, short), (2, short), (1, long_)]) for kind in kinds})
-    model = memory_plan.fit_whole(model, {kind: memory_plan.probe(overrides, args.preset, config,
-                                                                  [f"model.layer_pattern={kind}"], [(1, long_)],
-                                                                  sharing=args.sharing) for kind in kinds}, args.sharing)
+    model = memory_plan.fit_shared(model, {kind: memory_plan.probe(overrides, args.preset, config,
+                                                                   [f"model.layer_pattern={kind}"], [(1, short), (1, long_)],
+                                                                   sharing=args.sharing) for kind in kinds}, args.sharing)
     shape = (args.layers, args.positions)
     lines = [*header(), f"preset {args.preset} width, pattern {cfg.model.layer_pattern}, {args.layers} layers, "
              f"{args.positions:,} positions, batch 1, activation checkpointing; fitted on probes at {short:,} and "
              f"{long_:,} positions ({memory_plan.describe_probe_device(cfg)})",
              f"kept {model.kept_per_layer / 1e3:.1f} KB a position and layer; working set a position + fixed: "
              + ", ".join(f"{kind} {a / 1e3:.1f} KB + {c / 2**20:.0f} MiB" for kind, (a, c) in model.working.items())
-             + "; whole rows under sharing: " + ", ".join(f"{k} {w / 1e3:.1f} KB" for k, w in model.whole.items()),
+             + f"; sharing over {args.sharing}, a position of the rows + fixed: "
+             + ", ".join(f"{kind} {a / 1e3:.1f} KB + {c / 2**20:.0f} MiB" for kind, (a, c) in model.shared.items()),
              f"{'processes':<10} {'predicted GiB':>14} {'measured GiB':>13} {'KB/position':>12} {'predicted x':>12}"]
     for sharing in (1, args.sharing):
         measured = memory_plan.probe(overrides, args.preset, config, [], [shape], sharing=sharing)[shape][0]

@@ -1,5 +1,7 @@
 """The memory plan: its cost model recovers known terms, predicts a probe it was not fitted on
 within a tenth, and says which option fits which card."""
+import pytest
+
 import memory_plan
 import model_trainer
 from config import DEFAULT_CONFIG, load_config
@@ -21,23 +23,23 @@ def test_fit_recovers_the_per_position_terms():
     assert abs(model.activations(12, 10000, offloaded=True) - (10000 * kept + 60000.0 * 10000 + 3e8)) < 1e-3
 
 
-def test_fit_whole_finds_what_a_sharing_process_holds_of_the_whole_rows():
-    """Split over 2 processes a window layer holds 100 bytes a position of the whole rows besides
-    its slice's, a sparse one 900; over 4 the slice halves again, the whole-row term does not."""
-    kept, working, whole = 3000.0, {"L": (50000.0, -2e7), "S": (50000.0, 3e8)}, {"L": 100.0, "S": 900.0}
-    model = memory_plan.MemoryModel(kept, working)
-    measured = {kind: {(1, 4096): (2048 * (kept + a) + c + whole[kind] * 4096, 0.0)} for kind, (a, c) in working.items()}
-    shared = memory_plan.fit_whole(model, measured, 2)
-    assert all(abs(shared.whole[kind] - whole[kind]) < 1e-6 for kind in whole)
-    mine = 65536 // 4
-    expected = mine * 12 * kept + max(mine * a + c + whole[kind] * 65536 for kind, (a, c) in working.items())
-    assert abs(shared.activations(12, 65536, sharing=4) - expected) < 1e-3
-    assert shared.activations(12, 65536) == model.activations(12, 65536)   # one process: no whole-row term
+def test_fit_shared_finds_a_sharing_process_working_set_as_a_line_in_the_rows_length():
+    """Split over 4 processes, one layer's peak is its slice's checkpoint plus a working set of
+    20 KB a position of the rows and 1e8 bytes; planned for 12 layers the slice keeps 12."""
+    kept = 3000.0
+    model = memory_plan.MemoryModel(kept, {"L": (50000.0, 0.0)})
+    measured = {"L": {(1, n): (n / 4 * kept + 20000.0 * n + 1e8, 0.0) for n in (2048, 4096)}}
+    shared = memory_plan.fit_shared(model, measured, 4)
+    assert shared.sharing == 4 and abs(shared.shared["L"][0] - 20000.0) < 1e-6 and abs(shared.shared["L"][1] - 1e8) < 1e-3
+    assert abs(shared.activations(12, 65536, sharing=4) - (16384 * 12 * kept + 20000.0 * 65536 + 1e8)) < 1e-3
+    assert shared.activations(12, 65536) == model.activations(12, 65536)   # one process: the one-process model
+    with pytest.raises(ValueError, match="fitted for 4"):
+        shared.activations(12, 65536, sharing=8)
 
 
 def test_the_fitted_model_predicts_a_longer_deeper_probe_within_a_tenth():
     """Fitted on one and two layers of each kind at the plan's probe lengths (23,552 and 47,104
-    for `tiny`; the whole-row terms on one layer split over 4 processes), checked on its
+    for `tiny`; under sharing, one layer split over 4 processes at both), checked on its
     pattern's four layers (L, S, L, S) at 65,536 positions, measured: on one process, and on
     the largest of 4 sharing the sequence (measured 0.92x both; the plan leaves a tenth of each
     card for the allocator)."""
@@ -53,8 +55,9 @@ def test_the_fitted_model_predicts_a_longer_deeper_probe_within_a_tenth():
     (actual, _), = memory_plan.probe([], "tiny", config, [*options, "model.n_layers=4"], [(4, 65536)]).values()
     assert abs(predicted - actual) <= 0.1 * actual, (predicted, actual)
     alone = actual
-    shared = memory_plan.fit_whole(model, {kind: memory_plan.probe(
-        [], "tiny", config, [*options, f"model.layer_pattern={kind}"], [(1, long_)], sharing=4) for kind in "LS"}, 4)
+    shared = memory_plan.fit_shared(model, {kind: memory_plan.probe(
+        [], "tiny", config, [*options, f"model.layer_pattern={kind}"], [(1, short), (1, long_)], sharing=4)
+        for kind in "LS"}, 4)
     predicted = shared.activations(4, 65536, sharing=4)
     (actual, _), = memory_plan.probe([], "tiny", config, [*options, "model.n_layers=4"], [(4, 65536)],
                                      sharing=4).values()
@@ -68,7 +71,7 @@ def test_plan_names_the_option_that_fits_each_card(monkeypatch):
     def probe(overrides, preset, config, option, shapes, sharing=1):
         working = 60e3 if any("ffn_chunk" in o for o in option) else 100e3
         return {(layers, positions): (positions / sharing * (layers * 10e3 + working) + (sharing > 1) * 5e3 * positions,
-                                      positions * layers * 10e3) for layers, positions in shapes}
+                                      positions / sharing * layers * 10e3) for layers, positions in shapes}
 
     monkeypatch.setattr(memory_plan, "probe", probe)
     cfg = load_config(str(DEFAULT_CONFIG), ["data.max_seq_len=65536", "data.batch_size=1"], "base")
