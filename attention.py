@@ -248,7 +248,8 @@ def sparse_tiles(table: BlockTable, wanted: list[int], heads: int, topk: int, he
 
 
 def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tiles: list[tuple], scale: float,
-                    topk: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                    topk: int, causal: bool, query_places: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The compressed and the selected branch for the query blocks of `tiles`. q, k, v (H, N, D)
     over the flattened rows; compressed keys and values (H, G, D), one per block. Compressed:
     each query over its document's blocks (causal: the blocks that have ended at or before it;
@@ -257,18 +258,24 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
     its queries; causal: its first query's weights, and only earlier blocks, as a sum over later
     queries would let them choose what earlier ones read), at full resolution; bidirectional
     over a document of at most k blocks: all of them, the whole document, no ranking needed.
-    -> both (H, N, Dv)."""
+    The queries may be a part of the rows, M positions, each block's places in them given by
+    `query_places` (G, b) (default: the rows' own). -> both (H, M, Dv), zeros outside the tiles."""
     b, heads = table.block, q.shape[0]
+    if not tiles:   # no document in the rows (or in this process's slice of them)
+        return (v.new_zeros(heads, q.shape[1], v.shape[-1]),) * 2
+    query_places = table.places if query_places is None else query_places
+    first, last = tiles[0][0], tiles[-1][1]
     place = torch.arange(b, device=q.device)
     k_blocks, v_blocks = _rows(k, table.places, 1), _rows(v, table.places, 1)   # (H, G, b, D)
     whole_documents = [(k0, k1) for _, _, k0, k1, most in tiles if not causal and most <= topk]
     whole_keys = iter(zip(_pieces(k_blocks, whole_documents, 1), _pieces(v_blocks, whole_documents, 1)))
-    tile_queries = _pieces(_rows(q, table.places, 1), [(g0, g1) for g0, g1, *_ in tiles], 1)   # (H, T, b, D) each
+    tile_queries = _pieces(_rows(q, query_places[first:last], 1),
+                           [(g0 - first, g1 - first) for g0, g1, *_ in tiles], 1)   # (H, T, b, D) each
     # values padded to the key width once, not per tile (each tile's copy would be kept for backward)
     padded_compressed_v = F.pad(compressed_v, (0, max(0, q.shape[-1] - v.shape[-1])))
     where, compressed_out, whole_where, whole_out, picked = [], [], [], [], []
     for (g0, g1, k0, k1, most), queries in zip(tiles, tile_queries):
-        places, present = table.places[g0:g1], table.present[g0:g1]         # (T, b)
+        places, present = query_places[g0:g1], table.present[g0:g1]         # (T, b)
         where.append(torch.where(present, places, -1).flatten())
         flat_queries = queries.flatten(1, 2)                                # (H, T b, D)
         same = table.first[g0:g1, None] == table.first[None, k0:k1]          # (T, nk): the query block's document
@@ -467,7 +474,7 @@ class MultiHeadLatentAttention(nn.Module):
             out = attend(q, k, value, doc, self.softmax_scale, window, causal)   # the sparse layer's window branch
             if self.sparse:
                 blocks = blocks or block_table(doc, self.sparse.block)
-                out = self._sparse_attention(x, q, 0, latent, k_pe, cos, sin, k, value, blocks, causal, out)
+                out = self._sparse_attention(x, q, 0, 0, latent, k_pe, cos, sin, k, value, blocks, causal, out)
         return self.wo(out.transpose(1, 2).flatten(2))
 
     def _sliced(self, x, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices, blocks):
@@ -500,27 +507,30 @@ class MultiHeadLatentAttention(nn.Module):
         block = self.sparse.block
         halo, _ = slices.with_halo(q.detach().transpose(1, 2).flatten(2), doc, block)
         halo = halo.unflatten(2, (q.shape[1], -1)).transpose(1, 2)
-        queries = F.pad(torch.cat([halo[:, :, :block], q, halo[:, :, -block:]], 2),
-                        (0, 0, start - block, whole_doc.shape[1] - start - length - block))   # placed in whole rows
-        return self._sparse_attention(x, queries, start, whole_latent, whole_pe, whole_cos, whole_sin, k, value,
-                                      blocks or block_table(whole_doc, block), causal, local)
+        queries = torch.cat([halo[:, :, :block], q, halo[:, :, -block:]], 2)   # positions [start - block, ...)
+        return self._sparse_attention(x, queries, start, start - block, whole_latent, whole_pe, whole_cos, whole_sin,
+                                      k, value, blocks or block_table(whole_doc, block), causal, local)
 
-    def _sparse_attention(self, x, q, start, latent, k_pe, cos, sin, k, v, blocks: BlockTable, causal, local):
+    def _sparse_attention(self, x, q, start, first, latent, k_pe, cos, sin, k, v, blocks: BlockTable, causal, local):
         """The compressed and selected branches, and with them `local` (the window's output),
         mixed per head by gates read from the input. The outputs are for positions [start,
-        start + L) of the rows (L = x's length); q, latent, rotary key, cos, sin, k, v and the
-        blocks cover the whole rows (q at least the query blocks that hold the output's positions)."""
+        start + L) of the rows (L = x's length); q (B, H, M, D) for positions [first, first + M),
+        which hold the query blocks of those; latent, rotary key, cos, sin, k, v and the blocks
+        cover the whole rows."""
         pattern, length = self.sparse, x.shape[1]
-        rows, whole = q.shape[0], q.shape[2]
+        rows, span, whole = q.shape[0], q.shape[2], k.shape[2]
         wanted = list(range(len(blocks.host_start))) if length == whole else [
-            g for g, first in enumerate(blocks.host_start)
-            if first % whole < start + length and first % whole + pattern.block > start]
+            g for g, begin in enumerate(blocks.host_start)
+            if begin % whole < start + length and begin % whole + pattern.block > start]
         tiles = sparse_tiles(blocks, wanted, self.n_heads, pattern.topk, q.shape[-1])
         compressed_k, compressed_v = self.compress(latent.flatten(0, 1), k_pe.flatten(0, 1), cos.flatten(0, 1),
                                                    sin.flatten(0, 1), blocks)
+        query_places = None if span == whole else (   # the blocks' places among these queries
+            (blocks.places // whole) * span + blocks.places % whole - first).clamp(0, rows * span - 1)
         compressed, selected = sparse_branches(*(t.transpose(0, 1).flatten(1, 2) for t in (q, k, v)), compressed_k,
-                                               compressed_v, blocks, tiles, self.softmax_scale, pattern.topk, causal)
-        compressed, selected = (t.unflatten(1, (rows, whole)).transpose(0, 1)[:, :, start:start + length]
+                                               compressed_v, blocks, tiles, self.softmax_scale, pattern.topk, causal,
+                                               query_places)
+        compressed, selected = (t.unflatten(1, (rows, span)).transpose(0, 1)[:, :, start - first:start - first + length]
                                 for t in (compressed, selected))
         gates = torch.sigmoid(self.gates(x)).view(*x.shape[:2], self.n_heads, 3).permute(3, 0, 2, 1)[..., None]
         return gates[0] * compressed + gates[1] * selected + gates[2] * local
