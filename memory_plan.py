@@ -215,6 +215,20 @@ def parameters_of(cfg: Config) -> int:
         return sum(p.numel() for p in CustomTransformer(cfg.model).parameters())
 
 
+def fitted_model(overrides: list[str], preset: str | None, config_path: str, cfg: Config, option: list[str],
+                 sharing: int = 1) -> MemoryModel:
+    """The cost model for `option`, fitted on probes of each kind of layer in the pattern at the
+    plan's two lengths (and with `sharing` > 1, split over that many processes)."""
+    short, long_ = probe_lengths(cfg)
+    kinds = sorted(set(cfg.model.layer_pattern))
+    model = fit({kind: probe(overrides, preset, config_path, [*option, f"model.layer_pattern={kind}"],
+                             [(1, short), (2, short), (1, long_)]) for kind in kinds})
+    if sharing == 1:
+        return model
+    return fit_shared(model, {kind: probe(overrides, preset, config_path, [*option, f"model.layer_pattern={kind}"],
+                                          [(1, short), (1, long_)], sharing=sharing) for kind in kinds}, sharing)
+
+
 def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str, cards_gib: list[float],
          say=print, sharing: int = 1) -> dict[str, float]:
     """-> GiB per process for each option at the configuration's length (with `sharing` > 1 also
@@ -223,21 +237,12 @@ def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str
     positions, layers = cfg.data.max_seq_len, cfg.model.n_layers
     checkpointing = ["model.activation_checkpointing=true"]
     weights = parameters_of(cfg) * BYTES_PER_PARAMETER
-    needs, models = {}, {}
-    short, long_ = probe_lengths(cfg)
-    kinds = sorted(set(cfg.model.layer_pattern))
+    needs, fitted, models = {}, {}, {}
     for name, option in OPTIONS.items():
         measured_option = tuple(checkpointing + [o for o in option if "offload" not in o])   # a CPU moves nothing
-        if measured_option not in models:
-            models[measured_option] = fit({kind: probe(overrides, preset, config_path,
-                                                       [*measured_option, f"model.layer_pattern={kind}"],
-                                                       [(1, short), (2, short), (1, long_)])
-                                           for kind in kinds})
-            if sharing > 1:
-                models[measured_option] = fit_shared(models[measured_option], {
-                    kind: probe(overrides, preset, config_path, [*measured_option, f"model.layer_pattern={kind}"],
-                                [(1, short), (1, long_)], sharing=sharing) for kind in kinds}, sharing)
-        models[name] = models[measured_option]
+        if measured_option not in fitted:
+            fitted[measured_option] = fitted_model(overrides, preset, config_path, cfg, list(measured_option), sharing)
+        models[name] = fitted[measured_option]
     for split in sorted({1, sharing}):   # one card per sequence preferred: in that order
         for name in OPTIONS:
             model, label = models[name], name if split == 1 else f"{name}, context parallel x{split}"

@@ -34,12 +34,7 @@ def main() -> int:
     overrides = [*args.set, "data.batch_size=1", "model.activation_checkpointing=true"]
     cfg = load_config(config, overrides, args.preset)
     short, long_ = memory_plan.probe_lengths(cfg)
-    kinds = sorted(set(cfg.model.layer_pattern))
-    model = memory_plan.fit({kind: memory_plan.probe(overrides, args.preset, config, [f"model.layer_pattern={kind}"],
-                                                     [(1, short), (2, short), (1, long_)]) for kind in kinds})
-    model = memory_plan.fit_shared(model, {kind: memory_plan.probe(overrides, args.preset, config,
-                                                                   [f"model.layer_pattern={kind}"], [(1, short), (1, long_)],
-                                                                   sharing=args.sharing) for kind in kinds}, args.sharing)
+    model = memory_plan.fitted_model(overrides, args.preset, config, cfg, [], args.sharing)
     shape = (args.layers, args.positions)
     lines = [*header(), f"preset {args.preset} width, pattern {cfg.model.layer_pattern}, {args.layers} layers, "
              f"{args.positions:,} positions, batch 1, activation checkpointing; fitted on probes at {short:,} and "
