@@ -151,18 +151,15 @@ def local_attention(q, k, v, doc: torch.Tensor, scale: float, window: int, causa
 class SparsePattern:
     block: int    # positions per compressed (and selectable) block
     topk: int     # key blocks each query block attends to at full resolution
+    chunk: int = 1 << 24   # elements a tile's ranking scores or gathered keys may hold (64 MiB in fp32)
 
 
-# Elements a chunk of work may hold (64 MiB in fp32): the blocks are processed in tiles this size.
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def chunked_from(heads: int, block: int, topk: int, head_dim: int) -> int:
+def chunked_from(heads: int, block: int, topk: int, head_dim: int, chunk: int) -> int:
     """The document length from which a sparse layer's tiles are cut by size, so that its
     memory grows as a straight line in the length: the block ranking (queries x heads x n /
     block scores) and the selected branch (query blocks x heads x k x b x head dim gathered keys)."""
-    ranking = math.isqrt(_CHUNK_ELEMENTS * block // heads) + 1
-    selected = (_CHUNK_ELEMENTS // (heads * topk * block * head_dim) + 1) * block
+    ranking = math.isqrt(chunk * block // heads) + 1
+    selected = (chunk // (heads * topk * block * head_dim) + 1) * block
     return max(ranking, selected)
 
 
@@ -217,7 +214,7 @@ def pool_blocks(x: torch.Tensor, table: BlockTable, logits: torch.Tensor) -> tor
     return torch.einsum("gp,gpc->gc", weights.to(x.dtype), _rows(x, table.places, 0))
 
 
-def sparse_tiles(table: BlockTable, wanted: list[int], heads: int, topk: int, head_dim: int) -> list[tuple]:
+def sparse_tiles(table: BlockTable, wanted: list[int], heads: int, topk: int, head_dim: int, chunk: int) -> list[tuple]:
     """Consecutive query blocks (of `wanted`, in order) cut into tiles -> (first, stop, key
     blocks from, key blocks to, the most blocks a document of the tile has). A tile's keys are
     its documents' blocks, a contiguous run. A tile holds one document's blocks, or several
@@ -235,8 +232,8 @@ def sparse_tiles(table: BlockTable, wanted: list[int], heads: int, topk: int, he
             deeper = max(most, table.host_count[g1])
             size = g1 + 1 - g0
             if g1 > g0 and ((table.host_first[g1] != table.host_first[g1 - 1] and keys_to - keys_from > topk)
-                            or heads * size * b * (keys_to - keys_from) > _CHUNK_ELEMENTS
-                            or size * heads * min(topk, deeper) * b * head_dim > _CHUNK_ELEMENTS):
+                            or heads * size * b * (keys_to - keys_from) > chunk
+                            or size * heads * min(topk, deeper) * b * head_dim > chunk):
                 break
             most, stop, tile_keys_to = deeper, g1 + 1, keys_to
             i += 1
@@ -522,7 +519,7 @@ class MultiHeadLatentAttention(nn.Module):
         wanted = list(range(len(blocks.host_start))) if length == whole else [
             g for g, begin in enumerate(blocks.host_start)
             if begin % whole < start + length and begin % whole + pattern.block > start]
-        tiles = sparse_tiles(blocks, wanted, self.n_heads, pattern.topk, q.shape[-1])
+        tiles = sparse_tiles(blocks, wanted, self.n_heads, pattern.topk, q.shape[-1], pattern.chunk)
         compressed_k, compressed_v = self.compress(latent.flatten(0, 1), k_pe.flatten(0, 1), cos.flatten(0, 1),
                                                    sin.flatten(0, 1), blocks)
         query_places = None if span == whole else (   # the blocks' places among these queries

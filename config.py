@@ -34,6 +34,9 @@ class ModelConfig:
     window: int = 64                   # sliding-window reach in positions (L and S layers)
     sparse_block: int = 64             # S layers: positions per compressed / selectable block
     sparse_topk: int = 16              # S layers: key blocks each query block reads at full resolution
+    # S layers: elements (fp32: 4 bytes) a tile of the block ranking or of the gathered keys may
+    # hold; smaller: less transient memory, more kernel calls on long documents
+    sparse_chunk: int = 1 << 24
     causal: bool = False               # the autoencoder attends both ways
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
@@ -66,8 +69,8 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                     "v_head_dim", "ffn_hidden", "window", "sparse_block", "sparse_topk", "frames_per_position",
-                     "vocab_size", "n_speakers",
+                     "v_head_dim", "ffn_hidden", "window", "sparse_block", "sparse_topk", "sparse_chunk",
+                     "frames_per_position", "vocab_size", "n_speakers",
                      "text_span", "audio_span"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1")

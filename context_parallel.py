@@ -21,22 +21,23 @@ OUT_OF_RANGE = -2   # a halo position beyond the sequence's ends: never equal to
 
 
 class _GatherSlices(torch.autograd.Function):
-    """All-gather along a new leading dim; backward sums every process's gradient for the
-    gathered copies and hands each process the part for its own slice (an all-reduce: gloo has
-    no reduce-scatter, and halos are small)."""
+    """All-gather along a new leading dim; backward sums every process's gradient for its own
+    slice's copies (a reduce-scatter: no process holds the whole gradient)."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
-        ctx.group, ctx.rank = group, dist.get_rank(group)
-        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(parts, tensor.contiguous(), group=group)
-        return torch.stack(parts)
+        ctx.group = group
+        world = dist.get_world_size(group)
+        tensor = tensor.contiguous()
+        gathered = tensor.new_empty(world * tensor.shape[0], *tensor.shape[1:])   # one buffer, no copies to stack
+        dist.all_gather_into_tensor(gathered, tensor, group=group)
+        return gathered.view(world, *tensor.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        grad = grad.contiguous()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[ctx.rank], None
+        mine = grad.new_empty(grad.shape[1:])
+        dist.reduce_scatter_tensor(mine, grad.contiguous().flatten(0, 1), group=ctx.group)
+        return mine, None
 
 
 @dataclass(frozen=True)
@@ -93,9 +94,9 @@ class SequenceSlices:
 
     def gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(world, *ids.shape): every process's ids (no gradient)."""
-        parts = [torch.empty_like(ids) for _ in range(self.world)]
-        dist.all_gather(parts, ids.contiguous(), group=self.group)
-        return torch.stack(parts)
+        gathered = ids.new_empty(self.world * ids.shape[0], *ids.shape[1:])
+        dist.all_gather_into_tensor(gathered, ids.contiguous(), group=self.group)
+        return gathered.view(self.world, *ids.shape)
 
     def with_halo(self, values: torch.Tensor, doc: torch.Tensor, width: int
                   ) -> tuple[torch.Tensor, torch.Tensor]:

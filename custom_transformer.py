@@ -64,7 +64,7 @@ class Block(nn.Module):
         self.window = None if kind == "G" else cfg.window
         self.causal = cfg.causal
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        sparse = SparsePattern(cfg.sparse_block, cfg.sparse_topk) if kind == "S" else None
+        sparse = SparsePattern(cfg.sparse_block, cfg.sparse_topk, cfg.sparse_chunk) if kind == "S" else None
         self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank,
                                              cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                                              cfg.norm_eps, sparse)

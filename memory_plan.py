@@ -13,7 +13,7 @@ per-layer term leaves the card). With context parallelism (N processes sharing e
 train.context_parallel) a process keeps its slice's checkpoints, positions / N, and its working
 set (its slice's, what a global or sparse layer gathers from every slice, the heads' whole
 output) is a line in the rows' length, fitted on probes of one layer of each kind split over N
-processes at the two lengths. Without --cards the present GPUs are planned for, measured; with it, the
+processes at two lengths where each slice is past the shapes' thresholds. Without --cards the present GPUs are planned for, measured; with it, the
 cards are what-ifs in GiB and the probes run on this machine (a CPU measures fp32: on a card in
 fp16 the per-position terms about halve).
 """
@@ -192,17 +192,22 @@ OPTIONS = {   # name -> the settings it adds
 }
 
 
-def probe_lengths(cfg: Config) -> tuple[int, int]:
+def probe_lengths(cfg: Config, sharing: int = 1) -> tuple[int, int]:
     """Two lengths past the shapes' thresholds (a sparse layer selects every block of a sequence
     shorter than top-k blocks; a window reaches past a short one) and past the sparse layer's
     chunk sizes, where each kind of layer's memory has settled into a straight line (at `base`
     width a sparse layer's share per position measured 254, 176, 157 and 156 KB at 2k, 4k, 8k
-    and 16k positions: its block ranking fills its chunks at 9.5k)."""
+    and 16k positions: its block ranking fills its chunks at 9.5k). Split over `sharing`
+    processes, each slice twice past them (a sparse layer's slice of 2,048 positions still has
+    a fixed chunk term the longer ones lose: `tiny` over 4, fitted on slices of 768, 2,048 and
+    4,096 positions, predicted 0.75x, 0.93x and 0.98-1.00x of four layers at 65,536)."""
     from attention import chunked_from
     m = cfg.model
-    short = max(2048, 2 * m.sparse_topk * m.sparse_block, 4 * m.window)
+    shapes = max(2048, 2 * m.sparse_topk * m.sparse_block, 4 * m.window)
+    short = max(shapes, 2 * sharing * shapes if sharing > 1 else 0)
     if "S" in m.layer_pattern:
-        short = max(short, chunked_from(m.n_heads, m.sparse_block, m.sparse_topk, m.qk_nope_head_dim + m.qk_rope_head_dim))
+        short = max(short, chunked_from(m.n_heads, m.sparse_block, m.sparse_topk, m.qk_nope_head_dim + m.qk_rope_head_dim,
+                                          m.sparse_chunk))
     short = -(-short // 1024) * 1024
     return short, 2 * short
 
@@ -225,6 +230,7 @@ def fitted_model(overrides: list[str], preset: str | None, config_path: str, cfg
                              [(1, short), (2, short), (1, long_)]) for kind in kinds})
     if sharing == 1:
         return model
+    short, long_ = probe_lengths(cfg, sharing)
     return fit_shared(model, {kind: probe(overrides, preset, config_path, [*option, f"model.layer_pattern={kind}"],
                                           [(1, short), (1, long_)], sharing=sharing) for kind in kinds}, sharing)
 

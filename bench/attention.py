@@ -36,7 +36,8 @@ def sparse_attention(q, k, v, doc, scale, window, block, topk):
     pooled = attention.pool_blocks(torch.cat([keys, values], -1).transpose(0, 1).flatten(1), blocks, zeros)
     compressed_k, compressed_v = pooled.unflatten(1, (keys.shape[0], -1)).transpose(0, 1).split(
         [keys.shape[-1], values.shape[-1]], -1)
-    tiles = attention.sparse_tiles(blocks, list(range(len(blocks.host_start))), keys.shape[0], topk, keys.shape[-1])
+    tiles = attention.sparse_tiles(blocks, list(range(len(blocks.host_start))), keys.shape[0], topk, keys.shape[-1],
+                                   attention.SparsePattern(block, topk).chunk)
     compressed, selected = attention.sparse_branches(queries, keys, values, compressed_k, compressed_v, blocks, tiles,
                                                      scale, topk, False)
     return (compressed + selected)[None] + local_attention(q, k, v, doc, scale, window)

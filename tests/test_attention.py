@@ -252,9 +252,9 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
 WINDOW = 3
 
 
-def sparse_layer(causal, block=4, topk=2):
+def sparse_layer(causal, block=4, topk=2, chunk=1 << 24):
     torch.manual_seed(0)
-    m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, SparsePattern(block, topk)).double()
+    m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, SparsePattern(block, topk, chunk)).double()
     with torch.no_grad():
         m.pool_logits.normal_()   # unequal pooling weights, so a wrong one shows
         m.gates.weight.normal_(std=0.3)
@@ -273,11 +273,10 @@ def sparse_inputs(generator):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("chunk_elements", [1 << 26, 64])   # 64: every chunked loop takes several turns
-def test_sparse_layer_matches_its_pattern_written_out(causal, chunk_elements, monkeypatch):
+@pytest.mark.parametrize("chunk", [1 << 26, 64])   # 64: every chunked loop takes several turns
+def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, monkeypatch):
     import attention
-    monkeypatch.setattr(attention, "_CHUNK_ELEMENTS", chunk_elements)
-    m = sparse_layer(causal)
+    m = sparse_layer(causal, chunk=chunk)
     x, cos, sin, doc = sparse_inputs(torch.Generator().manual_seed(1))
     x_ref = x.clone().requires_grad_()
     x.requires_grad_()
