@@ -263,9 +263,8 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
     query_places = table.places if query_places is None else query_places
     first, last = tiles[0][0], tiles[-1][1]
     place = torch.arange(b, device=q.device)
-    k_blocks, v_blocks = _rows(k, table.places, 1), _rows(v, table.places, 1)   # (H, G, b, D)
-    whole_documents = [(k0, k1) for _, _, k0, k1, most in tiles if not causal and most <= topk]
-    whole_keys = iter(zip(_pieces(k_blocks, whole_documents, 1), _pieces(v_blocks, whole_documents, 1)))
+    whole_keys = iter(_key_blocks(k, v, table, [(k0, k1) for _, _, k0, k1, most in tiles
+                                                 if not causal and most <= topk]))
     tile_queries = _pieces(_rows(q, query_places[first:last], 1),
                            [(g0 - first, g1 - first) for g0, g1, *_ in tiles], 1)   # (H, T, b, D) each
     # values padded to the key width once, not per tile (each tile's copy would be kept for backward)
@@ -310,7 +309,7 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
         key_mask = (table.present[chosen] & chosen_allowed[..., None]).flatten(1)[:, None, None]   # (T, 1, 1, picks b)
         # a query block with nothing allowed outputs zeros, as do the places past a document's end
         kept = present & chosen_allowed.any(-1, keepdim=True)
-        picked.append((places, kept, chosen, key_mask))
+        picked.append((places, kept, table.places[chosen], key_mask))
 
     def scatter(parts, where):   # the tiles' outputs at their positions (absent places add nothing)
         places = torch.cat(where)
@@ -318,50 +317,62 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
         return v.new_zeros(heads, q.shape[1], v.shape[-1]).index_add(1, places.clamp(min=0), values)
     selected = scatter(whole_out, whole_where) if whole_out else v.new_zeros(heads, q.shape[1], v.shape[-1])
     if picked:
-        selected = selected + _SelectedBranch.apply(q, k_blocks, v_blocks, picked, scale)
+        selected = selected + _SelectedBranch.apply(q, k, v, picked, scale)
     return scatter(compressed_out, where), selected
 
 
 class _SelectedBranch(torch.autograd.Function):
     """The selected branch over the tiles that pick blocks: each query block over its picked key
-    blocks. Keeps only its inputs: the gathered keys and values (k times the document's) are
-    gathered again tile by tile in backward, and every tile's gradients add into one buffer per
-    input (per-tile autograd would zero a buffer the size of every key for each tile)."""
+    blocks, read from the keys and values (H, N, D) at the blocks' places. Keeps only its inputs:
+    the gathered keys and values (k times the document's) are gathered again tile by tile in
+    backward, and every tile's gradients add into one buffer per input (per-tile autograd would
+    zero a buffer the size of every key for each tile)."""
 
     @staticmethod
-    def forward(ctx, q, k_blocks, v_blocks, picked, scale):
-        ctx.save_for_backward(q, k_blocks, v_blocks)
+    def forward(ctx, q, k, v, picked, scale):
+        ctx.save_for_backward(q, k, v)
         ctx.picked, ctx.scale = picked, scale
         ctx.autocast = (q.device.type, torch.is_autocast_enabled(q.device.type), torch.get_autocast_dtype(q.device.type))
-        out = q.new_zeros(q.shape[0], q.shape[1], v_blocks.shape[-1])
-        for places, kept, chosen, key_mask in picked:
-            tile = _picked_attention(q, k_blocks, v_blocks, places, chosen, key_mask, scale) * kept[:, None, :, None]
+        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+        for places, kept, key_places, key_mask in picked:
+            tile = _picked_attention(q, k, v, places, key_places, key_mask, scale) * kept[:, None, :, None]
             out.index_add_(1, places.flatten(), tile.transpose(0, 1).flatten(1, 2).to(out.dtype))
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        q, k_blocks, v_blocks = ctx.saved_tensors
+        q, k, v = ctx.saved_tensors
         device, autocast_on, autocast_dtype = ctx.autocast
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k_blocks), torch.zeros_like(v_blocks)
-        for places, kept, chosen, key_mask in ctx.picked:
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for places, kept, key_places, key_mask in ctx.picked:
             upstream = _rows(grad, places, 1).transpose(0, 1) * kept[:, None, :, None]     # (T, H, b, Dv)
             q_tile, k_tile, v_tile = (_rows(t, index, 1).detach().requires_grad_()
-                                      for t, index in ((q, places), (k_blocks, chosen), (v_blocks, chosen)))
+                                      for t, index in ((q, places), (k, key_places), (v, key_places)))
             with torch.enable_grad(), torch.autocast(device, autocast_dtype, enabled=autocast_on):
                 out = _attend(q_tile.transpose(0, 1), k_tile, v_tile, key_mask, ctx.scale)
             dq_tile, dk_tile, dv_tile = torch.autograd.grad(out, (q_tile, k_tile, v_tile), upstream.to(out.dtype))
             dq.index_add_(1, places.flatten(), dq_tile.flatten(1, 2).to(dq.dtype))
-            dk.index_add_(1, chosen.flatten(), dk_tile.flatten(1, 2).to(dk.dtype))
-            dv.index_add_(1, chosen.flatten(), dv_tile.flatten(1, 2).to(dv.dtype))
+            dk.index_add_(1, key_places.flatten(), dk_tile.flatten(1, 3).to(dk.dtype))
+            dv.index_add_(1, key_places.flatten(), dv_tile.flatten(1, 3).to(dv.dtype))
         return dq, dk, dv, None, None
 
 
-def _picked_attention(q, k_blocks, v_blocks, places, chosen, key_mask, scale: float) -> torch.Tensor:
+def _picked_attention(q, k, v, places, key_places, key_mask, scale: float) -> torch.Tensor:
     """A tile's query blocks (at `places` (T, b) of q (H, N, D)) over their chosen key blocks
-    (T, k) of k_blocks, v_blocks (H, G, b, D) -> (T, H, b, Dv)."""
-    return _attend(_rows(q, places, 1).transpose(0, 1), _rows(k_blocks, chosen, 1), _rows(v_blocks, chosen, 1),
+    (at `key_places` (T, k, b) of k, v (H, N, D)) -> (T, H, b, Dv)."""
+    return _attend(_rows(q, places, 1).transpose(0, 1), _rows(k, key_places, 1), _rows(v, key_places, 1),
                    key_mask, scale)
+
+
+def _key_blocks(k, v, table: BlockTable, spans: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The key and value blocks k0..k1 of each span (H, k1 - k0, b, D), read through one gather
+    for all of them (its backward adds every span's gradients into one buffer; spans may repeat
+    or overlap where a tile cut a run of documents)."""
+    if not spans:
+        return []
+    blocks = torch.tensor([g for k0, k1 in spans for g in range(k0, k1)], device=k.device)
+    keys, values = (_rows(t, table.places[blocks], 1).split([k1 - k0 for k0, k1 in spans], 1) for t in (k, v))
+    return list(zip(keys, values))
 
 
 def _attend(q_blocks, k_picked, v_picked, key_mask, scale: float) -> torch.Tensor:

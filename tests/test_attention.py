@@ -285,20 +285,21 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, monkeypatch
     recorded = []   # the key blocks each query block was given, and which of them it may read
     picked_attention = attention._picked_attention
 
-    def recording(q, k_blocks, v_blocks, places, chosen, mask, scale):
-        recorded.append((chosen, mask.view(*chosen.shape, -1).any(-1)))
-        return picked_attention(q, k_blocks, v_blocks, places, chosen, mask, scale)
+    def recording(q, k, v, places, key_places, mask, scale):
+        recorded.append((key_places[..., 0], mask.view(*key_places.shape[:2], -1).any(-1)))
+        return picked_attention(q, k, v, places, key_places, mask, scale)
 
     monkeypatch.setattr(attention, "_picked_attention", recording)
     got = m(x, cos, sin, doc, window=WINDOW, causal=causal)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)
     # the picks: the same blocks of each document as the reference's (bidirectional, a document
     # of at most top-k blocks is read whole, no blocks picked)
-    number = attention.block_table(doc, 4).number
+    table = attention.block_table(doc, 4)
+    number = dict(zip(table.places[:, 0].tolist(), table.number.tolist()))   # a block's first place -> its number
     lengths = [n for _, _, n, d in attention.document_runs(doc) if d != PAD_DOC]
     whole = [not causal and -(-n // 4) <= 2 for n in lengths]
     assert all(p == list(range(-(-n // 4))) for run, n, w in zip(picks, lengths, whole) if w for p in run)
-    assert [sorted(number[c[a]].tolist()) for tile in recorded for c, a in zip(*tile)] == [
+    assert [sorted(number[p] for p in c[a].tolist()) for tile in recorded for c, a in zip(*tile)] == [
         p for run, w in zip(picks, whole) if not w for p in run]
     # gradients of the input and of every parameter
     weights = torch.randn_like(got)
@@ -309,6 +310,29 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, monkeypatch
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
     for name, p in m.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def test_short_documents_a_tile_cuts_apart_are_read_whole():
+    """Bidirectional, documents of at most top-k blocks are read whole, short ones together in
+    a tile; with a chunk that holds two query blocks' gathered keys, a tile ends inside a
+    document (the 4-position one and the first block of the next, then its second block alone:
+    two tiles with overlapping keys, which stopped the layer with a KeyError): outputs and
+    gradients still equal the reference's."""
+    torch.manual_seed(0)
+    m = sparse_layer(False, block=4, topk=3, chunk=400)
+    lengths = [4, 8, 5, 7, 12]   # 1, 2, 2, 2 and 3 blocks
+    doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+    cos, sin = rope_tables(torch.cat([torch.arange(n) for n in lengths])[None], 4, 10000.0)
+    cos, sin = cos.double(), sin.double()
+    x = torch.randn(1, doc.shape[1], 24, dtype=torch.float64, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    got = m(x, cos, sin, doc, window=WINDOW, causal=False)
+    expected, _ = sparse_reference(m, x_ref, cos, sin, doc, False)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(got)
+    (got * weights).sum().backward()
+    (expected * weights).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
 
 
 def test_a_sparse_layer_reaches_across_the_document_and_a_local_one_does_not():
