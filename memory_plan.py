@@ -11,11 +11,12 @@ measure the per-position terms for each option: plain, the mini-sequence feed-fo
 (model.ffn_chunk), and with the checkpoints kept in host memory (model.offload_checkpoints: the
 per-layer term leaves the card). With context parallelism (N processes sharing each sequence,
 train.context_parallel) a process keeps its slice's checkpoints, positions / N, and its working
-set (its slice's, what a global or sparse layer gathers from every slice, the heads' whole
-output) is a line in the rows' length, fitted on probes of one layer of each kind split over N
-processes at two lengths where each slice is past the shapes' thresholds. Without --cards the present GPUs are planned for, measured; with it, the
-cards are what-ifs in GiB and the probes run on this machine (a CPU measures fp32: on a card in
-fp16 the per-position terms about halve).
+set is its slice's share (in 1/N) and what every process holds whole (what a global or sparse
+layer gathers from every slice, the heads' output), fitted on probes of one layer of each kind
+split over 2 and over 4 processes at two lengths (so that planning for 8 does not need 8 probe
+processes of a long sequence on one machine). Without --cards the present GPUs are planned
+for, measured; with it, the cards are what-ifs in GiB and the probes run on this machine (a
+CPU measures fp32: on a card in fp16 the per-position terms about halve).
 """
 from __future__ import annotations
 
@@ -36,6 +37,9 @@ FFN_CHUNK = 1024                  # the mini-sequence option's chunk
 GIB = 2 ** 30
 
 
+SPLITS = (2, 4)   # processes sharing a sequence in the split probes (a plan for more extrapolates in 1/N)
+
+
 @dataclass
 class MemoryModel:
     """Bytes a process needs beyond the weights' share: per position, what each layer keeps for
@@ -43,18 +47,18 @@ class MemoryModel:
     in the pattern."""
     kept_per_layer: float                       # bytes per position (of the process's slice) per layer
     working: dict[str, tuple[float, float]]     # layer kind -> its working set, a x positions + c bytes
-    # Context parallelism over `sharing` processes: layer kind -> a process's working set as a
-    # line in the rows' whole length (its slice's share, and what a global or sparse layer
-    # gathers of the whole rows, and the heads' whole output)
-    shared: dict[str, tuple[float, float]] = field(default_factory=dict)
-    sharing: int = 1
+    # Context parallelism: layer kind -> a process's working set when N processes share each
+    # sequence of n positions, (a, r, c, d): a x n / N (its slice's share) + r x n (what a global
+    # or sparse layer gathers of the whole rows, the heads' whole output) + c / N + d bytes
+    shared: dict[str, tuple[float, float, float, float]] = field(default_factory=dict)
 
     def working_bytes(self, positions: int, sharing: int = 1) -> float:
         """The costliest layer's working set on a process holding 1/sharing of each row."""
-        if sharing > 1 and sharing != self.sharing:
-            raise ValueError(f"the model was fitted for {self.sharing} process(es) sharing a sequence, not {sharing}")
-        lines = self.shared if sharing > 1 else self.working
-        return max(max(0.0, a * positions + c) for a, c in lines.values())
+        if sharing == 1:
+            return max(max(0.0, a * positions + c) for a, c in self.working.values())
+        if not self.shared:
+            raise ValueError("the model was fitted without probes split over several processes")
+        return max(max(0.0, (a / sharing + r) * positions + c / sharing + d) for a, r, c, d in self.shared.values())
 
     def activations(self, layers: int, positions: int, offloaded: bool = False, sharing: int = 1) -> float:
         kept = self.kept_per_layer * (1 if offloaded else layers)   # offloaded: one block's input comes back at a time
@@ -86,17 +90,27 @@ def fit(measured: dict[str, dict[tuple[int, int], tuple[float, float]]]) -> Memo
                                         ((kind, _line(probes)) for kind, probes in measured.items())})
 
 
-def fit_shared(model: MemoryModel, measured: dict[str, dict[tuple[int, int], tuple[float, float]]],
-               sharing: int) -> MemoryModel:
-    """The model for `sharing` processes sharing each sequence, from probes of one layer of each
-    kind split over that many at two lengths ({kind: {(1, positions): (the largest process's
-    peak, kept)}}): a process's working set, a straight line in the rows' length, beyond what
-    its slice keeps."""
+def fit_shared(model: MemoryModel, measured: dict[int, dict[str, dict[tuple[int, int], tuple[float, float]]]]
+               ) -> MemoryModel:
+    """The model with context parallelism, from probes of one layer of each kind split over 2 and
+    over 4 processes at two lengths ({processes: {kind: {(1, positions): (the largest process's
+    peak, kept)}}}): at each split a straight line in the rows' length, whose slope and fixed
+    bytes are each a part that divides among the processes and a part every process holds
+    whole; less what the slice keeps."""
+    (few, lines_few), (many, lines_many) = sorted((n, {kind: _line(probes) for kind, probes in kinds.items()})
+                                                  for n, kinds in measured.items())
     shared = {}
-    for kind, probes in measured.items():
-        a, c = _line(probes)
-        shared[kind] = (a - model.kept_per_layer / sharing, c)
-    return MemoryModel(model.kept_per_layer, model.working, shared, sharing)
+    for kind, (a_few, c_few) in lines_few.items():
+        a_many, c_many = lines_many[kind]
+        divided, whole = _split(a_few, a_many, few, many)
+        shared[kind] = (divided - model.kept_per_layer, whole, *_split(c_few, c_many, few, many))
+    return MemoryModel(model.kept_per_layer, model.working, shared)
+
+
+def _split(at_few: float, at_many: float, few: int, many: int) -> tuple[float, float]:
+    """A figure measured with `few` and with `many` processes -> (x, y) with figure = x / N + y."""
+    divided = (at_few - at_many) / (1 / few - 1 / many)
+    return divided, at_many - divided / many
 
 
 def probe(overrides: list[str], preset: str | None, config_path: str, option: list[str],
@@ -223,16 +237,17 @@ def parameters_of(cfg: Config) -> int:
 def fitted_model(overrides: list[str], preset: str | None, config_path: str, cfg: Config, option: list[str],
                  sharing: int = 1) -> MemoryModel:
     """The cost model for `option`, fitted on probes of each kind of layer in the pattern at the
-    plan's two lengths (and with `sharing` > 1, split over that many processes)."""
+    plan's two lengths (and with `sharing` > 1, split over 2 and over 4 processes)."""
     short, long_ = probe_lengths(cfg)
     kinds = sorted(set(cfg.model.layer_pattern))
     model = fit({kind: probe(overrides, preset, config_path, [*option, f"model.layer_pattern={kind}"],
                              [(1, short), (2, short), (1, long_)]) for kind in kinds})
     if sharing == 1:
         return model
-    short, long_ = probe_lengths(cfg, sharing)
-    return fit_shared(model, {kind: probe(overrides, preset, config_path, [*option, f"model.layer_pattern={kind}"],
-                                          [(1, short), (1, long_)], sharing=sharing) for kind in kinds}, sharing)
+    short, long_ = probe_lengths(cfg, max(SPLITS))
+    return fit_shared(model, {split: {kind: probe(overrides, preset, config_path, [*option, f"model.layer_pattern={kind}"],
+                                                  [(1, short), (1, long_)], sharing=split) for kind in kinds}
+                              for split in SPLITS})
 
 
 def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str, cards_gib: list[float],
