@@ -132,6 +132,10 @@ def probe(overrides: list[str], preset: str | None, config_path: str, option: li
                                    "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(sharing)})
              for rank in range(sharing)]
     outputs = [proc.communicate(timeout=3600) for proc in procs]
+    for rank, proc in enumerate(procs):   # a process killed stops the others with a connection error: name it first
+        if proc.returncode < 0:
+            raise RuntimeError(f"memory probe of {shapes} (layers, positions) on {sharing} process(es): process {rank} "
+                               f"was killed by signal {-proc.returncode}" + (" (out of host memory?)" if proc.returncode == -9 else ""))
     for proc, (out, err) in zip(procs, outputs):
         if proc.returncode != 0:
             raise RuntimeError(f"memory probe failed: {(err or out).strip().splitlines()[-1:]}")
@@ -276,7 +280,24 @@ def plan(cfg: Config, overrides: list[str], preset: str | None, config_path: str
         say(f"a {card:g} GiB card: " + (f"fits with {fitting[0]}" if fitting else
                                         "fits with none of these: a shorter data.max_seq_len, or more cards "
                                         "sharing each sequence (--context-parallel N)"))
+    everywhere = [label for label, gib in needs.items() if cards_gib and gib <= min(cards_gib) * 0.9]
+    if everywhere:
+        say("to train on every card: " + command(everywhere[0], len(cards_gib), sharing, overrides, preset,
+                                                 config_path))
     return needs
+
+
+def command(label: str, cards: int, sharing: int, overrides: list[str], preset: str | None, config_path: str) -> str:
+    """The training command for a plan's option (`label`) over `cards` processes."""
+    name, _, split = label.partition(", context parallel")
+    settings = [*overrides, "model.activation_checkpointing=true", *OPTIONS[name]]
+    if split:
+        settings += [f"train.context_parallel={sharing}", "train.rank_shares=auto"]
+    settings = list(dict.fromkeys(settings))
+    launch = f"torchrun --standalone --nproc_per_node {cards} model_trainer.py" if cards > 1 else "python model_trainer.py"
+    return " ".join([launch, "--flight-host DATA-BOX --port 8815",
+                     *([f"--config {config_path}"] if Path(config_path).resolve() != DEFAULT_CONFIG.resolve() else []),
+                     *([f"--preset {preset}"] if preset else []), *(f"--set {setting}" for setting in settings)])
 
 
 def describe_probe_device(cfg: Config) -> str:

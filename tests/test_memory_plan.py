@@ -93,6 +93,18 @@ def test_plan_names_the_option_that_fits_each_card(monkeypatch):
     assert abs(needs["plain, context parallel x8"] - (weights + 8192 * (12 * 10e3 + 100e3) + 65536 * 5e3) / gib) < 1e-9
     assert "a 3 GiB card: fits with mini-sequence + offload, context parallel x8" in lines   # 2.3 GiB
     assert "a 2 GiB card: fits with none of these" in lines
+    assert "to train on every card" not in lines   # the 2 GiB card fits none
+    said.clear()
+    memory_plan.plan(cfg, ["data.max_seq_len=65536"], "base", str(DEFAULT_CONFIG), [3] * 8, said.append, sharing=8)
+    assert said[-1] == ("to train on every card: torchrun --standalone --nproc_per_node 8 model_trainer.py "
+                        "--flight-host DATA-BOX --port 8815 --preset base --set data.max_seq_len=65536 "
+                        "--set model.activation_checkpointing=true --set model.ffn_chunk=1024 "
+                        "--set model.offload_checkpoints=true --set train.context_parallel=8 --set train.rank_shares=auto")
+    said.clear()
+    memory_plan.plan(cfg, [], "base", str(DEFAULT_CONFIG), [24, 8], said.append, sharing=8)
+    assert said[-1].endswith("--nproc_per_node 2 model_trainer.py --flight-host DATA-BOX --port 8815 --preset base "
+                             "--set model.activation_checkpointing=true --set model.ffn_chunk=1024 "
+                             "--set model.offload_checkpoints=true")   # each card a whole sequence
 
 
 def test_plan_is_a_trainer_command(capsys):
