@@ -5,17 +5,18 @@ http://HOST:PORT/. Binding anything but loopback requires a token, given by clie
 `?token=...` in the URL (browsers cannot set WebSocket headers) or an `Authorization: Bearer`
 header.
 
-The trainer publishes JSON messages ({"type": "step" | "eval" | "checkpoint" | "finished" |
-"failed" | "run", ...}); a background thread running its own asyncio loop fans them out. The
-trainer never waits on a client: every client has a bounded queue, and one that falls behind
-is dropped. A client that connects late first receives the run info and the recent history.
+The trainer publishes JSON messages ({"type": "step" | "eval" | "checkpoint" | "status" |
+"data" | "rebalance" | "finished" | "failed" | "run", ...}); a background thread running its
+own asyncio loop fans them out. The trainer never waits on a client: every client has a bounded
+queue, and one that falls behind is dropped. A client that connects late (or again) first
+receives the run info and the whole run so far: every event, and the steps exact for the most
+recent ones and thinned beyond (`History`), one JSON message each.
 
     python live_metrics.py ws://127.0.0.1:8765      # print one line per update
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import http
 import json
 import math
@@ -30,18 +31,57 @@ from websockets.exceptions import ConnectionClosed
 from access import require_token_beyond_loopback, token_matches
 
 CLIENT_QUEUE = 256
-HISTORY = 2000
 DASHBOARD = Path(__file__).resolve().parent / "dashboard.html"
+VENDOR = Path(__file__).resolve().parent / "vendor"
+STATIC = {"/uPlot.iife.min.js": ("uplot/uPlot.iife.min.js", "text/javascript; charset=utf-8"),
+          "/uPlot.min.css": ("uplot/uPlot.min.css", "text/css; charset=utf-8")}
+
+
+class History:
+    """The run so far, for a client that connects late: every event and, of the steps, the
+    `recent` newest and those since the last thinning exactly, the older ones at a stride that
+    doubles as the run grows (`older` / 2 to `older` of them after a thinning, evenly spaced,
+    step 1 always among them: a long run's curve keeps its shape)."""
+
+    def __init__(self, recent: int = 2000, older: int = 2000):
+        self.recent, self.older, self.stride = recent, older, 1
+        self._messages: list[tuple[int | None, str]] = []   # (the step's ordinal, or None for an event; JSON)
+        self._steps = self._ordinal = 0
+
+    def add(self, text: str, is_step: bool) -> None:
+        if is_step:
+            self._ordinal += 1
+            self._steps += 1
+        self._messages.append((self._ordinal if is_step else None, text))
+        if self._steps > self.recent + 2 * self.older:   # amortised: a thinning every `older` steps at most
+            self._thin()
+
+    def _thin(self) -> None:
+        newest_old = self._ordinal - self.recent
+        older = [o for o, _ in self._messages if o is not None and o <= newest_old]
+        while sum((o - 1) % self.stride == 0 for o in older) > self.older:
+            self.stride *= 2
+        self._messages = [(o, text) for o, text in self._messages
+                          if o is None or o > newest_old or (o - 1) % self.stride == 0]
+        self._steps = sum(o is not None for o, _ in self._messages)
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def messages(self) -> list[str]:
+        return [text for _, text in self._messages]
 
 
 class MetricsServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 8765, token: str | None = None):
         require_token_beyond_loopback(host, token, "the training metrics", "--ws-token-file")
         self.host, self.requested_port, self.token = host, port, token
-        self._dashboard = DASHBOARD.read_bytes()
+        self._pages = {"/": (DASHBOARD.read_bytes(), "text/html; charset=utf-8")}
+        self._pages["/dashboard"] = self._pages["/"]
+        self._pages.update({path: ((VENDOR / name).read_bytes(), kind) for path, (name, kind) in STATIC.items()})
         self.port: int | None = None
         self.run_info: dict | None = None
-        self.history: collections.deque[str] = collections.deque(maxlen=HISTORY)
+        self.history = History()
         self._clients: set[asyncio.Queue] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -86,23 +126,27 @@ class MetricsServer:
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
-        if request.path.partition("?")[0] in ("/", "/dashboard"):
+        page = self._pages.get(request.path.partition("?")[0])
+        if page is not None:
+            body, kind = page
             response = connection.respond(http.HTTPStatus.OK, "")
-            for name, value in (("Content-Type", "text/html; charset=utf-8"),
-                                ("Content-Length", str(len(self._dashboard)))):
+            for name, value in (("Content-Type", kind), ("Content-Length", str(len(body)))):
                 del response.headers[name]   # websockets' Headers add to, not replace, a value
                 response.headers[name] = value
-            response.body = self._dashboard
+            response.body = body
             return response
         return connection.respond(http.HTTPStatus.NOT_FOUND, "not found\n")
 
     async def _client(self, connection):
         queue: asyncio.Queue = asyncio.Queue()   # bounded by _fan_out, so a None always fits
+        # What happened so far, taken with the queue's registration in one go (no await between
+        # them on this loop), so the live feed follows it without a gap or a repeat.
         known = [json.dumps(self.run_info)] if self.run_info else []   # none before the run describes itself
-        for message in [*known, *list(self.history)[-(CLIENT_QUEUE - 2):]]:
-            queue.put_nowait(message)
+        past = [*known, *self.history.messages()]
         self._clients.add(queue)
         try:
+            for message in past:
+                await connection.send(message)
             while True:
                 message = await queue.get()
                 if message is None:   # fell behind, or the server is closing
@@ -119,7 +163,7 @@ class MetricsServer:
         if message.get("type") == "run":
             self.run_info = message
         else:
-            self.history.append(text)
+            self.history.add(text, message.get("type") == "step")
         for queue in list(self._clients):
             if queue.qsize() >= CLIENT_QUEUE:
                 self._clients.discard(queue)

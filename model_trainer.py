@@ -306,7 +306,7 @@ def setup(args, cfg: Config, cleanup: contextlib.ExitStack, stop_requested: Stop
         run.say(f"context parallel: {ranks.sharing} processes share each sequence, slices of "
                 + ", ".join(str(b - a) for a, b in zip(bounds, bounds[1:])) + " positions of a full one")
     dataset.set_work(per_step, batch_sizes)
-    feed = StepFeed(dataset, cfg, ranks, lambda: bool(stop_requested))
+    feed = StepFeed(dataset, cfg, ranks, lambda: bool(stop_requested), run.waiting_for_data)
     trained = distribute(model, cfg.train.parallel, ranks, device, cfg.train.grad_compression,
                          fixed_backward(dataset.layout, cfg.model, device, amp_dtype))
     if ranks.world > 1:
@@ -398,7 +398,7 @@ def train(args, cfg: Config) -> dict:
         except Exception as err:
             run.publish({"type": "failed", "step": run.progress.step, "error": f"{type(err).__name__}: {err}"})
             raise
-        run.publish({"type": "finished", "step": start_step + len(losses),
+        run.publish({"type": "finished", "step": start_step + len(losses), "steps": cfg.train.steps,
                      "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
                      "checkpoint": str(last_path) if last_path else None})
     return {"losses": losses, "checkpoint": last_path, "main": s.ranks.main}

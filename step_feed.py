@@ -39,17 +39,20 @@ class Prefetch:
     release the GIL for their heavy work). Errors reach the consumer.
 
     The consumer never waits blindly: while it waits for an item (a server down, retries backing
-    off), `interrupted()` is polled and, once true, ends the stream with Interrupted. `close()`
+    off), `interrupted()` is polled and, once true, ends the stream with Interrupted, and past
+    WAITING_AFTER_S `waiting(seconds so far)` is told. `close()`
     stops the thread without waiting on a read in flight (the thread is a daemon);
     `close(wait=True)` waits for it, for a consumer that reopens the source right after."""
 
     _DONE = object()
+    WAITING_AFTER_S = 2.0   # a wait this long is told to `waiting` (each poll after it)
 
-    def __init__(self, iterable: Iterable, depth: int, interrupted: Callable[[], bool] = lambda: False):
+    def __init__(self, iterable: Iterable, depth: int, interrupted: Callable[[], bool] = lambda: False,
+                 waiting: Callable[[float], None] = lambda waited_s: None):
         self._items: queue.SimpleQueue = queue.SimpleQueue()   # unbounded: the requests below bound it
         self._requested = threading.Semaphore(depth)           # items the producer may read ahead
         self._stop = threading.Event()
-        self._interrupted, self._finished = interrupted, False
+        self._interrupted, self._waiting, self._finished = interrupted, waiting, False
         items, requested, stop, done = self._items, self._requested, self._stop, self._DONE
 
         def produce():   # holds no reference to self, so an abandoned stream is collected and stops
@@ -80,6 +83,7 @@ class Prefetch:
         if self._finished:
             raise StopIteration
         self._requested.release()
+        started = time.monotonic()
         while True:
             try:
                 item, err = self._items.get(timeout=0.1)
@@ -87,6 +91,8 @@ class Prefetch:
             except queue.Empty:
                 if self._interrupted():
                     raise Interrupted from None
+                if time.monotonic() - started >= self.WAITING_AFTER_S:
+                    self._waiting(time.monotonic() - started)
         if item is self._DONE:
             self._finished = True
             if err is not None:
@@ -149,8 +155,10 @@ class StepResult:
 class StepFeed:
     """This process's steps: see the module's docstring."""
 
-    def __init__(self, dataset, cfg: Config, ranks: Ranks, stop_requested: Callable[[], bool]):
+    def __init__(self, dataset, cfg: Config, ranks: Ranks, stop_requested: Callable[[], bool],
+                 waiting: Callable[[float], None] = lambda waited_s: None):
         self.dataset, self.cfg, self.ranks, self.stop_requested = dataset, cfg, ranks, stop_requested
+        self.waiting = waiting   # told how long a wait for a batch has lasted, past Prefetch.WAITING_AFTER_S
         self._stream: Prefetch | None = None
         self._mask_rng = torch.Generator()
         self.epoch, self.per_step, self.batch_sizes = dataset.epoch, *dataset.work(dataset.epoch)
@@ -169,7 +177,7 @@ class StepFeed:
     def open(self) -> None:
         """Start reading from the consumed batches on."""
         self._stream = Prefetch(batches(self.dataset, self.cfg.data.num_workers), self.cfg.data.prefetch,
-                                interrupted=self.stop_requested)
+                                interrupted=self.stop_requested, waiting=self.waiting)
 
     def close(self, wait: bool = False) -> None:
         if self._stream is not None:

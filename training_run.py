@@ -9,10 +9,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import socket
 import sys
 import tempfile
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,6 +74,8 @@ class Run:
         self.progress_bar = None
         self.last_checkpoint: tuple[int, Path] | None = None   # (step, path) of the newest one written
         self._metrics_log = open(out_dir / "metrics.jsonl", "a") if ranks.main else None
+        self._status: tuple[str, dict] = ("", {})
+        self._writing = threading.Lock()   # the data client's messages come from its reading thread
 
     def close(self) -> None:
         if self._metrics_log:
@@ -88,10 +93,29 @@ class Run:
         """To metrics.jsonl and the live feed (rank 0)."""
         if not self.ranks.main:
             return
-        self._metrics_log.write(json.dumps(message) + "\n")
-        self._metrics_log.flush()
+        with self._writing:
+            self._metrics_log.write(json.dumps(message) + "\n")
+            self._metrics_log.flush()
         if self.live:
             self.live.publish(message)
+
+    def status(self, state: str, **detail) -> None:
+        """What the run is doing between steps (evaluating, checkpointing, waiting for data...),
+        published when it changes; a step's metrics say it is training again."""
+        if (state, detail) != self._status:
+            self._status = (state, detail)
+            self.publish({"type": "status", "state": state, "step": self.progress.step, **detail})
+
+    def waiting_for_data(self, waited_s: float) -> None:
+        """The step feed has waited this long for a batch (a server slow, down, or failing over)."""
+        if self._status[0] != "waiting for data":
+            self.say(f"step {self.progress.step + 1}: waiting for data ({waited_s:.0f} s so far)")
+            self.status("waiting for data", since=time.time() - waited_s)
+
+    def data_message(self, text: str, level: str) -> None:
+        """A retry, failover or lost server reported by the data client: said and published."""
+        self.say(text)
+        self.publish({"type": "data", "step": self.progress.step, "level": level, "message": text})
 
     def _save(self, name: str | None = None, final: bool = False) -> tuple[bool, Path | None]:
         """Write a checkpoint; every rank learns whether rank 0 could. -> (written, the path on
@@ -122,10 +146,12 @@ class Run:
             return self.last_checkpoint[1]
         if step == 0:
             return None
+        self.status("checkpointing")
         written, path = self._save(final=final)
         if written:
             self.last_checkpoint = (step, path)
-            self.publish({"type": "checkpoint", "step": step, "path": str(path)})
+            self.publish({"type": "checkpoint", "step": step, "path": str(path),
+                          "bytes": path.stat().st_size if path and path.exists() else None})
         return path
 
     def abandon(self, missing: Exception | None, stop: bool) -> Path | None:
@@ -151,6 +177,7 @@ class Run:
             torch.cuda.synchronize(meter.device)
         progress = self.progress
         progress.step = done = progress.step + 1
+        self._status = ("training", {})
         progress.nonfinite_in_a_row = 0 if result.applied else progress.nonfinite_in_a_row + 1
         progress.nonfinite_steps += not result.applied
         tokens_per_s = result.positions / step_time
@@ -179,8 +206,10 @@ class Run:
         train.checkpoint_every steps and at the end (or a stop). -> the checkpoint written, if one was."""
         cfg, last = self.cfg, done == self.cfg.steps
         if last and self.finish is not None:
+            self.status("finishing the label heads")
             self.finish()
         if self.evaluation is not None and (done % cfg.eval_every == 0 or last):
+            self.status("evaluating")
             self.evaluate()
         if done % cfg.checkpoint_every == 0 or last or stop:
             return self.checkpoint(final=last or stop)
@@ -280,6 +309,10 @@ def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
         live = cleanup.enter_context(MetricsServer(args.ws_host, args.ws_port, ws_token))
     run = Run(out_dir, ranks, live, cfg)
     cleanup.callback(run.close)
+    if ranks.main:
+        data_log, handler = logging.getLogger("mmtrain.data"), DataMessages(run)
+        data_log.addHandler(handler)
+        cleanup.callback(data_log.removeHandler, handler)
     if live:
         run.say(f"live metrics: ws://{args.ws_host}:{live.port}  dashboard: http://{args.ws_host}:{live.port}/")
     where = f" on {socket.gethostname()} (the machine of rank 0)" if ranks.world > 1 else ""
@@ -287,6 +320,18 @@ def open_run(args, cfg: TrainConfig, ranks: Ranks, cleanup: contextlib.ExitStack
     if args.resume == "auto" and resume_path is None:
         run.say(f"--resume auto: no checkpoint in {out_dir}: starting at step 0")
     return run, resume_path, saved
+
+
+class DataMessages(logging.Handler):
+    """The data client's warnings (a retry, a failover to a replica, a server lost) on the run's
+    terminal and in its live feed."""
+
+    def __init__(self, run: Run):
+        super().__init__(logging.WARNING)
+        self.run = run
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.run.data_message(record.getMessage(), record.levelname.lower())
 
 
 def check_checkpoints_reach_rank0(out_dir: Path, ranks: Ranks) -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
-from live_metrics import MetricsServer, format_message
+from live_metrics import History, MetricsServer, format_message
 from util import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,6 +32,44 @@ def test_late_joiner_gets_run_info_then_history_then_live_updates():
             got.append(json.loads(ws.recv(timeout=5)))
     assert [m["type"] for m in got] == ["run", "step", "step", "step"]
     assert [m.get("step") for m in got[1:]] == [1, 2, 3]
+
+
+def test_history_keeps_every_event_the_recent_steps_exactly_and_the_older_ones_thinned():
+    history = History(recent=100, older=100)
+    for step in range(1, 10_001):
+        history.add(json.dumps({"type": "step", "step": step}), True)
+        if step % 1000 == 0:
+            history.add(json.dumps({"type": "checkpoint", "step": step}), False)
+    kept = [json.loads(text) for text in history.messages()]
+    steps = [m["step"] for m in kept if m["type"] == "step"]
+    assert [m["step"] for m in kept if m["type"] == "checkpoint"] == list(range(1000, 10_001, 1000))
+    assert steps == sorted(steps) and steps[0] == 1 and steps[-100:] == list(range(9901, 10_001))
+    assert len(steps) <= 100 + 2 * 100
+    # the thinned ones evenly spaced (the stride), those since the last thinning all there
+    gaps = [b - a for a, b in zip(steps, steps[1:])]
+    stride = max(gaps)
+    assert stride == history.stride >= 64 and len(set(gaps) - {stride, 1}) <= 1   # and where the two meet
+    assert gaps == sorted(gaps, reverse=True)
+    # events stay where they happened among the steps
+    order = [(m["step"], m["type"] == "step") for m in kept]
+    assert order == sorted(order, key=lambda item: (item[0], not item[1]))
+
+
+def test_a_client_that_connects_late_gets_the_whole_run_from_step_1():
+    with MetricsServer("127.0.0.1", 0) as server:
+        server.publish({"type": "run", "steps": 5000})
+        for step in range(1, 8001):
+            server.publish({"type": "step", "step": step, "loss": 1.0 / step})
+        server.publish({"type": "eval", "step": 8000, "loss": 0.5})
+        assert wait_for(lambda: json.loads(server.history.messages()[-1])["type"] == "eval")
+        with connect(f"ws://127.0.0.1:{server.port}") as ws:
+            got = [json.loads(ws.recv(timeout=10)) for _ in range(len(server.history) + 1)]
+            server.publish({"type": "step", "step": 8001, "loss": 0.1})
+            got.append(json.loads(ws.recv(timeout=10)))
+    steps = [m["step"] for m in got if m["type"] == "step"]
+    assert got[0]["type"] == "run" and steps[0] == 1 and steps[-2001:] == list(range(6001, 8002))
+    assert len(steps) < 6000   # thinned, the older ones
+    assert got[-2]["type"] == "eval"
 
 
 def test_a_stalled_client_is_dropped_while_others_keep_receiving():

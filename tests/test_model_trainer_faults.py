@@ -58,8 +58,8 @@ def test_data_that_stays_away_ends_the_run_with_a_checkpoint_that_resumes_exactl
         failing = trainer(port, out, steps)
         assert wait_for(lambda: len(steps_logged(out)) >= 4, timeout=240)
         server.shutdown()                                   # the data box goes away and stays away
-        assert failing.wait(timeout=120) == 1
-        stderr = failing.stderr.read()
+        _, stderr = failing.communicate(timeout=120)
+        assert failing.returncode == 1
         last = max(m["step"] for m in steps_logged(out))
         assert last < steps
         assert re.search(r"retry 1 of 3 in [\d.]+ s", stderr), stderr[-3000:]     # retries say what they do
@@ -86,17 +86,23 @@ def test_a_signal_while_waiting_for_data_stops_at_once_with_a_checkpoint(corpus,
         assert wait_for(lambda: len(steps_logged(out)) >= 3, timeout=240)
     finally:
         server.shutdown()
-    time.sleep(3)   # the prefetched batches run out; the reader is backing off
+    # the prefetched batches run out; the reader is backing off, and the run says it waits
+    assert wait_for(lambda: any(m["type"] == "status" and m["state"] == "waiting for data" for m in metrics(out)),
+                    timeout=240)
     last = max(m["step"] for m in steps_logged(out))
     sent = time.monotonic()
     waiting.send_signal(signal.SIGTERM)
-    assert waiting.wait(timeout=120) == 0, waiting.stderr.read()[-3000:]
+    _, stderr = waiting.communicate(timeout=120)   # read while it runs: a full pipe would block its exit
+    assert waiting.returncode == 0, stderr[-3000:]
     # Within the first 30 s wait, not after it (about a second on a quiet machine).
     assert time.monotonic() - sent < 25.0
-    stderr = waiting.stderr.read()
     assert "asked to stop while waiting for data" in stderr and "retry 2 of 50" not in stderr
     assert max(m["step"] for m in steps_logged(out)) == last
     assert (out / f"ckpt-{last:08d}.pt").exists()
+    # The live feed (metrics.jsonl alike) said the run was waiting, since when, then checkpointing.
+    told = [m for m in metrics(out) if m["type"] == "status" and m["step"] == last]
+    assert [m["state"] for m in told] == ["waiting for data", "checkpointing"], told
+    assert told[0]["since"] <= time.time()
 
 
 def test_a_signal_during_setup_exits_cleanly(tmp_path):
