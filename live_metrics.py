@@ -1,6 +1,7 @@
 """Live training metrics over WebSocket, and a terminal client that watches them.
 
-The same port serves the dashboard page (dashboard.html: live charts) to a browser at
+The same port serves the dashboard page (dashboard.html: live charts, drawn with the uPlot
+library vendored under vendor/uplot/, served from here: the page works offline) to a browser at
 http://HOST:PORT/. Binding anything but loopback requires a token, given by clients as
 `?token=...` in the URL (browsers cannot set WebSocket headers) or an `Authorization: Bearer`
 header.
@@ -22,6 +23,7 @@ import json
 import math
 import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import parse_qs
 
@@ -122,11 +124,12 @@ class MetricsServer:
 
     def _route(self, connection, request):
         """Plain HTTP GET / gets the dashboard; WebSocket upgrades go on to the handshake."""
-        if not self._authorised(request):
+        path = request.path.partition("?")[0]
+        if not self._authorised(request) and path not in STATIC:   # the chart library is no secret
             return connection.respond(http.HTTPStatus.UNAUTHORIZED, "missing or wrong token\n")
         if request.headers.get("Upgrade", "").lower() == "websocket":
             return None
-        page = self._pages.get(request.path.partition("?")[0])
+        page = self._pages.get(path)
         if page is not None:
             body, kind = page
             response = connection.respond(http.HTTPStatus.OK, "")
@@ -159,7 +162,8 @@ class MetricsServer:
 
     def _fan_out(self, message: dict):
         # Runs on the loop's thread, the only one that touches history and the client queues.
-        text = json.dumps(message)
+        words = in_words(message)
+        text = json.dumps({**message, "words": words} if words else message)
         if message.get("type") == "run":
             self.run_info = message
         else:
@@ -206,7 +210,47 @@ def format_message(message: dict) -> str:
         return (f"step {message['step']:>6}  loss {number('loss', '.4f')}  acc {number('accuracy', '.3f')}  "
                 f"lr {number('lr', '.2e')}  {number('tokens_per_s', '.0f')} tok/s"
                 + ("  skipped (non-finite loss or gradient)" if message.get("skipped") else ""))
-    return f"{kind}: " + " ".join(f"{k}={v}" for k, v in message.items() if k != "type")
+    words = in_words(message)
+    if words:
+        return words if kind == "finished" else f"step {message.get('step')}: {words}"
+    return f"{kind}: " + " ".join(f"{k}={v}" for k, v in message.items() if k not in ("type", "time", "words"))
+
+
+def in_words(m: dict) -> str | None:
+    """An event as a person reads it (the dashboard's events panel, `watch`), or None for a
+    message that is no event (a step's metrics, a passing status)."""
+    kind = m.get("type")
+    if kind == "status":
+        if m.get("state") != "waiting for data":
+            return None
+        return "waiting for data" + (f" (since {time.strftime('%H:%M:%S', time.localtime(m['since']))})"
+                                     if m.get("since") else "")
+    if kind == "step":
+        return "skipped: a non-finite loss or gradient (the weights untouched)" if m.get("skipped") else None
+    if kind == "rebalance":
+        speeds = ", ".join(f"{v:,.0f}" for v in m.get("positions_per_s_by_process", []))
+        return (f"work re-balanced from epoch {m['from_epoch']}: batches {m['batches_per_step_by_process']} of "
+                f"{m['batch_size_by_process']} sequences per process (measured {speeds} positions/s)")
+    if kind == "data":
+        return "data: " + m["message"]
+    if kind == "checkpoint":
+        size = f" ({m['bytes'] / 1e6:.1f} MB)" if m.get("bytes") else ""
+        return f"checkpoint written: {m['path']}{size}"
+    if kind == "checkpoint_failed":
+        return f"checkpoint not written: {m['error']}"
+    if kind == "eval":
+        scores = "".join(f", {name} {m[key]:.3f}" for key, name in (("text_acc", "masked tokens"),
+                                                                    ("speaker_acc", "speaker"),
+                                                                    ("sentiment_acc", "sentiment"))
+                         if isinstance(m.get(key), (int, float)))
+        return f"evaluation: held-out loss {m['loss']:.4f}" + (" (best so far)" if m.get("best") else "") + scores
+    if kind == "finished":
+        if m.get("steps") and m["step"] < m["steps"]:
+            return f"stopped at step {m['step']} of {m['steps']} (asked to stop)"
+        return f"finished at step {m['step']}" + (f"; last checkpoint {m['checkpoint']}" if m.get("checkpoint") else "")
+    if kind == "failed":
+        return f"failed: {m['error']}"
+    return None
 
 
 def watch(url: str) -> int:

@@ -93,6 +93,7 @@ class Run:
         """To metrics.jsonl and the live feed (rank 0)."""
         if not self.ranks.main:
             return
+        message = {**message, "time": round(time.time(), 3)} if "time" not in message else message
         with self._writing:
             self._metrics_log.write(json.dumps(message) + "\n")
             self._metrics_log.flush()

@@ -2,6 +2,7 @@
 import base64
 import contextlib
 import json
+import math
 import re
 import shutil
 import socket
@@ -14,7 +15,10 @@ from pathlib import Path
 import pytest
 from websockets.sync.client import connect
 
+from config import TrainConfig
 from live_metrics import History, MetricsServer, format_message
+from parallel import Ranks
+from training_run import Run
 from util import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,6 +111,17 @@ def test_watch_lines_are_readable():
     skipped = format_message({"type": "step", "step": 13, "loss": None, "accuracy": None, "lr": 1e-3,
                               "tokens_per_s": 4000.0, "skipped": True})
     assert skipped == "step     13  loss -  acc -  lr 1.00e-03  4000 tok/s  skipped (non-finite loss or gradient)"
+    # events in words, as the dashboard says them
+    assert format_message({"type": "checkpoint", "step": 300, "path": "runs/a/ckpt-00000300.pt", "bytes": 12_345_678,
+                           "time": 1.8e9}) == "step 300: checkpoint written: runs/a/ckpt-00000300.pt (12.3 MB)"
+    assert format_message({"type": "data", "step": 7, "level": "warning", "message": "reading a.parquet failed: x; "
+                           "retry 1 of 8 in 0.5 s"}) == "step 7: data: reading a.parquet failed: x; retry 1 of 8 in 0.5 s"
+    assert format_message({"type": "eval", "step": 40, "loss": 1.23456, "best": True, "text_acc": 0.5}) == \
+        "step 40: evaluation: held-out loss 1.2346 (best so far), masked tokens 0.500"
+    waiting = format_message({"type": "status", "step": 9, "state": "waiting for data", "since": 1.8e9})
+    assert re.fullmatch(r"step 9: waiting for data \(since \d\d:\d\d:\d\d\)", waiting), waiting
+    assert format_message({"type": "finished", "step": 12, "steps": 400, "checkpoint": "c"}) == \
+        "stopped at step 12 of 400 (asked to stop)"
 
 
 def test_the_same_port_serves_the_dashboard_page():
@@ -114,7 +129,11 @@ def test_the_same_port_serves_the_dashboard_page():
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/", timeout=5) as response:
             page = response.read().decode()
             assert response.headers["Content-Type"].startswith("text/html")
-    assert "<canvas>" in page and "new WebSocket" in page and "https://" not in page   # nothing from a CDN
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/uPlot.iife.min.js", timeout=5) as response:
+            library = response.read()
+            assert response.headers["Content-Type"].startswith("text/javascript")
+    assert 'src="/uPlot.iife.min.js"' in page and "new WebSocket" in page and "https://" not in page   # no CDN
+    assert library == (ROOT / "vendor" / "uplot" / "uPlot.iife.min.js").read_bytes() and b"uPlot" in library
 
 
 def test_a_token_guards_both_websocket_and_page():
@@ -212,12 +231,25 @@ class Tab:
         return self.call("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
 
 
-def test_the_dashboard_in_a_real_browser_draws_a_live_training_run(corpus, tmp_path):
-    """Headless Chromium opens the dashboard while the trainer runs, waits until the loss chart
-    holds points, and saves a screenshot (in the test's tmp folder)."""
+def chromium():
     browser = next((path for name in ("chromium", "chromium-browser") if (path := shutil.which(name))), None)
     if browser is None:
         pytest.skip("no headless Chromium (Debian package 'chromium'): the dashboard browser test did not run")
+    return browser
+
+
+def screenshot(tab, path, width, height):
+    tab.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+    time.sleep(0.5)   # the charts follow the width on the next animation frame
+    path.write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
+    return tab.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+def test_the_dashboard_in_a_real_browser_draws_a_live_training_run(corpus, tmp_path):
+    """Headless Chromium opens the dashboard while the trainer runs, waits until the loss chart
+    holds points, reads a value under the pointer, and saves a screenshot (in the test's tmp
+    folder)."""
+    browser = chromium()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         ws_port = s.getsockname()[1]
@@ -225,43 +257,91 @@ def test_the_dashboard_in_a_real_browser_draws_a_live_training_run(corpus, tmp_p
         [sys.executable, "model_trainer.py", "--data-dir", str(corpus[0]), "--out", str(tmp_path / "run"),
          "--ws-port", str(ws_port), "--preset", "tiny", "--steps", "400", "--set", "train.checkpoint_every=400"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    screenshot = tmp_path / "dashboard.png"
     try:
         with browser_tab(browser, tmp_path / "profile") as tab:
             assert wait_for(lambda: _serves(ws_port), timeout=120), "the trainer never served its dashboard"
             tab.call("Page.navigate", url=f"http://127.0.0.1:{ws_port}/")
-            points = 'Number(document.querySelector("[data-chart=loss] canvas").dataset.points || 0)'
+            points = 'Number(document.querySelector("[data-chart=loss]").dataset.points || 0)'
             assert wait_for(lambda: (tab.evaluate(points) or 0) >= 5, timeout=120), "the loss chart stayed empty"
             time.sleep(0.5)   # let the next animation frame paint
             status = tab.evaluate('document.getElementById("status").textContent')
             header = tab.evaluate('document.getElementById("run").textContent')
-            inked = tab.evaluate('(() => { const c = document.querySelector("[data-chart=loss] canvas");'
-                                 ' const d = c.getContext("2d").getImageData(0, 0, c.width, c.height).data;'
-                                 ' let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n; })()')
-            overflow = tab.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
-            legend_fits = tab.evaluate('[...document.querySelectorAll(".legend")].every('
-                                       'l => l.scrollWidth <= l.clientWidth)')
             # Hover read-out, raw values: the value shown is the one the trainer logged at that step.
-            hover = ('(() => { document.getElementById("smooth").checked = false;'
-                     ' const c = document.querySelector("[data-chart=loss] canvas"); const r = c.getBoundingClientRect();'
-                     ' c.dispatchEvent(new MouseEvent("mousemove", {clientX: r.right - 9, clientY: r.top + 50,'
-                     ' bubbles: true})); return document.querySelector("[data-chart=loss] .readout").textContent; })()')
-            readout = tab.evaluate(hover)
-            screenshot.write_bytes(base64.b64decode(tab.call("Page.captureScreenshot", format="png")["data"]))
+            hover = ('(() => { const box = document.getElementById("smooth"); box.checked = false;'
+                     ' box.dispatchEvent(new Event("change")); return true; })()')
+            tab.evaluate(hover)
+            time.sleep(0.5)
+            read = ('(() => { const card = document.querySelector("[data-chart=loss]");'
+                    ' const over = card.querySelector(".u-over"); const r = over.getBoundingClientRect();'
+                    ' over.dispatchEvent(new MouseEvent("mousemove", {clientX: r.right - 2, clientY: r.top + 20,'
+                    ' bubbles: true})); const cells = card.querySelectorAll(".u-legend .u-value");'
+                    ' return [cells[0].textContent, cells[1].textContent]; })()')
+            tab.evaluate(read)
+            time.sleep(0.3)
+            step, value = tab.evaluate(read)
+            overflow = screenshot(tab, tmp_path / "dashboard-live.png", 1400, 1000)
     finally:
         trainer.terminate()
         trainer.wait(timeout=60)
-    assert status.startswith("step ") and "loss" in status
-    assert re.search(r"step \d+ of 400 \(\d+\.\d%\)  ·  ETA \d+", status), status   # progress and time left
-    assert overflow <= 0 and legend_fits, "the page or a legend overflows at 1400 px"
-    step, value = re.fullmatch(r"step (\d+)\nloss: (\S+)(?: \(step \d+\))?", readout).groups()
+    assert re.fullmatch(r"training: step \d+ of 400 \(\d+\.\d%\)  ·  ETA \d+.*  ·  loss \S+", status), status
+    assert overflow <= 0, "the page overflows at 1400 px"
     logged = {m["step"]: m["loss"] for m in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
               if m["type"] == "step"}
-    assert abs(float(value) - logged[int(step)]) <= 1e-3 * abs(logged[int(step)]), (readout, logged[int(step)])
+    assert abs(float(value) - logged[int(step)]) <= 1e-3 * abs(logged[int(step)]), (step, value, logged[int(step)])
     assert "parameters on cpu" in header
-    assert inked > 500   # the loss line, axes and labels were drawn on the canvas
-    assert screenshot.read_bytes().startswith(b"\x89PNG")
-    print(f"dashboard screenshot: {screenshot}")
+    print(f"dashboard screenshot: {tmp_path / 'dashboard-live.png'}")
+
+
+def test_the_dashboard_shows_a_late_joiner_the_whole_run_a_stall_in_words_and_real_axes(tmp_path):
+    """A page that opens after 3,000 steps (published as the trainer does, by a Run) sees step
+    1 on; its loss chart has at least 4 ticks on each axis and a log scale on demand; a run
+    waiting for data says so, since when and why; checkpoints and evaluations read as words.
+    Screenshots at 1400 and 800 px wide are saved for a person to look at."""
+    browser = chromium()
+    with MetricsServer("127.0.0.1", 0) as server:
+        run = Run(tmp_path, Ranks(), server, TrainConfig())
+        run.publish({"type": "run", "parameters": 2_700_000, "device": "cpu", "precision": "float32", "files": 12,
+                     "start_step": 0, "steps": 5000})
+        for step in range(1, 3001):
+            loss = 8 * math.exp(-step / 400) + 2 + 0.1 * math.sin(step)
+            run.publish({"type": "step", "step": step, "loss": loss, "accuracy": 1 - loss / 10, "lr": 1e-3,
+                         "tokens_per_s": 4000.0, "grad_norm": 1.0, "peak_mem_gb": 0.83, "step_time_s": 0.5,
+                         "data_wait_frac": 0.01, **{f"loss_{name}": loss / 2 for name in ("text", "mel", "f0")}})
+            if step % 1000 == 0:
+                run.publish({"type": "eval", "step": step, "best": True, "loss": loss + 0.2, "text_acc": 0.5})
+                run.publish({"type": "checkpoint", "step": step, "path": f"runs/x/ckpt-{step:08d}.pt",
+                             "bytes": 33_400_000})
+        run.progress.step = 3000
+        run.waiting_for_data(42.0)
+        run.data_message("reading b.parquet from row 120 at grpc://10.0.0.5:8815 failed: connection refused; "
+                         "retry 2 of 8 in 1.0 s", "warning")
+        assert wait_for(lambda: json.loads(server.history.messages()[-1])["type"] == "data")
+        with browser_tab(browser, tmp_path / "profile") as tab:
+            tab.call("Page.navigate", url=f"http://127.0.0.1:{server.port}/")
+            card = 'document.querySelector("[data-chart=loss]").dataset'
+            assert wait_for(lambda: (tab.evaluate(f"Number({card}.points || 0)") or 0) >= 2000, timeout=60)
+            time.sleep(0.5)
+            first, x_ticks, y_ticks = tab.evaluate(f"[{card}.firstStep, {card}.xTicks, {card}.yTicks].map(Number)")
+            status = tab.evaluate('document.getElementById("status").textContent')
+            detail = tab.evaluate('document.getElementById("detail").textContent')
+            events = tab.evaluate('[...document.querySelectorAll("#events li span")].map(e => e.textContent)')
+            wide = screenshot(tab, tmp_path / "dashboard-1400.png", 1400, 1000)
+            narrow = screenshot(tab, tmp_path / "dashboard-800.png", 800, 1400)
+            tab.evaluate('(() => { const box = document.getElementById("log"); box.checked = true;'
+                         ' box.dispatchEvent(new Event("change")); })()')
+            assert wait_for(lambda: tab.evaluate(f"{card}.scale") == "log", timeout=10)
+        run.close()
+    assert first == 1 and x_ticks >= 4 and y_ticks >= 4, (first, x_ticks, y_ticks)
+    assert re.fullmatch(r"waiting for data since (4\d|5\d|1 min \d\d) s?.*\(after step 3000 of 5000 \(60\.0%\); ETA paused\)",
+                        status), status
+    assert "retry 2 of 8" in detail and "10.0.0.5:8815" in detail
+    assert events[0].startswith("data: reading b.parquet") and events[1].startswith("waiting for data (since ")
+    assert "checkpoint written: runs/x/ckpt-00003000.pt (33.4 MB)" in events
+    assert any(e.startswith("evaluation: held-out loss") and "(best so far), masked tokens 0.5" in e for e in events)
+    assert wide <= 0 and narrow <= 0, "the page overflows"
+    for name in ("dashboard-1400.png", "dashboard-800.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
+    print(f"dashboard screenshots: {tmp_path}")
 
 
 def _serves(port) -> bool:
