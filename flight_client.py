@@ -169,9 +169,10 @@ class Servers:
         return self.connection.options(self.read_timeout_s)
 
     def failed(self, location: str, failures: int, what: str, err: Exception, backoff: bool = True,
-                retries: int | None = None) -> None:
+                retries: int | None = None, next_location: str | None = None) -> None:
         """After a failure: raise at once when no retry can mend it, or once there were more than
-        `retries` (default max_retries) in a row; else say so and (with `backoff`) wait."""
+        `retries` (default max_retries) in a row; else say so (and where the next try goes, when
+        it fails over to another replica) and (with `backoff`) wait."""
         reason, retryable = self.connection.explain(location, err)
         retries = self.max_retries if retries is None else retries
         if not retryable:
@@ -179,7 +180,11 @@ class Servers:
         if failures > retries:
             raise DataError(f"{what} failed {failures} times in a row: {reason}") from err
         wait = min(self.retry_backoff_s * 2 ** (failures - 1), 30.0) if backoff else 0.0
-        log.warning("%s failed: %s; retry %d of %d in %.1f s", what, reason, failures, retries, wait)
+        if next_location and next_location != location:
+            log.warning("%s failed: %s; failing over to %s (retry %d of %d)", what, reason, next_location, failures,
+                        retries)
+        else:
+            log.warning("%s failed: %s; retry %d of %d in %.1f s", what, reason, failures, retries, wait)
         time.sleep(wait)
         self._clients.pop(location, None)   # reconnect
         self._down_until[location] = time.monotonic() + self.DOWN_FOR_S
@@ -290,7 +295,7 @@ class Servers:
                 failures += 1
                 where = f" (replicas: {', '.join(order)})" if len(order) > 1 else ""
                 self.failed(location, failures, f"reading {name} from row {delivered} at {location}{where}", err,
-                             backoff=failures % len(order) == 0)
+                            backoff=failures % len(order) == 0, next_location=order[failures % len(order)])
 
 
 def _grpc_reason(text: str) -> str:

@@ -483,10 +483,11 @@ def test_several_servers_merge_into_one_epoch_that_reads_each_replica_once(corpu
 
 
 @pytest.mark.parametrize("resume", [False, True])
-def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undelivered_row(corpus, tmp_path, resume):
+def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undelivered_row(corpus, tmp_path, resume,
+                                                                                         caplog):
     """A holds shards 0-1, B holds all of them: A is shut down mid-epoch, mid-stream. The epoch
-    still reads every sample once, the rest from B; and a run resumed from a position recorded
-    after the failure continues exactly."""
+    still reads every sample once, the rest from B, and says it fails over, to where; a run
+    resumed from a position recorded after the failure continues exactly."""
     root, shards = corpus
     a = tmp_path / "a"
     a.mkdir()
@@ -522,6 +523,8 @@ def test_a_server_dying_mid_epoch_fails_over_to_the_replica_from_the_first_undel
     expected = pq.read_table(shards, columns=["sample_id"]).column(0).to_pylist()
     assert collections.Counter(seen) == collections.Counter(expected)
     assert seen == reference                         # the same order as without the failure
+    said = [r.getMessage() for r in caplog.records if r.name == "mmtrain.data"]
+    assert resume or any(f"at grpc://{hosts[0]}" in m and f"failing over to grpc://{hosts[1]} (retry 1 of 4)" in m for m in said), said
 
 
 def test_a_file_without_replica_on_a_dead_server_is_an_error_naming_host_and_file(corpus, tmp_path):
