@@ -151,6 +151,9 @@ def test_a_token_guards_both_websocket_and_page():
             assert json.loads(ws.recv(timeout=5))["type"] == "run"
         with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/?token=t0k", timeout=5) as response:
             assert response.status == 200
+        # the page's chart library is loaded without the token (a script tag cannot add it): no secret in it
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/uPlot.iife.min.js", timeout=5) as response:
+            assert response.status == 200
 
 
 def test_the_watch_command_prints_one_line_per_update():
