@@ -40,6 +40,24 @@ class _GatherSlices(torch.autograd.Function):
         return mine, None
 
 
+class _SumOverSlices(torch.autograd.Function):
+    """Every process's tensor summed, on every process; backward the same sum of the gradients
+    (each process's loss reads the sum, so each part's gradient is all of theirs)."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        total = tensor.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        total = grad.contiguous().clone()
+        dist.all_reduce(total, group=ctx.group)
+        return total, None
+
+
 @dataclass(frozen=True)
 class SequenceSlices:
     """This process's slice of every row: the group's processes hold consecutive slices in rank
@@ -91,6 +109,10 @@ class SequenceSlices:
     def gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """(world, *tensor.shape): every process's tensor, differentiable."""
         return _GatherSlices.apply(tensor, self.group)
+
+    def total(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The sum of every process's tensor (a partial sum over its slice), differentiable."""
+        return _SumOverSlices.apply(tensor, self.group)
 
     def gather_ids(self, ids: torch.Tensor) -> torch.Tensor:
         """(world, *ids.shape): every process's ids (no gradient)."""

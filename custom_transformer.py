@@ -171,6 +171,29 @@ def sample_masks(batch: Batch, cfg: ModelConfig, generator: torch.Generator) -> 
 
 
 @dataclass
+class Held:
+    """The encoder's output at the positions this process holds (all of them, or under context
+    parallelism its slice of every row), and where each position of the grid is among them."""
+    hidden: torch.Tensor                 # (held positions, d_model)
+    places: torch.Tensor                 # (rows * length,): a position's row in hidden, -1 where another holds it
+    slices: SequenceSlices | None = None
+
+    def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grid positions -> (whether this process holds each, its row in hidden)."""
+        rows = self.places[index]
+        return rows >= 0, rows
+
+    def total(self, partial: torch.Tensor) -> torch.Tensor:
+        """A sum over the held positions -> the sum over every position (differentiable)."""
+        return partial if self.slices is None else self.slices.total(partial)
+
+    def gathered(self, index: torch.Tensor) -> torch.Tensor:
+        """The output at a few grid positions (the label slots), wherever they are held."""
+        mine, rows = self.rows(index)
+        return self.total(torch.where(mine[:, None], self.hidden[rows.clamp_min(0)], 0.0))
+
+
+@dataclass
 class Outputs:
     """The model's reading of a batch (CustomTransformer.infer)."""
     grid: Layout
@@ -332,9 +355,9 @@ class CustomTransformer(nn.Module):
         place(grid.audio_index, audio, masks.audio, AUDIO)
         return x.view(grid.n_rows, grid.length, -1)
 
-    def encode(self, x: torch.Tensor, grid: Layout, slices: SequenceSlices | None = None) -> torch.Tensor:
-        """The blocks over the rows (with `slices`: over this process's slice of them, the
-        output put back together on every process)."""
+    def encode(self, x: torch.Tensor, grid: Layout, slices: SequenceSlices | None = None) -> Held:
+        """The blocks over the rows (with `slices`: over this process's slice of them, which is
+        what it holds of the output)."""
         cos, sin = rope_tables(grid.positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
         doc = grid.doc
         if slices is not None:   # rows too short for every slice to hold a window's reach are padded
@@ -356,46 +379,57 @@ class CustomTransformer(nn.Module):
                     x = block(x, cos, sin, doc, slices, blocks)
         self.offloaded = offload.moved if isinstance(offload, HostCheckpoints) else []
         x = self.norm(x)
-        return (x if slices is None else slices.whole(x)[:, :grid.length]).flatten(0, 1)
+        places = torch.arange(grid.n_rows * grid.length, device=x.device)
+        if slices is None:
+            return Held(x.flatten(0, 1), places)
+        start, end = slices.bounds[slices.rank:slices.rank + 2]
+        row, position = places // grid.length, places % grid.length
+        mine = (position >= start) & (position < end)
+        return Held(x.flatten(0, 1), torch.where(mine, row * (end - start) + position - start, -1), slices)
 
     def run(self, batch: Batch, masks: Masks, slices: SequenceSlices | None = None
-            ) -> tuple[Layout, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> the grid, the normalised mel and prosody inputs, and the encoder's output at every
-        position (rows * length, d_model)."""
+            ) -> tuple[Layout, torch.Tensor, torch.Tensor, Held]:
+        """-> the grid, the normalised mel and prosody inputs, and the encoder's output (at every
+        position; with `slices`, at this process's slice of them)."""
         grid = layout(batch, self.cfg.frames_per_position)
         mel, prosody = self.normalised_features(batch)
         return grid, mel, prosody, self.encode(self.embed(batch, grid, masks, mel, prosody), grid, slices)
 
     @staticmethod
-    def segment_moments(grid: Layout, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(segments, d) each, in fp32: the mean and standard deviation of the encoder's output
-        over each segment's text and audio positions (its label slots left out)."""
-        n_segments, width = len(grid.speaker_index), hidden.shape[1]
-        values = hidden[grid.content_index].float()
-        count = torch.zeros(n_segments, device=hidden.device).index_add_(
-            0, grid.content_segment, torch.ones_like(values[:, 0])).clamp_min(1.0)[:, None]
-        mean = values.new_zeros(n_segments, width).index_add_(0, grid.content_segment, values) / count
-        square = values.new_zeros(n_segments, width).index_add_(0, grid.content_segment, values.square()) / count
+    def segment_moments(grid: Layout, held: Held) -> tuple[torch.Tensor, torch.Tensor]:
+        """(segments, d) each, in fp32 at least: the mean and standard deviation of the encoder's output
+        over each segment's text and audio positions (its label slots left out), from the sums
+        over every process's slice."""
+        n_segments, width = len(grid.speaker_index), held.hidden.shape[1]
+        mine, rows = held.rows(grid.content_index)
+        values = _wide(held.hidden[rows[mine]])
+        segment = grid.content_segment[mine]
+        sums = held.total(values.new_zeros(n_segments, 1 + 2 * width).index_add_(
+            0, segment, torch.cat([torch.ones_like(values[:, :1]), values, values.square()], 1)))
+        count = sums[:, :1].clamp_min(1.0)
+        mean, square = sums[:, 1:1 + width] / count, sums[:, 1 + width:] / count
         return mean, (square - mean.square()).clamp_min(1e-6).sqrt()
 
-    def label_inputs(self, grid: Layout, hidden: torch.Tensor, moments: tuple[torch.Tensor, torch.Tensor]
+    def label_inputs(self, grid: Layout, held: Held, moments: tuple[torch.Tensor, torch.Tensor]
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> what the speaker and the sentiment head read, one row per segment: its slot plus the
         segment's statistics (`segment_moments`), projected (a label is a property of the whole
         segment, as x-vectors pool an utterance)."""
-        pooled = self.segment_pool(torch.cat(moments, -1).to(hidden.dtype))
-        return hidden[grid.speaker_index] + pooled, hidden[grid.sentiment_index] + pooled
+        pooled = self.segment_pool(torch.cat(moments, -1).to(held.hidden.dtype))
+        speaker, sentiment = held.gathered(torch.cat([grid.speaker_index, grid.sentiment_index])).chunk(2)
+        return speaker + pooled, sentiment + pooled
 
     @torch.no_grad()
     def infer(self, batch: Batch, masks: Masks) -> Outputs:
         """What the model reads into every slot, hidden or not, on the data's own scales."""
-        grid, _, _, hidden = self.run(batch, masks)
+        grid, _, _, held = self.run(batch, masks)
+        hidden = held.hidden
         audio = hidden[grid.audio_index]
         f0_mean, f0_std, energy_mean, energy_std = self.prosody_stats.float()
         mel = self.mel_head(audio).float().view(-1, N_MELS) * self.mel_std + self.mel_mean
         prosody = self.prosody_head(audio).float().view(-1, PROSODY_FEATURES)
-        moments = self.segment_moments(grid, hidden)
-        speaker_in, sentiment_in = self.label_inputs(grid, hidden, moments)
+        moments = self.segment_moments(grid, held)
+        speaker_in, sentiment_in = self.label_inputs(grid, held, moments)
         return Outputs(grid=grid, hidden=hidden, segment_vectors=moments[0],
                        sentiment_inputs=sentiment_in.float(),
                        speaker_logits=self.speaker_head(speaker_in).float(),
@@ -439,10 +473,13 @@ class CustomTransformer(nn.Module):
         the mean over the step's union of batches, however unevenly ranks share the work.
 
         With `slices` (context parallelism: every process of the group given the same batch)
-        each process runs the blocks on its slice of the rows and the rest alike: the backward
-        of loss / group size, the gradients then summed over the group, is one process's."""
+        each process runs the blocks and the per-position heads on its slice of the rows; the
+        loss terms' sums, the segments' statistics and the label slots are summed over the
+        group, so every process returns the whole loss: the backward of loss / group size, the
+        gradients then summed over the group, is one process's."""
         cfg, k = self.cfg, self.cfg.frames_per_position
-        grid, mel, prosody, hidden = self.run(batch, masks, slices)
+        grid, mel, prosody, held = self.run(batch, masks, slices)
+        hidden = held.hidden
         targets = loss_targets(batch, masks, cfg)
         local = _counts(targets)
         denominators = (local if denominators is None else denominators).to(local.device).clamp_min(1.0)
@@ -453,14 +490,13 @@ class CustomTransformer(nn.Module):
         # then an exact zero that still reaches its weights, as DDP expects of every parameter.
         def classify(name, head, inputs, target):   # inputs(selected): the head's input rows
             selected = targets[name]
-            logits = head(inputs(selected)).float()
+            logits = _wide(head(inputs(selected)))
             if selected.any():
                 metrics[f"{name}_acc"] = (logits.argmax(-1) == target[selected]).float().mean().detach()
                 return F.cross_entropy(logits, target[selected], reduction="sum")
             return logits.sum()
 
-        speaker_in, sentiment_in = self.label_inputs(grid, hidden, self.segment_moments(grid, hidden))
-        sums["text"] = classify("text", self.text_head, lambda chosen: hidden[grid.text_index[chosen]], batch.token_ids)
+        speaker_in, sentiment_in = self.label_inputs(grid, held, self.segment_moments(grid, held))
         sums["speaker"] = classify("speaker", self.speaker_head, lambda chosen: speaker_in[chosen], batch.speaker_id)
         sums["sentiment"] = classify("sentiment", self.sentiment_head, lambda chosen: sentiment_in[chosen],
                                      batch.sentiment)
@@ -468,31 +504,55 @@ class CustomTransformer(nn.Module):
         sums["speaker_embedding"] = hidden.new_zeros(())
         if vectors is not None:
             selected = targets["speaker_embedding"]
-            predicted = self.speaker_vector_head(speaker_in[selected]).float()
+            predicted = _wide(self.speaker_vector_head(speaker_in[selected]))
             sums["speaker_embedding"] = (1 - F.cosine_similarity(predicted, vectors[selected], dim=-1)).sum()
 
-        frame_hidden = targets["frames"]
-        audio_out = hidden[grid.audio_index[masks.audio]]
-        select = batch.frame_valid.view(-1, k)[masks.audio]
-        mel_pred = self.mel_head(audio_out).float().view(-1, k, N_MELS)[select]
-        prosody_pred = self.prosody_head(audio_out).float().view(-1, k, PROSODY_FEATURES)[select]
-        prosody_target = prosody[frame_hidden]
-        sums["mel"] = (mel_pred - mel[frame_hidden]).abs().sum()
-        sums["voicing"] = F.binary_cross_entropy_with_logits(prosody_pred[:, 1], prosody_target[:, 1], reduction="sum")
-        sums["energy"] = (prosody_pred[:, 2] - prosody_target[:, 2]).square().sum()
-        voiced = batch.f0_hz[frame_hidden] > 0
+        # The per-position heads on the positions this process holds: partial sums, then totals.
+        mine, rows = held.rows(grid.text_index)
+        text = targets["text"] & mine
+        text_logits = _wide(self.text_head(hidden[rows[text]]))
+        text_target = batch.token_ids[text]
+        mine, rows = held.rows(grid.audio_index)
+        audio = masks.audio & mine
+        frames = audio.repeat_interleave(k) & batch.frame_valid        # the hidden frames of those positions
+        audio_out = hidden[rows[audio]]
+        select = batch.frame_valid.view(-1, k)[audio]
+        mel_pred = _wide(self.mel_head(audio_out)).view(-1, k, N_MELS)[select]
+        prosody_pred = _wide(self.prosody_head(audio_out)).view(-1, k, PROSODY_FEATURES)[select]
+        prosody_target = prosody[frames]
+        voiced = batch.f0_hz[frames] > 0
         error = prosody_pred[voiced, 0] - prosody_target[voiced, 0]     # in log-F0 std units
-        sums["f0"] = error.square().sum() + prosody_pred[:, 0].sum() * 0.0   # reaches the head when nothing is voiced
-        if frame_hidden.any():
-            metrics["voicing_acc"] = ((prosody_pred[:, 1] > 0) == (prosody_target[:, 1] > 0.5)).float().mean().detach()
-        if voiced.any():
-            metrics["f0_cents"] = (error.abs() * self.prosody_stats[1] * 1200 / math.log(2)).mean().detach()
+        partial = torch.stack([
+            F.cross_entropy(text_logits, text_target, reduction="sum") + text_logits.sum() * 0.0,
+            (mel_pred - mel[frames]).abs().sum(),
+            error.square().sum() + prosody_pred[:, 0].sum() * 0.0,      # reaches the head when nothing is voiced
+            F.binary_cross_entropy_with_logits(prosody_pred[:, 1], prosody_target[:, 1], reduction="sum"),
+            (prosody_pred[:, 2] - prosody_target[:, 2]).square().sum()])
+        sums["text"], sums["mel"], sums["f0"], sums["voicing"], sums["energy"] = held.total(partial)
+        with torch.no_grad():   # the metrics' counts, over the group too
+            right_text, right_voicing, cents, voiced_count = held.total(torch.stack([
+                (text_logits.argmax(-1) == text_target).sum().float(),
+                ((prosody_pred[:, 1] > 0) == (prosody_target[:, 1] > 0.5)).sum().float(),
+                (error.abs() * self.prosody_stats[1] * 1200 / math.log(2)).sum().float(),
+                voiced.sum().float()])).tolist()
+        if targets["text"].any():
+            metrics["text_acc"] = torch.tensor(right_text / float(local[0]))
+        if targets["frames"].any():
+            metrics["voicing_acc"] = torch.tensor(right_voicing / float(targets["frames"].sum()))
+        if voiced_count:
+            metrics["f0_cents"] = torch.tensor(cents / voiced_count)
         losses = {name: sums[name] / denominators[i] for i, name in enumerate(LOSS_TERMS)}
         total = sum(getattr(cfg, f"weight_{name}") * value for name, value in losses.items())
         metrics.update({f"loss_{name}": (sums[name] / local[i].clamp_min(1.0)).detach()
                         for i, name in enumerate(LOSS_TERMS)})
         metrics["accuracy"] = metrics.get("text_acc", hidden.new_zeros(()))
         return total, metrics
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """A head's output for its loss: fp32 at least (half precision is too coarse for the sums),
+    float64 kept (the exactness tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 LOSS_TERMS = ("text", "speaker", "sentiment", "speaker_embedding", "mel", "f0", "voicing", "energy")

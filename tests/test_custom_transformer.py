@@ -9,7 +9,7 @@ import packing
 import schema
 from attention import PAD_DOC
 from config import ModelConfig
-from custom_transformer import CustomTransformer, Masks, layout, sample_masks
+from custom_transformer import CustomTransformer, Held, Masks, layout, sample_masks
 from packing import segment_positions
 
 TINY = ModelConfig(d_model=32, n_layers=3, n_heads=2, kv_lora_rank=16, qk_nope_head_dim=8,
@@ -98,11 +98,11 @@ def test_documents_do_not_see_each_other():
     rows, batch = make_batch()
     grid = layout(batch, 4)
     x = model.embed(batch, grid, no_masks(batch), *model.normalised_features(batch))
-    h1 = model.encode(x, grid).view(2, grid.length, -1)
+    h1 = model.encode(x, grid).hidden.view(2, grid.length, -1)
     x2 = x.clone()
     doc_b = grid.doc[0] == grid.doc[0].max()
     x2[0, doc_b] += torch.randn_like(x2[0, doc_b])
-    h2 = model.encode(x2, grid).view(2, grid.length, -1)
+    h2 = model.encode(x2, grid).hidden.view(2, grid.length, -1)
     doc_a = grid.doc[0] == 0
     torch.testing.assert_close(h1[0, doc_a], h2[0, doc_a])
     assert not torch.allclose(h1[0, doc_b], h2[0, doc_b])
@@ -129,12 +129,12 @@ def test_hidden_inputs_do_not_leak():
     altered.affect = torch.where(masks.sentiment[:, None], batch.affect + 0.5, batch.affect)
     assert masks.speaker.any() and masks.sentiment.any()
     grid = layout(batch, 4)
-    h1 = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid)
-    h2 = model.encode(model.embed(altered, grid, masks, *model.normalised_features(altered)), grid)
+    h1 = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid).hidden
+    h2 = model.encode(model.embed(altered, grid, masks, *model.normalised_features(altered)), grid).hidden
     torch.testing.assert_close(h1, h2)
     # ...while an unmasked change does reach the output.
     visible = dataclasses.replace(batch, token_ids=torch.where(~masks.text, 4 + (batch.token_ids + 7) % 30, batch.token_ids))
-    h3 = model.encode(model.embed(visible, grid, masks, *model.normalised_features(visible)), grid)
+    h3 = model.encode(model.embed(visible, grid, masks, *model.normalised_features(visible)), grid).hidden
     assert not torch.allclose(h1, h3)
 
 
@@ -214,9 +214,9 @@ def test_total_loss_is_the_configured_weighted_sum():
     assert all(metrics[f"loss_{name}"] > 0 for name in weights)   # every term was really computed
     # 1 - cosine for the speaker vectors, recomputed from the head directly.
     grid = layout(batch, 4)
-    hidden = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid)
+    held = model.encode(model.embed(batch, grid, masks, *model.normalised_features(batch)), grid)
     targets = masks.speaker & batch.has_speaker_embedding
-    speaker_in, _ = model.label_inputs(grid, hidden, model.segment_moments(grid, hidden))
+    speaker_in, _ = model.label_inputs(grid, held, model.segment_moments(grid, held))
     predicted = model.speaker_vector_head(speaker_in[targets])
     manual = (1 - torch.nn.functional.cosine_similarity(predicted, batch.speaker_embedding[targets], dim=-1)).mean()
     torch.testing.assert_close(metrics["loss_speaker_embedding"], manual.detach())
@@ -232,7 +232,8 @@ def test_label_heads_read_their_slot_and_the_statistics_of_the_whole_segment():
     masks = sample_masks(batch, TINY, torch.Generator().manual_seed(1))
     grid = layout(batch, 4)
     hidden = torch.randn(grid.n_rows * grid.length, TINY.d_model, dtype=torch.float64)
-    speaker_in, sentiment_in = model.label_inputs(grid, hidden, model.segment_moments(grid, hidden))
+    held = Held(hidden, torch.arange(len(hidden)))
+    speaker_in, sentiment_in = model.label_inputs(grid, held, model.segment_moments(grid, held))
     lengths = segment_positions(batch.n_tokens, batch.n_frames, 4).tolist()
     for i, (start, n) in enumerate(zip(grid.speaker_index.tolist(), lengths)):
         content = hidden[start + 2:start + n]
