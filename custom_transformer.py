@@ -319,15 +319,22 @@ class CustomTransformer(nn.Module):
         # a batch in which no segment has a vector: zeros, flagged absent by has_speaker_embedding
         return batch.speaker_embedding if size else batch.speaker_embedding.new_zeros(len(batch.speaker_embedding), expected)
 
-    def embed(self, batch: Batch, grid: Layout, masks: Masks, mel, prosody) -> torch.Tensor:
-        """Place every input in the grid; hidden or absent inputs become the mask embedding."""
+    def embed(self, batch: Batch, grid: Layout, masks: Masks, mel, prosody, held: tuple | None = None) -> torch.Tensor:
+        """Place every input in the grid; hidden or absent inputs become the mask embedding. With
+        `held` (`held_positions`: under context parallelism) only the positions this process
+        holds, (rows, its slice's length, d): inputs of the others are not even projected."""
         k = self.cfg.frames_per_position
-        x = torch.zeros(grid.n_rows * grid.length, self.cfg.d_model, device=mel.device,
+        places, held_length = held or held_positions(grid, None)
+        x = torch.zeros(grid.n_rows * held_length, self.cfg.d_model, device=mel.device,
                         dtype=self.text_embed.weight.dtype)
 
-        def place(index, values, hidden, kind, context=0.0):
+        def place(index, values, hidden, kind, context=0.0):   # the held ones of index (and of its values)
+            rows = places[index]
             values = torch.where(hidden[:, None], self.mask_embed.weight[kind], values)
-            x[index] = values + self.modality_embed.weight[kind] + context
+            x[rows] = values + self.modality_embed.weight[kind] + context
+
+        def mine(index):
+            return places[index] >= 0
 
         known_speaker = batch.speaker_id != UNKNOWN
         speaker = torch.where(known_speaker[:, None], self.speaker_embed(batch.speaker_id.clamp_min(0)), 0.0)
@@ -336,39 +343,51 @@ class CustomTransformer(nn.Module):
             has_vector = batch.has_speaker_embedding[:, None]
             speaker = speaker + torch.where(has_vector, self.speaker_vector_proj(vectors), 0.0)
             known_speaker = known_speaker | batch.has_speaker_embedding
-        place(grid.speaker_index, speaker, masks.speaker | ~known_speaker, SPEAKER)
+        slots = mine(grid.speaker_index)
+        place(grid.speaker_index[slots], speaker[slots], (masks.speaker | ~known_speaker)[slots], SPEAKER)
 
         known_label = batch.sentiment != UNKNOWN
         known_affect = ~batch.affect.isnan()
         sentiment = (torch.where(known_label[:, None], self.sentiment_embed(batch.sentiment.clamp_min(0)), 0.0)
                      + self.affect_proj(torch.cat([batch.affect.nan_to_num(0.0), known_affect.float()], -1)))
-        place(grid.sentiment_index, sentiment, masks.sentiment | ~(known_label | known_affect.any(-1)), SENTIMENT)
+        slots = mine(grid.sentiment_index)
+        place(grid.sentiment_index[slots], sentiment[slots],
+              (masks.sentiment | ~(known_label | known_affect.any(-1)))[slots], SENTIMENT)
 
-        audio = self.audio_proj(mel.reshape(-1, k * N_MELS)) + self.prosody_proj(prosody.reshape(-1, k * PROSODY_FEATURES))
+        # The audio positions held here, and those the held tokens hear, projected.
+        text, audio = mine(grid.text_index), mine(grid.audio_index)
+        position = batch.token_audio_position[text]
+        needed = audio.clone()
+        needed[position[position >= 0]] = True
+        chosen = needed.nonzero().squeeze(1)
+        projected = (self.audio_proj(mel.reshape(-1, k * N_MELS)[chosen])
+                     + self.prosody_proj(prosody.reshape(-1, k * PROSODY_FEATURES)[chosen]))
+        row_of = torch.full((len(audio) + 1,), len(chosen), device=chosen.device)   # the last: a silent row
+        row_of[chosen] = torch.arange(len(chosen), device=chosen.device)
+        audible = torch.cat([projected, projected.new_zeros(1, projected.shape[1])])
         # A token, hidden or not, hears the audio where it starts unless that is hidden. Tokens
-        # without an alignment (position -1) index an appended silent, never heard row.
-        position = batch.token_audio_position
-        audible = torch.cat([audio, audio.new_zeros(1, audio.shape[1])])
+        # without an alignment (position -1) read the appended silent, never heard row.
         hears = (position >= 0) & ~torch.cat([masks.audio, masks.audio.new_zeros(1)])[position]
-        heard = torch.where(hears[:, None], self.aligned_audio_proj(audible[position]), 0.0)
-        place(grid.text_index, self.text_embed(batch.token_ids), masks.text, TEXT, heard)
-        place(grid.audio_index, audio, masks.audio, AUDIO)
-        return x.view(grid.n_rows, grid.length, -1)
+        heard = torch.where(hears[:, None], self.aligned_audio_proj(audible[row_of[position]]), 0.0)
+        place(grid.text_index[text], self.text_embed(batch.token_ids[text]), masks.text[text], TEXT, heard)
+        place(grid.audio_index[audio], audible[row_of[:-1][audio]], masks.audio[audio], AUDIO)
+        return x.view(grid.n_rows, held_length, -1)
 
-    def encode(self, x: torch.Tensor, grid: Layout, slices: SequenceSlices | None = None) -> Held:
-        """The blocks over the rows (with `slices`: over this process's slice of them, which is
-        what it holds of the output)."""
+    def encode(self, x: torch.Tensor, grid: Layout, slices: SequenceSlices | None = None,
+               held: tuple | None = None) -> Held:
+        """The blocks over the rows (with `slices` and `held`: x is this process's slice of every
+        row, as `embed` made it, and so is the output)."""
         cos, sin = rope_tables(grid.positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
         doc = grid.doc
         if slices is not None:   # rows too short for every slice to hold a window's reach are padded
-            slices = slices.over(grid.length, max(self.cfg.window, self.cfg.sparse_block))
+            slices = slices.over(grid.length, self.reach)
             pad = slices.length - grid.length
-            x, cos, sin = (F.pad(t, (0, 0, 0, pad)) for t in (x, cos, sin))
+            cos, sin = (F.pad(t, (0, 0, 0, pad)) for t in (cos, sin))
             doc = F.pad(doc, (0, pad), value=PAD_DOC)
         # the sparse layers' blocks of the whole rows, made once for every sparse layer and recomputation
         blocks = block_table(doc, self.cfg.sparse_block) if "S" in self.cfg.layer_pattern else None
         if slices is not None:
-            x, cos, sin, doc = slices.mine(x), slices.mine(cos), slices.mine(sin), slices.mine(doc)
+            cos, sin, doc = slices.mine(cos), slices.mine(sin), slices.mine(doc)
         checkpointed = self.cfg.activation_checkpointing and self.training
         offload = HostCheckpoints() if checkpointed and self.cfg.offload_checkpoints else contextlib.nullcontext()
         with offload:
@@ -378,14 +397,13 @@ class CustomTransformer(nn.Module):
                 else:
                     x = block(x, cos, sin, doc, slices, blocks)
         self.offloaded = offload.moved if isinstance(offload, HostCheckpoints) else []
-        x = self.norm(x)
-        places = torch.arange(grid.n_rows * grid.length, device=x.device)
-        if slices is None:
-            return Held(x.flatten(0, 1), places)
-        start, end = slices.bounds[slices.rank:slices.rank + 2]
-        row, position = places // grid.length, places % grid.length
-        mine = (position >= start) & (position < end)
-        return Held(x.flatten(0, 1), torch.where(mine, row * (end - start) + position - start, -1), slices)
+        places, _ = held or held_positions(grid, slices)
+        return Held(self.norm(x).flatten(0, 1), places, slices)
+
+    @property
+    def reach(self) -> int:
+        """How far a window or a block reaches: under context parallelism every slice is at least this long."""
+        return max(self.cfg.window, self.cfg.sparse_block)
 
     def run(self, batch: Batch, masks: Masks, slices: SequenceSlices | None = None
             ) -> tuple[Layout, torch.Tensor, torch.Tensor, Held]:
@@ -393,7 +411,10 @@ class CustomTransformer(nn.Module):
         position; with `slices`, at this process's slice of them)."""
         grid = layout(batch, self.cfg.frames_per_position)
         mel, prosody = self.normalised_features(batch)
-        return grid, mel, prosody, self.encode(self.embed(batch, grid, masks, mel, prosody), grid, slices)
+        if slices is not None:   # rows too short for every slice to hold a window's reach are padded
+            slices = slices.over(grid.length, self.reach)
+        held = held_positions(grid, slices)
+        return grid, mel, prosody, self.encode(self.embed(batch, grid, masks, mel, prosody, held), grid, slices, held)
 
     @staticmethod
     def segment_moments(grid: Layout, held: Held) -> tuple[torch.Tensor, torch.Tensor]:
@@ -547,6 +568,18 @@ class CustomTransformer(nn.Module):
                         for i, name in enumerate(LOSS_TERMS)})
         metrics["accuracy"] = metrics.get("text_acc", hidden.new_zeros(()))
         return total, metrics
+
+
+def held_positions(grid: Layout, slices: SequenceSlices | None) -> tuple[torch.Tensor, int]:
+    """-> (each grid position's row among those this process holds, -1 where another holds it;
+    the length of the rows it holds): every position, or with `slices` (already over the rows'
+    length) its slice of every row."""
+    places = torch.arange(grid.n_rows * grid.length, device=grid.doc.device)
+    if slices is None:
+        return places, grid.length
+    start, end = slices.bounds[slices.rank:slices.rank + 2]
+    row, position = places // grid.length, places % grid.length
+    return torch.where((position >= start) & (position < end), row * (end - start) + position - start, -1), end - start
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
