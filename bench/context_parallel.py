@@ -5,7 +5,11 @@ process doing the same work on the same cores.
 
 The preset's width with its layer pattern replaced by --pattern, one document of synthetic
 segments; one process with P threads against P processes of one thread each (gloo), each step
-timed after a warm-up, the median of --repeats. Headline: split time over one process's (goal <= 1.2).
+timed after a warm-up, the median of --repeats. The bytes each process sends in a step's
+collectives are counted (ring algorithms: an all-gather sends (P-1) parts, a reduce-scatter
+(P-1)/P of its input, an all-reduce twice that), and the step modelled over slower links than
+shared memory: the measured split step plus those bytes at the link's rate, nothing overlapped.
+Headline: split time over one process's (goal <= 1.2).
 """
 from __future__ import annotations
 
@@ -41,13 +45,42 @@ def step_seconds(cfg, positions: int, repeats: int, slices: SequenceSlices | Non
     return statistics.median(times[1:])
 
 
+LINKS = {"PCIe 3.0 x16 (12 GB/s)": 12e9, "PCIe 3.0 x4 (3 GB/s)": 3e9, "PCIe 1.1 x1 (0.25 GB/s)": 0.25e9}
+
+
+def counting_collectives(world: int) -> list[int]:
+    """Wrap the collectives context parallelism calls so that each adds the bytes this process
+    sends (ring algorithms) to the returned one-item list."""
+    sent = [0]
+    dist = torch.distributed
+    gather, scatter, reduce = dist.all_gather_into_tensor, dist.reduce_scatter_tensor, dist.all_reduce
+
+    def all_gather_into_tensor(output, tensor, *args, **kwargs):
+        sent[0] += (world - 1) * tensor.numel() * tensor.element_size()
+        return gather(output, tensor, *args, **kwargs)
+
+    def reduce_scatter_tensor(output, tensor, *args, **kwargs):
+        sent[0] += (world - 1) * tensor.numel() * tensor.element_size() // world
+        return scatter(output, tensor, *args, **kwargs)
+
+    def all_reduce(tensor, *args, **kwargs):
+        sent[0] += 2 * (world - 1) * tensor.numel() * tensor.element_size() // world
+        return reduce(tensor, *args, **kwargs)
+
+    dist.all_gather_into_tensor, dist.reduce_scatter_tensor, dist.all_reduce = (
+        all_gather_into_tensor, reduce_scatter_tensor, all_reduce)
+    return sent
+
+
 def _split(rank, world, port, overrides, preset, positions, repeats, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = config.load_config(str(ROOT / "config.yaml"), overrides, preset)
-        results[rank] = step_seconds(cfg, positions, repeats, SequenceSlices(None, rank, world))
+        sent = counting_collectives(world)
+        seconds = step_seconds(cfg, positions, repeats, SequenceSlices(None, rank, world))
+        results[rank] = (seconds, sent[0] // (repeats + 1))   # every step sends alike
     finally:
         torch.distributed.destroy_process_group()
 
@@ -70,11 +103,15 @@ def main() -> int:
     results = mp.Manager().dict()
     mp.spawn(_split, args=(args.processes, port, overrides, args.preset, args.positions, args.repeats, results),
              nprocs=args.processes)
-    split = max(results.values())   # the step ends with its slowest process
+    split = max(seconds for seconds, _ in results.values())   # the step ends with its slowest process
+    sent = max(sent for _, sent in results.values())
     lines = [*header(), f"preset {args.preset} width, pattern {args.pattern}, {cfg.model.n_layers} layers, "
              f"{args.positions:,} positions: forward + backward of one document",
-             f"{f'one process, {args.processes} threads':<40} {one:8.2f} s",
-             f"{f'{args.processes} processes of 1 thread, a slice each':<40} {split:8.2f} s",
+             f"{f'one process, {args.processes} threads':<44} {one:8.2f} s",
+             f"{f'{args.processes} processes of 1 thread, a slice each':<44} {split:8.2f} s   "
+             f"({sent / 1e6:.1f} MB sent by a process)",
+             *(f"{f'  modelled over {link}':<44} {split + sent / rate:8.2f} s   x{(split + sent / rate) / one:.2f}"
+               for link, rate in LINKS.items()),
              f"split / one: {split / one:.2f} (goal <= 1.2)"]
     print("\n".join(lines))
     save(f"context_parallel_{args.preset}_{args.pattern}", lines)
