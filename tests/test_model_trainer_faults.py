@@ -29,8 +29,10 @@ def flags(*items):
 
 
 def metrics(out):
+    """The run's messages so far (a line the trainer is still writing is left for later)."""
     path = out / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    return [json.loads(line) for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")] \
+        if path.exists() else []
 
 
 def steps_logged(out):
