@@ -375,12 +375,11 @@ class CustomTransformer(nn.Module):
 
     def encode(self, x: torch.Tensor, grid: Layout, slices: SequenceSlices | None = None,
                held: tuple | None = None) -> Held:
-        """The blocks over the rows (with `slices` and `held`: x is this process's slice of every
-        row, as `embed` made it, and so is the output)."""
+        """The blocks over the rows (with `slices`, already over the rows as `run` fits them, and
+        `held`: x is this process's slice of every row, as `embed` made it, and so is the output)."""
         cos, sin = rope_tables(grid.positions, self.cfg.qk_rope_head_dim, self.cfg.rope_theta)
         doc = grid.doc
         if slices is not None:   # rows too short for every slice to hold a window's reach are padded
-            slices = slices.over(grid.length, self.reach)
             pad = slices.length - grid.length
             cos, sin = (F.pad(t, (0, 0, 0, pad)) for t in (cos, sin))
             doc = F.pad(doc, (0, pad), value=PAD_DOC)
