@@ -16,6 +16,8 @@ queries weighted most in the compressed branch; causal: its first query, which s
 position) and the sliding window. All documents of the rows go through each branch together:
 a table of blocks built with tensor ops (two host transfers a forward, whatever the number of
 documents), its blocks cut into tiles of bounded size (one long document's, or short ones').
+A bidirectional document of at most k blocks, which the selected branch would read whole, is
+attended densely instead, as a global layer would.
 """
 from __future__ import annotations
 
@@ -253,23 +255,20 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
     a query that sees none outputs zeros). Selected: each block of b queries over the k blocks of
     its document its queries weighted most in the compressed branch (bidirectional: summed over
     its queries; causal: its first query's weights, and only earlier blocks, as a sum over later
-    queries would let them choose what earlier ones read), at full resolution; bidirectional
-    over a document of at most k blocks: all of them, the whole document, no ranking needed.
-    The queries may be a part of the rows, M positions, each block's places in them given by
-    `query_places` (G, b) (default: the rows' own). -> both (H, M, Dv), zeros outside the tiles."""
+    queries would let them choose what earlier ones read), at full resolution. The queries may
+    be a part of the rows, M positions, each block's places in them given by `query_places`
+    (G, b) (default: the rows' own). -> both (H, M, Dv), zeros outside the tiles."""
     b, heads = table.block, q.shape[0]
-    if not tiles:   # no document in the rows (or in this process's slice of them)
+    if not tiles:   # no document in the rows (or in this process's slice of them) to rank blocks of
         return (v.new_zeros(heads, q.shape[1], v.shape[-1]),) * 2
     query_places = table.places if query_places is None else query_places
     first, last = tiles[0][0], tiles[-1][1]
     place = torch.arange(b, device=q.device)
-    whole_keys = iter(_key_blocks(k, v, table, [(k0, k1) for _, _, k0, k1, most in tiles
-                                                 if not causal and most <= topk]))
     tile_queries = _pieces(_rows(q, query_places[first:last], 1),
                            [(g0 - first, g1 - first) for g0, g1, *_ in tiles], 1)   # (H, T, b, D) each
     # values padded to the key width once, not per tile (each tile's copy would be kept for backward)
     padded_compressed_v = F.pad(compressed_v, (0, max(0, q.shape[-1] - v.shape[-1])))
-    where, compressed_out, whole_where, whole_out, picked = [], [], [], [], []
+    where, compressed_out, picked = [], [], []
     for (g0, g1, k0, k1, most), queries in zip(tiles, tile_queries):
         places, present = query_places[g0:g1], table.present[g0:g1]         # (T, b)
         where.append(torch.where(present, places, -1).flatten())
@@ -286,15 +285,6 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
         out = _sdpa(flat_queries[None], compressed_k[None, :, k0:k1], padded_compressed_v[None, :, k0:k1], scale,
                     None if mask is None else mask[None, None])[0, ..., :v.shape[-1]]
         compressed_out.append(out * sees.flatten()[:, None])
-        if not causal and most <= topk:   # every block of each document chosen: the whole documents
-            keys, values = (t.flatten(1, 2) for t in next(whole_keys))   # (H, nk b, D)
-            readable = (same[..., None] & table.present[None, k0:k1]).flatten(1)        # (T, nk b)
-            mask = None if one_document and table.host_length[g0] % b == 0 else \
-                readable[:, None].expand(-1, b, -1).flatten(0, 1)
-            whole_out.append(_sdpa(flat_queries[None], keys[None], values[None], scale,
-                                   None if mask is None else mask[None, None])[0])
-            whole_where.append(where[-1])
-            continue
         with torch.no_grad():   # which blocks each query block reads: a ranking, no gradient
             ranking_queries = queries[:, :, 0] if causal else flat_queries
             scores = torch.matmul(ranking_queries.float(), compressed_k[:, k0:k1].float().transpose(1, 2)) * scale
@@ -311,14 +301,41 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
         kept = present & chosen_allowed.any(-1, keepdim=True)
         picked.append((places, kept, table.places[chosen], key_mask))
 
-    def scatter(parts, where):   # the tiles' outputs at their positions (absent places add nothing)
-        places = torch.cat(where)
-        values = torch.cat(parts, 1) * (places >= 0)[:, None]
-        return v.new_zeros(heads, q.shape[1], v.shape[-1]).index_add(1, places.clamp(min=0), values)
-    selected = scatter(whole_out, whole_where) if whole_out else v.new_zeros(heads, q.shape[1], v.shape[-1])
-    if picked:
-        selected = selected + _SelectedBranch.apply(q, k, v, picked, scale)
-    return scatter(compressed_out, where), selected
+    places = torch.cat(where)   # the compressed outputs at their positions (absent places add nothing)
+    compressed = v.new_zeros(heads, q.shape[1], v.shape[-1]).index_add(
+        1, places.clamp(min=0), torch.cat(compressed_out, 1) * (places >= 0)[:, None])
+    return compressed, _SelectedBranch.apply(q, k, v, picked, scale)
+
+
+def whole_documents(q, k, v, table: BlockTable, wanted: list[int], scale: float,
+                    query_places: torch.Tensor | None = None) -> torch.Tensor:
+    """The documents of the `wanted` blocks read whole: each query over every key of its
+    document, dense, as a global layer reads it (a sparse layer's documents of at most top-k
+    blocks, bidirectional: its selected branch would pick every block, and the compressed and
+    window branches read a part of what it reads). Documents of as many blocks go through one
+    call, padded to whole blocks (the padding masked): at most top-k calls, each position's
+    query, key and value gathered once. q, k, v (H, N, D) as in `sparse_branches`; outputs
+    only at the wanted blocks' places. -> (H, M, Dv)."""
+    heads, b = q.shape[0], table.block
+    query_places = table.places if query_places is None else query_places
+    out = v.new_zeros(heads, q.shape[1], v.shape[-1])
+    by_count: dict[int, list[int]] = {}
+    for g in wanted:
+        documents = by_count.setdefault(table.host_count[g], [])
+        if not documents or documents[-1] != table.host_first[g]:
+            documents.append(table.host_first[g])
+    is_wanted = torch.zeros(len(table.host_first), dtype=torch.bool, device=q.device)
+    is_wanted[torch.tensor(wanted, device=q.device, dtype=torch.long)] = True
+    for count, firsts in sorted(by_count.items()):
+        blocks = torch.tensor(firsts, device=q.device)[:, None] + torch.arange(count, device=q.device)   # (docs, c)
+        key_places, places = table.places[blocks].flatten(1), query_places[blocks].flatten(1)
+        present = table.present[blocks].flatten(1)                                                   # (docs, c b)
+        padded = any(table.host_length[f] % b for f in firsts)
+        attended = _sdpa(_rows(q, places, 1).transpose(0, 1), _rows(k, key_places, 1).transpose(0, 1),
+                         _rows(v, key_places, 1).transpose(0, 1), scale, present[:, None, None] if padded else None)
+        keep = (present & is_wanted[blocks, None].expand(-1, -1, b).flatten(1)).flatten()
+        out.index_add_(1, places.flatten(), (attended.transpose(0, 1).flatten(1, 2) * keep[:, None]).to(out.dtype))
+    return out
 
 
 class _SelectedBranch(torch.autograd.Function):
@@ -362,17 +379,6 @@ def _picked_attention(q, k, v, places, key_places, key_mask, scale: float) -> to
     (at `key_places` (T, k, b) of k, v (H, N, D)) -> (T, H, b, Dv)."""
     return _attend(_rows(q, places, 1).transpose(0, 1), _rows(k, key_places, 1), _rows(v, key_places, 1),
                    key_mask, scale)
-
-
-def _key_blocks(k, v, table: BlockTable, spans: list[tuple[int, int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The key and value blocks k0..k1 of each span (H, k1 - k0, b, D), read through one gather
-    for all of them (its backward adds every span's gradients into one buffer; spans may repeat
-    or overlap where a tile cut a run of documents)."""
-    if not spans:
-        return []
-    blocks = torch.tensor([g for k0, k1 in spans for g in range(k0, k1)], device=k.device)
-    keys, values = (_rows(t, table.places[blocks], 1).split([k1 - k0 for k0, k1 in spans], 1) for t in (k, v))
-    return list(zip(keys, values))
 
 
 def _attend(q_blocks, k_picked, v_picked, key_mask, scale: float) -> torch.Tensor:
@@ -479,10 +485,12 @@ class MultiHeadLatentAttention(nn.Module):
         else:
             k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
             k, value = k.transpose(1, 2), value.transpose(1, 2)
-            out = attend(q, k, value, doc, self.softmax_scale, window, causal)   # the sparse layer's window branch
             if self.sparse:
-                blocks = blocks or block_table(doc, self.sparse.block)
-                out = self._sparse_attention(x, q, 0, 0, latent, k_pe, cos, sin, k, value, blocks, causal, out)
+                out = self._sparse_attention(x, q, 0, 0, latent, k_pe, cos, sin, k, value,
+                                             blocks or block_table(doc, self.sparse.block), causal,
+                                             lambda: attend(q, k, value, doc, self.softmax_scale, window, causal))
+            else:
+                out = attend(q, k, value, doc, self.softmax_scale, window, causal)
         return self.wo(out.transpose(1, 2).flatten(2))
 
     def _sliced(self, x, q, latent, k_pe, cos, sin, doc, window, causal, slices: SequenceSlices, blocks):
@@ -507,9 +515,12 @@ class MultiHeadLatentAttention(nn.Module):
         if window is None:
             return document_attention(q, k, value, whole_doc, self.softmax_scale, causal, start)
         around = slice(start - window, start + length + window)   # the window branch's keys
-        out = local_attention(F.pad(q, (0, 0, window, window)), _positions(k, around, 2), _positions(value, around, 2),
-                              _positions(whole_doc, around, 1, OUT_OF_RANGE), self.softmax_scale, window, causal)
-        local = out[:, :, window:window + length]
+
+        def window_branch():
+            out = local_attention(F.pad(q, (0, 0, window, window)), _positions(k, around, 2),
+                                  _positions(value, around, 2), _positions(whole_doc, around, 1, OUT_OF_RANGE),
+                                  self.softmax_scale, window, causal)
+            return out[:, :, window:window + length]
         # the query blocks that straddle the slice's ends rank key blocks with all their queries:
         # a block's halo of queries from the neighbours (not differentiated: only their ranking is used)
         block = self.sparse.block
@@ -517,31 +528,51 @@ class MultiHeadLatentAttention(nn.Module):
         halo = halo.unflatten(2, (q.shape[1], -1)).transpose(1, 2)
         queries = torch.cat([halo[:, :, :block], q, halo[:, :, -block:]], 2)   # positions [start - block, ...)
         return self._sparse_attention(x, queries, start, start - block, whole_latent, whole_pe, whole_cos, whole_sin,
-                                      k, value, blocks or block_table(whole_doc, block), causal, local)
+                                      k, value, blocks or block_table(whole_doc, block), causal, window_branch)
 
-    def _sparse_attention(self, x, q, start, first, latent, k_pe, cos, sin, k, v, blocks: BlockTable, causal, local):
-        """The compressed and selected branches, and with them `local` (the window's output),
-        mixed per head by gates read from the input. The outputs are for positions [start,
-        start + L) of the rows (L = x's length); q (B, H, M, D) for positions [first, first + M),
-        which hold the query blocks of those; latent, rotary key, cos, sin, k, v and the blocks
-        cover the whole rows."""
+    def _sparse_attention(self, x, q, start, first, latent, k_pe, cos, sin, k, v, blocks: BlockTable, causal,
+                          window_branch):
+        """The compressed and selected branches, and with them the window's (`window_branch()`),
+        mixed per head by gates read from the input; a document the selected branch would read
+        whole (bidirectional, at most top-k blocks) is attended densely instead, weighted by the
+        three gates' sum: each branch would read (a part of) that, and a batch of such documents
+        then costs what a global layer's does. Padding outputs zeros. The outputs are for
+        positions [start, start + L) of the rows (L = x's length); q (B, H, M, D) for positions
+        [first, first + M), which hold the query blocks of those; latent, rotary key, cos, sin,
+        k, v and the blocks cover the whole rows."""
         pattern, length = self.sparse, x.shape[1]
         rows, span, whole = q.shape[0], q.shape[2], k.shape[2]
         wanted = list(range(len(blocks.host_start))) if length == whole else [
             g for g, begin in enumerate(blocks.host_start)
             if begin % whole < start + length and begin % whole + pattern.block > start]
-        tiles = sparse_tiles(blocks, wanted, self.n_heads, pattern.topk, q.shape[-1], pattern.chunk)
-        compressed_k, compressed_v = self.compress(latent.flatten(0, 1), k_pe.flatten(0, 1), cos.flatten(0, 1),
-                                                   sin.flatten(0, 1), blocks)
-        query_places = None if span == whole else (   # the blocks' places among these queries
+        read_whole = [] if causal else [g for g in wanted if blocks.host_count[g] <= pattern.topk]
+        ranked = [g for g in wanted if causal or blocks.host_count[g] > pattern.topk]
+        query_places = blocks.places if span == whole else (   # the blocks' places among these queries
             (blocks.places // whole) * span + blocks.places % whole - first).clamp(0, rows * span - 1)
-        compressed, selected = sparse_branches(*(t.transpose(0, 1).flatten(1, 2) for t in (q, k, v)), compressed_k,
-                                               compressed_v, blocks, tiles, self.softmax_scale, pattern.topk, causal,
-                                               query_places)
-        compressed, selected = (t.unflatten(1, (rows, span)).transpose(0, 1)[:, :, start - first:start - first + length]
-                                for t in (compressed, selected))
+        q, k, v = (t.transpose(0, 1).flatten(1, 2) for t in (q, k, v))   # (H, rows x positions, D)
+
+        def ours(t):   # (H, rows x M, ...) -> (B, H, L, ...), the positions [start, start + L)
+            return t.unflatten(1, (rows, span)).transpose(0, 1)[:, :, start - first:start - first + length]
+
         gates = torch.sigmoid(self.gates(x)).view(*x.shape[:2], self.n_heads, 3).permute(3, 0, 2, 1)[..., None]
-        return gates[0] * compressed + gates[1] * selected + gates[2] * local
+        mixed = v.new_zeros(rows, self.n_heads, length, v.shape[-1])
+        if read_whole:
+            dense = whole_documents(q, k, v, blocks, read_whole, self.softmax_scale, query_places)
+            mixed = mixed + gates.sum(0) * ours(dense)
+        if ranked:
+            tiles = sparse_tiles(blocks, ranked, self.n_heads, pattern.topk, q.shape[-1], pattern.chunk)
+            compressed_k, compressed_v = self.compress(latent.flatten(0, 1), k_pe.flatten(0, 1), cos.flatten(0, 1),
+                                                       sin.flatten(0, 1), blocks)
+            compressed, selected = sparse_branches(q, k, v, compressed_k, compressed_v, blocks, tiles,
+                                                   self.softmax_scale, pattern.topk, causal, query_places)
+            ranked_blocks = torch.tensor(ranked, device=q.device)
+            in_ranked = ours(blocks.present.new_zeros(rows * span, dtype=torch.int).index_add(
+                0, query_places[ranked_blocks].flatten(), blocks.present[ranked_blocks].int().flatten())[None, :, None])
+            mixed = mixed + gates[0] * ours(compressed) + gates[1] * ours(selected) + \
+                gates[2] * window_branch() * (in_ranked > 0)
+        else:   # the pooling weights stay in the graph: DDP and the sharded reductions expect every parameter's gradient
+            mixed = mixed + 0 * self.pool_logits.sum()
+        return mixed
 
     def compress(self, latent, k_pe, cos, sin, blocks: BlockTable):
         """The flattened rows' latent (N, r) and unrotated rotary key (N, rope) -> every block's

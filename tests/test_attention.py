@@ -181,7 +181,8 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
     pooled keys built block by block; each query's key blocks picked with plain sorting, from
     the weights its query block gives them (bidirectional: summed over the block's queries;
     causal: those of the block's first query, recomputed for every query); the window as a
-    band. -> (output, the picks of each query block per document run)."""
+    band; bidirectional, a document of at most top-k blocks attended densely, weighted by the
+    three gates' sum. -> (output, the picks of each query block per document run)."""
     pattern, scale, b_len = m.sparse, m.softmax_scale, m.sparse.block
     batch, length, _ = x.shape
     q_nope, q_pe = m._query(x, cos, sin)
@@ -190,7 +191,8 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
     q = torch.cat([q_nope, q_pe], -1)                                        # (B, L, H, D)
     heads = q.shape[2]
     compressed = torch.zeros(batch, length, heads, v.shape[-1], dtype=x.dtype)
-    selected = torch.zeros_like(compressed)
+    selected, dense = torch.zeros_like(compressed), torch.zeros_like(compressed)
+    ranked = torch.zeros(batch, length, 1, 1, dtype=x.dtype)   # positions of documents whose blocks are ranked
     picks = []
     for b in range(batch):
         ids, counts = torch.unique_consecutive(doc[b], return_counts=True)
@@ -200,6 +202,15 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
                 start += n
                 continue
             blocks = [list(range(j, min(j + b_len, n))) for j in range(0, n, b_len)]
+            if not causal and len(blocks) <= pattern.topk:   # read whole: dense attention over the document
+                keys = list(range(start, start + n))
+                for i in range(n):
+                    scores = torch.einsum("hd,jhd->hj", q[b, start + i], k[b, keys]) * scale
+                    dense[b, start + i] = torch.einsum("hj,jhd->hd", scores.softmax(-1), v[b, keys])
+                picks.append([list(range(len(blocks)))] * len(blocks))
+                start += n
+                continue
+            ranked[b, start:start + n] = 1
             pooled_k, pooled_v = [], []
             for members in blocks:
                 w = m.pool_logits[:len(members)].softmax(0)
@@ -245,7 +256,8 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
     local = naive_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), doc, scale, WINDOW,
                             causal).transpose(1, 2)
     gates = torch.sigmoid(m.gates(x)).view(batch, length, heads, 3)
-    mixed = gates[..., 0:1] * compressed + gates[..., 1:2] * selected + gates[..., 2:3] * local
+    mixed = (gates[..., 0:1] * compressed + gates[..., 1:2] * selected + gates[..., 2:3] * local * ranked
+             + gates.sum(-1, keepdim=True) * dense)
     return m.wo(mixed.flatten(2)), picks
 
 
@@ -312,12 +324,13 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, monkeypatch
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-10, msg=name)
 
 
-def test_short_documents_a_tile_cuts_apart_are_read_whole():
-    """Bidirectional, documents of at most top-k blocks are read whole, short ones together in
-    a tile; with a chunk that holds two query blocks' gathered keys, a tile ends inside a
-    document (the 4-position one and the first block of the next, then its second block alone:
-    two tiles with overlapping keys, which stopped the layer with a KeyError): outputs and
-    gradients still equal the reference's."""
+def test_short_documents_are_read_whole_as_a_global_layer_reads_them(monkeypatch):
+    """Bidirectional, documents of at most top-k blocks (1, 2, 2, 2 and 3 blocks, two ending
+    in a partial block) are attended densely, those of as many blocks together: outputs and
+    gradients equal the reference's, and neither blocks nor the window are computed."""
+    import attention
+    for unused in ("sparse_branches", "local_attention"):
+        monkeypatch.setattr(attention, unused, lambda *args, name=unused, **kwargs: pytest.fail(f"{name} called"))
     torch.manual_seed(0)
     m = sparse_layer(False, block=4, topk=3, chunk=400)
     lengths = [4, 8, 5, 7, 12]   # 1, 2, 2, 2 and 3 blocks
