@@ -154,6 +154,9 @@ class SparsePattern:
     block: int    # positions per compressed (and selectable) block
     topk: int     # key blocks each query block attends to at full resolution
     chunk: int = 1 << 24   # elements a tile's ranking scores or gathered keys may hold (64 MiB in fp32)
+    # the most pooled keys a query reads: a document of more blocks is pooled in units of 2, 4,
+    # 8... blocks, the top-k units are ranked first and the top-k blocks picked within them
+    compressed_keys: int = 256
 
 
 def chunked_from(heads: int, block: int, topk: int, head_dim: int, chunk: int) -> int:
@@ -169,21 +172,38 @@ def chunked_from(heads: int, block: int, topk: int, head_dim: int, chunk: int) -
 class BlockTable:
     """The rows' documents cut into blocks of b positions from each document's start, numbered in
     order over the flattened rows (B x L positions): a block never straddles two documents, a
-    document's last block may be partial, padding has none. Built with tensor ops on the
-    device; what tiles are cut by comes to the host in one transfer."""
+    document's last block may be partial, padding has none. A document's blocks are grouped in
+    units of 1, 2, 4... blocks, as few as keep its units within the compressed keys a query
+    reads; units are numbered in order too. Built with tensor ops on the device; what tiles are
+    cut by comes to the host in one transfer."""
     block: int
     places: torch.Tensor    # (G, b) flat position of each place of a block (clamped into range)
     present: torch.Tensor   # (G, b) whether the place holds one of the document's positions
     number: torch.Tensor    # (G,) the block's place in its document: 0, 1, ...
     first: torch.Tensor     # (G,) its document's first block (a document's id among the blocks)
     middle: torch.Tensor    # (G,) flat position its pooled rotary key is turned to
+    unit_of: torch.Tensor   # (G,) the unit it belongs to
+    unit_doc: torch.Tensor      # (U,) the unit's document's first block
+    unit_number: torch.Tensor   # (U,) its place in its document
+    unit_size: torch.Tensor     # (U,) blocks a unit of its document holds (its last may hold fewer)
+    unit_block: torch.Tensor    # (U,) its first block
+    unit_blocks: torch.Tensor   # (U,) the blocks it holds
+    unit_middle: torch.Tensor   # (U,) flat position its pooled rotary key is turned to
     host_first: list        # first, blocks in its document, first flat position and its
     host_count: list        # document's length, of each block
     host_start: list
     host_length: list
+    host_unit_size: list    # blocks a unit of its document holds, its document's first unit
+    host_unit_first: list   # and number of units, of each block
+    host_units: list
+
+    @property
+    def coarse(self) -> bool:
+        """Whether some document is pooled in units of more than one block."""
+        return any(size > 1 for size in self.host_unit_size)
 
 
-def block_table(doc: torch.Tensor, block: int) -> BlockTable:
+def block_table(doc: torch.Tensor, block: int, compressed_keys: int = SparsePattern.compressed_keys) -> BlockTable:
     """doc (B, L) -> the rows' blocks. Two host synchronisations (the number of blocks; the tile
     table), however many documents."""
     flat, length = doc.reshape(-1), doc.shape[1]
@@ -203,10 +223,43 @@ def block_table(doc: torch.Tensor, block: int) -> BlockTable:
     first = torch.arange(len(begins), device=doc.device) - number
     place = torch.arange(block, device=doc.device)
     host_first, host_count, host_start, host_length = torch.stack([first, count, begins, doc_length]).tolist()
+    units = _units(host_first, host_count, host_start, host_length, block, compressed_keys)
+    unit_of, unit_doc, unit_number, unit_size, unit_block, unit_blocks, unit_middle = (
+        torch.tensor(values, dtype=torch.long, device=doc.device).reshape(-1) for values in units[:7])
     return BlockTable(block, (begins[:, None] + place).clamp(max=n - 1),
                       (number * block)[:, None] + place < doc_length[:, None], number, first,
                       doc_start + torch.minimum(number * block + block // 2, doc_length - 1),
-                      host_first, host_count, host_start, host_length)
+                      unit_of, unit_doc, unit_number, unit_size, unit_block, unit_blocks, unit_middle,
+                      host_first, host_count, host_start, host_length, *units[7:])
+
+
+def _units(host_first, host_count, host_start, host_length, block: int, compressed_keys: int) -> tuple[list, ...]:
+    """Each document's blocks grouped in units of the fewest blocks (1, 2, 4...) that keep its
+    units within `compressed_keys` -> per block: its unit; per unit: its document's first
+    block, its number, the blocks a unit holds, its first block, the blocks it holds, its
+    middle; per block: unit size, its document's first unit and number of units."""
+    unit_of, unit_doc, unit_number, unit_size, unit_block, unit_blocks, unit_middle = [], [], [], [], [], [], []
+    host_size, host_unit_first, host_units = [], [], []
+    for g, (first, count) in enumerate(zip(host_first, host_count)):
+        if g == first:   # a document's first block: its units
+            size = 1
+            while -(-count // size) > compressed_keys:
+                size *= 2
+            doc_first_unit, doc_units = len(unit_doc), -(-count // size)
+            doc_start, doc_length = host_start[g], host_length[g]
+            for u in range(doc_units):
+                unit_doc.append(first)
+                unit_number.append(u)
+                unit_size.append(size)
+                unit_block.append(first + u * size)
+                unit_blocks.append(min(size, count - u * size))
+                unit_middle.append(doc_start + min(u * size * block + size * block // 2, doc_length - 1))
+        unit_of.append(doc_first_unit + (g - first) // size)
+        host_size.append(size)
+        host_unit_first.append(doc_first_unit)
+        host_units.append(doc_units)
+    return (unit_of, unit_doc, unit_number, unit_size, unit_block, unit_blocks, unit_middle,
+            host_size, host_unit_first, host_units)
 
 
 def pool_blocks(x: torch.Tensor, table: BlockTable, logits: torch.Tensor) -> torch.Tensor:
@@ -216,48 +269,59 @@ def pool_blocks(x: torch.Tensor, table: BlockTable, logits: torch.Tensor) -> tor
     return torch.einsum("gp,gpc->gc", weights.to(x.dtype), _rows(x, table.places, 0))
 
 
+def pool_units(pooled: torch.Tensor, table: BlockTable) -> torch.Tensor:
+    """Pooled blocks (G, C) -> pooled units (U, C): the mean of the blocks each holds."""
+    summed = pooled.new_zeros(len(table.unit_doc), pooled.shape[1]).index_add(0, table.unit_of, pooled)
+    return summed / table.unit_blocks[:, None].to(pooled.dtype)
+
+
 def sparse_tiles(table: BlockTable, wanted: list[int], heads: int, topk: int, head_dim: int, chunk: int) -> list[tuple]:
     """Consecutive query blocks (of `wanted`, in order) cut into tiles -> (first, stop, key
-    blocks from, key blocks to, the most blocks a document of the tile has). A tile's keys are
-    its documents' blocks, a contiguous run. A tile holds one document's blocks, or several
-    short documents whose blocks come to at most top-k together (each would attend to every
-    key of the tile: the waste stays small while the calls are few); its scores (heads x its
-    positions x its keys) and its gathered keys (its blocks x heads x picks x b x head dim)
-    stay within a chunk, one query block at least."""
+    units from, key units to, the most blocks a document of the tile has, the blocks a unit
+    holds). A tile's keys are its documents' units, a contiguous run. A tile holds one
+    document's blocks, or several short documents whose units (blocks) come to at most top-k
+    together (each would attend to every key of the tile: the waste stays small while the calls
+    are few); its scores (heads x its positions x its keys, and x top-k units' blocks where units
+    hold several) and its gathered keys (its blocks x heads x picks x b x head dim) stay within a
+    chunk, one query block at least."""
     b, tiles, i = table.block, [], 0
     while i < len(wanted):
         g0 = g1 = wanted[i]
-        keys_from = table.host_first[g0]
+        keys_from, size = table.host_unit_first[g0], table.host_unit_size[g0]
         most = 0
         while True:
-            keys_to = table.host_first[g1] + table.host_count[g1]
+            keys_to = table.host_unit_first[g1] + table.host_units[g1]
             deeper = max(most, table.host_count[g1])
-            size = g1 + 1 - g0
-            if g1 > g0 and ((table.host_first[g1] != table.host_first[g1 - 1] and keys_to - keys_from > topk)
-                            or heads * size * b * (keys_to - keys_from) > chunk
-                            or size * heads * min(topk, deeper) * b * head_dim > chunk):
+            blocks = g1 + 1 - g0
+            if g1 > g0 and ((table.host_first[g1] != table.host_first[g1 - 1]
+                             and (keys_to - keys_from > topk or table.host_unit_size[g1] != size))
+                            or heads * blocks * b * (keys_to - keys_from + (topk * size if size > 1 else 0)) > chunk
+                            or blocks * heads * min(topk, deeper) * b * head_dim > chunk):
                 break
             most, stop, tile_keys_to = deeper, g1 + 1, keys_to
             i += 1
             if i == len(wanted) or wanted[i] != g1 + 1:
                 break
             g1 += 1
-        tiles.append((g0, stop, keys_from, tile_keys_to, most))
+        tiles.append((g0, stop, keys_from, tile_keys_to, most, size))
     return tiles
 
 
 def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tiles: list[tuple], scale: float,
-                    topk: int, causal: bool, query_places: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+                    topk: int, causal: bool, query_places: torch.Tensor | None = None,
+                    block_keys: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The compressed and the selected branch for the query blocks of `tiles`. q, k, v (H, N, D)
-    over the flattened rows; compressed keys and values (H, G, D), one per block. Compressed:
-    each query over its document's blocks (causal: the blocks that have ended at or before it;
-    a query that sees none outputs zeros). Selected: each block of b queries over the k blocks of
-    its document its queries weighted most in the compressed branch (bidirectional: summed over
-    its queries; causal: its first query's weights, and only earlier blocks, as a sum over later
-    queries would let them choose what earlier ones read), at full resolution. The queries may
-    be a part of the rows, M positions, each block's places in them given by `query_places`
-    (G, b) (default: the rows' own). -> both (H, M, Dv), zeros outside the tiles."""
+    over the flattened rows; compressed keys and values (H, U, D), one per unit (a block, or
+    2, 4... blocks of a long document); `block_keys` (H, G, D) one per block, needed where units
+    hold several. Compressed: each query over its document's units (causal: the units that have
+    ended at or before it; a query that sees none outputs zeros). Selected: each block of b
+    queries over the k blocks of its document its queries weighted most in the compressed
+    branch (bidirectional: summed over its queries; causal: its first query's weights, and only
+    earlier units, as a sum over later queries would let them choose what earlier ones read), at
+    full resolution; where units hold several blocks, the top-k units' blocks are ranked again,
+    by the same weights over their own pooled keys. The queries may be a part of the rows, M
+    positions, each block's places in them given by `query_places` (G, b) (default: the rows'
+    own). -> both (H, M, Dv), zeros outside the tiles."""
     b, heads = table.block, q.shape[0]
     if not tiles:   # no document in the rows (or in this process's slice of them) to rank blocks of
         return (v.new_zeros(heads, q.shape[1], v.shape[-1]),) * 2
@@ -269,13 +333,14 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
     # values padded to the key width once, not per tile (each tile's copy would be kept for backward)
     padded_compressed_v = F.pad(compressed_v, (0, max(0, q.shape[-1] - v.shape[-1])))
     where, compressed_out, picked = [], [], []
-    for (g0, g1, k0, k1, most), queries in zip(tiles, tile_queries):
+    for (g0, g1, k0, k1, most, size), queries in zip(tiles, tile_queries):
         places, present = query_places[g0:g1], table.present[g0:g1]         # (T, b)
         where.append(torch.where(present, places, -1).flatten())
         flat_queries = queries.flatten(1, 2)                                # (H, T b, D)
-        same = table.first[g0:g1, None] == table.first[None, k0:k1]          # (T, nk): the query block's document
+        same = table.first[g0:g1, None] == table.unit_doc[None, k0:k1]       # (T, nk): the query block's document
+        unit_end = (table.unit_number[k0:k1] + 1) * table.unit_size[k0:k1]   # (nk,) the block after each unit
         if causal:
-            seen = (table.number[k0:k1] + 1) * b - 1 <= (table.number[g0:g1, None] * b + place)[..., None]
+            seen = unit_end * b - 1 <= (table.number[g0:g1, None] * b + place)[..., None]
             visible = same[:, None] & seen                                  # (T, b, nk)
         else:
             visible = same[:, None].expand(-1, b, -1)
@@ -286,16 +351,24 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
                     None if mask is None else mask[None, None])[0, ..., :v.shape[-1]]
         compressed_out.append(out * sees.flatten()[:, None])
         with torch.no_grad():   # which blocks each query block reads: a ranking, no gradient
-            ranking_queries = queries[:, :, 0] if causal else flat_queries
-            scores = torch.matmul(ranking_queries.float(), compressed_k[:, k0:k1].float().transpose(1, 2)) * scale
-            ranked = visible[:, 0] if causal else (visible & present[..., None]).flatten(0, 1)
-            weights = scores.masked_fill_(~ranked, -math.inf).softmax(-1).nan_to_num_(0.0)
-            importance = weights.sum(0) if causal else weights.view(heads, g1 - g0, b, -1).sum((0, 2))
-            allowed = same & (table.number[None, k0:k1] < table.number[g0:g1, None]) if causal else same
-            importance = importance.masked_fill_(~allowed, -math.inf)
+            ranking_queries = queries[:, :, :1] if causal else queries      # (H, T, 1 or b, D)
+            allowed = same & (unit_end[None] <= table.number[g0:g1, None]) if causal else same
+            importance = _importance(ranking_queries, compressed_k[:, None, k0:k1], scale,
+                                     visible[:, :1] if causal else visible & present[..., None], allowed)
             chosen = importance.topk(min(topk, most, k1 - k0), dim=-1).indices.sort(-1).values
             chosen_allowed = importance.gather(-1, chosen) > -math.inf
-        chosen = chosen + k0
+            units, chosen = chosen + k0, table.unit_block[chosen + k0]       # (T, picks), each unit's first block
+            if size > 1:   # the chosen units' blocks, ranked by their own pooled keys
+                within = torch.arange(size, device=q.device)
+                candidates = (chosen[..., None] + within).flatten(1).clamp(max=len(table.host_first) - 1)
+                allowed = (chosen_allowed[..., None] & (within < table.unit_blocks[units][..., None])).flatten(1)
+                if causal:
+                    allowed &= table.number[candidates] < table.number[g0:g1, None]
+                importance = _importance(ranking_queries, block_keys[:, candidates], scale,
+                                         allowed[:, None] & (True if causal else present[..., None]), allowed)
+                pick = importance.topk(min(topk, candidates.shape[1]), dim=-1).indices.sort(-1).values
+                chosen_allowed = importance.gather(-1, pick) > -math.inf
+                chosen = candidates.gather(-1, pick)
         key_mask = (table.present[chosen] & chosen_allowed[..., None]).flatten(1)[:, None, None]   # (T, 1, 1, picks b)
         # a query block with nothing allowed outputs zeros, as do the places past a document's end
         kept = present & chosen_allowed.any(-1, keepdim=True)
@@ -313,11 +386,12 @@ def whole_documents(q, k, v, table: BlockTable, wanted: list[int], scale: float,
     document, dense, as a global layer reads it (a sparse layer's documents of at most top-k
     blocks, bidirectional: its selected branch would pick every block, and the compressed and
     window branches read a part of what it reads). Documents of as many blocks go through one
-    call, padded to whole blocks (the padding masked): at most top-k calls, each position's
-    query, key and value gathered once. q, k, v (H, N, D) as in `sparse_branches`; outputs
+    call, padded to the longest (the padding masked): at most top-k calls, each position's
+    query, key and value gathered once; a document alone in its call is read in place. q, k, v (H, N, D) as in `sparse_branches`; outputs
     only at the wanted blocks' places. -> (H, M, Dv)."""
     heads, b = q.shape[0], table.block
-    query_places = table.places if query_places is None else query_places
+    own_places = query_places is None   # then every block of a wanted block's document is wanted
+    query_places = table.places if own_places else query_places
     out = v.new_zeros(heads, q.shape[1], v.shape[-1])
     by_count: dict[int, list[int]] = {}
     for g in wanted:
@@ -327,15 +401,29 @@ def whole_documents(q, k, v, table: BlockTable, wanted: list[int], scale: float,
     is_wanted = torch.zeros(len(table.host_first), dtype=torch.bool, device=q.device)
     is_wanted[torch.tensor(wanted, device=q.device, dtype=torch.long)] = True
     for count, firsts in sorted(by_count.items()):
+        if len(firsts) == 1 and own_places:   # one document: read in place, through views
+            start, length = table.host_start[firsts[0]], table.host_length[firsts[0]]
+            out[:, start:start + length] = _sdpa(*(t[None, :, start:start + length] for t in (q, k, v)), scale)[0]
+            continue
         blocks = torch.tensor(firsts, device=q.device)[:, None] + torch.arange(count, device=q.device)   # (docs, c)
-        key_places, places = table.places[blocks].flatten(1), query_places[blocks].flatten(1)
-        present = table.present[blocks].flatten(1)                                                   # (docs, c b)
-        padded = any(table.host_length[f] % b for f in firsts)
+        longest = max(table.host_length[f] for f in firsts)   # each document's places, up to the longest's
+        key_places, places, present, wanted_place = (t[blocks].flatten(1)[:, :longest] for t in (
+            table.places, query_places, table.present, is_wanted[:, None].expand(-1, b)))   # (docs, longest)
+        padded = any(table.host_length[f] < longest for f in firsts)
         attended = _sdpa(_rows(q, places, 1).transpose(0, 1), _rows(k, key_places, 1).transpose(0, 1),
                          _rows(v, key_places, 1).transpose(0, 1), scale, present[:, None, None] if padded else None)
-        keep = (present & is_wanted[blocks, None].expand(-1, -1, b).flatten(1)).flatten()
+        keep = (present & wanted_place).flatten()
         out.index_add_(1, places.flatten(), (attended.transpose(0, 1).flatten(1, 2) * keep[:, None]).to(out.dtype))
     return out
+
+
+def _importance(queries, keys, scale: float, visible, allowed) -> torch.Tensor:
+    """How much each query block weighs each of its candidate keys: queries (H, T, Q, D) over
+    keys (H, T or 1, K, D), softmax over those `visible` (T, Q, K) to each query, summed over
+    heads and queries; -inf where not `allowed` (T, K). In fp32."""
+    scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scale   # (H, T, Q, K)
+    weights = scores.masked_fill_(~visible, -math.inf).softmax(-1).nan_to_num_(0.0)
+    return weights.sum((0, 2)).masked_fill_(~allowed, -math.inf)
 
 
 class _SelectedBranch(torch.autograd.Function):
@@ -486,9 +574,8 @@ class MultiHeadLatentAttention(nn.Module):
             k, value = self._heads(latent, apply_rope(k_pe[:, :, None], cos, sin)[:, :, 0])
             k, value = k.transpose(1, 2), value.transpose(1, 2)
             if self.sparse:
-                out = self._sparse_attention(x, q, 0, 0, latent, k_pe, cos, sin, k, value,
-                                             blocks or block_table(doc, self.sparse.block), causal,
-                                             lambda: attend(q, k, value, doc, self.softmax_scale, window, causal))
+                out = self._sparse_attention(x, q, 0, 0, latent, k_pe, cos, sin, k, value, blocks or self.blocks(doc),
+                                             causal, lambda: attend(q, k, value, doc, self.softmax_scale, window, causal))
             else:
                 out = attend(q, k, value, doc, self.softmax_scale, window, causal)
         return self.wo(out.transpose(1, 2).flatten(2))
@@ -528,7 +615,11 @@ class MultiHeadLatentAttention(nn.Module):
         halo = halo.unflatten(2, (q.shape[1], -1)).transpose(1, 2)
         queries = torch.cat([halo[:, :, :block], q, halo[:, :, -block:]], 2)   # positions [start - block, ...)
         return self._sparse_attention(x, queries, start, start - block, whole_latent, whole_pe, whole_cos, whole_sin,
-                                      k, value, blocks or block_table(whole_doc, block), causal, window_branch)
+                                      k, value, blocks or self.blocks(whole_doc), causal, window_branch)
+
+    def blocks(self, doc: torch.Tensor) -> BlockTable:
+        """A sparse layer's table of the rows' blocks and units."""
+        return block_table(doc, self.sparse.block, self.sparse.compressed_keys)
 
     def _sparse_attention(self, x, q, start, first, latent, k_pe, cos, sin, k, v, blocks: BlockTable, causal,
                           window_branch):
@@ -547,7 +638,7 @@ class MultiHeadLatentAttention(nn.Module):
             if begin % whole < start + length and begin % whole + pattern.block > start]
         read_whole = [] if causal else [g for g in wanted if blocks.host_count[g] <= pattern.topk]
         ranked = [g for g in wanted if causal or blocks.host_count[g] > pattern.topk]
-        query_places = blocks.places if span == whole else (   # the blocks' places among these queries
+        query_places = None if span == whole else (   # the blocks' places among these queries
             (blocks.places // whole) * span + blocks.places % whole - first).clamp(0, rows * span - 1)
         q, k, v = (t.transpose(0, 1).flatten(1, 2) for t in (q, k, v))   # (H, rows x positions, D)
 
@@ -557,17 +648,17 @@ class MultiHeadLatentAttention(nn.Module):
         gates = torch.sigmoid(self.gates(x)).view(*x.shape[:2], self.n_heads, 3).permute(3, 0, 2, 1)[..., None]
         mixed = v.new_zeros(rows, self.n_heads, length, v.shape[-1])
         if read_whole:
-            dense = whole_documents(q, k, v, blocks, read_whole, self.softmax_scale, query_places)
-            mixed = mixed + gates.sum(0) * ours(dense)
+            mixed = gates.sum(0) * ours(whole_documents(q, k, v, blocks, read_whole, self.softmax_scale, query_places))
         if ranked:
             tiles = sparse_tiles(blocks, ranked, self.n_heads, pattern.topk, q.shape[-1], pattern.chunk)
-            compressed_k, compressed_v = self.compress(latent.flatten(0, 1), k_pe.flatten(0, 1), cos.flatten(0, 1),
-                                                       sin.flatten(0, 1), blocks)
+            compressed_k, compressed_v, block_keys = self.compress(latent.flatten(0, 1), k_pe.flatten(0, 1),
+                                                                   cos.flatten(0, 1), sin.flatten(0, 1), blocks)
             compressed, selected = sparse_branches(q, k, v, compressed_k, compressed_v, blocks, tiles,
-                                                   self.softmax_scale, pattern.topk, causal, query_places)
+                                                   self.softmax_scale, pattern.topk, causal, query_places, block_keys)
             ranked_blocks = torch.tensor(ranked, device=q.device)
             in_ranked = ours(blocks.present.new_zeros(rows * span, dtype=torch.int).index_add(
-                0, query_places[ranked_blocks].flatten(), blocks.present[ranked_blocks].int().flatten())[None, :, None])
+                0, (blocks.places if query_places is None else query_places)[ranked_blocks].flatten(),
+                blocks.present[ranked_blocks].int().flatten())[None, :, None])
             mixed = mixed + gates[0] * ours(compressed) + gates[1] * ours(selected) + \
                 gates[2] * window_branch() * (in_ranked > 0)
         else:   # the pooling weights stay in the graph: DDP and the sharded reductions expect every parameter's gradient
@@ -575,10 +666,20 @@ class MultiHeadLatentAttention(nn.Module):
         return mixed
 
     def compress(self, latent, k_pe, cos, sin, blocks: BlockTable):
-        """The flattened rows' latent (N, r) and unrotated rotary key (N, rope) -> every block's
-        compressed keys and values (H, G, D), its rotary key turned to the block's middle."""
+        """The flattened rows' latent (N, r) and unrotated rotary key (N, rope) -> every unit's
+        compressed keys and values (H, U, D), its rotary key turned to the unit's middle, and
+        where units hold several blocks every block's keys (H, G, D) to rank them by (no
+        gradient: a ranking only), else None."""
         pooled = pool_blocks(torch.cat([latent, k_pe], -1), blocks, self.pool_logits)
+        block_keys = None
+        if blocks.coarse:
+            with torch.no_grad():
+                block_keys = self._pooled_heads(pooled, cos, sin, blocks.middle)[0]
+            pooled = pool_units(pooled, blocks)
+        return (*self._pooled_heads(pooled, cos, sin, blocks.unit_middle), block_keys)
+
+    def _pooled_heads(self, pooled, cos, sin, middle):
         pooled_latent, pooled_pe = pooled.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
-        rotated_pe = apply_rope(pooled_pe[None, :, None], cos[None, blocks.middle], sin[None, blocks.middle])[0, :, 0]
+        rotated_pe = apply_rope(pooled_pe[None, :, None], cos[None, middle], sin[None, middle])[0, :, 0]
         keys, values = self._heads(pooled_latent, rotated_pe)
         return keys.transpose(0, 1), values.transpose(0, 1)

@@ -37,6 +37,9 @@ class ModelConfig:
     # S layers: elements (fp32: 4 bytes) a tile of the block ranking or of the gathered keys may
     # hold; smaller: less transient memory, more kernel calls on long documents
     sparse_chunk: int = 1 << 24
+    # S layers: the most pooled keys a query reads; a document of more blocks is pooled in units
+    # of 2, 4, 8... blocks, and each query block ranks the units, then the top units' blocks
+    sparse_compressed_keys: int = 256
     causal: bool = False               # the autoencoder attends both ways
     rope_theta: float = 500000.0
     norm_eps: float = 1e-5
@@ -70,7 +73,7 @@ class ModelConfig:
     def __post_init__(self):
         for name in ("d_model", "n_layers", "n_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                      "v_head_dim", "ffn_hidden", "window", "sparse_block", "sparse_topk", "sparse_chunk",
-                     "frames_per_position", "vocab_size", "n_speakers",
+                     "sparse_compressed_keys", "frames_per_position", "vocab_size", "n_speakers",
                      "text_span", "audio_span"):
             if getattr(self, name) < 1:
                 raise ValueError(f"model.{name} must be at least 1")

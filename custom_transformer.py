@@ -64,7 +64,8 @@ class Block(nn.Module):
         self.window = None if kind == "G" else cfg.window
         self.causal = cfg.causal
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        sparse = SparsePattern(cfg.sparse_block, cfg.sparse_topk, cfg.sparse_chunk) if kind == "S" else None
+        sparse = (SparsePattern(cfg.sparse_block, cfg.sparse_topk, cfg.sparse_chunk, cfg.sparse_compressed_keys)
+                  if kind == "S" else None)
         self.attn = MultiHeadLatentAttention(cfg.d_model, cfg.n_heads, cfg.q_lora_rank, cfg.kv_lora_rank,
                                              cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                                              cfg.norm_eps, sparse)
@@ -269,23 +270,28 @@ class CustomTransformer(nn.Module):
     def flops_per_position_parts(self, seq_len: int) -> tuple[float, float]:
         """-> (matrix products: 6 per weight of the blocks' linear layers, attention: 6 * heads *
         (qk + v head dims) per key a query sees). Keys a query sees: the whole sequence on a G
-        layer, the window on an L layer; on an S layer the window, one pooled key per block and
-        the top-k blocks, plus the ranking of the blocks (forward only: 2 * heads * qk dims per
-        block)."""
+        layer, the window on an L layer; on an S layer the window, one pooled key per unit (a
+        block, or 2, 4... blocks of a long document) and the top-k blocks, plus the ranking of
+        the units and of the top units' blocks (forward only: 2 * heads * qk dims per key ranked);
+        a document of at most top-k blocks, bidirectional, the whole sequence."""
         cfg = self.cfg
         matmul = sum(module.weight.numel() for module in self.blocks.modules() if isinstance(module, nn.Linear))
         qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         window_keys = min(seq_len, cfg.window if cfg.causal else 2 * cfg.window + 1)
         n_blocks = -(-seq_len // cfg.sparse_block)
+        unit = 1   # blocks a pooled unit holds
+        while -(-n_blocks // unit) > cfg.sparse_compressed_keys:
+            unit *= 2
+        n_units = -(-n_blocks // unit)
         keys, ranking = 0, 0
         for block in self.blocks:
-            if block.kind == "G":
-                keys += seq_len
+            if block.kind == "G" or (block.kind == "S" and not cfg.causal and n_blocks <= cfg.sparse_topk):
+                keys += seq_len   # a short document: a sparse layer reads it whole
             elif block.kind == "L":
                 keys += window_keys
             else:
-                keys += window_keys + n_blocks + min(seq_len, cfg.sparse_topk * cfg.sparse_block)
-                ranking += 2 * cfg.n_heads * qk_dim * n_blocks
+                keys += window_keys + n_units + min(seq_len, cfg.sparse_topk * cfg.sparse_block)
+                ranking += 2 * cfg.n_heads * qk_dim * (n_units + (cfg.sparse_topk * unit if unit > 1 else 0))
         return 6 * matmul, 6 * cfg.n_heads * (qk_dim + cfg.v_head_dim) * keys + ranking
 
     def set_corpus_stats(self, info: CorpusInfo) -> None:
@@ -384,7 +390,8 @@ class CustomTransformer(nn.Module):
             cos, sin = (F.pad(t, (0, 0, 0, pad)) for t in (cos, sin))
             doc = F.pad(doc, (0, pad), value=PAD_DOC)
         # the sparse layers' blocks of the whole rows, made once for every sparse layer and recomputation
-        blocks = block_table(doc, self.cfg.sparse_block) if "S" in self.cfg.layer_pattern else None
+        blocks = (block_table(doc, self.cfg.sparse_block, self.cfg.sparse_compressed_keys)
+                  if "S" in self.cfg.layer_pattern else None)
         if slices is not None:
             cos, sin, doc = slices.mine(cos), slices.mine(sin), slices.mine(doc)
         checkpointed = self.cfg.activation_checkpointing and self.training

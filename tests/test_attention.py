@@ -211,27 +211,35 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
                 start += n
                 continue
             ranked[b, start:start + n] = 1
-            pooled_k, pooled_v = [], []
+            size = 1   # blocks a unit holds: the fewest that keep the units within compressed_keys
+            while -(-len(blocks) // size) > pattern.compressed_keys:
+                size *= 2
+            units = [list(range(u, min(u + size, len(blocks)))) for u in range(0, len(blocks), size)]
+
+            def pooled_heads(lat, pe, middle):
+                pe = apply_rope(pe[None, None, None], cos[b:b + 1, middle:middle + 1], sin[b:b + 1, middle:middle + 1])
+                return m._heads(lat, pe[0, 0, 0])
+
+            pooled = []   # each block's latent and rotary key, pooled with the learned weights
             for members in blocks:
                 w = m.pool_logits[:len(members)].softmax(0)
-                lat = sum(w[i] * latent[b, start + p] for i, p in enumerate(members))
-                pe = sum(w[i] * k_pe[b, start + p] for i, p in enumerate(members))
-                middle = start + min(members[0] + b_len // 2, n - 1)
-                pe = apply_rope(pe[None, None, None], cos[b:b + 1, middle:middle + 1], sin[b:b + 1, middle:middle + 1])
-                keys, values = m._heads(lat, pe[0, 0, 0])
-                pooled_k.append(keys)
-                pooled_v.append(values)
-            ck, cv = torch.stack(pooled_k), torch.stack(pooled_v)             # (blocks, H, D)
+                pooled.append((sum(w[i] * latent[b, start + p] for i, p in enumerate(members)),
+                               sum(w[i] * k_pe[b, start + p] for i, p in enumerate(members))))
+            block_keys = torch.stack([pooled_heads(lat, pe, start + min(j * b_len + b_len // 2, n - 1))[0]
+                                      for j, (lat, pe) in enumerate(pooled)])   # (blocks, H, D)
+            unit_kv = [pooled_heads(sum(pooled[j][0] for j in unit) / len(unit), sum(pooled[j][1] for j in unit) / len(unit),
+                                    start + min(u * size * b_len + size * b_len // 2, n - 1))
+                       for u, unit in enumerate(units)]
+            ck, cv = torch.stack([kv[0] for kv in unit_kv]), torch.stack([kv[1] for kv in unit_kv])   # (units, H, D)
 
-            def seen_by(i):   # causal: blocks whose b positions all lie at or before i
-                return [j for j in range(len(blocks)) if not causal or j * b_len + b_len - 1 <= i]
+            def seen_by(i):   # causal: units whose positions all lie at or before i (nominally: a whole unit's)
+                return [u for u in range(len(units)) if not causal or (u + 1) * size * b_len - 1 <= i]
 
-            def weights(i):   # query i's compressed attention weights, over every block
-                seen = seen_by(i)
-                full = torch.zeros(heads, len(blocks), dtype=torch.float64)
-                if seen:
-                    full[:, seen] = (torch.einsum("hd,jhd->hj", q[b, start + i], ck[seen]) * scale).softmax(-1)
-                return full
+            def weights(i, keys, among):   # query i's attention weights over keys[among], summed over heads
+                full = torch.zeros(len(keys), dtype=torch.float64)
+                if among:
+                    full[among] = (torch.einsum("hd,jhd->hj", q[b, start + i], keys[among]) * scale).softmax(-1).sum(0)
+                return full.detach()
 
             for i in range(n):
                 seen = seen_by(i)
@@ -242,9 +250,13 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
             for i in range(n):
                 qb = i // b_len
                 rankers = [qb * b_len] if causal else blocks[qb]
-                importance = sum(weights(r).detach().sum(0) for r in rankers)
-                candidates = [j for j in range(len(blocks)) if not causal or j < qb]
-                chosen = sorted(sorted(candidates, key=lambda j: -importance[j])[:pattern.topk])
+                importance = sum(weights(r, ck, seen_by(r)) for r in rankers)
+                candidates = [u for u in range(len(units)) if not causal or (u + 1) * size <= qb]
+                chosen = sorted(sorted(candidates, key=lambda u: -importance[u])[:pattern.topk])
+                if size > 1:   # the chosen units' blocks ranked again by their own pooled keys
+                    candidates = [j for u in chosen for j in units[u] if not causal or j < qb]
+                    importance = sum(weights(r, block_keys, candidates) for r in rankers)
+                    chosen = sorted(sorted(candidates, key=lambda j: -importance[j])[:pattern.topk])
                 if i == qb * b_len:
                     doc_picks.append(chosen)
                 keys = [start + p for j in chosen for p in blocks[j]]
@@ -264,9 +276,9 @@ def sparse_reference(m: MultiHeadLatentAttention, x, cos, sin, doc, causal):
 WINDOW = 3
 
 
-def sparse_layer(causal, block=4, topk=2, chunk=1 << 24):
+def sparse_layer(causal, block=4, topk=2, chunk=1 << 24, compressed_keys=256):
     torch.manual_seed(0)
-    m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, SparsePattern(block, topk, chunk)).double()
+    m = MultiHeadLatentAttention(24, 2, 0, 12, 6, 4, 5, 1e-5, SparsePattern(block, topk, chunk, compressed_keys)).double()
     with torch.no_grad():
         m.pool_logits.normal_()   # unequal pooling weights, so a wrong one shows
         m.gates.weight.normal_(std=0.3)
@@ -285,10 +297,13 @@ def sparse_inputs(generator):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("chunk", [1 << 26, 64])   # 64: every chunked loop takes several turns
-def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, monkeypatch):
+@pytest.mark.parametrize("chunk,compressed_keys", [(1 << 26, 256), (64, 256), (1 << 26, 4), (64, 4)],
+                         ids=["blocks", "blocks-chunked", "units", "units-chunked"])
+def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_keys, monkeypatch):
+    """64: every chunked loop takes several turns; 4 compressed keys: the documents of 8 and 11
+    blocks are pooled in units of 2 and 4 blocks (4 and 3 units), that of 3 blocks in blocks."""
     import attention
-    m = sparse_layer(causal, chunk=chunk)
+    m = sparse_layer(causal, chunk=chunk, compressed_keys=compressed_keys)
     x, cos, sin, doc = sparse_inputs(torch.Generator().manual_seed(1))
     x_ref = x.clone().requires_grad_()
     x.requires_grad_()

@@ -78,11 +78,13 @@ def _sliced(rank, world, shares, port, window, sparse, results):
 
 
 @pytest.mark.parametrize("world,shares", [(2, ()), (4, ()), (4, (1, 2, 3, 2))], ids=["2", "4", "4-unequal"])
-@pytest.mark.parametrize("window,sparse", [(WINDOW, None), (None, None), (WINDOW, SparsePattern(4, 2))],
-                         ids=["window", "global", "sparse"])
+@pytest.mark.parametrize("window,sparse", [(WINDOW, None), (None, None), (WINDOW, SparsePattern(4, 2)),
+                                           (WINDOW, SparsePattern(4, 2, compressed_keys=2))],
+                         ids=["window", "global", "sparse", "sparse-units"])
 def test_attention_split_over_processes_equals_one_process(world, shares, window, sparse):
-    """Bidirectional and causal; equal slices, and slices of 6, 12, 18 and 12 positions. A
-    sparse layer's process works on its own slice's queries and at most a block either side
+    """Bidirectional and causal; equal slices, and slices of 6, 12, 18 and 12 positions; sparse
+    layers with pooled keys of blocks, and of units of 2 and 4 blocks (2 compressed keys at most:
+    documents of 3 to 7 blocks). A sparse layer's process works on its own slice's queries and at most a block either side
     (those of the blocks that straddle its ends)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
