@@ -331,7 +331,7 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
     tile_queries = _pieces(_rows(q, query_places[first:last], 1),
                            [(g0 - first, g1 - first) for g0, g1, *_ in tiles], 1)   # (H, T, b, D) each
     # values padded to the key width once, not per tile (each tile's copy would be kept for backward)
-    padded_compressed_v = F.pad(compressed_v, (0, max(0, q.shape[-1] - v.shape[-1])))
+    padded_compressed_v = _widened(compressed_v, q.shape[-1])
     where, compressed_out, picked = [], [], []
     for (g0, g1, k0, k1, most, size), queries in zip(tiles, tile_queries):
         places, present = query_places[g0:g1], table.present[g0:g1]         # (T, b)
@@ -353,8 +353,8 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
         with torch.no_grad():   # which blocks each query block reads: a ranking, no gradient
             ranking_queries = queries[:, :, :1] if causal else queries      # (H, T, 1 or b, D)
             allowed = same & (unit_end[None] <= table.number[g0:g1, None]) if causal else same
-            importance = _importance(ranking_queries, compressed_k[:, None, k0:k1], scale,
-                                     visible[:, :1] if causal else visible & present[..., None], allowed)
+            importance = _importance(ranking_queries, compressed_k[:, None, k0:k1], scale, visible[:, :1] if causal
+                                     else None if one_document else visible, None if causal else present, allowed)
             chosen = importance.topk(min(topk, most, k1 - k0), dim=-1).indices.sort(-1).values
             chosen_allowed = importance.gather(-1, chosen) > -math.inf
             units, chosen = chosen + k0, table.unit_block[chosen + k0]       # (T, picks), each unit's first block
@@ -364,8 +364,8 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
                 allowed = (chosen_allowed[..., None] & (within < table.unit_blocks[units][..., None])).flatten(1)
                 if causal:
                     allowed &= table.number[candidates] < table.number[g0:g1, None]
-                importance = _importance(ranking_queries, block_keys[:, candidates], scale,
-                                         allowed[:, None] & (True if causal else present[..., None]), allowed)
+                importance = _importance(ranking_queries, block_keys[:, candidates], scale, allowed[:, None],
+                                         None if causal else present, allowed)
                 pick = importance.topk(min(topk, candidates.shape[1]), dim=-1).indices.sort(-1).values
                 chosen_allowed = importance.gather(-1, pick) > -math.inf
                 chosen = candidates.gather(-1, pick)
@@ -417,13 +417,20 @@ def whole_documents(q, k, v, table: BlockTable, wanted: list[int], scale: float,
     return out
 
 
-def _importance(queries, keys, scale: float, visible, allowed) -> torch.Tensor:
+def _importance(queries, keys, scale: float, visible, counted, allowed) -> torch.Tensor:
     """How much each query block weighs each of its candidate keys: queries (H, T, Q, D) over
-    keys (H, T or 1, K, D), softmax over those `visible` (T, Q, K) to each query, summed over
-    heads and queries; -inf where not `allowed` (T, K). In fp32."""
-    scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scale   # (H, T, Q, K)
-    weights = scores.masked_fill_(~visible, -math.inf).softmax(-1).nan_to_num_(0.0)
-    return weights.sum((0, 2)).masked_fill_(~allowed, -math.inf)
+    keys (H, T or 1, K, D), softmax over those `visible` (T, Q or 1, K; None: all) to each query,
+    summed over heads and over the queries `counted` (T, Q; None: all) that see any; -inf where
+    not `allowed` (T, K). In fp32; masked scores are the lowest finite value, so no row turns
+    to NaN and needs cleaning."""
+    scores = torch.matmul(queries.float() * scale, keys.float().transpose(-1, -2))   # (H, T, Q, K)
+    if visible is not None:
+        scores.masked_fill_(~visible, torch.finfo(scores.dtype).min)
+        sees = visible.any(-1)
+        counted = sees if counted is None else counted & sees
+    weights = scores.softmax(-1).sum(0)                                                # (T, Q, K)
+    importance = weights.sum(1) if counted is None else torch.einsum("tqk,tq->tk", weights, counted.float())
+    return importance.masked_fill_(~allowed, -math.inf)
 
 
 class _SelectedBranch(torch.autograd.Function):
@@ -438,9 +445,9 @@ class _SelectedBranch(torch.autograd.Function):
         ctx.save_for_backward(q, k, v)
         ctx.picked, ctx.scale = picked, scale
         ctx.autocast = (q.device.type, torch.is_autocast_enabled(q.device.type), torch.get_autocast_dtype(q.device.type))
-        out = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1])
+        out, v_dim, v = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1]), v.shape[-1], _widened(v, q.shape[-1])
         for places, kept, key_places, key_mask in picked:
-            tile = _picked_attention(q, k, v, places, key_places, key_mask, scale) * kept[:, None, :, None]
+            tile = _picked_attention(q, k, v, places, key_places, key_mask, scale)[..., :v_dim] * kept[:, None, :, None]
             out.index_add_(1, places.flatten(), tile.transpose(0, 1).flatten(1, 2).to(out.dtype))
         return out
 
@@ -449,17 +456,23 @@ class _SelectedBranch(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         device, autocast_on, autocast_dtype = ctx.autocast
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        v_dim, v = v.shape[-1], _widened(v, q.shape[-1])
         for places, kept, key_places, key_mask in ctx.picked:
             upstream = _rows(grad, places, 1).transpose(0, 1) * kept[:, None, :, None]     # (T, H, b, Dv)
             q_tile, k_tile, v_tile = (_rows(t, index, 1).detach().requires_grad_()
                                       for t, index in ((q, places), (k, key_places), (v, key_places)))
             with torch.enable_grad(), torch.autocast(device, autocast_dtype, enabled=autocast_on):
-                out = _attend(q_tile.transpose(0, 1), k_tile, v_tile, key_mask, ctx.scale)
+                out = _attend(q_tile.transpose(0, 1), k_tile, v_tile, key_mask, ctx.scale)[..., :v_dim]
             dq_tile, dk_tile, dv_tile = torch.autograd.grad(out, (q_tile, k_tile, v_tile), upstream.to(out.dtype))
             dq.index_add_(1, places.flatten(), dq_tile.flatten(1, 2).to(dq.dtype))
             dk.index_add_(1, key_places.flatten(), dk_tile.flatten(1, 3).to(dk.dtype))
-            dv.index_add_(1, key_places.flatten(), dv_tile.flatten(1, 3).to(dv.dtype))
+            dv.index_add_(1, key_places.flatten(), dv_tile[..., :v_dim].flatten(1, 3).to(dv.dtype))
         return dq, dk, dv, None, None
+
+
+def _widened(v: torch.Tensor, width: int) -> torch.Tensor:
+    """v zero-padded to `width` once, so the blocks gathered from it need no padding each (see _sdpa)."""
+    return F.pad(v, (0, width - v.shape[-1])) if v.shape[-1] < width else v
 
 
 def _picked_attention(q, k, v, places, key_places, key_mask, scale: float) -> torch.Tensor:
