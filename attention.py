@@ -9,11 +9,13 @@ window on either side through one `scaled_dot_product_attention` call, so time a
 O(n * w) on every backend (CPU, Pascal, Turing, Hopper).
 
 Sparse global attention (after DeepSeek's Native Sparse Attention) gives every position reach
-over its whole document at O(n * (w + n/b + k*b)): three branches mixed by learned gates, a
-compressed one (every query attends to one pooled key per block of b positions of its document),
-a selected one (each block of b queries attends at full resolution to the k key blocks its
-queries weighted most in the compressed branch; causal: its first query, which sees no later
-position) and the sliding window. All documents of the rows go through each branch together:
+over its whole document at O(n * (w + min(n/b, C) + k*b)): three branches mixed by learned
+gates, a compressed one (every query attends to one pooled key per block of b positions of its
+document; a document of more than C blocks is pooled in units of 2, 4, 8... blocks, so that a
+query reads at most C), a selected one (each block of b queries attends at full resolution to
+the k key blocks its queries weighted most in the compressed branch, ranked within the top
+units where units hold several blocks; causal: its first query, which sees no later position)
+and the sliding window. All documents of the rows go through each branch together:
 a table of blocks built with tensor ops (two host transfers a forward, whatever the number of
 documents), its blocks cut into tiles of bounded size (one long document's, or short ones').
 A bidirectional document of at most k blocks, which the selected branch would read whole, is
@@ -387,8 +389,8 @@ def whole_documents(q, k, v, table: BlockTable, wanted: list[int], scale: float,
     blocks, bidirectional: its selected branch would pick every block, and the compressed and
     window branches read a part of what it reads). Documents of as many blocks go through one
     call, padded to the longest (the padding masked): at most top-k calls, each position's
-    query, key and value gathered once; a document alone in its call is read in place. q, k, v (H, N, D) as in `sparse_branches`; outputs
-    only at the wanted blocks' places. -> (H, M, Dv)."""
+    query, key and value gathered once; a document alone in its call is read in place. q, k, v
+    (H, N, D) as in `sparse_branches`; outputs only at the wanted blocks' places. -> (H, M, Dv)."""
     heads, b = q.shape[0], table.block
     own_places = query_places is None   # then every block of a wanted block's document is wanted
     query_places = table.places if own_places else query_places
