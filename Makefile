@@ -34,6 +34,7 @@ bench: demo $(VENV)/.bench-installed
 	$(PY) bench/cross_modal.py
 	$(PY) bench/data_throughput.py
 	$(PY) bench/peer_step.py
+	$(PY) bench/layer_patterns.py
 	$(PY) bench/flops.py
 	$(PY) bench/profile_step.py
 	$(PY) bench/compile_blocks.py
