@@ -59,7 +59,8 @@ def formula(model: CustomTransformer, n: int) -> dict[str, float]:
 def expected_ratios(m, n: int) -> dict[str, float]:
     """counted / formula for each part. Attention: V padding and the scores the flash backward
     recomputes (14 * qk per key against the formula's 6 * (qk + v)), local blocks' masked keys,
-    and on sparse layers the gathered blocks' full size and the pooling of the latent. Block
+    and on sparse layers the gathered blocks' full size, their forward run again in backward and
+    the pooling of the latent. Block
     matmuls: a sparse layer also expands its pooled latents (wkv_b on n / block rows)."""
     qk, v = m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
     per_key_formula, per_key_counted = 6 * m.n_heads * (qk + v), 14 * m.n_heads * qk
@@ -83,7 +84,10 @@ def expected_ratios(m, n: int) -> dict[str, float]:
             formula += per_key_formula * (window_formula + n_blocks + min(n, m.sparse_topk * m.sparse_block)) \
                 + 2 * m.n_heads * qk * n_blocks
             pooling = 6 * (m.kv_lora_rank + m.qk_rope_head_dim) * n_blocks * m.sparse_block / n
-            counted += per_key_counted * (window_counted + n_blocks + selected) + ranking + pooling
+            # backward runs the selected branch's forward again (its gathered keys are not kept):
+            # 4 x qk per query and key, QK and PV with V padded to qk
+            recompute = 0 if whole else 4 * m.n_heads * qk * selected
+            counted += per_key_counted * (window_counted + n_blocks + selected) + ranking + pooling + recompute
             extra_matmul += 6 * m.kv_lora_rank * m.n_heads * (m.qk_nope_head_dim + v) * n_blocks / n
     return {"attention": counted / formula, "block matmul extra": extra_matmul}
 
