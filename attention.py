@@ -675,7 +675,7 @@ class MultiHeadLatentAttention(nn.Module):
                 0, (blocks.places if query_places is None else query_places)[ranked_blocks].flatten(),
                 blocks.present[ranked_blocks].int().flatten())[None, :, None])
             mixed = mixed + gates[0] * ours(compressed) + gates[1] * ours(selected) + \
-                gates[2] * window_branch() * (in_ranked > 0)
+                (gates[2] * (in_ranked > 0)) * window_branch()   # the mask on the gate: no window-sized copy kept
         else:   # the pooling weights stay in the graph: DDP and the sharded reductions expect every parameter's gradient
             mixed = mixed + 0 * self.pool_logits.sum()
         return mixed
