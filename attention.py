@@ -62,9 +62,7 @@ def _sdpa(q, k, v, scale: float, mask: torch.Tensor | None = None, causal: bool 
     """SDPA with V zero-padded to the QK head dim: the flash kernels (CPU, sm_80+) need equal dims,
     and with them memory stays O(n) instead of the math path's O(n^2)."""
     v_dim = v.shape[-1]
-    if v_dim < q.shape[-1]:
-        v = F.pad(v, (0, q.shape[-1] - v_dim))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale)
+    out = F.scaled_dot_product_attention(q, k, _widened(v, q.shape[-1]), attn_mask=mask, is_causal=causal, scale=scale)
     return out[..., :v_dim]
 
 
@@ -235,18 +233,25 @@ def block_table(doc: torch.Tensor, block: int, compressed_keys: int = SparsePatt
                       host_first, host_count, host_start, host_length, *units[7:])
 
 
+def blocks_per_unit(blocks: int, compressed_keys: int) -> int:
+    """The blocks a unit of a document of `blocks` blocks holds: the fewest of 1, 2, 4... that
+    keep its units within `compressed_keys`."""
+    size = 1
+    while -(-blocks // size) > compressed_keys:
+        size *= 2
+    return size
+
+
 def _units(host_first, host_count, host_start, host_length, block: int, compressed_keys: int) -> tuple[list, ...]:
-    """Each document's blocks grouped in units of the fewest blocks (1, 2, 4...) that keep its
-    units within `compressed_keys` -> per block: its unit; per unit: its document's first
-    block, its number, the blocks a unit holds, its first block, the blocks it holds, its
-    middle; per block: unit size, its document's first unit and number of units."""
+    """Each document's blocks grouped in units (`blocks_per_unit`) -> per block: its unit; per
+    unit: its document's first block, its number, the blocks a unit holds, its first block, the
+    blocks it holds, its middle; per block: unit size, its document's first unit and number of
+    units."""
     unit_of, unit_doc, unit_number, unit_size, unit_block, unit_blocks, unit_middle = [], [], [], [], [], [], []
     host_size, host_unit_first, host_units = [], [], []
     for g, (first, count) in enumerate(zip(host_first, host_count)):
         if g == first:   # a document's first block: its units
-            size = 1
-            while -(-count // size) > compressed_keys:
-                size *= 2
+            size = blocks_per_unit(count, compressed_keys)
             doc_first_unit, doc_units = len(unit_doc), -(-count // size)
             doc_start, doc_length = host_start[g], host_length[g]
             for u in range(doc_units):
@@ -473,7 +478,8 @@ class _SelectedBranch(torch.autograd.Function):
 
 
 def _widened(v: torch.Tensor, width: int) -> torch.Tensor:
-    """v zero-padded to `width` once, so the blocks gathered from it need no padding each (see _sdpa)."""
+    """v zero-padded to the QK head dim `width` (see _sdpa); padded once before a gather, the
+    gathered blocks need no padding each."""
     return F.pad(v, (0, width - v.shape[-1])) if v.shape[-1] < width else v
 
 

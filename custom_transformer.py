@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from attention import PAD_DOC, BlockTable, MultiHeadLatentAttention, SparsePattern, block_table, rope_tables
+from attention import (PAD_DOC, BlockTable, MultiHeadLatentAttention, SparsePattern, block_table, rope_tables,
+                       blocks_per_unit)
 from config import ModelConfig
 from context_parallel import SequenceSlices
 from parallel import HostCheckpoints
@@ -279,9 +280,7 @@ class CustomTransformer(nn.Module):
         qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         window_keys = min(seq_len, cfg.window if cfg.causal else 2 * cfg.window + 1)
         n_blocks = -(-seq_len // cfg.sparse_block)
-        unit = 1   # blocks a pooled unit holds
-        while -(-n_blocks // unit) > cfg.sparse_compressed_keys:
-            unit *= 2
+        unit = blocks_per_unit(n_blocks, cfg.sparse_compressed_keys)
         n_units = -(-n_blocks // unit)
         keys, ranking = 0, 0
         for block in self.blocks:
