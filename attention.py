@@ -159,12 +159,17 @@ class SparsePattern:
     compressed_keys: int = 256
 
 
-def chunked_from(heads: int, block: int, topk: int, head_dim: int, chunk: int) -> int:
+def chunked_from(heads: int, block: int, topk: int, head_dim: int, chunk: int, compressed_keys: int,
+                 sharing: int = 1) -> int:
     """The document length from which a sparse layer's tiles are cut by size, so that its
-    memory grows as a straight line in the length: the block ranking (queries x heads x n /
-    block scores) and the selected branch (query blocks x heads x k x b x head dim gathered keys)."""
-    ranking = math.isqrt(chunk * block // heads) + 1
-    selected = (chunk // (heads * topk * block * head_dim) + 1) * block
+    memory grows as a straight line in the length, on a process that holds 1/`sharing` of the
+    queries (context parallelism): the block ranking (its queries x heads x the pooled keys,
+    n / block up to `compressed_keys`) and the selected branch (its query blocks x heads x k x
+    b x head dim gathered keys)."""
+    ranking = math.isqrt(sharing * chunk * block // heads) + 1
+    if ranking > compressed_keys * block:   # past that length the pooled keys stop growing
+        ranking = -(-sharing * chunk // (heads * compressed_keys))
+    selected = (chunk // (heads * topk * block * head_dim) + 1) * block * sharing
     return max(ranking, selected)
 
 
@@ -442,39 +447,60 @@ def _importance(queries, keys, scale: float, visible, counted, allowed) -> torch
 
 class _SelectedBranch(torch.autograd.Function):
     """The selected branch over the tiles that pick blocks: each query block over its picked key
-    blocks, read from the keys and values (H, N, D) at the blocks' places. Keeps only its inputs:
-    the gathered keys and values (k times the document's) are gathered again tile by tile in
-    backward, and every tile's gradients add into one buffer per input (per-tile autograd would
-    zero a buffer the size of every key for each tile)."""
+    blocks, read from the keys and values (H, N, D) at the blocks' places. Keeps its inputs, its
+    output and, where the attention kernel is called directly (`_direct_kernel`), each tile's
+    log-sum-exp: the gathered keys and values (k times the document's) are gathered again tile
+    by tile in backward, and the kernel's backward is called on them (elsewhere the tile's
+    forward runs again under autograd); every tile's gradients add into one buffer per input
+    (per-tile autograd would zero a buffer the size of every key for each tile)."""
 
     @staticmethod
     def forward(ctx, q, k, v, picked, scale):
-        ctx.save_for_backward(q, k, v)
-        ctx.picked, ctx.scale = picked, scale
+        direct = _direct_kernel(q)
+        ctx.picked, ctx.scale, ctx.statistics = picked, scale, []
         ctx.autocast = (q.device.type, torch.is_autocast_enabled(q.device.type), torch.get_autocast_dtype(q.device.type))
-        out, v_dim, v = q.new_zeros(q.shape[0], q.shape[1], v.shape[-1]), v.shape[-1], _widened(v, q.shape[-1])
+        out = q.new_zeros(q.shape[1], q.shape[0], v.shape[-1])   # (N, H, Dv), as the rows below
+        rows = _position_major(q, k, _widened(v, q.shape[-1]))
         for places, kept, key_places, key_mask in picked:
-            tile = _picked_attention(q, k, v, places, key_places, key_mask, scale)[..., :v_dim] * kept[:, None, :, None]
-            out.index_add_(1, places.flatten(), tile.transpose(0, 1).flatten(1, 2).to(out.dtype))
-        return out
+            tile, log_sum_exp = _picked_attention(*rows, places, key_places, key_mask, scale, direct)
+            ctx.statistics.append(log_sum_exp)
+            tile = tile[..., :v.shape[-1]] * kept[:, None, :, None]
+            out.index_add_(0, places.flatten(), tile.transpose(1, 2).flatten(0, 1).to(out.dtype))
+        # a tile's output is read back from the branch's: each kept query's place holds its own
+        ctx.save_for_backward(q, k, v, out if direct else None)
+        return out.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v = ctx.saved_tensors
+        q, k, v, out = ctx.saved_tensors
         device, autocast_on, autocast_dtype = ctx.autocast
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        v_dim, v = v.shape[-1], _widened(v, q.shape[-1])
-        for places, kept, key_places, key_mask in ctx.picked:
+        width, v_dim = q.shape[-1], v.shape[-1]
+        rows = _position_major(q, k, _widened(v, width))
+        dq, dk, dv = (t.new_zeros(t.shape[1], t.shape[0], t.shape[2]) for t in (q, k, v))   # (N, H, D)
+        for (places, kept, key_places, key_mask), log_sum_exp in zip(ctx.picked, ctx.statistics):
             upstream = _rows(grad, places, 1).transpose(0, 1) * kept[:, None, :, None]     # (T, H, b, Dv)
-            q_tile, k_tile, v_tile = (_rows(t, index, 1).detach().requires_grad_()
-                                      for t, index in ((q, places), (k, key_places), (v, key_places)))
-            with torch.enable_grad(), torch.autocast(device, autocast_dtype, enabled=autocast_on):
-                out = _attend(q_tile.transpose(0, 1), k_tile, v_tile, key_mask, ctx.scale)[..., :v_dim]
-            dq_tile, dk_tile, dv_tile = torch.autograd.grad(out, (q_tile, k_tile, v_tile), upstream.to(out.dtype))
-            dq.index_add_(1, places.flatten(), dq_tile.flatten(1, 2).to(dq.dtype))
-            dk.index_add_(1, key_places.flatten(), dk_tile.flatten(1, 3).to(dk.dtype))
-            dv.index_add_(1, key_places.flatten(), dv_tile[..., :v_dim].flatten(1, 3).to(dv.dtype))
-        return dq, dk, dv, None, None
+            tile_inputs = _tile_inputs(*rows, places, key_places)
+            if log_sum_exp is not None:   # a query not kept has no upstream gradient: its output may read 0
+                tile_out = _widened(_rows(out, places, 0).transpose(1, 2), width)
+                dq_tile, dk_tile, dv_tile = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                    _widened(upstream, width), *tile_inputs, tile_out, log_sum_exp, 0.0, False,
+                    attn_mask=_additive(key_mask, q.dtype), scale=ctx.scale)
+            else:
+                tile_inputs = [t.detach().requires_grad_() for t in tile_inputs]
+                with torch.enable_grad(), torch.autocast(device, autocast_dtype, enabled=autocast_on):
+                    tile_out = _sdpa(*tile_inputs, ctx.scale, key_mask)[..., :v_dim]
+                dq_tile, dk_tile, dv_tile = torch.autograd.grad(tile_out, tile_inputs, upstream.to(tile_out.dtype))
+            dq.index_add_(0, places.flatten(), dq_tile.transpose(1, 2).flatten(0, 1).to(dq.dtype))
+            dk.index_add_(0, key_places.flatten(), dk_tile.transpose(1, 2).flatten(0, 1).to(dk.dtype))
+            dv.index_add_(0, key_places.flatten(), dv_tile[..., :v_dim].transpose(1, 2).flatten(0, 1).to(dv.dtype))
+        return dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), None, None
+
+
+def _direct_kernel(q: torch.Tensor) -> bool:
+    """Whether the selected branch calls the CPU's flash attention kernel and its backward
+    directly (on a CPU, full precision: what SDPA runs there), keeping each tile's log-sum-exp so
+    that backward needs no second forward."""
+    return q.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
 
 
 def _widened(v: torch.Tensor, width: int) -> torch.Tensor:
@@ -483,17 +509,35 @@ def _widened(v: torch.Tensor, width: int) -> torch.Tensor:
     return F.pad(v, (0, width - v.shape[-1])) if v.shape[-1] < width else v
 
 
-def _picked_attention(q, k, v, places, key_places, key_mask, scale: float) -> torch.Tensor:
-    """A tile's query blocks (at `places` (T, b) of q (H, N, D)) over their chosen key blocks
-    (at `key_places` (T, k, b) of k, v (H, N, D)) -> (T, H, b, Dv)."""
-    return _attend(_rows(q, places, 1).transpose(0, 1), _rows(k, key_places, 1), _rows(v, key_places, 1),
-                   key_mask, scale)
+def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True: attend) as the additive one the kernels take."""
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
-def _attend(q_blocks, k_picked, v_picked, key_mask, scale: float) -> torch.Tensor:
-    """Query blocks (T, H, b, D) over picked key blocks (H, T, k, b, D)."""
-    keys, values = (t.permute(1, 0, 2, 3, 4).flatten(2, 3) for t in (k_picked, v_picked))   # (T, H, k b, D)
-    return _sdpa(q_blocks, keys, values, scale, key_mask)
+def _position_major(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """(H, N, D) tensors laid out (N, H, D): each position's heads one contiguous row, which a
+    gather copies whole (a gather along the middle dimension copies D numbers at a time, several
+    times slower). A view where they are laid out so already (one row: the heads' own layout)."""
+    return [t.transpose(0, 1).contiguous() for t in tensors]
+
+
+def _tile_inputs(q, k, v, places, key_places) -> tuple[torch.Tensor, ...]:
+    """A tile's query blocks (at `places` (T, b) of q (N, H, D)) and their chosen key blocks' keys
+    and values (at `key_places` (T, k, b) of k, v (N, H, D)) -> (T, H, b, D), (T, H, k b, D) x 2,
+    views of position-major copies (the kernels take strided inputs)."""
+    keys, values = (_rows(t, key_places.flatten(1), 0).transpose(1, 2) for t in (k, v))
+    return _rows(q, places, 0).transpose(1, 2), keys, values
+
+
+def _picked_attention(q, k, v, places, key_places, key_mask, scale: float, direct: bool):
+    """A tile's query blocks over their chosen key blocks (q, k, v (N, H, D), v widened to the
+    key width) -> the
+    output (T, H, b, D) and, called `direct`ly, its log-sum-exp (T, H, b), else None."""
+    tile_inputs = _tile_inputs(q, k, v, places, key_places)
+    if direct:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *tile_inputs, 0.0, False, attn_mask=_additive(key_mask, q.dtype), scale=scale)
+    return _sdpa(*tile_inputs, scale, key_mask), None
 
 
 def _pieces(t: torch.Tensor, spans: list[tuple[int, int]], dim: int) -> list[torch.Tensor]:

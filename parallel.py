@@ -5,6 +5,8 @@ this module only chooses and wires its parts.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 import resource
 import time
@@ -109,7 +111,8 @@ def choose_device(requested: str = "auto", precision: str = "auto", local_rank: 
                   ) -> tuple[torch.device, torch.dtype]:
     """train.device and train.precision -> the device and autocast dtype: bf16 on sm_80+, fp16
     (with a GradScaler) on older GPUs such as the P40, fp32 on CPU. On an older GPU with
-    precision auto, fp16 is only the first guess: `faster_precision` measures it against fp32."""
+    precision auto, fp16 is only the first guess: `faster_precision` measures it against fp32.
+    A process that computes on the CPU keeps its freed host memory for reuse (`reuse_host_memory`)."""
     name = requested if requested != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda":
         name = f"cuda:{local_rank}"
@@ -124,7 +127,27 @@ def choose_device(requested: str = "auto", precision: str = "auto", local_rank: 
         raise ValueError(f"train.precision={precision!r}: use auto, fp32, fp16 or bf16")
     if precision == "fp16" and device.type == "cpu":
         raise ValueError("train.precision=fp16 needs a GPU; use fp32 or bf16 on CPU")
+    if device.type == "cpu":
+        reuse_host_memory()
     return device, dtypes[precision]
+
+
+def reuse_host_memory() -> bool:
+    """Large host allocations taken from the heap and kept there when freed, where glibc maps
+    fresh pages for each one over 32 MB and unmaps them when it is freed: the kernel then zeroes
+    every page on first touch, and a CPU step's large gathers and copies ran at that rate (a
+    67 MB gather 55 ms, 8 ms in reused memory; a `small` training step at 16,384 positions 13-24%
+    faster). The process keeps its peak of host memory until it exits, and a little more: a
+    freed chunk can be a few bytes short of the same tensor's aligned request until it merges
+    with its neighbours (the step's peak RSS measured 5-10% higher). (Huge pages instead, torch's
+    THP_MEM_ALLOC_ENABLE, made the gathers faster and the step 13-20% slower: each one zeroed
+    and compacted afresh.) -> whether it applied (glibc only; elsewhere a no-op)."""
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4   # malloc.h
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
 def set_cpu_threads(requested: int, device: torch.device, ranks: Ranks) -> tuple[int, str | None]:

@@ -1,5 +1,6 @@
 """Shared by the benchmarks: run one case in a fresh process and read its peak memory, so that
-cases never inherit each other's allocations."""
+cases never inherit each other's allocations. Every benchmark process keeps its freed host
+memory for reuse, as the trainer's and inference's CPU processes do (parallel.reuse_host_memory)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+import parallel  # noqa: E402
+
+parallel.reuse_host_memory()
 
 
 def peak_rss_bytes() -> int:

@@ -299,10 +299,15 @@ def sparse_inputs(generator):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk,compressed_keys", [(1 << 26, 256), (64, 256), (1 << 26, 4), (64, 4)],
                          ids=["blocks", "blocks-chunked", "units", "units-chunked"])
-def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_keys, monkeypatch):
+@pytest.mark.parametrize("direct", [True, False], ids=["kernel-called-directly", "through-sdpa"])
+def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_keys, direct, monkeypatch):
     """64: every chunked loop takes several turns; 4 compressed keys: the documents of 8 and 11
-    blocks are pooled in units of 2 and 4 blocks (4 and 3 units), that of 3 blocks in blocks."""
+    blocks are pooled in units of 2 and 4 blocks (4 and 3 units), that of 3 blocks in blocks.
+    The selected branch both ways: the CPU kernel and its backward called directly (backward
+    from the saved log-sum-exp), and through SDPA (backward runs each tile again), as on a GPU."""
     import attention
+    assert attention._direct_kernel(torch.zeros(1))   # a CPU in full precision calls it directly
+    monkeypatch.setattr(attention, "_direct_kernel", lambda q: direct)
     m = sparse_layer(causal, chunk=chunk, compressed_keys=compressed_keys)
     x, cos, sin, doc = sparse_inputs(torch.Generator().manual_seed(1))
     x_ref = x.clone().requires_grad_()
@@ -312,9 +317,10 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_
     recorded = []   # the key blocks each query block was given, and which of them it may read
     picked_attention = attention._picked_attention
 
-    def recording(q, k, v, places, key_places, mask, scale):
+    def recording(q, k, v, places, key_places, mask, scale, called_directly):
+        assert called_directly == direct
         recorded.append((key_places[..., 0], mask.view(*key_places.shape[:2], -1).any(-1)))
-        return picked_attention(q, k, v, places, key_places, mask, scale)
+        return picked_attention(q, k, v, places, key_places, mask, scale, called_directly)
 
     monkeypatch.setattr(attention, "_picked_attention", recording)
     got = m(x, cos, sin, doc, window=WINDOW, causal=causal)
