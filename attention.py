@@ -159,17 +159,12 @@ class SparsePattern:
     compressed_keys: int = 256
 
 
-def chunked_from(heads: int, block: int, topk: int, head_dim: int, chunk: int, compressed_keys: int,
-                 sharing: int = 1) -> int:
+def chunked_from(heads: int, block: int, topk: int, head_dim: int, chunk: int) -> int:
     """The document length from which a sparse layer's tiles are cut by size, so that its
-    memory grows as a straight line in the length, on a process that holds 1/`sharing` of the
-    queries (context parallelism): the block ranking (its queries x heads x the pooled keys,
-    n / block up to `compressed_keys`) and the selected branch (its query blocks x heads x k x
-    b x head dim gathered keys)."""
-    ranking = math.isqrt(sharing * chunk * block // heads) + 1
-    if ranking > compressed_keys * block:   # past that length the pooled keys stop growing
-        ranking = -(-sharing * chunk // (heads * compressed_keys))
-    selected = (chunk // (heads * topk * block * head_dim) + 1) * block * sharing
+    memory grows as a straight line in the length: the block ranking (queries x heads x n /
+    block scores) and the selected branch (query blocks x heads x k x b x head dim gathered keys)."""
+    ranking = math.isqrt(chunk * block // heads) + 1
+    selected = (chunk // (heads * topk * block * head_dim) + 1) * block
     return max(ranking, selected)
 
 
@@ -384,12 +379,12 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
         key_mask = (table.present[chosen] & chosen_allowed[..., None]).flatten(1)[:, None, None]   # (T, 1, 1, picks b)
         # a query block with nothing allowed outputs zeros, as do the places past a document's end
         kept = present & chosen_allowed.any(-1, keepdim=True)
-        picked.append((places, kept, table.places[chosen], key_mask))
+        picked.append((places, kept, chosen, key_mask))
 
     places = torch.cat(where)   # the compressed outputs at their positions (absent places add nothing)
     compressed = v.new_zeros(heads, q.shape[1], v.shape[-1]).index_add(
         1, places.clamp(min=0), torch.cat(compressed_out, 1) * (places >= 0)[:, None])
-    return compressed, _SelectedBranch.apply(q, k, v, picked, scale)
+    return compressed, _SelectedBranch.apply(q, k, v, picked, scale, table.places)
 
 
 def whole_documents(q, k, v, table: BlockTable, wanted: list[int], scale: float,
@@ -447,39 +442,42 @@ def _importance(queries, keys, scale: float, visible, counted, allowed) -> torch
 
 class _SelectedBranch(torch.autograd.Function):
     """The selected branch over the tiles that pick blocks: each query block over its picked key
-    blocks, read from the keys and values (H, N, D) at the blocks' places. Keeps its inputs, its
-    output and, where the attention kernel is called directly (`_direct_kernel`), each tile's
-    log-sum-exp: the gathered keys and values (k times the document's) are gathered again tile
-    by tile in backward, and the kernel's backward is called on them (elsewhere the tile's
-    forward runs again under autograd); every tile's gradients add into one buffer per input
-    (per-tile autograd would zero a buffer the size of every key for each tile)."""
+    blocks (block ids into `block_places` (G, b), the blocks' positions in the keys and values
+    (H, N, D)). Keeps its inputs, its output and, where the attention kernel is called directly
+    (`_direct_kernel`), each tile's log-sum-exp: the gathered keys and values (k times the
+    document's) are gathered again tile by tile in backward, and the kernel's backward is called
+    on them (elsewhere the tile's forward runs again under autograd); every tile's gradients add
+    into one buffer per input (per-tile autograd would zero a buffer the size of every key for
+    each tile), the keys' and values' a block at a time (a position at a time, many small rows
+    added to by several tiles each, was the slowest part of backward)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, picked, scale):
+    def forward(ctx, q, k, v, picked, scale, block_places):
         direct = _direct_kernel(q)
         ctx.picked, ctx.scale, ctx.statistics = picked, scale, []
         ctx.autocast = (q.device.type, torch.is_autocast_enabled(q.device.type), torch.get_autocast_dtype(q.device.type))
-        out = q.new_zeros(q.shape[1], q.shape[0], v.shape[-1])   # (N, H, Dv), as the rows below
-        rows = _position_major(q, k, _widened(v, q.shape[-1]))
-        for places, kept, key_places, key_mask in picked:
-            tile, log_sum_exp = _picked_attention(*rows, places, key_places, key_mask, scale, direct)
+        out = q.new_zeros(q.shape[1], q.shape[0], v.shape[-1])   # (N, H, Dv), as the query rows
+        inputs = _block_major(q, k, _widened(v, q.shape[-1]), block_places)
+        for places, kept, chosen, key_mask in picked:
+            tile, log_sum_exp = _picked_attention(*inputs, places, chosen, key_mask, scale, direct)
             ctx.statistics.append(log_sum_exp)
             tile = tile[..., :v.shape[-1]] * kept[:, None, :, None]
             out.index_add_(0, places.flatten(), tile.transpose(1, 2).flatten(0, 1).to(out.dtype))
         # a tile's output is read back from the branch's: each kept query's place holds its own
-        ctx.save_for_backward(q, k, v, out if direct else None)
+        ctx.save_for_backward(q, k, v, block_places, out if direct else None)
         return out.transpose(0, 1)
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, out = ctx.saved_tensors
+        q, k, v, block_places, out = ctx.saved_tensors
         device, autocast_on, autocast_dtype = ctx.autocast
-        width, v_dim = q.shape[-1], v.shape[-1]
-        rows = _position_major(q, k, _widened(v, width))
-        dq, dk, dv = (t.new_zeros(t.shape[1], t.shape[0], t.shape[2]) for t in (q, k, v))   # (N, H, D)
-        for (places, kept, key_places, key_mask), log_sum_exp in zip(ctx.picked, ctx.statistics):
+        width, v_dim, heads = q.shape[-1], v.shape[-1], q.shape[0]
+        inputs = _block_major(q, k, _widened(v, width), block_places)
+        dq = q.new_zeros(q.shape[1], heads, width)                                       # (N, H, D)
+        dk, dv = (t.new_zeros(*block_places.shape, heads, t.shape[-1]) for t in (k, v))   # (G, b, H, D)
+        for (places, kept, chosen, key_mask), log_sum_exp in zip(ctx.picked, ctx.statistics):
             upstream = _rows(grad, places, 1).transpose(0, 1) * kept[:, None, :, None]     # (T, H, b, Dv)
-            tile_inputs = _tile_inputs(*rows, places, key_places)
+            tile_inputs = _tile_inputs(*inputs, places, chosen)
             if log_sum_exp is not None:   # a query not kept has no upstream gradient: its output may read 0
                 tile_out = _widened(_rows(out, places, 0).transpose(1, 2), width)
                 dq_tile, dk_tile, dv_tile = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -491,9 +489,12 @@ class _SelectedBranch(torch.autograd.Function):
                     tile_out = _sdpa(*tile_inputs, ctx.scale, key_mask)[..., :v_dim]
                 dq_tile, dk_tile, dv_tile = torch.autograd.grad(tile_out, tile_inputs, upstream.to(tile_out.dtype))
             dq.index_add_(0, places.flatten(), dq_tile.transpose(1, 2).flatten(0, 1).to(dq.dtype))
-            dk.index_add_(0, key_places.flatten(), dk_tile.transpose(1, 2).flatten(0, 1).to(dk.dtype))
-            dv.index_add_(0, key_places.flatten(), dv_tile[..., :v_dim].transpose(1, 2).flatten(0, 1).to(dv.dtype))
-        return dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), None, None
+            for grads, tile_grad in ((dk, dk_tile), (dv, dv_tile[..., :v_dim])):   # (T, H, k b, D) -> per block
+                grads.index_add_(0, chosen.flatten(), tile_grad.transpose(1, 2).reshape(-1, *grads.shape[1:]).to(grads.dtype))
+        # a block's places past its document's end were masked: their gradients are zeros, added anywhere
+        dk, dv = (grads.new_zeros(t.shape[1], heads, t.shape[-1]).index_add_(0, block_places.flatten(), grads.flatten(0, 1))
+                  for t, grads in ((k, dk), (v, dv)))
+        return dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), None, None, None
 
 
 def _direct_kernel(q: torch.Tensor) -> bool:
@@ -514,26 +515,27 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, -math.inf)
 
 
-def _position_major(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """(H, N, D) tensors laid out (N, H, D): each position's heads one contiguous row, which a
-    gather copies whole (a gather along the middle dimension copies D numbers at a time, several
-    times slower). A view where they are laid out so already (one row: the heads' own layout)."""
-    return [t.transpose(0, 1).contiguous() for t in tensors]
+def _block_major(q, k, v, block_places) -> tuple[torch.Tensor, ...]:
+    """q (H, N, D) laid out (N, H, D), and k, v (H, N, D) as blocks (G, b, H, D): each position's
+    heads one contiguous row, each block's rows contiguous, which a gather copies whole (along
+    the middle dimension a gather copies D numbers at a time, several times slower)."""
+    q_rows, k_rows, v_rows = (t.transpose(0, 1).contiguous() for t in (q, k, v))   # views where one row
+    return q_rows, _rows(k_rows, block_places, 0), _rows(v_rows, block_places, 0)
 
 
-def _tile_inputs(q, k, v, places, key_places) -> tuple[torch.Tensor, ...]:
+def _tile_inputs(q, k, v, places, chosen) -> tuple[torch.Tensor, ...]:
     """A tile's query blocks (at `places` (T, b) of q (N, H, D)) and their chosen key blocks' keys
-    and values (at `key_places` (T, k, b) of k, v (N, H, D)) -> (T, H, b, D), (T, H, k b, D) x 2,
-    views of position-major copies (the kernels take strided inputs)."""
-    keys, values = (_rows(t, key_places.flatten(1), 0).transpose(1, 2) for t in (k, v))
+    and values (`chosen` (T, k) of k, v (G, b, H, D)) -> (T, H, b, D), (T, H, k b, D) x 2, views of
+    the gathered copies (the kernels take strided inputs)."""
+    keys, values = (_rows(t, chosen, 0).flatten(1, 2).transpose(1, 2) for t in (k, v))
     return _rows(q, places, 0).transpose(1, 2), keys, values
 
 
-def _picked_attention(q, k, v, places, key_places, key_mask, scale: float, direct: bool):
-    """A tile's query blocks over their chosen key blocks (q, k, v (N, H, D), v widened to the
-    key width) -> the
-    output (T, H, b, D) and, called `direct`ly, its log-sum-exp (T, H, b), else None."""
-    tile_inputs = _tile_inputs(q, k, v, places, key_places)
+def _picked_attention(q, k, v, places, chosen, key_mask, scale: float, direct: bool):
+    """A tile's query blocks over their chosen key blocks (q (N, H, D), k, v (G, b, H, D), v
+    widened to the key width) -> the output (T, H, b, D) and, called `direct`ly, its log-sum-exp
+    (T, H, b), else None."""
+    tile_inputs = _tile_inputs(q, k, v, places, chosen)
     if direct:
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             *tile_inputs, 0.0, False, attn_mask=_additive(key_mask, q.dtype), scale=scale)

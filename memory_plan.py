@@ -218,16 +218,14 @@ def probe_lengths(cfg: Config, sharing: int = 1) -> tuple[int, int]:
     and 16k positions: its block ranking fills its chunks at 9.5k). Split over `sharing`
     processes, each slice twice past them (a sparse layer's slice of 2,048 positions still has
     a fixed chunk term the longer ones lose: `tiny` over 4, fitted on slices of 768, 2,048 and
-    4,096 positions, predicted 0.75x, 0.93x and 0.98-1.00x of four layers at 65,536), and the
-    slice's ranking past its chunks too (at `base` width over 4 processes: 21,846 positions;
-    split probes at 16,384 and 32,768 straddled it and planned 8 processes at 0.88x)."""
+    4,096 positions, predicted 0.75x, 0.93x and 0.98-1.00x of four layers at 65,536)."""
     from attention import chunked_from
     m = cfg.model
     shapes = max(2048, 2 * m.sparse_topk * m.sparse_block, 4 * m.window)
     short = max(shapes, 2 * sharing * shapes if sharing > 1 else 0)
     if "S" in m.layer_pattern:
         short = max(short, chunked_from(m.n_heads, m.sparse_block, m.sparse_topk, m.qk_nope_head_dim + m.qk_rope_head_dim,
-                                        m.sparse_chunk, m.sparse_compressed_keys, sharing))
+                                          m.sparse_chunk))
     short = -(-short // 1024) * 1024
     return short, 2 * short
 

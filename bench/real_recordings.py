@@ -126,7 +126,8 @@ def synthesize(voice: str, text: str, sentiment: str, out: Path) -> None:
     else:
         subprocess.run(["espeak-ng", "-v", ESPEAK[voice], "-w", str(plain), text], check=True, capture_output=True,
                        timeout=120)
-    subprocess.run(["sox", str(plain), "-r", "16000", "-c", "1", str(out), *PROSODY[sentiment]], check=True,
+    # -R: repeatable dither (sox otherwise seeds it afresh: every build a different corpus)
+    subprocess.run(["sox", "-R", str(plain), "-r", "16000", "-c", "1", str(out), *PROSODY[sentiment]], check=True,
                    capture_output=True, timeout=120)
     plain.unlink()
 

@@ -317,10 +317,10 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_
     recorded = []   # the key blocks each query block was given, and which of them it may read
     picked_attention = attention._picked_attention
 
-    def recording(q, k, v, places, key_places, mask, scale, called_directly):
+    def recording(q, k, v, places, chosen, mask, scale, called_directly):
         assert called_directly == direct
-        recorded.append((key_places[..., 0], mask.view(*key_places.shape[:2], -1).any(-1)))
-        return picked_attention(q, k, v, places, key_places, mask, scale, called_directly)
+        recorded.append((chosen, mask.view(*chosen.shape, -1).any(-1)))
+        return picked_attention(q, k, v, places, chosen, mask, scale, called_directly)
 
     monkeypatch.setattr(attention, "_picked_attention", recording)
     got = m(x, cos, sin, doc, window=WINDOW, causal=causal)
@@ -328,11 +328,10 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_
     # the picks: the same blocks of each document as the reference's (bidirectional, a document
     # of at most top-k blocks is read whole, no blocks picked)
     table = attention.block_table(doc, 4)
-    number = dict(zip(table.places[:, 0].tolist(), table.number.tolist()))   # a block's first place -> its number
     lengths = [n for _, _, n, d in attention.document_runs(doc) if d != PAD_DOC]
     whole = [not causal and -(-n // 4) <= 2 for n in lengths]
     assert all(p == list(range(-(-n // 4))) for run, n, w in zip(picks, lengths, whole) if w for p in run)
-    assert [sorted(number[p] for p in c[a].tolist()) for tile in recorded for c, a in zip(*tile)] == [
+    assert [sorted(table.number[c[a]].tolist()) for tile in recorded for c, a in zip(*tile)] == [
         p for run, w in zip(picks, whole) if not w for p in run]
     # gradients of the input and of every parameter
     weights = torch.randn_like(got)
