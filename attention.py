@@ -23,15 +23,20 @@ attended densely instead, as a global layer would.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.utils._triton import has_triton
 
 from context_parallel import OUT_OF_RANGE, SequenceSlices
+from parallel import clock
 
 PAD_DOC = -1         # padding positions of a row
 
@@ -354,14 +359,17 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
         one_document = table.host_first[g0] == table.host_first[g1 - 1]
         sees = visible.any(-1)                                              # (T, b)
         mask = None if one_document and not causal else (visible | ~sees[..., None]).flatten(0, 1)
-        out = _sdpa(flat_queries[None], compressed_k[None, :, k0:k1], padded_compressed_v[None, :, k0:k1], scale,
-                    None if mask is None else mask[None, None])[0, ..., :v.shape[-1]]
-        compressed_out.append(out * sees.flatten()[:, None])
+        out, log_sum_exp = _compressed_attention(flat_queries, compressed_k[:, k0:k1], padded_compressed_v[:, k0:k1],
+                                                 mask, scale)
+        compressed_out.append(out[..., :v.shape[-1]] * sees.flatten()[:, None])
         with torch.no_grad():   # which blocks each query block reads: a ranking, no gradient
             ranking_queries = queries[:, :, :1] if causal else queries      # (H, T, 1 or b, D)
+            if log_sum_exp is not None:
+                log_sum_exp = log_sum_exp.unflatten(1, (-1, b))[:, :, :ranking_queries.shape[2]]
             allowed = same & (unit_end[None] <= table.number[g0:g1, None]) if causal else same
             importance = _importance(ranking_queries, compressed_k[:, None, k0:k1], scale, visible[:, :1] if causal
-                                     else None if one_document else visible, None if causal else present, allowed)
+                                     else None if one_document else visible, None if causal else present, allowed,
+                                     log_sum_exp)
             chosen = importance.topk(min(topk, most, k1 - k0), dim=-1).indices.sort(-1).values
             chosen_allowed = importance.gather(-1, chosen) > -math.inf
             units, chosen = chosen + k0, table.unit_block[chosen + k0]       # (T, picks), each unit's first block
@@ -384,6 +392,8 @@ def sparse_branches(q, k, v, compressed_k, compressed_v, table: BlockTable, tile
     places = torch.cat(where)   # the compressed outputs at their positions (absent places add nothing)
     compressed = v.new_zeros(heads, q.shape[1], v.shape[-1]).index_add(
         1, places.clamp(min=0), torch.cat(compressed_out, 1) * (places >= 0)[:, None])
+    if selected_kernel(q, v.shape[-1], b, topk) == "flex":
+        return compressed, flex_selected(q, k, v, picked, scale, table.places, table.present)
     return compressed, _SelectedBranch.apply(q, k, v, picked, scale, table.places)
 
 
@@ -424,18 +434,22 @@ def whole_documents(q, k, v, table: BlockTable, wanted: list[int], scale: float,
     return out
 
 
-def _importance(queries, keys, scale: float, visible, counted, allowed) -> torch.Tensor:
+def _importance(queries, keys, scale: float, visible, counted, allowed, log_sum_exp=None) -> torch.Tensor:
     """How much each query block weighs each of its candidate keys: queries (H, T, Q, D) over
     keys (H, T or 1, K, D), softmax over those `visible` (T, Q or 1, K; None: all) to each query,
     summed over heads and over the queries `counted` (T, Q; None: all) that see any; -inf where
-    not `allowed` (T, K). In fp32; masked scores are the lowest finite value, so no row turns
-    to NaN and needs cleaning."""
+    not `allowed` (T, K). Given the softmax's `log_sum_exp` (H, T, Q), as the attention over
+    these keys returned it, the weights are exp(score - log_sum_exp): no second softmax. In
+    fp32; masked scores are the lowest finite value, so no row turns to NaN and needs cleaning."""
     scores = torch.matmul(queries.float() * scale, keys.float().transpose(-1, -2))   # (H, T, Q, K)
     if visible is not None:
         scores.masked_fill_(~visible, torch.finfo(scores.dtype).min)
         sees = visible.any(-1)
         counted = sees if counted is None else counted & sees
-    weights = scores.softmax(-1).sum(0)                                                # (T, Q, K)
+    if log_sum_exp is None:
+        weights = scores.softmax(-1).sum(0)                                            # (T, Q, K)
+    else:
+        weights = scores.sub_(log_sum_exp.float()[..., None]).exp_().sum(0)
     importance = weights.sum(1) if counted is None else torch.einsum("tqk,tq->tk", weights, counted.float())
     return importance.masked_fill_(~allowed, -math.inf)
 
@@ -495,6 +509,109 @@ class _SelectedBranch(torch.autograd.Function):
         dk, dv = (grads.new_zeros(t.shape[1], heads, t.shape[-1]).index_add_(0, block_places.flatten(), grads.flatten(0, 1))
                   for t, grads in ((k, dk), (v, dv)))
         return dq.transpose(0, 1), dk.transpose(0, 1), dv.transpose(0, 1), None, None, None
+
+
+def _compressed_attention(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The compressed branch of a tile: q (H, M, D) over its units' keys and values (H, K, D; v
+    widened), `mask` (M, K) or None -> the output (H, M, D) and, where the kernel is called
+    directly (`_direct_kernel`), its log-sum-exp (H, M), from which the ranking weighs the same
+    scores without a softmax of its own; else None."""
+    if _direct_kernel(q):
+        out, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q[None], k[None], v[None], 0.0, False, attn_mask=None if mask is None else _additive(mask, q.dtype)[None, None],
+            scale=scale)
+        return out[0], log_sum_exp[0]
+    return _sdpa(q[None], k[None], v[None], scale, mask)[0], None
+
+
+def flex_selected(q, k, v, picked, scale: float, block_places, block_present, attention=None):
+    """The selected branch as one block-sparse FlexAttention call (`attention`; default: compiled
+    once a process, `compiled_flex_attention`): the picked query blocks' queries laid out a block after
+    another, every block's keys and values the same way (`block_places`, `block_present` (G, b)
+    from the block table), and a block mask that lists each query block's allowed picks (the
+    kernel visits only those: k blocks a query block) with a mask mod for the places past a
+    document's end. Keeps the dense-sized copies for backward, not k times the keys. q, k, v
+    (H, N, D or Dv) -> (H, N, Dv), zeros outside the picked query blocks."""
+    heads, positions, b = q.shape[0], q.shape[1], block_places.shape[1]
+    places, kept = (torch.cat([tile[i] for tile in picked]) for i in (0, 1))       # (R, b)
+    allowed = torch.zeros(len(places), len(block_places), dtype=torch.int32, device=q.device)
+    row = 0
+    for tile_places, _, chosen, key_mask in picked:   # a pick is allowed where any of its places is
+        allowed[row:row + len(tile_places)].scatter_add_(1, chosen, key_mask.view(*chosen.shape, b).any(-1).int())
+        row += len(tile_places)
+    allowed = allowed > 0                                                             # (R, G)
+    order = torch.argsort((~allowed).to(torch.int8), dim=1, stable=True)               # the allowed first, in order
+    present = block_present.flatten()
+
+    def allowed_place(batch, head, query, key):
+        return allowed[query // b, key // b] & present[key]
+
+    block_mask = BlockMask.from_kv_blocks(allowed.sum(1, dtype=torch.int32)[None, None], order.int()[None, None],
+                                          BLOCK_SIZE=(b, b), mask_mod=allowed_place,
+                                          seq_lengths=(places.numel(), block_places.numel()))
+    queries, keys, values = (_rows(t, index, 1).flatten(1, 2)[None]
+                             for t, index in ((q, places), (k, block_places), (v, block_places)))
+    attention = attention or compiled_flex_attention()
+    out = attention(queries, keys, values, block_mask=block_mask, scale=scale)[0]      # (H, R b, Dv)
+    out = torch.where(kept.flatten()[:, None], out, 0)
+    return out.new_zeros(heads, positions, out.shape[-1]).index_add(1, places.flatten(), out)
+
+
+def selected_kernel(q: torch.Tensor, v_dim: int, block: int, topk: int) -> str:
+    """Which selected branch runs: "flex" (`flex_selected`, compiled) where it measured faster
+    than the tiles of SDPA calls on this GPU (sm_80+, with Triton) for these head sizes, else
+    "tiles" (`_SelectedBranch`; every CPU and older GPU). Measured once per process and shape."""
+    if (q.device.type != "cuda" or torch.compiler.is_compiling() or not has_triton()
+            or torch.cuda.get_device_capability(q.device) < (8, 0)):
+        return "tiles"
+    return measured_kernel(q.device, q.dtype, q.shape[0], q.shape[-1], v_dim, block, topk)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention compiled for this process, with dynamic shapes (the picked query blocks and
+    the key blocks of a batch vary from step to step)."""
+    return torch.compile(flex_attention, dynamic=True)
+
+
+@functools.cache
+def measured_kernel(device, dtype, heads: int, qk_dim: int, v_dim: int, block: int, topk: int,
+                    flex=None) -> str:
+    """Both selected branches forward and backward on a made-up document of 16 k blocks, each
+    block picking k at random, after a first run that compiles; flex wins only where its output
+    matches the tiles' and it is faster. A flex kernel that fails to build is reported and the
+    tiles run. `flex`: the FlexAttention to measure (default: compiled)."""
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    blocks = 16 * topk
+    block_places = torch.arange(blocks * block, device=device).view(blocks, block)
+    present = torch.ones_like(block_places, dtype=torch.bool)
+    chosen = torch.rand(blocks, blocks, generator=generator).argsort(1)[:, :topk].sort(1).values.to(device)
+    picked = [(block_places, present, chosen, present[chosen].flatten(1)[:, None, None])]
+    q, k = (torch.randn(heads, blocks * block, qk_dim, generator=generator).to(device, dtype) for _ in range(2))
+    v = torch.randn(heads, blocks * block, v_dim, generator=generator).to(device, dtype)
+    scale = qk_dim ** -0.5
+    runs = {"tiles": lambda *inputs: _SelectedBranch.apply(*inputs, picked, scale, block_places),
+            "flex": lambda *inputs: flex_selected(*inputs, picked, scale, block_places, present, flex)}
+
+    def measured(run) -> tuple[float, torch.Tensor]:
+        inputs, times = [t.clone().requires_grad_() for t in (q, k, v)], []
+        for _ in range(4):
+            start = clock(device)
+            out = run(*inputs)
+            out.float().square().sum().backward()
+            times.append(clock(device) - start)
+        return min(times[1:]), out.detach().float()
+
+    seconds, outputs = {}, {}
+    seconds["tiles"], outputs["tiles"] = measured(runs["tiles"])
+    try:
+        seconds["flex"], outputs["flex"] = measured(runs["flex"])
+    except Exception as error:   # a kernel this GPU or this torch cannot build: the tiles run
+        warnings.warn(f"sparse layers: the FlexAttention selected branch failed here ({error!r}); "
+                      "the SDPA tiles run")
+        return "tiles"
+    agrees = torch.allclose(outputs["flex"], outputs["tiles"], atol=2e-2, rtol=2e-2)
+    return "flex" if agrees and seconds["flex"] < seconds["tiles"] else "tiles"
 
 
 def _direct_kernel(q: torch.Tensor) -> bool:

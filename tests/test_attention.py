@@ -1,8 +1,10 @@
 """Attention kernels and MLA against naive references written out element by element."""
 import math
+import time
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
 from attention import (PAD_DOC, MultiHeadLatentAttention, SparsePattern, apply_rope, dense_attention,
                        document_attention, local_attention, rope_tables)
@@ -299,15 +301,21 @@ def sparse_inputs(generator):
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("chunk,compressed_keys", [(1 << 26, 256), (64, 256), (1 << 26, 4), (64, 4)],
                          ids=["blocks", "blocks-chunked", "units", "units-chunked"])
-@pytest.mark.parametrize("direct", [True, False], ids=["kernel-called-directly", "through-sdpa"])
-def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_keys, direct, monkeypatch):
+@pytest.mark.parametrize("kernel", ["direct", "sdpa", "flex"],
+                         ids=["kernel-called-directly", "through-sdpa", "flex-attention"])
+def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_keys, kernel, monkeypatch):
     """64: every chunked loop takes several turns; 4 compressed keys: the documents of 8 and 11
     blocks are pooled in units of 2 and 4 blocks (4 and 3 units), that of 3 blocks in blocks.
-    The selected branch both ways: the CPU kernel and its backward called directly (backward
-    from the saved log-sum-exp), and through SDPA (backward runs each tile again), as on a GPU."""
+    The compressed and selected branches three ways: the CPU kernel and its backward called
+    directly (the ranking from the compressed branch's log-sum-exp, backward from the selected
+    tiles' saved one); through SDPA (backward runs each tile again), as on a GPU; and the
+    selected branch as one FlexAttention call with a block mask (here uncompiled)."""
     import attention
     assert attention._direct_kernel(torch.zeros(1))   # a CPU in full precision calls it directly
+    assert attention.selected_kernel(torch.zeros(2, 8, 4), 4, 4, 2) == "tiles"   # and runs the tiles
+    direct = kernel == "direct"
     monkeypatch.setattr(attention, "_direct_kernel", lambda q: direct)
+    monkeypatch.setattr(attention, "selected_kernel", lambda *args: "flex" if kernel == "flex" else "tiles")
     m = sparse_layer(causal, chunk=chunk, compressed_keys=compressed_keys)
     x, cos, sin, doc = sparse_inputs(torch.Generator().manual_seed(1))
     x_ref = x.clone().requires_grad_()
@@ -315,14 +323,19 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_
     expected, picks = sparse_reference(m, x_ref, cos, sin, doc, causal)
     real = doc != PAD_DOC
     recorded = []   # the key blocks each query block was given, and which of them it may read
-    picked_attention = attention._picked_attention
+    picked_attention, flex_selected = attention._picked_attention, attention.flex_selected
 
     def recording(q, k, v, places, chosen, mask, scale, called_directly):
         assert called_directly == direct
         recorded.append((chosen, mask.view(*chosen.shape, -1).any(-1)))
         return picked_attention(q, k, v, places, chosen, mask, scale, called_directly)
 
+    def recording_flex(q, k, v, picked, *args):
+        recorded.extend((chosen, mask.view(*chosen.shape, -1).any(-1)) for _, _, chosen, mask in picked)
+        return flex_selected(q, k, v, picked, *args, attention=flex_attention)   # uncompiled on a CPU
+
     monkeypatch.setattr(attention, "_picked_attention", recording)
+    monkeypatch.setattr(attention, "flex_selected", recording_flex)
     got = m(x, cos, sin, doc, window=WINDOW, causal=causal)
     torch.testing.assert_close(got[real], expected[real], rtol=1e-10, atol=1e-10)
     # the picks: the same blocks of each document as the reference's (bidirectional, a document
@@ -342,6 +355,38 @@ def test_sparse_layer_matches_its_pattern_written_out(causal, chunk, compressed_
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-9, atol=1e-10)
     for name, p in m.named_parameters():
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-9, atol=1e-10, msg=name)
+
+
+def _measure_selected_kernels(**kwargs) -> str:
+    """The run-time choice of selected branch, measured here on the CPU (uncached): 2 heads,
+    head dims 8 and 4, blocks of 4, top-2, fp64."""
+    import attention
+    return attention.measured_kernel.__wrapped__(torch.device("cpu"), torch.float64, 2, 8, 4, 4, 2, **kwargs)
+
+
+def test_the_flex_selected_branch_is_chosen_only_where_it_agrees_and_is_faster(monkeypatch):
+    import attention
+
+    tiles = attention._SelectedBranch
+
+    class SlowTiles(tiles):   # the tiles 0.5 s a call: flex (milliseconds here) is faster
+        @staticmethod
+        def forward(ctx, *args):
+            time.sleep(0.5)
+            return tiles.forward(ctx, *args)
+
+    monkeypatch.setattr(attention, "_SelectedBranch", SlowTiles)
+    assert _measure_selected_kernels(flex=flex_attention) == "flex"   # uncompiled on a CPU
+    flex_selected = attention.flex_selected
+    monkeypatch.setattr(attention, "flex_selected", lambda *args: flex_selected(*args) * 1.1)   # faster but wrong
+    assert _measure_selected_kernels(flex=flex_attention) == "tiles"
+
+
+def test_a_flex_kernel_that_fails_to_build_leaves_the_tiles_with_a_warning():
+    def failing(*args, **kwargs):
+        raise RuntimeError("no kernel for this card")
+    with pytest.warns(UserWarning, match="FlexAttention selected branch failed.*no kernel for this card"):
+        assert _measure_selected_kernels(flex=failing) == "tiles"
 
 
 def test_short_documents_are_read_whole_as_a_global_layer_reads_them(monkeypatch):
