@@ -583,37 +583,40 @@ def measured_kernel(device, dtype, heads: int, qk_dim: int, v_dim: int, block: i
     block picking k at random, after a first run that compiles; flex wins only where its output
     matches the tiles' and it is faster. A flex kernel that fails to build is reported and the
     tiles run. `flex`: the FlexAttention to measure (default: compiled)."""
-    generator = torch.Generator(device="cpu").manual_seed(0)
-    blocks = 16 * topk
-    block_places = torch.arange(blocks * block, device=device).view(blocks, block)
-    present = torch.ones_like(block_places, dtype=torch.bool)
-    chosen = torch.rand(blocks, blocks, generator=generator).argsort(1)[:, :topk].sort(1).values.to(device)
-    picked = [(block_places, present, chosen, present[chosen].flatten(1)[:, None, None])]
-    q, k = (torch.randn(heads, blocks * block, qk_dim, generator=generator).to(device, dtype) for _ in range(2))
-    v = torch.randn(heads, blocks * block, v_dim, generator=generator).to(device, dtype)
-    scale = qk_dim ** -0.5
-    runs = {"tiles": lambda *inputs: _SelectedBranch.apply(*inputs, picked, scale, block_places),
-            "flex": lambda *inputs: flex_selected(*inputs, picked, scale, block_places, present, flex)}
+    # with gradients whatever the caller's mode: the choice must not differ between a
+    # checkpointed forward without them and its recomputation with them
+    with torch.inference_mode(False), torch.enable_grad():
+        generator = torch.Generator(device="cpu").manual_seed(0)
+        blocks = 16 * topk
+        block_places = torch.arange(blocks * block, device=device).view(blocks, block)
+        present = torch.ones_like(block_places, dtype=torch.bool)
+        chosen = torch.rand(blocks, blocks, generator=generator).argsort(1)[:, :topk].sort(1).values.to(device)
+        picked = [(block_places, present, chosen, present[chosen].flatten(1)[:, None, None])]
+        q, k = (torch.randn(heads, blocks * block, qk_dim, generator=generator).to(device, dtype) for _ in range(2))
+        v = torch.randn(heads, blocks * block, v_dim, generator=generator).to(device, dtype)
+        scale = qk_dim ** -0.5
+        runs = {"tiles": lambda *inputs: _SelectedBranch.apply(*inputs, picked, scale, block_places),
+                "flex": lambda *inputs: flex_selected(*inputs, picked, scale, block_places, present, flex)}
 
-    def measured(run) -> tuple[float, torch.Tensor]:
-        inputs, times = [t.clone().requires_grad_() for t in (q, k, v)], []
-        for _ in range(4):
-            start = clock(device)
-            out = run(*inputs)
-            out.float().square().sum().backward()
-            times.append(clock(device) - start)
-        return min(times[1:]), out.detach().float()
+        def measured(run) -> tuple[float, torch.Tensor]:
+            inputs, times = [t.clone().requires_grad_() for t in (q, k, v)], []
+            for _ in range(4):
+                start = clock(device)
+                out = run(*inputs)
+                out.float().square().sum().backward()
+                times.append(clock(device) - start)
+            return min(times[1:]), out.detach().float()
 
-    seconds, outputs = {}, {}
-    seconds["tiles"], outputs["tiles"] = measured(runs["tiles"])
-    try:
-        seconds["flex"], outputs["flex"] = measured(runs["flex"])
-    except Exception as error:   # a kernel this GPU or this torch cannot build: the tiles run
-        warnings.warn(f"sparse layers: the FlexAttention selected branch failed here ({error!r}); "
-                      "the SDPA tiles run")
-        return "tiles"
-    agrees = torch.allclose(outputs["flex"], outputs["tiles"], atol=2e-2, rtol=2e-2)
-    return "flex" if agrees and seconds["flex"] < seconds["tiles"] else "tiles"
+        seconds, outputs = {}, {}
+        seconds["tiles"], outputs["tiles"] = measured(runs["tiles"])
+        try:
+            seconds["flex"], outputs["flex"] = measured(runs["flex"])
+        except Exception as error:   # a kernel this GPU or this torch cannot build: the tiles run
+            warnings.warn(f"sparse layers: the FlexAttention selected branch failed here ({error!r}); "
+                          "the SDPA tiles run")
+            return "tiles"
+        agrees = torch.allclose(outputs["flex"], outputs["tiles"], atol=2e-2, rtol=2e-2)
+        return "flex" if agrees and seconds["flex"] < seconds["tiles"] else "tiles"
 
 
 def _direct_kernel(q: torch.Tensor) -> bool:

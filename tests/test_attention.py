@@ -377,6 +377,8 @@ def test_the_flex_selected_branch_is_chosen_only_where_it_agrees_and_is_faster(m
 
     monkeypatch.setattr(attention, "_SelectedBranch", SlowTiles)
     assert _measure_selected_kernels(flex=flex_attention) == "flex"   # uncompiled on a CPU
+    with torch.inference_mode():   # measured with gradients in any mode: the same choice
+        assert _measure_selected_kernels(flex=flex_attention) == "flex"
     flex_selected = attention.flex_selected
     monkeypatch.setattr(attention, "flex_selected", lambda *args: flex_selected(*args) * 1.1)   # faster but wrong
     assert _measure_selected_kernels(flex=flex_attention) == "tiles"
