@@ -527,13 +527,13 @@ def _compressed_attention(q, k, v, mask, scale: float) -> tuple[torch.Tensor, to
 
 
 def flex_selected(q, k, v, picked, scale: float, block_places, block_present, attention=None):
-    """The selected branch as one block-sparse FlexAttention call (`attention`; default: compiled
-    once a process, `compiled_flex_attention`): the picked query blocks' queries laid out a block after
-    another, every block's keys and values the same way (`block_places`, `block_present` (G, b)
-    from the block table), and a block mask that lists each query block's allowed picks (the
-    kernel visits only those: k blocks a query block) with a mask mod for the places past a
-    document's end. Keeps the dense-sized copies for backward, not k times the keys. q, k, v
-    (H, N, D or Dv) -> (H, N, Dv), zeros outside the picked query blocks."""
+    """The selected branch as one block-sparse FlexAttention call (`attention`; default:
+    `compiled_flex_attention`): the picked query blocks' queries laid out a block after another,
+    every block's keys and values the same way (`block_places`, `block_present` (G, b) from the
+    block table), and a block mask that lists each query block's allowed picks (the kernel
+    visits only those: k blocks a query block) with a mask mod for the places past a document's
+    end. Keeps the dense-sized copies for backward, not k times the keys. q, k, v (H, N, D or
+    Dv) -> (H, N, Dv), zeros outside the picked query blocks."""
     heads, positions, b = q.shape[0], q.shape[1], block_places.shape[1]
     places, kept = (torch.cat([tile[i] for tile in picked]) for i in (0, 1))       # (R, b)
     allowed = torch.zeros(len(places), len(block_places), dtype=torch.int32, device=q.device)
