@@ -19,7 +19,10 @@ and the sliding window. All documents of the rows go through each branch togethe
 a table of blocks built with tensor ops (two host transfers a forward, whatever the number of
 documents), its blocks cut into tiles of bounded size (one long document's, or short ones').
 A bidirectional document of at most k blocks, which the selected branch would read whole, is
-attended densely instead, as a global layer would.
+attended densely instead, as a global layer would. The ranking weighs the compressed branch's
+scores by that branch's log-sum-exp where the kernel returns it (no second softmax). The
+selected branch runs as tiles of SDPA calls, or on an sm_80+ GPU as one compiled FlexAttention
+call with a block mask of the picks where that measured faster at run time.
 """
 from __future__ import annotations
 
@@ -519,9 +522,9 @@ def _compressed_attention(q, k, v, mask, scale: float) -> tuple[torch.Tensor, to
     directly (`_direct_kernel`), its log-sum-exp (H, M), from which the ranking weighs the same
     scores without a softmax of its own; else None."""
     if _direct_kernel(q):
+        additive = None if mask is None else _additive(mask, q.dtype)[None, None]
         out, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], 0.0, False, attn_mask=None if mask is None else _additive(mask, q.dtype)[None, None],
-            scale=scale)
+            q[None], k[None], v[None], 0.0, False, attn_mask=additive, scale=scale)
         return out[0], log_sum_exp[0]
     return _sdpa(q[None], k[None], v[None], scale, mask)[0], None
 
