@@ -522,9 +522,8 @@ def _compressed_attention(q, k, v, mask, scale: float) -> tuple[torch.Tensor, to
     directly (`_direct_kernel`), its log-sum-exp (H, M), from which the ranking weighs the same
     scores without a softmax of its own; else None."""
     if _direct_kernel(q):
-        additive = None if mask is None else _additive(mask, q.dtype)[None, None]
-        out, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q[None], k[None], v[None], 0.0, False, attn_mask=additive, scale=scale)
+        out, log_sum_exp = _cpu_flash_attention(q[None], k[None], v[None], None if mask is None else mask[None, None],
+                                                scale)
         return out[0], log_sum_exp[0]
     return _sdpa(q[None], k[None], v[None], scale, mask)[0], None
 
@@ -598,9 +597,6 @@ def measured_kernel(device, dtype, heads: int, qk_dim: int, v_dim: int, block: i
         q, k = (torch.randn(heads, blocks * block, qk_dim, generator=generator).to(device, dtype) for _ in range(2))
         v = torch.randn(heads, blocks * block, v_dim, generator=generator).to(device, dtype)
         scale = qk_dim ** -0.5
-        runs = {"tiles": lambda *inputs: _SelectedBranch.apply(*inputs, picked, scale, block_places),
-                "flex": lambda *inputs: flex_selected(*inputs, picked, scale, block_places, present, flex)}
-
         def measured(run) -> tuple[float, torch.Tensor]:
             inputs, times = [t.clone().requires_grad_() for t in (q, k, v)], []
             for _ in range(4):
@@ -610,16 +606,16 @@ def measured_kernel(device, dtype, heads: int, qk_dim: int, v_dim: int, block: i
                 times.append(clock(device) - start)
             return min(times[1:]), out.detach().float()
 
-        seconds, outputs = {}, {}
-        seconds["tiles"], outputs["tiles"] = measured(runs["tiles"])
+        tiles_seconds, tiles_out = measured(lambda *inputs: _SelectedBranch.apply(*inputs, picked, scale, block_places))
         try:
-            seconds["flex"], outputs["flex"] = measured(runs["flex"])
+            flex_seconds, flex_out = measured(
+                lambda *inputs: flex_selected(*inputs, picked, scale, block_places, present, flex))
         except Exception as error:   # a kernel this GPU or this torch cannot build: the tiles run
             warnings.warn(f"sparse layers: the FlexAttention selected branch failed here ({error!r}); "
                           "the SDPA tiles run")
             return "tiles"
-        agrees = torch.allclose(outputs["flex"], outputs["tiles"], atol=2e-2, rtol=2e-2)
-        return "flex" if agrees and seconds["flex"] < seconds["tiles"] else "tiles"
+        agrees = torch.allclose(flex_out, tiles_out, atol=2e-2, rtol=2e-2)
+        return "flex" if agrees and flex_seconds < tiles_seconds else "tiles"
 
 
 def _direct_kernel(q: torch.Tensor) -> bool:
@@ -627,6 +623,14 @@ def _direct_kernel(q: torch.Tensor) -> bool:
     directly (on a CPU, full precision: what SDPA runs there), keeping each tile's log-sum-exp so
     that backward needs no second forward."""
     return q.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+
+
+def _cpu_flash_attention(q, k, v, mask, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU's flash attention kernel, called directly (what SDPA runs there): q, k, v
+    (B, H, L, D), a boolean `mask` broadcast to (B, H, L, S) or None -> the output and its
+    log-sum-exp (B, H, L)."""
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=None if mask is None else _additive(mask, q.dtype), scale=scale)
 
 
 def _widened(v: torch.Tensor, width: int) -> torch.Tensor:
@@ -662,8 +666,7 @@ def _picked_attention(q, k, v, places, chosen, key_mask, scale: float, direct: b
     (T, H, b), else None."""
     tile_inputs = _tile_inputs(q, k, v, places, chosen)
     if direct:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *tile_inputs, 0.0, False, attn_mask=_additive(key_mask, q.dtype), scale=scale)
+        return _cpu_flash_attention(*tile_inputs, key_mask, scale)
     return _sdpa(*tile_inputs, scale, key_mask), None
 
 
